@@ -1,0 +1,87 @@
+//! `contact-client`: parses flags into a `ClientConfig` and runs the client
+//! until SIGINT/SIGTERM or `--max-tasks` acknowledged results.
+
+use clap::Parser;
+use contact::cli::{self, parse_positive, parse_secs};
+use contact::client::{self, ClientConfig};
+use contact::handler::Handler;
+use contact::shutdown::Shutdown;
+use std::time::Duration;
+
+/// Connect to a contact server, handle the tasks it pushes and report results.
+///
+/// Each task is echoed back (the seed's behaviour) or, with --exec, handed to
+/// a command as its last argument; the command's exit status and output
+/// become the result.
+#[derive(Parser, Debug)]
+#[command(name = "contact-client", version, allow_negative_numbers = true)]
+struct Flags {
+    /// Server address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    server: String,
+    /// Client id sent to the server [default: <hostname>-<pid>].
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
+    /// Exit 0 once N results have been acknowledged by the server.
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    max_tasks: Option<u64>,
+    /// Run CMD (no shell; quoting as in sh) with the task as last argument;
+    /// exit status 0 = ok, its stdout is the result.
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Bytes of a command's output kept in its result.
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive, default_value = "16384")]
+    max_output: u64,
+    /// Seconds between status messages.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
+    status_every: Duration,
+    /// First reconnect delay, in seconds; it doubles per failure.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "0.2")]
+    backoff_initial: Duration,
+    /// Largest reconnect delay, in seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10")]
+    backoff_max: Duration,
+    /// Seconds one dial may take.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10")]
+    connect_timeout: Duration,
+    /// Results per tellResult call (each completed call acknowledges its results).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "1000")]
+    ack_every: u64,
+    /// Longest time, in seconds, a result waits for its acknowledgement to be asked for.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "0.2")]
+    ack_interval: Duration,
+    /// Seconds between HTTP/2 keepalive pings.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "20")]
+    keepalive: Duration,
+}
+
+fn main() {
+    let flags = Flags::parse();
+    cli::init_logging();
+    let shutdown = Shutdown::new();
+    let result = config(flags).and_then(|config| {
+        cli::stop_on_signals(&shutdown)?;
+        client::run(&config, &shutdown)
+    });
+    if let Err(e) = result {
+        eprintln!("contact-client: {e}");
+        std::process::exit(cli::exit_code(&e));
+    }
+}
+
+fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
+    let id = flags.id.unwrap_or_else(client::default_client_id);
+    let mut c = ClientConfig::new(flags.server, id);
+    if let Some(cmd) = flags.exec {
+        c.handler = Handler::exec(&cmd, flags.max_output as usize)?;
+    }
+    c.status_every = flags.status_every;
+    c.max_tasks = flags.max_tasks;
+    c.backoff_initial = flags.backoff_initial;
+    c.backoff_max = flags.backoff_max;
+    c.connect_timeout = flags.connect_timeout;
+    c.ack_every = flags.ack_every;
+    c.ack_interval = flags.ack_interval;
+    c.keepalive = flags.keepalive;
+    Ok(c)
+}

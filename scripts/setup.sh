@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what building contact needs (cmake and a C++ compiler for the gRPC
+# C-core), and with --python the Python peer for the interop tests (grpcio and
+# grpcio-tools in .venv). As root it installs missing Debian packages with
+# apt-get; otherwise it says exactly what to install and stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_python=no
+[ "${1:-}" = "--python" ] && want_python=yes
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: Rust is missing: install it from https://rustup.rs, then run this again." >&2
+    exit 1
+fi
+
+missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v make >/dev/null 2>&1 || missing+=(make)
+if [ "$want_python" = yes ]; then
+    if ! command -v python3 >/dev/null 2>&1; then
+        missing+=(python3 python3-venv)
+    elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        missing+=(python3-venv)
+    fi
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing ${missing[*]} with apt-get" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "setup: missing ${missing[*]}; install with: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+if [ "$want_python" = yes ]; then
+    if ! .venv/bin/python -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+        echo "setup: installing the Python interop peer (grpcio, grpcio-tools) into .venv" >&2
+        python3 -m venv .venv
+        .venv/bin/pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
+    fi
+fi

@@ -1,0 +1,84 @@
+//! What the two binaries share at their edge: logging set-up, flag value
+//! parsers, signal handling and the exit-status contract (0 success,
+//! 2 usage error, 1 anything else).
+
+use crate::error::Error;
+use crate::shutdown::Shutdown;
+use std::time::Duration;
+
+/// Exit status for a usage error (bad flag or value), as clap uses too.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status for any other failure.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Logs to stderr; `RUST_LOG` overrides the default, which shows connections,
+/// tasks and results (`info`) but not gRPC's own chatter.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,grpcio=warn"))
+        .format_timestamp_millis()
+        .init();
+}
+
+/// Parses a duration in seconds (`5`, `0.25`) for flags like `--every`.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(format!("{s:?} must be a number of seconds greater than 0"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a count that must be at least 1 (`--generate`, `--max-tasks`...).
+pub fn parse_positive(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} must be a whole number of at least 1")),
+    }
+}
+
+/// Fires `shutdown` on the first SIGINT or SIGTERM; a second one exits at once
+/// (status 130), for an operator who does not want to wait.
+pub fn stop_on_signals(shutdown: &Shutdown) -> Result<(), Error> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(Error::Thread)?;
+    let shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for (n, sig) in signals.forever().enumerate() {
+                if n == 0 {
+                    log::info!("signal {sig} received: stopping (send it again to exit at once)");
+                    shutdown.trigger();
+                } else {
+                    log::warn!("second signal: exiting now");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .map_err(Error::Thread)?;
+    Ok(())
+}
+
+/// The exit status for an error that ends a binary.
+pub fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::Usage(_) => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_and_counts_are_checked() {
+        assert_eq!(parse_secs("0.25").unwrap(), Duration::from_millis(250));
+        assert!(parse_secs("0").unwrap_err().contains("greater than 0"));
+        assert!(parse_secs("soon").unwrap_err().contains("\"soon\""));
+        assert!(parse_secs("NaN").is_err());
+        assert_eq!(parse_positive("3").unwrap(), 3);
+        assert!(parse_positive("0").is_err() && parse_positive("-1").is_err());
+        assert_eq!(exit_code(&Error::Usage("x".into())), 2);
+    }
+}

@@ -1,0 +1,367 @@
+//! The client: dials out, registers with an empty `getTask`, handles every
+//! task it is pushed, reports each result over a `tellResult` stream and its
+//! status over `sendStatus`, and dials again (capped exponential backoff with
+//! jitter) whenever the server goes away.
+//!
+//! One connection is a *session* of four threads: a receiver that turns the
+//! `getTask` stream into a crossbeam channel, the worker (the caller's thread)
+//! that runs the handler, a result sender and a status sender. Results are
+//! acknowledged by completing the `tellResult` call, so the sender closes its
+//! call every `ack_every` results or `ack_interval` and opens a new one: a
+//! completed call is the server's word that those results are recorded.
+
+use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::handler::Handler;
+use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
+use crate::shutdown::Shutdown;
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+use futures::executor::block_on;
+use futures::future::{self, Either};
+use futures::{SinkExt, StreamExt};
+use grpcio::{
+    CallOption, Channel, ChannelBuilder, ClientCStreamReceiver, ClientCStreamSender, ClientSStreamReceiver,
+    ConnectivityState, EnvBuilder, Environment, WriteFlags,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Everything `contact-client` can be told.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// Sent as `contact-client-id` metadata on every call.
+    pub id: String,
+    pub handler: Handler,
+    /// Interval between status messages.
+    pub status_every: Duration,
+    /// Exit once this many results are acknowledged.
+    pub max_tasks: Option<u64>,
+    /// First and largest reconnect delay.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long one dial may take before it counts as failed.
+    pub connect_timeout: Duration,
+    /// A `tellResult` call is completed (acknowledged) after this many results...
+    pub ack_every: u64,
+    /// ...or this long after it was opened, whichever comes first.
+    pub ack_interval: Duration,
+    /// Interval of HTTP/2 keepalive pings.
+    pub keepalive: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but where to dial and who we are.
+    pub fn new(server: impl Into<String>, id: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            server: server.into(),
+            id: id.into(),
+            handler: Handler::Echo,
+            status_every: Duration::from_secs(5),
+            max_tasks: None,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            ack_every: 1000,
+            ack_interval: Duration::from_millis(200),
+            keepalive: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `<hostname>-<pid>`: unique enough per machine, and readable in the server's log.
+pub fn default_client_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host: String = host.chars().filter(|c| c.is_ascii_graphic()).collect();
+    let host = if host.is_empty() { "client".to_string() } else { host };
+    format!("{host}-{}", std::process::id())
+}
+
+/// What a client run achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientReport {
+    /// Results the server acknowledged (their `tellResult` call completed).
+    pub acknowledged: u64,
+    /// Tasks handled, acknowledged or not.
+    pub handled: u64,
+    /// Sessions that got connected.
+    pub connections: u64,
+}
+
+#[derive(Default)]
+struct Progress {
+    acknowledged: AtomicU64,
+    handled: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Progress {
+    fn acked(&self) -> u64 {
+        self.acknowledged.load(Ordering::SeqCst)
+    }
+
+    fn report(&self) -> ClientReport {
+        ClientReport {
+            acknowledged: self.acked(),
+            handled: self.handled.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// How a session ended, when it did not fail.
+enum End {
+    /// `--max-tasks` reached or shutdown requested: stop the client.
+    Finished,
+    /// The server ended the task stream (e.g. it is shutting down): dial again.
+    StreamClosed,
+}
+
+/// Runs the client until `shutdown` fires or `max_tasks` results are acknowledged.
+///
+/// An unreachable or vanished server is not an error: it is logged and dialled
+/// again. Only an unusable configuration is.
+pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, Error> {
+    proto::validate_client_id(&config.id).map_err(|e| Error::Usage(format!("--id: {e}")))?;
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("contact-client").build());
+    let progress = Arc::new(Progress::default());
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    let done = |p: &Progress| config.max_tasks.is_some_and(|max| p.acked() >= max);
+    while !shutdown.is_triggered() && !done(&progress) {
+        let before = progress.acked();
+        match session(&env, config, shutdown, &progress) {
+            Ok(End::Finished) => break,
+            Ok(End::StreamClosed) => log::info!("the server ended the task stream"),
+            Err(e) => log::warn!("{e}"),
+        }
+        if progress.acked() > before {
+            backoff.reset();
+        }
+        if done(&progress) {
+            break;
+        }
+        let delay = backoff.next_delay();
+        log::info!("dialling {} again in {:.1}s", config.server, delay.as_secs_f64());
+        if shutdown.wait_timeout(delay) {
+            break;
+        }
+    }
+    let report = progress.report();
+    log::info!("client {} stopping: {} results acknowledged", config.id, report.acknowledged);
+    Ok(report)
+}
+
+fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, progress: &Arc<Progress>) -> Result<End, String> {
+    let channel = ChannelBuilder::new(env.clone())
+        .keepalive_time(cfg.keepalive)
+        .keepalive_timeout(Duration::from_secs(10))
+        .keepalive_permit_without_calls(true)
+        .max_receive_message_len(1 << 20)
+        .connect(&cfg.server);
+    wait_connected(&channel, cfg.connect_timeout).map_err(|why| format!("cannot reach server {}: {why}", cfg.server))?;
+    progress.connections.fetch_add(1, Ordering::SeqCst);
+    log::info!("connected to {} as {}", cfg.server, cfg.id);
+    let client = ContactClient::new(channel);
+    let md = proto::client_id_metadata(&cfg.id).map_err(|e| format!("client id {:?}: {e}", cfg.id))?;
+    let opt = move || CallOption::default().headers(md.clone());
+    let lost = |what: &str, e: grpcio::Error| format!("{what} to {} failed: {e}", cfg.server);
+
+    let tasks = client.get_task_opt(&Empty::new(), opt()).map_err(|e| lost("registering", e))?;
+    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+    let (task_tx, task_rx) = crossbeam_channel::bounded(256);
+    let receiver = spawn("task-receiver", move || receive_tasks(tasks, task_tx, stop_rx))?;
+
+    let (result_tx, result_rx) = crossbeam_channel::bounded(4096);
+    let results = {
+        let (client, opt, progress) = (client.clone(), opt.clone(), progress.clone());
+        let policy = (cfg.ack_every.max(1), cfg.ack_interval);
+        spawn("result-sender", move || send_results(&client, &opt, &result_rx, &progress, policy))?
+    };
+
+    let status_stop = Shutdown::new();
+    {
+        let (client, opt, stop, every) = (client.clone(), opt(), status_stop.clone(), cfg.status_every);
+        let progress = progress.clone();
+        // Not joined: a status write to a dead server may hang until the channel gives up.
+        spawn("status-sender", move || {
+            if let Err(e) = send_status(&client, opt, every, &stop, &progress) {
+                log::debug!("status stream ended: {e}");
+            }
+        })?;
+    }
+
+    let end = work(cfg, shutdown, progress, &task_rx, &result_tx);
+    status_stop.trigger();
+    drop(stop_tx);
+    drop(result_tx);
+    let acked = results.join().unwrap_or_else(|_| Err(grpcio::Error::RemoteStopped));
+    let received = receiver.join().unwrap_or(Ok(()));
+    acked.map_err(|e| lost("reporting results", e))?;
+    match end {
+        End::StreamClosed => received.map_err(|e| lost("the task stream", e)).map(|()| End::StreamClosed),
+        End::Finished => Ok(End::Finished),
+    }
+}
+
+/// The worker: handles tasks until the stream ends, the client is told to
+/// stop, or `max_tasks` results are on their way.
+fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Receiver<ServerMsg>, results: &Sender<ResultMsg>) -> End {
+    let base = progress.acked();
+    let mut handled = 0u64;
+    loop {
+        if cfg.max_tasks.is_some_and(|max| base + handled >= max) {
+            return End::Finished;
+        }
+        let task = select! {
+            recv(tasks) -> t => match t {
+                Ok(t) => t,
+                Err(_) => return End::StreamClosed,
+            },
+            recv(shutdown.receiver()) -> _ => return End::Finished,
+        };
+        log::info!("task {}: {}", task.task_id, task.task);
+        let outcome = cfg.handler.handle(&task.task);
+        log::info!("task {} {}: {}", task.task_id, if outcome.ok { "done" } else { "failed" }, outcome.output);
+        let result = ResultMsg { ret: outcome.output, task_id: task.task_id, ok: outcome.ok, attempt: task.attempt, ..Default::default() };
+        if results.send(result).is_err() {
+            // The result sender died (the connection broke); the session is over.
+            return End::StreamClosed;
+        }
+        handled += 1;
+        progress.handled.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>, String> {
+    std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| format!("cannot start a thread: {e}"))
+}
+
+/// Waits until the channel is connected; fails fast on a refused connection.
+fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = channel.check_connectivity_state(true);
+        match state {
+            ConnectivityState::GRPC_CHANNEL_READY => return Ok(()),
+            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => return Err("connection failed".into()),
+            ConnectivityState::GRPC_CHANNEL_SHUTDOWN => return Err("channel shut down".into()),
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("not connected after {timeout:?}"));
+        }
+        block_on(channel.wait_for_state_change(state, left));
+    }
+}
+
+/// Moves tasks from the `getTask` stream into the worker's channel until the
+/// stream ends or the session stops (which cancels the call).
+fn receive_tasks(
+    mut stream: ClientSStreamReceiver<ServerMsg>,
+    tx: Sender<ServerMsg>,
+    mut stop: futures::channel::oneshot::Receiver<()>,
+) -> grpcio::Result<()> {
+    block_on(async {
+        loop {
+            match future::select(stream.next(), &mut stop).await {
+                Either::Left((Some(Ok(task)), _)) => {
+                    if tx.send(task).is_err() {
+                        return Ok(());
+                    }
+                }
+                Either::Left((Some(Err(e)), _)) => return Err(e),
+                Either::Left((None, _)) | Either::Right(_) => return Ok(()),
+            }
+        }
+    })
+}
+
+struct OpenCall {
+    sender: ClientCStreamSender<ResultMsg>,
+    receiver: ClientCStreamReceiver<Empty>,
+    count: u64,
+    opened: Instant,
+}
+
+impl OpenCall {
+    /// Completes the call; its answer acknowledges every result it carried.
+    fn finish(mut self, progress: &Progress) -> grpcio::Result<()> {
+        block_on(self.sender.close())?;
+        block_on(self.receiver)?;
+        progress.acknowledged.fetch_add(self.count, Ordering::SeqCst);
+        log::debug!("{} results acknowledged", self.count);
+        Ok(())
+    }
+}
+
+/// Streams results over `tellResult`, completing a call every `policy.0`
+/// results or `policy.1` after it was opened; returns once the worker is done
+/// and the last call is acknowledged.
+fn send_results(
+    client: &ContactClient,
+    opt: &dyn Fn() -> CallOption,
+    rx: &Receiver<ResultMsg>,
+    progress: &Progress,
+    (ack_every, ack_interval): (u64, Duration),
+) -> grpcio::Result<()> {
+    let mut call: Option<OpenCall> = None;
+    loop {
+        let next = match &call {
+            Some(c) => rx.recv_timeout(ack_interval.saturating_sub(c.opened.elapsed())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let first = match next {
+            Ok(r) => r,
+            Err(end) => {
+                if let Some(c) = call.take() {
+                    c.finish(progress)?;
+                }
+                match end {
+                    RecvTimeoutError::Timeout => continue,
+                    RecvTimeoutError::Disconnected => return Ok(()),
+                }
+            }
+        };
+        if call.is_none() {
+            let (sender, receiver) = client.tell_result_opt(opt())?;
+            call = Some(OpenCall { sender, receiver, count: 0, opened: Instant::now() });
+        }
+        let c = call.as_mut().expect("opened above");
+        let room = (ack_every - c.count).min(256) as usize;
+        let batch: Vec<ResultMsg> = std::iter::once(first).chain(rx.try_iter().take(room - 1)).collect();
+        let n = batch.len() as u64;
+        block_on(async {
+            let last = batch.len() - 1;
+            for (i, r) in batch.into_iter().enumerate() {
+                c.sender.feed((r, WriteFlags::default().buffer_hint(i < last))).await?;
+            }
+            c.sender.flush().await
+        })?;
+        c.count += n;
+        if c.count >= ack_every {
+            call.take().expect("open").finish(progress)?;
+        }
+    }
+}
+
+/// Sends a status message every `every` and logs the server's replies.
+fn send_status(client: &ContactClient, opt: CallOption, every: Duration, stop: &Shutdown, progress: &Progress) -> grpcio::Result<()> {
+    let (mut tx, mut replies) = client.send_status_opt(opt)?;
+    client.spawn(async move {
+        while let Some(Ok(reply)) = replies.next().await {
+            log::info!("status reply: {}", reply.ret);
+        }
+    });
+    loop {
+        let r = progress.report();
+        let msg = format!("alive: handled={} acknowledged={}", r.handled, r.acknowledged);
+        block_on(tx.send((ClientMsg { msg, ..Default::default() }, WriteFlags::default())))?;
+        if stop.wait_timeout(every) {
+            return block_on(tx.close());
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! `TaskFeed`: the crossbeam channel that carries deliveries from the
+//! dispatcher (on whatever thread produced or acknowledged a task) to one
+//! client's `getTask` stream, which runs as a future on grpcio's completion
+//! queue. The future must never block, so the feed pairs the channel with an
+//! `AtomicWaker`: senders wake the stream, the stream only ever `try_recv`s.
+
+use crate::task::Task;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use futures::task::AtomicWaker;
+use futures::Stream;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// One task on its way to one client.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub task: Arc<Task>,
+    /// 1 for the first delivery of this task, higher for redeliveries.
+    pub attempt: u32,
+}
+
+/// Creates a feed holding at most `capacity` undelivered tasks.
+pub fn channel(capacity: usize) -> (FeedSender, TaskFeed) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    let waker = Arc::new(AtomicWaker::new());
+    (FeedSender { tx: Some(tx), waker: waker.clone() }, TaskFeed { rx, waker })
+}
+
+/// The dispatcher's end. Dropping it ends the client's stream (cleanly).
+pub struct FeedSender {
+    tx: Option<Sender<Delivery>>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl FeedSender {
+    /// Queues a delivery without blocking; gives it back if the feed is full or closed.
+    pub fn send(&self, d: Delivery) -> Result<(), Delivery> {
+        let tx = self.tx.as_ref().expect("sender is only taken in drop");
+        let res = tx.try_send(d).map_err(|e| match e {
+            TrySendError::Full(d) | TrySendError::Disconnected(d) => d,
+        });
+        self.waker.wake();
+        res
+    }
+}
+
+impl Drop for FeedSender {
+    fn drop(&mut self) {
+        // Disconnect first, then wake, so that the stream sees the end.
+        drop(self.tx.take());
+        self.waker.wake();
+    }
+}
+
+/// The stream's end: yields deliveries, ends when the dispatcher drops the sender.
+pub struct TaskFeed {
+    rx: Receiver<Delivery>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl TaskFeed {
+    /// The next delivery if one is already queued (for batching writes).
+    pub fn try_next(&self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Stream for TaskFeed {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        // Register before looking, so that a send between the two is not missed.
+        self.waker.register(cx.waker());
+        match self.rx.try_recv() {
+            Ok(d) => Poll::Ready(Some(d)),
+            Err(TryRecvError::Empty) => Poll::Pending,
+            Err(TryRecvError::Disconnected) => Poll::Ready(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::time::SystemTime;
+
+    fn delivery(id: u64) -> Delivery {
+        let task = Task { id, text: format!("t{id}"), target: None, produced_at: SystemTime::now() };
+        Delivery { task: Arc::new(task), attempt: 1 }
+    }
+
+    #[test]
+    fn a_blocked_stream_is_woken_by_a_send_from_another_thread_and_ends_on_drop() {
+        let (tx, mut feed) = channel(4);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            tx.send(delivery(1)).unwrap();
+            tx.send(delivery(2)).unwrap();
+            // dropped here: the stream must end after the two deliveries
+        });
+        let got: Vec<u64> = futures::executor::block_on(async {
+            let mut ids = vec![];
+            while let Some(d) = feed.next().await {
+                ids.push(d.task.id);
+            }
+            ids
+        });
+        t.join().unwrap();
+        assert_eq!(got, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_full_feed_gives_the_delivery_back() {
+        let (tx, feed) = channel(1);
+        tx.send(delivery(1)).unwrap();
+        assert_eq!(tx.send(delivery(2)).unwrap_err().task.id, 2);
+        assert_eq!(feed.try_next().unwrap().task.id, 1);
+        assert!(feed.try_next().is_none());
+    }
+}

@@ -1,0 +1,139 @@
+//! Task handlers: what a client does with a task. `echo` is the seed's
+//! behaviour; `exec` runs an operator-chosen program, which is how `contact`
+//! pushes commands to agents. The program is run directly (no shell), with
+//! the task text as its last argument, so a task can never inject shell syntax.
+
+use crate::error::Error;
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+/// Output kept from a command, so one chatty task cannot flood the server.
+pub const DEFAULT_MAX_OUTPUT: usize = 16 * 1024;
+
+/// What a handler concluded about one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub ok: bool,
+    pub output: String,
+}
+
+/// How a client handles tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handler {
+    /// Answer `client received task: <task>`, as the seed's client does.
+    Echo,
+    /// Run `program args... <task>`; exit status 0 is success, stdout (trimmed,
+    /// capped at `max_output` bytes) is the output.
+    Exec { program: String, args: Vec<String>, max_output: usize },
+}
+
+impl Handler {
+    /// Parses an `--exec` command line (shell-style quoting, no shell features).
+    pub fn exec(command: &str, max_output: usize) -> Result<Handler, Error> {
+        let mut words = shell_words::split(command)
+            .map_err(|e| Error::Usage(format!("--exec {command:?}: {e}")))?
+            .into_iter();
+        let program = words.next().ok_or_else(|| Error::Usage("--exec needs a command".into()))?;
+        Ok(Handler::Exec { program, args: words.collect(), max_output })
+    }
+
+    /// Handles one task; failures of the command become a failed outcome, never an error.
+    pub fn handle(&self, task: &str) -> Outcome {
+        match self {
+            Handler::Echo => Outcome { ok: true, output: format!("client received task: {task}") },
+            Handler::Exec { program, args, max_output } => run(program, args, task, *max_output),
+        }
+    }
+}
+
+fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome {
+    let mut cmd = Command::new(program);
+    cmd.args(args).arg(task).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group: a Ctrl-C meant for the client must not kill the
+    // task in hand, which the client finishes and reports before exiting.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Outcome { ok: false, output: format!("cannot run {program}: {e}") },
+    };
+    // Read both pipes to the end (stderr on a thread) so the child never blocks on a full pipe.
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = e.read_to_end(&mut buf);
+            buf
+        })
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(e) => return Outcome { ok: false, output: format!("cannot wait for {program}: {e}") },
+    };
+    let out = capped(&stdout, max_output);
+    if status.success() {
+        return Outcome { ok: true, output: out };
+    }
+    let detail = if out.is_empty() { capped(&stderr, max_output) } else { out };
+    let why = match status.code() {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
+    };
+    let output = if detail.is_empty() { why } else { format!("{why}: {detail}") };
+    Outcome { ok: false, output }
+}
+
+/// Trimmed, lossily decoded, at most `max` bytes (cut on a character boundary).
+fn capped(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated {} bytes]", &text[..end], text.len() - end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_answers_like_the_seed() {
+        assert_eq!(Handler::Echo.handle("task:150").output, "client received task: task:150");
+    }
+
+    #[test]
+    fn exec_passes_the_task_as_last_argument_without_a_shell() {
+        let h = Handler::exec("echo 'a b'", 100).unwrap();
+        assert_eq!(h.handle("$(rm -rf /); x"), Outcome { ok: true, output: "a b $(rm -rf /); x".into() });
+    }
+
+    #[test]
+    fn exec_failures_carry_status_and_stderr() {
+        let h = Handler::exec("sh -c 'echo oops >&2; exit 3' sh", 100).unwrap();
+        assert_eq!(h.handle("t"), Outcome { ok: false, output: "exit status 3: oops".into() });
+        let missing = Handler::exec("/no/such/program", 100).unwrap().handle("t");
+        assert!(!missing.ok && missing.output.contains("/no/such/program"), "{missing:?}");
+    }
+
+    #[test]
+    fn exec_output_is_capped() {
+        let h = Handler::exec("sh -c 'yes x | head -c 5000' sh", 10).unwrap();
+        let o = h.handle("t");
+        assert!(o.ok && o.output.starts_with("x\nx\nx\nx\nx") && o.output.contains("truncated"), "{o:?}");
+    }
+
+    #[test]
+    fn bad_exec_commands_are_usage_errors() {
+        assert!(matches!(Handler::exec("", 10), Err(Error::Usage(_))));
+        assert!(Handler::exec("echo 'unclosed", 10).unwrap_err().to_string().contains("--exec"));
+    }
+}

@@ -1,0 +1,33 @@
+//! `contact` pushes tasks from a gRPC server to clients that can only dial
+//! out, and reliably collects their results.
+//!
+//! gRPC is request/response, so the push rides on a server-streaming call: a
+//! client "registers" with an empty `getTask` request and the server keeps
+//! that stream open, writing a task into it whenever it has one. Results come
+//! back over `tellResult`, status over `sendStatus`. The wire protocol is the
+//! original Python article's, extended only with new fields (see `proto`).
+//!
+//! Modules, one concept each: [`server`] (the gRPC service and its
+//! lifecycle), [`dispatch`] (who gets which task, and matching results),
+//! [`registry`] (connected clients), [`task`] (tasks and the retained log),
+//! [`feed`] (the channel from dispatcher to a client's stream), [`producer`]
+//! (task sources), [`results`] (recording results), [`client`] (the agent
+//! side), [`handler`] (what an agent does with a task), [`backoff`],
+//! [`shutdown`] and [`error`].
+
+pub mod backoff;
+pub mod cli;
+pub mod client;
+pub mod dispatch;
+pub mod error;
+pub mod feed;
+pub mod handler;
+pub mod producer;
+pub mod proto;
+pub mod registry;
+pub mod results;
+pub mod server;
+pub mod shutdown;
+pub mod task;
+
+pub use error::Error;

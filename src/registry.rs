@@ -1,0 +1,121 @@
+//! `ClientRegistry`: who is connected right now and what each client has done
+//! (address, since when, tasks sent, results received, last sign of life).
+//! It answers operators' questions and feeds the periodic stats line; the
+//! dispatcher updates it under its own lock so the two never disagree.
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime};
+
+/// A point-in-time view of one client, for logs, stats and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientInfo {
+    /// The id from the `contact-client-id` metadata, or the peer address for seed clients.
+    pub id: String,
+    /// The peer address gRPC reports, e.g. `ipv4:127.0.0.1:53422`.
+    pub peer: String,
+    pub connected_since: SystemTime,
+    pub tasks_sent: u64,
+    pub results_received: u64,
+    /// Deliveries written to the client and not answered yet.
+    pub in_flight: usize,
+}
+
+struct Entry {
+    info: ClientInfo,
+    last_seen: Instant,
+}
+
+/// The connected clients, by id.
+#[derive(Default)]
+pub struct ClientRegistry {
+    clients: BTreeMap<String, Entry>,
+}
+
+impl ClientRegistry {
+    /// Records a (re)connection; counters start again from zero.
+    pub fn connect(&mut self, id: &str, peer: &str) {
+        let info = ClientInfo {
+            id: id.to_string(),
+            peer: peer.to_string(),
+            connected_since: SystemTime::now(),
+            tasks_sent: 0,
+            results_received: 0,
+            in_flight: 0,
+        };
+        self.clients.insert(id.to_string(), Entry { info, last_seen: Instant::now() });
+    }
+
+    /// Forgets a client that went away.
+    pub fn disconnect(&mut self, id: &str) {
+        self.clients.remove(id);
+    }
+
+    /// Counts a delivery written to `id`.
+    pub fn task_sent(&mut self, id: &str) {
+        if let Some(e) = self.clients.get_mut(id) {
+            e.info.tasks_sent += 1;
+            e.info.in_flight += 1;
+        }
+    }
+
+    /// Counts a result from `id`; `answered` is true when it answered a delivery in flight.
+    pub fn result_received(&mut self, id: &str, answered: bool) {
+        if let Some(e) = self.clients.get_mut(id) {
+            e.info.results_received += 1;
+            if answered {
+                e.info.in_flight = e.info.in_flight.saturating_sub(1);
+            }
+            e.last_seen = Instant::now();
+        }
+    }
+
+    /// Notes a sign of life (a status message) from `id`.
+    pub fn touch(&mut self, id: &str) {
+        if let Some(e) = self.clients.get_mut(id) {
+            e.last_seen = Instant::now();
+        }
+    }
+
+    /// Time since the last sign of life from `id`, if it is connected.
+    pub fn idle_for(&self, id: &str) -> Option<std::time::Duration> {
+        self.clients.get(id).map(|e| e.last_seen.elapsed())
+    }
+
+    /// Every connected client, ordered by id.
+    pub fn snapshot(&self) -> Vec<ClientInfo> {
+        self.clients.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// How many clients are connected.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_sends_and_results_and_reset_on_reconnect() {
+        let mut r = ClientRegistry::default();
+        r.connect("a", "ipv4:127.0.0.1:1");
+        r.task_sent("a");
+        r.task_sent("a");
+        r.result_received("a", true);
+        r.result_received("a", false);
+        r.task_sent("ghost");
+        let a = &r.snapshot()[0];
+        assert_eq!((a.tasks_sent, a.results_received, a.in_flight), (2, 2, 1));
+        assert!(r.idle_for("a").is_some() && r.idle_for("ghost").is_none());
+        r.connect("a", "ipv4:127.0.0.1:2");
+        assert_eq!(r.snapshot()[0].tasks_sent, 0);
+        r.disconnect("a");
+        assert!(r.is_empty());
+    }
+}
