@@ -151,11 +151,22 @@ impl Dispatcher {
             return;
         }
         state.session = None;
-        if state.ephemeral {
+        // A seed client's last results may still be on their way over its
+        // result stream: keep its deliveries until they are answered.
+        if state.ephemeral && state.in_flight.is_empty() {
             st.clients.remove(client);
         }
         st.registry.disconnect(client);
         log::info!("client {client} disconnected");
+    }
+
+    /// A result stream of `client` ended: forget a seed client that has no
+    /// task stream any more, whatever it left unanswered.
+    pub fn results_ended(&self, client: &str) {
+        let mut st = self.lock();
+        if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none()) {
+            st.clients.remove(client);
+        }
     }
 
     /// Appends tasks to the log and offers them to every client with credit.
@@ -196,6 +207,9 @@ impl Dispatcher {
             pos.and_then(|p| c.in_flight.remove(p))
         });
         st.registry.result_received(client, matched.is_some());
+        if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none() && c.in_flight.is_empty()) {
+            st.clients.remove(client);
+        }
         let received_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         // A seed client sends no ok flag: its results count as successes.
         let ok = answer.ok || answer.task_id == 0;
@@ -345,12 +359,14 @@ mod tests {
         assert_eq!(drain(&feed), vec![1, 2]);
         let seed = Answer { task_id: 0, attempt: 0, ok: false, output: "x".into() };
         let r1 = d.complete("ipv4:1.2.3.4:5", seed.clone());
-        let r2 = d.complete("ipv4:1.2.3.4:5", seed.clone());
-        let r3 = d.complete("ipv4:1.2.3.4:5", seed);
-        assert_eq!((r1.task_id, r1.ok, r2.task_id), (Some(1), true, Some(2)));
-        assert!(r3.stale && r3.task_id.is_none());
+        // The task stream ends before the last result arrives: it still matches.
         d.detach("ipv4:1.2.3.4:5", session);
         assert!(d.clients().is_empty());
+        let r2 = d.complete("ipv4:1.2.3.4:5", seed.clone());
+        let r3 = d.complete("ipv4:1.2.3.4:5", seed);
+        assert_eq!((r1.task_id, r1.ok, r2.task_id, r2.stale), (Some(1), true, Some(2), false));
+        assert!(r3.stale && r3.task_id.is_none());
+        assert!(d.lock().clients.is_empty(), "a seed client is forgotten once answered and gone");
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl Contact for ContactService {
     }
 
     fn tell_result(&mut self, ctx: RpcContext, mut stream: RequestStream<ResultMsg>, sink: ClientStreamingSink<Empty>) {
-        let (client, _) = caller_or_reject!(ctx, sink);
+        let (client, ephemeral) = caller_or_reject!(ctx, sink);
         let dispatcher = self.dispatcher.clone();
         let results = self.results.clone();
         ctx.spawn(async move {
@@ -153,6 +153,9 @@ impl Contact for ContactService {
                 Ok(())
             }
             .await;
+            if ephemeral {
+                dispatcher.results_ended(&client);
+            }
             // Answer only once every result of this call is on disk: the
             // answer is the client's acknowledgement.
             let recorded = results.flushed().await.is_ok();
