@@ -50,7 +50,7 @@ struct Flags {
     /// Longest time, in seconds, a result waits for its acknowledgement to be asked for.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "0.2")]
     ack_interval: Duration,
-    /// Seconds between HTTP/2 keepalive pings.
+    /// Seconds between HTTP/2 keepalive pings (at least 1).
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "20")]
     keepalive: Duration,
 }
@@ -82,6 +82,10 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
     c.connect_timeout = flags.connect_timeout;
     c.ack_every = flags.ack_every;
     c.ack_interval = flags.ack_interval;
+    if flags.keepalive < contact::server::MIN_CLIENT_PING {
+        let min = contact::server::MIN_CLIENT_PING.as_secs_f64();
+        return Err(contact::Error::Usage(format!("--keepalive: servers refuse pings more often than every {min}s")));
+    }
     c.keepalive = flags.keepalive;
     Ok(c)
 }

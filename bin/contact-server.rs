@@ -3,7 +3,7 @@
 
 use clap::{Parser, ValueEnum};
 use contact::cli::{self, parse_positive, parse_secs};
-use contact::dispatch::{DispatchConfig, StartAt};
+use contact::dispatch::{DispatchConfig, Mode, StartAt};
 use contact::producer::TaskSource;
 use contact::server::{Server, ServerConfig};
 use contact::shutdown::Shutdown;
@@ -30,15 +30,28 @@ struct Flags {
     /// Seconds between generated batches.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
     every: Duration,
-    /// How tasks are spread over clients: broadcast = every client gets every task.
+    /// How tasks are spread over clients: broadcast = every client gets every
+    /// task; queue = each task goes to exactly one client (fewest in flight).
     #[arg(long, value_enum, default_value = "broadcast")]
     dispatch: Dispatch,
     /// Where a newly connected client starts: the oldest retained task, or only new ones.
     #[arg(long, value_enum, default_value = "oldest")]
     from: From,
     /// Unanswered tasks allowed per client; a client at this limit gets no more until it answers.
-    #[arg(long, value_name = "K", value_parser = parse_positive, default_value = "32")]
+    #[arg(long, value_name = "K", value_parser = parse_positive, default_value = "16")]
     max_in_flight: u64,
+    /// Seconds a client has to answer a task before it is delivered again.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "60")]
+    ack_timeout: Duration,
+    /// Deliveries of a task before it is given up and dead-lettered.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "5")]
+    max_attempts: u64,
+    /// Append tasks given up on (with the reason) as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    dead_letter: Option<PathBuf>,
+    /// Seconds without a status message or result after which a client is declared gone.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
+    client_timeout: Duration,
     /// Tasks kept for late clients; older ones are forgotten.
     #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "100000")]
     retain: u64,
@@ -57,11 +70,15 @@ struct Flags {
     /// Seconds between HTTP/2 keepalive pings on idle connections.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "20")]
     keepalive: Duration,
+    /// Seconds a keepalive ping may go unanswered before the connection is dropped.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10")]
+    keepalive_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Dispatch {
     Broadcast,
+    Queue,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -73,7 +90,6 @@ enum From {
 fn main() {
     let flags = Flags::parse();
     cli::init_logging();
-    let Dispatch::Broadcast = flags.dispatch;
     let mut sources = vec![];
     if let Some(path) = flags.tasks_from {
         sources.push(TaskSource::Lines(path));
@@ -86,6 +102,13 @@ fn main() {
         listen: flags.listen,
         sources,
         dispatch: DispatchConfig {
+            mode: match flags.dispatch {
+                Dispatch::Broadcast => Mode::Broadcast,
+                Dispatch::Queue => Mode::Queue,
+            },
+            ack_timeout: flags.ack_timeout,
+            max_attempts: u32::try_from(flags.max_attempts).unwrap_or(u32::MAX),
+            client_timeout: Some(flags.client_timeout),
             start_at: match flags.from {
                 From::Oldest => StartAt::Oldest,
                 From::New => StartAt::New,
@@ -94,10 +117,12 @@ fn main() {
             retain: flags.retain as usize,
         },
         results_to: flags.results_to,
+        dead_letters: flags.dead_letter,
         stats_every: flags.stats_every,
         grace: flags.grace,
         max_message_bytes: flags.max_message_bytes as usize,
         keepalive: flags.keepalive,
+        keepalive_timeout: flags.keepalive_timeout,
     };
     let shutdown = Shutdown::new();
     let result = cli::stop_on_signals(&shutdown).and_then(|()| {

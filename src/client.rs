@@ -24,7 +24,7 @@ use grpcio::{
     ConnectivityState, EnvBuilder, Environment, WriteFlags,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -96,11 +96,29 @@ struct Progress {
     acknowledged: AtomicU64,
     handled: AtomicU64,
     connections: AtomicU64,
+    /// Results whose call failed before it was acknowledged: sent again first
+    /// on the next connection (the server records a resend only once).
+    unacked: Mutex<Vec<ResultMsg>>,
 }
 
 impl Progress {
     fn acked(&self) -> u64 {
         self.acknowledged.load(Ordering::SeqCst)
+    }
+
+    /// Keeps results for the next connection. A seed server gives no task ids
+    /// and cannot tell a resend from a new result, so those are not kept.
+    fn carry(&self, results: impl IntoIterator<Item = ResultMsg>) {
+        let mut u = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
+        u.extend(results.into_iter().filter(|r| r.task_id != 0));
+    }
+
+    fn take_carried(&self) -> Vec<ResultMsg> {
+        std::mem::take(&mut *self.unacked.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn carried(&self) -> u64 {
+        self.unacked.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
     }
 
     fn report(&self) -> ClientReport {
@@ -209,7 +227,8 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
 /// The worker: handles tasks until the stream ends, the client is told to
 /// stop, or `max_tasks` results are on their way.
 fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Receiver<ServerMsg>, results: &Sender<ResultMsg>) -> End {
-    let base = progress.acked();
+    // Results carried over from a broken connection count as handled.
+    let base = progress.acked() + progress.carried();
     let mut handled = 0u64;
     loop {
         if cfg.max_tasks.is_some_and(|max| base + handled >= max) {
@@ -225,9 +244,17 @@ fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Re
         log::info!("task {}: {}", task.task_id, task.task);
         let outcome = cfg.handler.handle(&task.task);
         log::info!("task {} {}: {}", task.task_id, if outcome.ok { "done" } else { "failed" }, outcome.output);
-        let result = ResultMsg { ret: outcome.output, task_id: task.task_id, ok: outcome.ok, attempt: task.attempt, ..Default::default() };
-        if results.send(result).is_err() {
+        let result = ResultMsg {
+            ret: outcome.output,
+            task_id: task.task_id,
+            ok: outcome.ok,
+            retry: outcome.retry,
+            attempt: task.attempt,
+            ..Default::default()
+        };
+        if let Err(unsent) = results.send(result) {
             // The result sender died (the connection broke); the session is over.
+            progress.carry([unsent.0]);
             return End::StreamClosed;
         }
         handled += 1;
@@ -283,34 +310,88 @@ fn receive_tasks(
 struct OpenCall {
     sender: ClientCStreamSender<ResultMsg>,
     receiver: ClientCStreamReceiver<Empty>,
-    count: u64,
+    /// What the call carried, kept until it is acknowledged.
+    sent: Vec<ResultMsg>,
     opened: Instant,
 }
 
 impl OpenCall {
-    /// Completes the call; its answer acknowledges every result it carried.
-    fn finish(mut self, progress: &Progress) -> grpcio::Result<()> {
-        block_on(self.sender.close())?;
-        block_on(self.receiver)?;
-        progress.acknowledged.fetch_add(self.count, Ordering::SeqCst);
-        log::debug!("{} results acknowledged", self.count);
+    fn open(client: &ContactClient, opt: CallOption) -> grpcio::Result<OpenCall> {
+        let (sender, receiver) = client.tell_result_opt(opt)?;
+        Ok(OpenCall { sender, receiver, sent: vec![], opened: Instant::now() })
+    }
+
+    /// Writes a batch, buffering all but the last message.
+    fn send(&mut self, batch: Vec<ResultMsg>) -> grpcio::Result<()> {
+        let last = batch.len().saturating_sub(1);
+        block_on(async {
+            for (i, r) in batch.iter().enumerate() {
+                self.sender.feed((r.clone(), WriteFlags::default().buffer_hint(i < last))).await?;
+            }
+            self.sender.flush().await
+        })?;
+        self.sent.extend(batch);
         Ok(())
+    }
+
+    /// Completes the call; its answer acknowledges every result it carried.
+    /// On failure the results are kept for the next connection.
+    fn finish(mut self, progress: &Progress) -> grpcio::Result<()> {
+        let done = block_on(self.sender.close()).and_then(|()| block_on(&mut self.receiver).map(|_| ()));
+        match done {
+            Ok(()) => {
+                progress.acknowledged.fetch_add(self.sent.len() as u64, Ordering::SeqCst);
+                log::debug!("{} results acknowledged", self.sent.len());
+                Ok(())
+            }
+            Err(e) => {
+                progress.carry(self.sent);
+                Err(e)
+            }
+        }
     }
 }
 
 /// Streams results over `tellResult`, completing a call every `policy.0`
 /// results or `policy.1` after it was opened; returns once the worker is done
-/// and the last call is acknowledged.
+/// and the last call is acknowledged. Results from an earlier, broken
+/// connection go first. Whatever is not acknowledged when it fails is kept.
 fn send_results(
     client: &ContactClient,
     opt: &dyn Fn() -> CallOption,
     rx: &Receiver<ResultMsg>,
     progress: &Progress,
-    (ack_every, ack_interval): (u64, Duration),
+    policy: (u64, Duration),
 ) -> grpcio::Result<()> {
     let mut call: Option<OpenCall> = None;
+    let res = result_loop(client, opt, rx, progress, policy, &mut call);
+    if res.is_err() {
+        if let Some(c) = call.take() {
+            progress.carry(c.sent);
+        }
+        progress.carry(rx.try_iter());
+    }
+    res
+}
+
+fn result_loop(
+    client: &ContactClient,
+    opt: &dyn Fn() -> CallOption,
+    rx: &Receiver<ResultMsg>,
+    progress: &Progress,
+    (ack_every, ack_interval): (u64, Duration),
+    call: &mut Option<OpenCall>,
+) -> grpcio::Result<()> {
+    let carried = progress.take_carried();
+    if !carried.is_empty() {
+        log::info!("sending {} results again that were not acknowledged", carried.len());
+        let c = call.insert(OpenCall::open(client, opt())?);
+        for chunk in carried.chunks(256) {
+            c.send(chunk.to_vec())?;
+        }
+    }
     loop {
-        let next = match &call {
+        let next = match call.as_ref() {
             Some(c) => rx.recv_timeout(ack_interval.saturating_sub(c.opened.elapsed())),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
@@ -327,22 +408,13 @@ fn send_results(
             }
         };
         if call.is_none() {
-            let (sender, receiver) = client.tell_result_opt(opt())?;
-            call = Some(OpenCall { sender, receiver, count: 0, opened: Instant::now() });
+            *call = Some(OpenCall::open(client, opt())?);
         }
         let c = call.as_mut().expect("opened above");
-        let room = (ack_every - c.count).min(256) as usize;
+        let room = ack_every.saturating_sub(c.sent.len() as u64).clamp(1, 256) as usize;
         let batch: Vec<ResultMsg> = std::iter::once(first).chain(rx.try_iter().take(room - 1)).collect();
-        let n = batch.len() as u64;
-        block_on(async {
-            let last = batch.len() - 1;
-            for (i, r) in batch.into_iter().enumerate() {
-                c.sender.feed((r, WriteFlags::default().buffer_hint(i < last))).await?;
-            }
-            c.sender.flush().await
-        })?;
-        c.count += n;
-        if c.count >= ack_every {
+        c.send(batch)?;
+        if c.sent.len() as u64 >= ack_every {
             call.take().expect("open").finish(progress)?;
         }
     }

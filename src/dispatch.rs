@@ -1,20 +1,34 @@
 //! The `Dispatcher`: decides which task goes to which client and when, and
-//! matches results to the deliveries they answer. It owns the `TaskLog`, the
-//! `ClientRegistry` and each client's delivery state behind one lock, and is
-//! driven by events: a task published, a client attached or gone, a result in.
-//! After each event it tops up the affected clients' feeds, never beyond
-//! `max_in_flight` unanswered deliveries per client: that credit is what
-//! keeps a slow client from holding more than its share and memory bounded.
+//! judges every result. It owns the `TaskLog`, the `WorkQueue`, the
+//! `ClientRegistry` and each client's deliveries behind one lock, and is
+//! driven by events: tasks published, a client attached or gone, a result in,
+//! a clock tick. After each event it tops up the affected feeds, never beyond
+//! `max_in_flight` unanswered deliveries per client: that credit is what keeps
+//! a slow client from holding more than its share and memory bounded.
+//!
+//! Delivery is at least once, with fencing: every delivery carries an attempt
+//! number, and a result counts only if it answers the current attempt from
+//! the client that holds it. Anything else is recorded as stale.
 
 use crate::feed::{self, Delivery, FeedSender, TaskFeed};
 use crate::registry::{ClientInfo, ClientRegistry};
-use crate::results::ResultRecord;
-use crate::task::{TaskId, TaskLog};
+use crate::results::{DeadLetter, ResultRecord};
+use crate::task::{Task, TaskId, TaskLog};
+use crate::workqueue::WorkQueue;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Where a newly attached broadcast client starts reading the task log.
+/// How tasks are spread over clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every client gets every task (the seed's behaviour).
+    Broadcast,
+    /// Each task goes to exactly one client, the one with the fewest in flight.
+    Queue,
+}
+
+/// Where a client seen for the first time starts reading the task log (broadcast).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartAt {
     /// The oldest retained task: the seed's behaviour, a late client gets the history.
@@ -26,16 +40,32 @@ pub enum StartAt {
 /// How the dispatcher behaves; fixed for the server's lifetime.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
+    pub mode: Mode,
     pub start_at: StartAt,
     /// Unanswered deliveries allowed per client before it gets no more.
     pub max_in_flight: usize,
     /// Tasks kept in the log for late clients.
     pub retain: usize,
+    /// A delivery not answered within this time is taken back and redelivered.
+    pub ack_timeout: Duration,
+    /// Deliveries of one task (to one client, in broadcast) before it is dead-lettered.
+    pub max_attempts: u32,
+    /// A client with an id that shows no sign of life (status, result) for
+    /// this long is declared gone; `None` leaves it to HTTP/2 keepalive.
+    pub client_timeout: Option<Duration>,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { start_at: StartAt::Oldest, max_in_flight: 32, retain: 100_000 }
+        DispatchConfig {
+            mode: Mode::Broadcast,
+            start_at: StartAt::Oldest,
+            max_in_flight: 16,
+            retain: 100_000,
+            ack_timeout: Duration::from_secs(60),
+            max_attempts: 5,
+            client_timeout: Some(Duration::from_secs(30)),
+        }
     }
 }
 
@@ -48,6 +78,8 @@ pub struct Counters {
     pub produced: u64,
     pub sent: u64,
     pub results: u64,
+    pub redelivered: u64,
+    pub dead: u64,
 }
 
 /// What a client said about one task (the new fields of `Result`).
@@ -57,6 +89,8 @@ pub struct Answer {
     pub task_id: TaskId,
     pub attempt: u32,
     pub ok: bool,
+    /// With `ok == false`: the client asks for the task to be tried again.
+    pub retry: bool,
     pub output: String,
 }
 
@@ -65,31 +99,56 @@ struct InFlight {
     sent_at: Instant,
 }
 
+/// How many recently accepted (task, attempt) pairs a client remembers, to
+/// recognise a result it sends again after a lost acknowledgement.
+const RECENT_ACCEPTED: usize = 4096;
+
 struct ClientState {
     /// The open `getTask` stream, if any.
     session: Option<(SessionId, FeedSender)>,
-    /// Next task id this client has not been offered yet.
+    /// Next log id this client has not been offered (broadcast).
     cursor: TaskId,
     /// Written, not yet answered; oldest first.
     in_flight: VecDeque<InFlight>,
-    /// Identified by peer address (a seed client): its state dies with its stream.
+    /// Taken back, to be written again before anything new (broadcast).
+    redeliver: VecDeque<Delivery>,
+    /// Recently accepted (task, attempt): a resend of one is acknowledged, not recorded.
+    recent: VecDeque<(TaskId, u32)>,
+    last_seen: Instant,
+    /// Known by peer address (a seed client): forgotten when its streams end.
     ephemeral: bool,
+}
+
+impl ClientState {
+    fn remember(&mut self, id: TaskId, attempt: u32) {
+        if self.recent.len() == RECENT_ACCEPTED {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((id, attempt));
+    }
 }
 
 struct State {
     log: TaskLog,
+    queue: WorkQueue,
     registry: ClientRegistry,
     clients: HashMap<String, ClientState>,
     counters: Counters,
     next_session: SessionId,
     /// Set at shutdown: no new streams, no new deliveries.
     closed: bool,
+    /// Dead letters not yet taken by the server for recording.
+    dead: Vec<DeadLetter>,
 }
 
-/// Shared by the producer, every gRPC handler and the stats thread.
+/// Shared by the producer, every gRPC handler and the clock thread.
 pub struct Dispatcher {
     config: DispatchConfig,
     state: Mutex<State>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Dispatcher {
@@ -97,11 +156,13 @@ impl Dispatcher {
     pub fn new(config: DispatchConfig) -> Dispatcher {
         let state = State {
             log: TaskLog::new(config.retain),
+            queue: WorkQueue::default(),
             registry: ClientRegistry::default(),
             clients: HashMap::new(),
             counters: Counters::default(),
             next_session: 1,
             closed: false,
+            dead: vec![],
         };
         Dispatcher { config, state: Mutex::new(state) }
     }
@@ -111,12 +172,13 @@ impl Dispatcher {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a `getTask` stream for `client` and returns the feed to forward.
+    /// Registers a `getTask` stream for `client` and returns the feed to forward;
+    /// `None` once the dispatcher is closed (the server is shutting down).
     ///
-    /// A second stream with the same client id replaces the first, which ends.
-    /// `ephemeral` clients (seed peers, known only by address) are forgotten
-    /// when their stream ends.
-    /// Returns `None` once the dispatcher is closed (the server is shutting down).
+    /// A second stream with the same id replaces the first, which ends. A client
+    /// seen before resumes: what it had not answered is delivered again first,
+    /// then it continues where it left off. `ephemeral` clients (seed peers,
+    /// known only by address) are forgotten when their streams end.
     pub fn attach(&self, client: &str, peer: &str, ephemeral: bool) -> Option<(SessionId, TaskFeed)> {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -130,34 +192,44 @@ impl Dispatcher {
             StartAt::Oldest => st.log.first_id(),
             StartAt::New => st.log.next_id(),
         };
-        // Seed semantics: a (re)connected client reads from its start point again;
-        // deliveries of an earlier stream are no longer awaited.
-        let state = ClientState { session: Some((id, tx)), cursor, in_flight: VecDeque::new(), ephemeral };
-        if st.clients.insert(client.to_string(), state).is_some() {
-            log::info!("client {client} reconnected from {peer}; its previous stream ends");
-        } else {
-            log::info!("client {client} connected from {peer}");
-        }
+        let known = st.clients.contains_key(client);
+        let c = st.clients.entry(client.to_string()).or_insert_with(|| ClientState {
+            session: None,
+            cursor,
+            in_flight: VecDeque::new(),
+            redeliver: VecDeque::new(),
+            recent: VecDeque::new(),
+            last_seen: Instant::now(),
+            ephemeral,
+        });
+        c.session = Some((id, tx));
+        c.last_seen = Instant::now();
+        log::info!("client {client} {} from {peer}", if known { "reconnected" } else { "connected" });
         st.registry.connect(client, peer);
-        self.pump(st, client);
+        // What the previous stream left unanswered is taken back now.
+        self.take_back_all(st, client, "client reconnected");
+        self.pump_all(st);
         Some((id, rx))
     }
 
     /// Ends `session` (its stream finished or broke) unless a newer one replaced it.
     pub fn detach(&self, client: &str, session: SessionId) {
-        let mut st = self.lock();
-        let Some(state) = st.clients.get_mut(client) else { return };
-        if state.session.as_ref().map(|(id, _)| *id) != Some(session) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(c) = st.clients.get_mut(client) else { return };
+        if c.session.as_ref().map(|(id, _)| *id) != Some(session) {
             return;
         }
-        state.session = None;
-        // A seed client's last results may still be on their way over its
-        // result stream: keep its deliveries until they are answered.
-        if state.ephemeral && state.in_flight.is_empty() {
-            st.clients.remove(client);
-        }
+        c.session = None;
         st.registry.disconnect(client);
         log::info!("client {client} disconnected");
+        self.forget_if_done(st, client);
+        // In queue mode its tasks go to others now; in broadcast they wait for
+        // it to come back (and for late answers on its result stream).
+        if self.config.mode == Mode::Queue {
+            self.take_back_all(st, client, "client disconnected");
+        }
+        self.pump_all(st);
     }
 
     /// A result stream of `client` ended: forget a seed client that has no
@@ -165,93 +237,227 @@ impl Dispatcher {
     pub fn results_ended(&self, client: &str) {
         let mut st = self.lock();
         if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none()) {
+            self.take_back_all(&mut st, client, "client disconnected");
             st.clients.remove(client);
+            self.pump_all(&mut st);
         }
     }
 
-    /// Appends tasks to the log and offers them to every client with credit.
-    pub fn publish<I>(&self, tasks: I) -> usize
+    /// Appends tasks to the log (and the queue) and offers them to clients with credit.
+    pub fn publish<I>(&self, tasks: I) -> Vec<Arc<Task>>
     where
         I: IntoIterator<Item = (Option<String>, String)>,
     {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let mut n = 0;
+        let mut added = vec![];
         for (target, text) in tasks {
             let task = st.log.push(text, target);
             log::info!("task {} produced: {}", task.id, task.text);
-            n += 1;
+            if self.config.mode == Mode::Queue {
+                st.queue.push(task.clone(), 0);
+            }
+            added.push(task);
         }
-        st.counters.produced += n as u64;
-        let clients: Vec<String> = st.clients.keys().cloned().collect();
-        for c in clients {
-            self.pump(st, &c);
-        }
-        n
+        st.counters.produced += added.len() as u64;
+        self.pump_all(st);
+        added
     }
 
-    /// Matches a client's answer to its delivery and returns what to record.
-    pub fn complete(&self, client: &str, answer: Answer) -> ResultRecord {
+    /// Judges a client's answer and returns what to record: `None` for an
+    /// exact resend of an accepted result (acknowledged again, recorded once).
+    pub fn complete(&self, client: &str, answer: Answer) -> Option<ResultRecord> {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.counters.results += 1;
-        let matched = st.clients.get_mut(client).and_then(|c| {
-            let pos = if answer.task_id == 0 {
-                (!c.in_flight.is_empty()).then_some(0)
-            } else {
-                c.in_flight.iter().position(|f| {
-                    f.delivery.task.id == answer.task_id
-                        && (answer.attempt == 0 || f.delivery.attempt == answer.attempt)
-                })
-            };
-            pos.and_then(|p| c.in_flight.remove(p))
-        });
-        st.registry.result_received(client, matched.is_some());
-        if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none() && c.in_flight.is_empty()) {
-            st.clients.remove(client);
+        if let Some(c) = st.clients.get_mut(client) {
+            c.last_seen = Instant::now();
         }
-        let received_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        // A seed client sends no ok flag: its results count as successes.
-        let ok = answer.ok || answer.task_id == 0;
-        let record = match matched {
-            Some(f) => ResultRecord {
-                task_id: Some(f.delivery.task.id),
-                task: Some(f.delivery.task.text.clone()),
-                client: client.to_string(),
-                ok,
-                output: answer.output,
-                latency_ms: Some(f.sent_at.elapsed().as_secs_f64() * 1000.0),
-                attempt: f.delivery.attempt,
-                stale: false,
-                received_at,
-            },
+        let outcome = match self.config.mode {
+            Mode::Broadcast => self.complete_broadcast(st, client, answer),
+            Mode::Queue => self.complete_queue(st, client, answer),
+        };
+        self.forget_if_done(st, client);
+        self.pump_all(st);
+        outcome
+    }
+
+    fn complete_broadcast(&self, st: &mut State, client: &str, answer: Answer) -> Option<ResultRecord> {
+        let Some(c) = st.clients.get_mut(client) else {
+            return stale(&st.log, client, answer);
+        };
+        let pos = if answer.task_id == 0 {
+            (!c.in_flight.is_empty()).then_some(0)
+        } else {
+            c.in_flight.iter().position(|f| {
+                f.delivery.task.id == answer.task_id && (answer.attempt == 0 || f.delivery.attempt == answer.attempt)
+            })
+        };
+        let (delivery, latency) = match pos.and_then(|p| c.in_flight.remove(p)) {
+            Some(f) => (f.delivery, Some(f.sent_at.elapsed())),
             None => {
-                let task_id = (answer.task_id != 0).then_some(answer.task_id);
-                let task = task_id.and_then(|id| st.log.get(id)).map(|t| t.text.clone());
-                ResultRecord {
-                    task_id,
-                    task,
-                    client: client.to_string(),
-                    ok,
-                    output: answer.output,
-                    latency_ms: None,
-                    attempt: answer.attempt,
-                    stale: true,
-                    received_at,
+                // An answer to a delivery taken back but not yet sent again still counts.
+                let waiting = c.redeliver.iter().position(|d| d.task.id == answer.task_id && d.attempt == answer.attempt + 1);
+                match waiting.and_then(|p| c.redeliver.remove(p)) {
+                    Some(d) => (Delivery { task: d.task, attempt: answer.attempt }, None),
+                    None if c.recent.contains(&(answer.task_id, answer.attempt)) => return None,
+                    None => return stale(&st.log, client, answer),
                 }
             }
         };
-        self.pump(st, client);
-        record
+        st.registry.result_received(client, latency.is_some());
+        let c = st.clients.get_mut(client).expect("looked up above");
+        let retry = !answer.ok && answer.retry && answer.task_id != 0;
+        let out = record(client, &delivery, &answer, latency, retry);
+        if retry {
+            if delivery.attempt >= self.config.max_attempts {
+                bury(st, &delivery, client, format!("refused: {}", answer.output));
+            } else {
+                c.redeliver.push_back(Delivery { task: delivery.task, attempt: delivery.attempt + 1 });
+                st.counters.redelivered += 1;
+            }
+        } else {
+            c.remember(delivery.task.id, delivery.attempt);
+        }
+        Some(out)
+    }
+
+    fn complete_queue(&self, st: &mut State, client: &str, answer: Answer) -> Option<ResultRecord> {
+        // A seed client sends no task id: it answers its oldest delivery.
+        let (task_id, attempt) = match (answer.task_id, st.clients.get(client)) {
+            (0, Some(c)) => match c.in_flight.front() {
+                Some(f) => (f.delivery.task.id, f.delivery.attempt),
+                None => return stale(&st.log, client, answer),
+            },
+            _ => (answer.task_id, answer.attempt),
+        };
+        if !st.queue.is_current(task_id, client, attempt) {
+            let resent = st.clients.get(client).is_some_and(|c| c.recent.contains(&(task_id, attempt)));
+            return if resent { None } else { stale(&st.log, client, answer) };
+        }
+        let q = st.queue.get(task_id).expect("current implies unfinished");
+        let delivery = Delivery { task: q.task.clone(), attempt: q.attempt };
+        let mut latency = None;
+        if let Some(c) = st.clients.get_mut(client) {
+            if let Some(p) = c.in_flight.iter().position(|f| f.delivery.task.id == task_id) {
+                latency = c.in_flight.remove(p).map(|f| f.sent_at.elapsed());
+            }
+        }
+        st.registry.result_received(client, latency.is_some());
+        let retry = !answer.ok && answer.retry && answer.task_id != 0;
+        let out = record(client, &delivery, &answer, latency, retry);
+        if retry {
+            if delivery.attempt >= self.config.max_attempts {
+                st.queue.finish(task_id);
+                bury(st, &delivery, client, format!("refused: {}", answer.output));
+            } else {
+                // Held (or just released): make it available to everyone again.
+                if latency.is_some() {
+                    st.queue.release(task_id);
+                }
+                st.counters.redelivered += 1;
+            }
+        } else {
+            st.queue.finish(task_id);
+            if let Some(c) = st.clients.get_mut(client) {
+                c.remember(task_id, attempt);
+            }
+        }
+        Some(out)
     }
 
     /// Notes a status message from `client` as a sign of life.
     pub fn touch(&self, client: &str) {
-        self.lock().registry.touch(client);
+        let mut st = self.lock();
+        if let Some(c) = st.clients.get_mut(client) {
+            c.last_seen = Instant::now();
+        }
+        st.registry.touch(client);
+    }
+
+    /// The clock: takes back deliveries past the ack deadline and declares
+    /// silent clients gone.
+    pub fn expire(&self) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let now = Instant::now();
+        let names: Vec<String> = st.clients.keys().cloned().collect();
+        for name in names {
+            let c = &st.clients[&name];
+            let silent = self.config.client_timeout.is_some_and(|t| {
+                c.session.is_some() && !c.ephemeral && now.duration_since(c.last_seen) > t
+            });
+            if silent {
+                log::warn!("client {name} silent for {:?}: declared gone", now.duration_since(c.last_seen));
+                let c = st.clients.get_mut(&name).expect("listed");
+                c.session = None;
+                st.registry.disconnect(&name);
+                self.take_back_all(st, &name, "client declared gone");
+                continue;
+            }
+            let expired: Vec<TaskId> = c
+                .in_flight
+                .iter()
+                .filter(|f| now.duration_since(f.sent_at) > self.config.ack_timeout)
+                .map(|f| f.delivery.task.id)
+                .collect();
+            for id in expired {
+                self.take_back(st, &name, id, "no answer within the ack timeout");
+            }
+        }
+        self.pump_all(st);
+    }
+
+    /// Dead letters produced since the last call, for the server to record.
+    pub fn take_dead_letters(&self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.lock().dead)
+    }
+
+    /// Takes every delivery `client` holds back (see `take_back`).
+    fn take_back_all(&self, st: &mut State, client: &str, why: &str) {
+        let mut ids: Vec<TaskId> = st.clients.get(client).map_or(vec![], |c| c.in_flight.iter().map(|f| f.delivery.task.id).collect());
+        // Queue mode puts each one back at the front: newest first keeps the order.
+        if self.config.mode == Mode::Queue {
+            ids.reverse();
+        }
+        for id in ids {
+            self.take_back(st, client, id, why);
+        }
+    }
+
+    /// Takes one delivery back from `client`: it is delivered again (to anyone
+    /// in queue mode, to the same client in broadcast), or dead-lettered when
+    /// it has had `max_attempts`.
+    fn take_back(&self, st: &mut State, client: &str, id: TaskId, why: &str) {
+        let Some(c) = st.clients.get_mut(client) else { return };
+        let Some(f) = c.in_flight.iter().position(|f| f.delivery.task.id == id).and_then(|p| c.in_flight.remove(p)) else {
+            return;
+        };
+        st.registry.released(client);
+        if f.delivery.attempt >= self.config.max_attempts {
+            if self.config.mode == Mode::Queue {
+                st.queue.finish(id);
+            }
+            bury(st, &f.delivery, client, format!("{why} (attempt {})", f.delivery.attempt));
+            return;
+        }
+        log::info!("task {id} taken back from {client} ({why}); it will be delivered again");
+        st.counters.redelivered += 1;
+        match self.config.mode {
+            Mode::Queue => st.queue.release(id),
+            Mode::Broadcast => c.redeliver.push_back(Delivery { task: f.delivery.task, attempt: f.delivery.attempt + 1 }),
+        }
+    }
+
+    /// Forgets a seed client whose task stream ended once nothing is in flight.
+    fn forget_if_done(&self, st: &mut State, client: &str) {
+        if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none() && c.in_flight.is_empty()) {
+            st.clients.remove(client);
+        }
     }
 
     /// Ends every client's stream (cleanly) and stops offering tasks: for
-    /// shutdown. Results for deliveries in flight are still matched.
+    /// shutdown. Results for deliveries in flight are still judged.
     pub fn close_all(&self) {
         let mut st = self.lock();
         st.closed = true;
@@ -265,6 +471,11 @@ impl Dispatcher {
         self.lock().clients.values().map(|c| c.in_flight.len()).sum()
     }
 
+    /// Queue mode: tasks not finished yet (waiting or in flight).
+    pub fn unfinished(&self) -> usize {
+        self.lock().queue.len()
+    }
+
     /// The connected clients.
     pub fn clients(&self) -> Vec<ClientInfo> {
         self.lock().registry.snapshot()
@@ -275,142 +486,146 @@ impl Dispatcher {
         self.lock().counters
     }
 
-    /// Offers `client` the tasks it has not seen, up to its credit.
-    fn pump(&self, st: &mut State, client: &str) {
+    fn pump_all(&self, st: &mut State) {
+        if st.closed {
+            return;
+        }
+        match self.config.mode {
+            Mode::Broadcast => {
+                let names: Vec<String> = st.clients.keys().cloned().collect();
+                for name in names {
+                    self.pump_broadcast(st, &name);
+                }
+            }
+            Mode::Queue => self.pump_queue(st),
+        }
+    }
+
+    /// Offers `client` what it must get again, then the tasks it has not seen, up to its credit.
+    fn pump_broadcast(&self, st: &mut State, client: &str) {
         let Some(c) = st.clients.get_mut(client) else { return };
         let Some((_, tx)) = c.session.as_ref() else { return };
         while c.in_flight.len() < self.config.max_in_flight {
-            if c.cursor < st.log.first_id() {
-                log::warn!(
-                    "client {client} fell behind the retained history; tasks {}..{} were dropped for it (raise --retain)",
-                    c.cursor,
-                    st.log.first_id() - 1
-                );
-                c.cursor = st.log.first_id();
-            }
-            let Some(task) = st.log.get(c.cursor) else { break };
-            if !task.is_for(client) {
-                c.cursor += 1;
-                continue;
-            }
-            let delivery = Delivery { task: task.clone(), attempt: 1 };
-            if tx.send(delivery.clone()).is_err() {
-                // The stream is gone; it will detach itself.
+            let delivery = match c.redeliver.pop_front() {
+                Some(d) => d,
+                None => {
+                    if c.cursor < st.log.first_id() {
+                        log::warn!(
+                            "client {client} fell behind the retained history; tasks {}..{} were dropped for it (raise --retain)",
+                            c.cursor,
+                            st.log.first_id() - 1
+                        );
+                        c.cursor = st.log.first_id();
+                    }
+                    let Some(task) = st.log.get(c.cursor) else { break };
+                    c.cursor += 1;
+                    if !task.is_for(client) {
+                        continue;
+                    }
+                    Delivery { task: task.clone(), attempt: 1 }
+                }
+            };
+            if let Err(d) = tx.send(delivery.clone()) {
+                // The stream is gone; it will detach itself. Keep the task for its return.
+                c.redeliver.push_front(d);
                 break;
             }
-            log::debug!("task {} sent to {client}", task.id);
-            c.cursor += 1;
+            log::debug!("task {} (attempt {}) sent to {client}", delivery.task.id, delivery.attempt);
             c.in_flight.push_back(InFlight { delivery, sent_at: Instant::now() });
             st.registry.task_sent(client);
             st.counters.sent += 1;
         }
     }
+
+    /// Hands waiting tasks out: targeted ones to their client, the others to
+    /// the connected client with credit and the fewest tasks in flight.
+    fn pump_queue(&self, st: &mut State) {
+        let k = self.config.max_in_flight;
+        let open: Vec<String> = st.clients.iter().filter(|(_, c)| c.session.is_some()).map(|(n, _)| n.clone()).collect();
+        for name in &open {
+            while st.clients[name].in_flight.len() < k {
+                let Some((task, attempt)) = st.queue.take_for(name, true) else { break };
+                self.send_queued(st, name, task, attempt);
+            }
+        }
+        while st.queue.has_ready() {
+            let best = open
+                .iter()
+                .filter(|n| st.clients[*n].in_flight.len() < k)
+                .min_by_key(|n| st.clients[*n].in_flight.len());
+            let Some(name) = best else { break };
+            let Some((task, attempt)) = st.queue.take_for(name, false) else { break };
+            self.send_queued(st, name, task, attempt);
+        }
+    }
+
+    fn send_queued(&self, st: &mut State, client: &str, task: Arc<Task>, attempt: u32) {
+        let c = st.clients.get_mut(client).expect("open client");
+        let delivery = Delivery { task, attempt };
+        let sent = c.session.as_ref().is_some_and(|(_, tx)| tx.send(delivery.clone()).is_ok());
+        if !sent {
+            // Its stream just went away: back to the queue for someone else.
+            st.queue.release(delivery.task.id);
+            c.session = None;
+            return;
+        }
+        log::debug!("task {} (attempt {attempt}) sent to {client}", delivery.task.id);
+        c.in_flight.push_back(InFlight { delivery, sent_at: Instant::now() });
+        st.registry.task_sent(client);
+        st.counters.sent += 1;
+    }
+}
+
+fn record(client: &str, d: &Delivery, answer: &Answer, latency: Option<Duration>, retry: bool) -> ResultRecord {
+    ResultRecord {
+        task_id: Some(d.task.id),
+        task: Some(d.task.text.clone()),
+        client: client.to_string(),
+        // A seed client sends no ok flag: its results count as successes.
+        ok: answer.ok || answer.task_id == 0,
+        output: answer.output.clone(),
+        latency_ms: latency.map(|l| l.as_secs_f64() * 1000.0),
+        attempt: d.attempt,
+        stale: false,
+        retry,
+        accepted: !retry,
+        received_at: unix_now(),
+    }
+}
+
+fn stale(log: &TaskLog, client: &str, answer: Answer) -> Option<ResultRecord> {
+    let task_id = (answer.task_id != 0).then_some(answer.task_id);
+    let task = task_id.and_then(|id| log.get(id)).map(|t| t.text.clone());
+    let record = ResultRecord {
+        task_id,
+        task,
+        client: client.to_string(),
+        ok: answer.ok || answer.task_id == 0,
+        output: answer.output,
+        latency_ms: None,
+        attempt: answer.attempt,
+        stale: true,
+        retry: answer.retry,
+        accepted: false,
+        received_at: unix_now(),
+    };
+    Some(record)
+}
+
+/// Gives up on a delivery: queues its dead letter for the server to record.
+fn bury(st: &mut State, d: &Delivery, client: &str, reason: String) {
+    log::warn!("task {} dead-lettered after {} attempts at {client}: {reason}", d.task.id, d.attempt);
+    st.counters.dead += 1;
+    st.dead.push(DeadLetter {
+        task_id: d.task.id,
+        task: d.task.text.clone(),
+        target: d.task.target.clone(),
+        client: client.to_string(),
+        attempts: d.attempt,
+        reason,
+        at: unix_now(),
+    });
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tasks(texts: &[&str]) -> Vec<(Option<String>, String)> {
-        texts.iter().map(|t| (None, t.to_string())).collect()
-    }
-
-    fn drain(feed: &TaskFeed) -> Vec<TaskId> {
-        std::iter::from_fn(|| feed.try_next()).map(|d| d.task.id).collect()
-    }
-
-    fn answer(task_id: TaskId) -> Answer {
-        Answer { task_id, attempt: 1, ok: true, output: "done".into() }
-    }
-
-    #[test]
-    fn credit_limits_deliveries_and_results_release_more() {
-        let d = Dispatcher::new(DispatchConfig { max_in_flight: 2, ..Default::default() });
-        let (_, feed) = d.attach("a", "p", false).unwrap();
-        d.publish(tasks(&["1", "2", "3", "4"]));
-        assert_eq!(drain(&feed), vec![1, 2]);
-        let r = d.complete("a", answer(2));
-        assert_eq!((r.task_id, r.stale, r.task.as_deref()), (Some(2), false, Some("2")));
-        assert_eq!(drain(&feed), vec![3]);
-        assert_eq!(d.clients()[0].in_flight, 2);
-        assert_eq!(d.counters(), Counters { produced: 4, sent: 3, results: 1 });
-    }
-
-    #[test]
-    fn late_clients_get_history_unless_they_start_at_new() {
-        let d = Dispatcher::new(DispatchConfig::default());
-        d.publish(tasks(&["1", "2"]));
-        let (_, old) = d.attach("old", "p1", false).unwrap();
-        assert_eq!(drain(&old), vec![1, 2]);
-
-        let d = Dispatcher::new(DispatchConfig { start_at: StartAt::New, ..Default::default() });
-        d.publish(tasks(&["1", "2"]));
-        let (_, new) = d.attach("new", "p2", false).unwrap();
-        assert!(drain(&new).is_empty());
-        d.publish(tasks(&["3"]));
-        assert_eq!(drain(&new), vec![3]);
-    }
-
-    #[test]
-    fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
-        let d = Dispatcher::new(DispatchConfig::default());
-        let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true).unwrap();
-        d.publish(tasks(&["a", "b"]));
-        assert_eq!(drain(&feed), vec![1, 2]);
-        let seed = Answer { task_id: 0, attempt: 0, ok: false, output: "x".into() };
-        let r1 = d.complete("ipv4:1.2.3.4:5", seed.clone());
-        // The task stream ends before the last result arrives: it still matches.
-        d.detach("ipv4:1.2.3.4:5", session);
-        assert!(d.clients().is_empty());
-        let r2 = d.complete("ipv4:1.2.3.4:5", seed.clone());
-        let r3 = d.complete("ipv4:1.2.3.4:5", seed);
-        assert_eq!((r1.task_id, r1.ok, r2.task_id, r2.stale), (Some(1), true, Some(2), false));
-        assert!(r3.stale && r3.task_id.is_none());
-        assert!(d.lock().clients.is_empty(), "a seed client is forgotten once answered and gone");
-    }
-
-    #[test]
-    fn unknown_and_duplicate_results_are_stale() {
-        let d = Dispatcher::new(DispatchConfig::default());
-        let (_, feed) = d.attach("a", "p", false).unwrap();
-        d.publish(tasks(&["1"]));
-        drain(&feed);
-        assert!(!d.complete("a", answer(1)).stale);
-        let dup = d.complete("a", answer(1));
-        assert!(dup.stale && dup.task.as_deref() == Some("1"));
-        assert!(d.complete("a", answer(99)).stale);
-        assert!(d.complete("nobody", answer(1)).stale);
-    }
-
-    #[test]
-    fn targeted_tasks_reach_only_their_client() {
-        let d = Dispatcher::new(DispatchConfig::default());
-        let (_, a) = d.attach("a", "p1", false).unwrap();
-        let (_, b) = d.attach("b", "p2", false).unwrap();
-        d.publish(vec![(Some("b".to_string()), "for b".to_string()), (None, "all".to_string())]);
-        assert_eq!(drain(&a), vec![2]);
-        assert_eq!(drain(&b), vec![1, 2]);
-    }
-
-    #[test]
-    fn a_replaced_stream_ends_and_its_detach_is_ignored() {
-        let d = Dispatcher::new(DispatchConfig::default());
-        let (first, mut old) = d.attach("a", "p1", false).unwrap();
-        let (_, _new) = d.attach("a", "p2", false).unwrap();
-        assert!(futures::executor::block_on(futures::StreamExt::next(&mut old)).is_none());
-        d.detach("a", first);
-        assert_eq!(d.clients().len(), 1);
-        assert_eq!(d.clients()[0].peer, "p2");
-    }
-
-    #[test]
-    fn a_client_behind_retention_skips_ahead() {
-        let d = Dispatcher::new(DispatchConfig { retain: 2, max_in_flight: 1, ..Default::default() });
-        let (_, feed) = d.attach("a", "p", false).unwrap();
-        d.publish(tasks(&["1"]));
-        d.publish(tasks(&["2", "3", "4"]));
-        assert_eq!(drain(&feed), vec![1]);
-        d.complete("a", answer(1));
-        assert_eq!(drain(&feed), vec![3]);
-    }
-}
+mod tests;

@@ -10,10 +10,16 @@ use std::process::{Command, Stdio};
 /// Output kept from a command, so one chatty task cannot flood the server.
 pub const DEFAULT_MAX_OUTPUT: usize = 16 * 1024;
 
+/// Exit status with which an `--exec` command refuses a task and asks for it
+/// to be delivered again (`EX_TEMPFAIL` from sysexits.h).
+pub const EXIT_RETRY: i32 = 75;
+
 /// What a handler concluded about one task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub ok: bool,
+    /// The task was refused and should be delivered again.
+    pub retry: bool,
     pub output: String,
 }
 
@@ -22,8 +28,9 @@ pub struct Outcome {
 pub enum Handler {
     /// Answer `client received task: <task>`, as the seed's client does.
     Echo,
-    /// Run `program args... <task>`; exit status 0 is success, stdout (trimmed,
-    /// capped at `max_output` bytes) is the output.
+    /// Run `program args... <task>`; exit status 0 is success, [`EXIT_RETRY`]
+    /// a refusal, anything else a failure; stdout (trimmed, capped at
+    /// `max_output` bytes) is the output.
     Exec { program: String, args: Vec<String>, max_output: usize },
 }
 
@@ -40,7 +47,7 @@ impl Handler {
     /// Handles one task; failures of the command become a failed outcome, never an error.
     pub fn handle(&self, task: &str) -> Outcome {
         match self {
-            Handler::Echo => Outcome { ok: true, output: format!("client received task: {task}") },
+            Handler::Echo => Outcome { ok: true, retry: false, output: format!("client received task: {task}") },
             Handler::Exec { program, args, max_output } => run(program, args, task, *max_output),
         }
     }
@@ -55,7 +62,7 @@ fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Outcome { ok: false, output: format!("cannot run {program}: {e}") },
+        Err(e) => return failed(format!("cannot run {program}: {e}")),
     };
     // Read both pipes to the end (stderr on a thread) so the child never blocks on a full pipe.
     let stderr = child.stderr.take().map(|mut e| {
@@ -72,11 +79,11 @@ fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome
     let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     let status = match child.wait() {
         Ok(s) => s,
-        Err(e) => return Outcome { ok: false, output: format!("cannot wait for {program}: {e}") },
+        Err(e) => return failed(format!("cannot wait for {program}: {e}")),
     };
     let out = capped(&stdout, max_output);
     if status.success() {
-        return Outcome { ok: true, output: out };
+        return Outcome { ok: true, retry: false, output: out };
     }
     let detail = if out.is_empty() { capped(&stderr, max_output) } else { out };
     let why = match status.code() {
@@ -84,7 +91,11 @@ fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome
         None => "killed by a signal".to_string(),
     };
     let output = if detail.is_empty() { why } else { format!("{why}: {detail}") };
-    Outcome { ok: false, output }
+    Outcome { ok: false, retry: status.code() == Some(EXIT_RETRY), output }
+}
+
+fn failed(output: String) -> Outcome {
+    Outcome { ok: false, retry: false, output }
 }
 
 /// Trimmed, lossily decoded, at most `max` bytes (cut on a character boundary).
@@ -113,13 +124,15 @@ mod tests {
     #[test]
     fn exec_passes_the_task_as_last_argument_without_a_shell() {
         let h = Handler::exec("echo 'a b'", 100).unwrap();
-        assert_eq!(h.handle("$(rm -rf /); x"), Outcome { ok: true, output: "a b $(rm -rf /); x".into() });
+        assert_eq!(h.handle("$(rm -rf /); x"), Outcome { ok: true, retry: false, output: "a b $(rm -rf /); x".into() });
     }
 
     #[test]
     fn exec_failures_carry_status_and_stderr() {
         let h = Handler::exec("sh -c 'echo oops >&2; exit 3' sh", 100).unwrap();
-        assert_eq!(h.handle("t"), Outcome { ok: false, output: "exit status 3: oops".into() });
+        assert_eq!(h.handle("t"), Outcome { ok: false, retry: false, output: "exit status 3: oops".into() });
+        let refuse = Handler::exec("sh -c 'echo busy; exit 75' sh", 100).unwrap();
+        assert_eq!(refuse.handle("t"), Outcome { ok: false, retry: true, output: "exit status 75: busy".into() });
         let missing = Handler::exec("/no/such/program", 100).unwrap().handle("t");
         assert!(!missing.ok && missing.output.contains("/no/such/program"), "{missing:?}");
     }

@@ -10,6 +10,7 @@
 //! Modules, one concept each: [`server`] (the gRPC service and its
 //! lifecycle), [`dispatch`] (who gets which task, and matching results),
 //! [`registry`] (connected clients), [`task`] (tasks and the retained log),
+//! [`workqueue`] (unfinished tasks of queue dispatch, and fencing),
 //! [`feed`] (the channel from dispatcher to a client's stream), [`producer`]
 //! (task sources), [`results`] (recording results), [`client`] (the agent
 //! side), [`handler`] (what an agent does with a task), [`backoff`],
@@ -29,5 +30,6 @@ pub mod results;
 pub mod server;
 pub mod shutdown;
 pub mod task;
+pub mod workqueue;
 
 pub use error::Error;

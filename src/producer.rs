@@ -105,7 +105,7 @@ fn read_lines(name: &str, input: Box<dyn Read + Send>, dispatcher: &Dispatcher, 
             log::info!("all {published} tasks from {name} published");
             return;
         }
-        published += dispatcher.publish(batch);
+        published += dispatcher.publish(batch).len();
         if shutdown.is_triggered() {
             return;
         }

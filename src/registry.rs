@@ -69,6 +69,13 @@ impl ClientRegistry {
         }
     }
 
+    /// Counts a delivery to `id` taken back unanswered (timed out, or the client left).
+    pub fn released(&mut self, id: &str) {
+        if let Some(e) = self.clients.get_mut(id) {
+            e.info.in_flight = e.info.in_flight.saturating_sub(1);
+        }
+    }
+
     /// Notes a sign of life (a status message) from `id`.
     pub fn touch(&mut self, id: &str) {
         if let Some(e) = self.clients.get_mut(id) {

@@ -27,15 +27,37 @@ pub struct ResultRecord {
     pub latency_ms: Option<f64>,
     /// Delivery attempt answered (1 unless the task was redelivered).
     pub attempt: u32,
-    /// True when the result answered no delivery in flight (unknown, duplicate or
-    /// superseded): recorded, but it does not count as the task's result.
+    /// True when the result answered no current delivery (unknown, or the task
+    /// was given to another client or attempt): recorded, but it does not count.
     pub stale: bool,
+    /// True when the client refused the task and asked for it to be retried.
+    pub retry: bool,
+    /// True for the result that counts as the task's answer (not stale, not a
+    /// refusal): each task has at most one accepted result per client in
+    /// broadcast, and in queue mode exactly one or a dead letter.
+    pub accepted: bool,
     /// Unix time the result was received, in seconds.
     pub received_at: f64,
 }
 
+/// A task given up on: one JSON object per line in `--dead-letter`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub task_id: TaskId,
+    pub task: String,
+    /// The client a targeted task was meant for.
+    pub target: Option<String>,
+    /// The client that held the last attempt.
+    pub client: String,
+    pub attempts: u32,
+    pub reason: String,
+    /// Unix time, in seconds.
+    pub at: f64,
+}
+
 enum Entry {
     Record(ResultRecord),
+    Dead(DeadLetter),
     Flush(oneshot::Sender<()>),
     Close,
 }
@@ -52,26 +74,46 @@ pub struct ResultWriter {
     handle: JoinHandle<Result<u64, Error>>,
 }
 
+/// Opens a JSON Lines file for appending, naming it in the error.
+fn open_lines(path: Option<&Path>, what: &'static str) -> Result<Option<LinesFile>, Error> {
+    let Some(p) = path else { return Ok(None) };
+    let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::file(p, what, e))?;
+    Ok(Some(LinesFile { path: p.to_path_buf(), out: BufWriter::new(f) }))
+}
+
+/// An append-only JSON Lines file, fsync'd at every flush.
+struct LinesFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl LinesFile {
+    fn append(&mut self, value: &impl Serialize) -> Result<(), Error> {
+        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
+        serde_json::to_writer(&mut self.out, value).map_err(|e| err(e.into()))?;
+        self.out.write_all(b"\n").map_err(err)
+    }
+
+    /// Flushes and fsyncs: a line acknowledged to a client survives a crash.
+    fn sync(&mut self) -> Result<(), Error> {
+        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
+        self.out.flush().map_err(err)?;
+        self.out.get_ref().sync_data().map_err(err)
+    }
+}
+
 impl ResultSink {
-    /// Starts the recording thread, appending to `path` when given.
-    pub fn start(path: Option<&Path>) -> Result<(ResultSink, ResultWriter), Error> {
-        let file = match path {
-            Some(p) => Some((
-                p.to_path_buf(),
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| Error::file(p, "open the results file", e))?,
-            )),
-            None => None,
-        };
+    /// Starts the recording thread, appending results to `results` and dead
+    /// letters to `dead_letters` when given.
+    pub fn start(results: Option<&Path>, dead_letters: Option<&Path>) -> Result<(ResultSink, ResultWriter), Error> {
+        let results = open_lines(results, "open the results file")?;
+        let dead = open_lines(dead_letters, "open the dead-letter file")?;
         // Unbounded: results arrive at most as fast as tasks were handed out,
         // and that is bounded by the per-client in-flight limit.
         let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("result-sink".into())
-            .spawn(move || record_loop(rx, file))
+            .spawn(move || record_loop(rx, results, dead))
             .map_err(Error::Thread)?;
         Ok((ResultSink { tx: tx.clone() }, ResultWriter { tx, handle }))
     }
@@ -84,7 +126,14 @@ impl ResultSink {
         }
     }
 
-    /// Resolves once every result queued before this call is written and flushed.
+    /// Queues a dead letter for recording.
+    pub fn bury(&self, d: DeadLetter) {
+        if self.tx.send(Entry::Dead(d)).is_err() {
+            log::error!("dead letter recorded after shutdown was dropped");
+        }
+    }
+
+    /// Resolves once everything queued before this call is written and fsync'd.
     pub fn flushed(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let _ = self.tx.send(Entry::Flush(tx));
@@ -102,18 +151,13 @@ impl ResultWriter {
     }
 }
 
-fn record_loop(rx: Receiver<Entry>, file: Option<(PathBuf, File)>) -> Result<u64, Error> {
-    let (path, mut out) = match file {
-        Some((p, f)) => (Some(p), Some(BufWriter::new(f))),
-        None => (None, None),
-    };
-    let write_err = |e| Error::file(path.clone().unwrap_or_default(), "write the results file", e);
+fn record_loop(rx: Receiver<Entry>, mut results: Option<LinesFile>, mut dead: Option<LinesFile>) -> Result<u64, Error> {
     let mut count = 0u64;
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut closed = false;
     while !closed {
         let Ok(first) = rx.recv() else { break };
-        // Take whatever else is queued, so a burst costs one flush.
+        // Take whatever else is queued, so that a burst costs one fsync (group commit).
         for entry in std::iter::once(first).chain(rx.try_iter()) {
             match entry {
                 Entry::Close => {
@@ -123,16 +167,20 @@ fn record_loop(rx: Receiver<Entry>, file: Option<(PathBuf, File)>) -> Result<u64
                 Entry::Record(r) => {
                     count += 1;
                     log_result(&r);
-                    if let Some(out) = out.as_mut() {
-                        serde_json::to_writer(&mut *out, &r).map_err(|e| write_err(e.into()))?;
-                        out.write_all(b"\n").map_err(write_err)?;
+                    if let Some(f) = results.as_mut() {
+                        f.append(&r)?;
+                    }
+                }
+                Entry::Dead(d) => {
+                    if let Some(f) = dead.as_mut() {
+                        f.append(&d)?;
                     }
                 }
                 Entry::Flush(w) => waiters.push(w),
             }
         }
-        if let Some(out) = out.as_mut() {
-            out.flush().map_err(write_err)?;
+        for f in [results.as_mut(), dead.as_mut()].into_iter().flatten() {
+            f.sync()?;
         }
         for w in waiters.drain(..) {
             let _ = w.send(());
@@ -146,6 +194,8 @@ fn log_result(r: &ResultRecord) {
     let latency = r.latency_ms.map_or(String::new(), |ms| format!(" in {ms:.1} ms"));
     if r.stale {
         log::warn!("stale result for task {task} from {}: {}", r.client, r.output);
+    } else if r.retry {
+        log::info!("task {task} refused by {} (retry asked){latency}: {}", r.client, r.output);
     } else if r.ok {
         log::info!("result for task {task} from {}{latency}: {}", r.client, r.output);
     } else {
@@ -167,6 +217,8 @@ mod tests {
             latency_ms: Some(1.5),
             attempt: 1,
             stale: false,
+            retry: false,
+            accepted: true,
             received_at: 0.0,
         }
     }
@@ -175,7 +227,7 @@ mod tests {
     fn flushed_resolves_after_earlier_records_are_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let (sink, writer) = ResultSink::start(Some(&path)).unwrap();
+        let (sink, writer) = ResultSink::start(Some(&path), None).unwrap();
         sink.record(record(1));
         sink.record(record(2));
         futures::executor::block_on(sink.flushed()).unwrap();
@@ -183,7 +235,7 @@ mod tests {
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["task_id"], 2);
-        for key in ["task_id", "task", "client", "ok", "output", "latency_ms", "attempt", "stale"] {
+        for key in ["task_id", "task", "client", "ok", "output", "latency_ms", "attempt", "stale", "accepted"] {
             assert!(lines[0].get(key).is_some(), "missing {key}");
         }
         sink.record(record(3));
@@ -193,7 +245,7 @@ mod tests {
 
     #[test]
     fn an_unwritable_results_file_is_named_in_the_error() {
-        let err = ResultSink::start(Some(Path::new("/nonexistent-dir/r.jsonl"))).err().unwrap();
+        let err = ResultSink::start(Some(Path::new("/nonexistent-dir/r.jsonl")), None).err().unwrap();
         assert!(err.to_string().contains("/nonexistent-dir/r.jsonl"), "{err}");
     }
 }

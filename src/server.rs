@@ -33,6 +33,12 @@ const MAX_WRITE_BATCH: usize = 256;
 /// How long stopping waits for open calls to complete before cancelling them.
 const CALLS_DRAIN: Duration = Duration::from_secs(2);
 
+/// How often ack deadlines and client liveness are checked.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The most frequent keepalive ping the server accepts from a client.
+pub const MIN_CLIENT_PING: Duration = Duration::from_secs(1);
+
 /// Everything `contact-server` can be told.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -42,14 +48,18 @@ pub struct ServerConfig {
     pub dispatch: DispatchConfig,
     /// Append every result as one JSON object per line.
     pub results_to: Option<PathBuf>,
+    /// Append every task given up on as one JSON object per line.
+    pub dead_letters: Option<PathBuf>,
     /// How often the stats line is logged.
     pub stats_every: Duration,
     /// How long shutdown waits for clients to report the tasks in their hands.
     pub grace: Duration,
     /// Largest message accepted from a client.
     pub max_message_bytes: usize,
-    /// Interval of HTTP/2 keepalive pings to idle clients.
+    /// Interval of HTTP/2 keepalive pings to idle clients...
     pub keepalive: Duration,
+    /// ...and how long an unanswered ping may wait before the connection is dropped.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -59,10 +69,12 @@ impl Default for ServerConfig {
             sources: vec![],
             dispatch: DispatchConfig::default(),
             results_to: None,
+            dead_letters: None,
             stats_every: Duration::from_secs(5),
             grace: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
             keepalive: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -147,8 +159,10 @@ impl Contact for ContactService {
         ctx.spawn(async move {
             let res: grpcio::Result<()> = async {
                 while let Some(r) = stream.try_next().await? {
-                    let answer = Answer { task_id: r.task_id, attempt: r.attempt, ok: r.ok, output: r.ret };
-                    results.record(dispatcher.complete(&client, answer));
+                    let answer = Answer { task_id: r.task_id, attempt: r.attempt, ok: r.ok, retry: r.retry, output: r.ret };
+                    if let Some(record) = dispatcher.complete(&client, answer) {
+                        results.record(record);
+                    }
                 }
                 Ok(())
             }
@@ -212,7 +226,7 @@ pub struct Server {
     dispatcher: Arc<Dispatcher>,
     writer: ResultWriter,
     producers: Vec<Producer>,
-    stats: Option<JoinHandle<()>>,
+    clock: Option<JoinHandle<()>>,
     shutdown: Shutdown,
     grace: Duration,
 }
@@ -221,16 +235,19 @@ impl Server {
     /// Binds, starts serving and starts the producers.
     pub fn start(config: ServerConfig) -> Result<Server, Error> {
         let dispatcher = Arc::new(Dispatcher::new(config.dispatch.clone()));
-        let (results, writer) = ResultSink::start(config.results_to.as_deref())?;
+        let (results, writer) = ResultSink::start(config.results_to.as_deref(), config.dead_letters.as_deref())?;
         let env = Arc::new(Environment::new(2));
-        let service = ContactService { dispatcher: dispatcher.clone(), results };
+        let service = ContactService { dispatcher: dispatcher.clone(), results: results.clone() };
         let max_msg = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
         let args = ChannelBuilder::new(env.clone())
             .max_receive_message_len(max_msg)
             .max_send_message_len(max_msg)
             .keepalive_time(config.keepalive)
-            .keepalive_timeout(Duration::from_secs(10))
+            .keepalive_timeout(config.keepalive_timeout)
             .keepalive_permit_without_calls(true)
+            // Accept client pings down to MIN_CLIENT_PING apart, so that a
+            // client's keepalive never earns a GOAWAY "too_many_pings".
+            .http2_min_recv_ping_interval_without_data(MIN_CLIENT_PING)
             .build_args();
         let mut grpc = ServerBuilder::new(env)
             .channel_args(args)
@@ -249,7 +266,7 @@ impl Server {
             dispatcher: dispatcher.clone(),
             writer,
             producers: vec![],
-            stats: None,
+            clock: None,
             shutdown: shutdown.clone(),
             grace: config.grace,
         };
@@ -257,10 +274,10 @@ impl Server {
             server.producers.push(Producer::start(source, dispatcher.clone(), shutdown.clone())?);
         }
         let every = config.stats_every;
-        server.stats = Some(
+        server.clock = Some(
             std::thread::Builder::new()
-                .name("stats".into())
-                .spawn(move || stats_loop(&dispatcher, every, &shutdown))
+                .name("clock".into())
+                .spawn(move || clock_loop(&dispatcher, &results, every, &shutdown))
                 .map_err(Error::Thread)?,
         );
         Ok(server)
@@ -306,8 +323,8 @@ impl Server {
         for p in self.producers.drain(..) {
             p.join();
         }
-        if let Some(s) = self.stats.take() {
-            let _ = s.join();
+        if let Some(c) = self.clock.take() {
+            let _ = c.join();
         }
         let Server { grpc, writer, .. } = self;
         drop(grpc);
@@ -331,19 +348,34 @@ fn with_port(listen: &str, port: u16) -> String {
     }
 }
 
-fn stats_loop(dispatcher: &Dispatcher, every: Duration, shutdown: &Shutdown) {
+/// The server's clock: ack deadlines and liveness every tick, dead letters
+/// to the sink, and the stats line every `stats_every`.
+fn clock_loop(dispatcher: &Dispatcher, results: &ResultSink, stats_every: Duration, shutdown: &Shutdown) {
     let mut last = (dispatcher.counters(), Instant::now());
-    while !shutdown.wait_timeout(every) {
-        let now = (dispatcher.counters(), Instant::now());
-        let secs = now.1.duration_since(last.1).as_secs_f64().max(1e-9);
-        let rate = (now.0.results - last.0.results) as f64 / secs;
-        log::info!(
-            "stats: clients={} produced={} sent={} results={} rate={rate:.1}/s",
-            dispatcher.clients().len(),
-            now.0.produced,
-            now.0.sent,
-            now.0.results,
-        );
-        last = now;
+    loop {
+        let stopping = shutdown.wait_timeout(TICK);
+        dispatcher.expire();
+        for d in dispatcher.take_dead_letters() {
+            results.bury(d);
+        }
+        if stopping {
+            return;
+        }
+        if last.1.elapsed() >= stats_every {
+            let now = (dispatcher.counters(), Instant::now());
+            let secs = now.1.duration_since(last.1).as_secs_f64().max(1e-9);
+            let rate = (now.0.results - last.0.results) as f64 / secs;
+            let c = now.0;
+            log::info!(
+                "stats: clients={} produced={} sent={} results={} redelivered={} dead={} rate={rate:.1}/s",
+                dispatcher.clients().len(),
+                c.produced,
+                c.sent,
+                c.results,
+                c.redelivered,
+                c.dead,
+            );
+            last = now;
+        }
     }
 }

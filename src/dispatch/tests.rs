@@ -1,0 +1,298 @@
+use super::*;
+
+fn tasks(texts: &[&str]) -> Vec<(Option<String>, String)> {
+    texts.iter().map(|t| (None, t.to_string())).collect()
+}
+
+fn drain(feed: &TaskFeed) -> Vec<TaskId> {
+    std::iter::from_fn(|| feed.try_next()).map(|d| d.task.id).collect()
+}
+
+fn drain_attempts(feed: &TaskFeed) -> Vec<(TaskId, u32)> {
+    std::iter::from_fn(|| feed.try_next()).map(|d| (d.task.id, d.attempt)).collect()
+}
+
+fn ok(task_id: TaskId, attempt: u32) -> Answer {
+    Answer { task_id, attempt, ok: true, retry: false, output: "done".into() }
+}
+
+fn queue(k: usize) -> Dispatcher {
+    Dispatcher::new(DispatchConfig { mode: Mode::Queue, max_in_flight: k, max_attempts: 3, ..Default::default() })
+}
+
+#[test]
+fn credit_limits_deliveries_and_results_release_more() {
+    let d = Dispatcher::new(DispatchConfig { max_in_flight: 2, ..Default::default() });
+    let (_, feed) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1", "2", "3", "4"]));
+    assert_eq!(drain(&feed), vec![1, 2]);
+    let r = d.complete("a", ok(2, 1)).unwrap();
+    assert_eq!((r.task_id, r.stale, r.accepted, r.task.as_deref()), (Some(2), false, true, Some("2")));
+    assert_eq!(drain(&feed), vec![3]);
+    assert_eq!(d.clients()[0].in_flight, 2);
+    let c = d.counters();
+    assert_eq!((c.produced, c.sent, c.results), (4, 3, 1));
+}
+
+#[test]
+fn late_clients_get_history_unless_they_start_at_new() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    d.publish(tasks(&["1", "2"]));
+    let (_, old) = d.attach("old", "p1", false).unwrap();
+    assert_eq!(drain(&old), vec![1, 2]);
+
+    let d = Dispatcher::new(DispatchConfig { start_at: StartAt::New, ..Default::default() });
+    d.publish(tasks(&["1", "2"]));
+    let (_, new) = d.attach("new", "p2", false).unwrap();
+    assert!(drain(&new).is_empty());
+    d.publish(tasks(&["3"]));
+    assert_eq!(drain(&new), vec![3]);
+}
+
+#[test]
+fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true).unwrap();
+    d.publish(tasks(&["a", "b"]));
+    assert_eq!(drain(&feed), vec![1, 2]);
+    let seed = Answer { task_id: 0, attempt: 0, ok: false, retry: false, output: "x".into() };
+    let r1 = d.complete("ipv4:1.2.3.4:5", seed.clone()).unwrap();
+    // The task stream ends before the last result arrives: it still matches.
+    d.detach("ipv4:1.2.3.4:5", session);
+    assert!(d.clients().is_empty());
+    let r2 = d.complete("ipv4:1.2.3.4:5", seed.clone()).unwrap();
+    let r3 = d.complete("ipv4:1.2.3.4:5", seed).unwrap();
+    assert_eq!((r1.task_id, r1.ok, r2.task_id, r2.stale), (Some(1), true, Some(2), false));
+    assert!(r3.stale && r3.task_id.is_none());
+    assert!(d.lock().clients.is_empty(), "a seed client is forgotten once answered and gone");
+}
+
+#[test]
+fn unknown_results_are_stale_and_exact_resends_are_recorded_once() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let (_, feed) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    drain(&feed);
+    assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
+    assert_eq!(d.complete("a", ok(1, 1)), None, "a resend after a lost acknowledgement");
+    let other_attempt = d.complete("a", ok(1, 7)).unwrap();
+    assert!(other_attempt.stale && other_attempt.task.as_deref() == Some("1"));
+    assert!(d.complete("a", ok(99, 1)).unwrap().stale);
+    assert!(d.complete("nobody", ok(1, 1)).unwrap().stale);
+}
+
+#[test]
+fn targeted_tasks_reach_only_their_client() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let (_, a) = d.attach("a", "p1", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    d.publish(vec![(Some("b".to_string()), "for b".to_string()), (None, "all".to_string())]);
+    assert_eq!(drain(&a), vec![2]);
+    assert_eq!(drain(&b), vec![1, 2]);
+}
+
+#[test]
+fn a_replaced_stream_ends_and_its_detach_is_ignored() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let (first, mut old) = d.attach("a", "p1", false).unwrap();
+    let (_, _new) = d.attach("a", "p2", false).unwrap();
+    assert!(futures::executor::block_on(futures::StreamExt::next(&mut old)).is_none());
+    d.detach("a", first);
+    assert_eq!(d.clients().len(), 1);
+    assert_eq!(d.clients()[0].peer, "p2");
+}
+
+#[test]
+fn a_client_behind_retention_skips_ahead() {
+    let d = Dispatcher::new(DispatchConfig { retain: 2, max_in_flight: 1, ..Default::default() });
+    let (_, feed) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    d.publish(tasks(&["2", "3", "4"]));
+    assert_eq!(drain(&feed), vec![1]);
+    d.complete("a", ok(1, 1));
+    assert_eq!(drain(&feed), vec![3]);
+}
+
+#[test]
+fn broadcast_resume_delivers_only_what_was_not_answered() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    d.publish(tasks(&["1", "2", "3"]));
+    let (s, feed) = d.attach("a", "p", false).unwrap();
+    assert_eq!(drain(&feed), vec![1, 2, 3]);
+    d.complete("a", ok(1, 1));
+    d.complete("a", ok(3, 1));
+    d.detach("a", s);
+    d.publish(tasks(&["4"]));
+    let (_, feed) = d.attach("a", "p", false).unwrap();
+    assert_eq!(drain_attempts(&feed), vec![(2, 2), (4, 1)]);
+    // The old attempt's answer, resent after the reconnect, still counts once.
+    let late = d.complete("a", ok(2, 1)).unwrap();
+    assert!(late.stale, "attempt 1 was superseded by the redelivery already sent");
+    assert!(d.complete("a", ok(2, 2)).unwrap().accepted);
+}
+
+#[test]
+fn broadcast_answer_to_a_taken_back_delivery_counts_before_it_is_resent() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    d.publish(tasks(&["1"]));
+    let (s, feed) = d.attach("a", "p", false).unwrap();
+    drain(&feed);
+    d.detach("a", s);
+    let (_, feed2) = d.attach("a", "p", false).unwrap();
+    // The new stream got attempt 2; an answer to attempt 1 arriving now is accepted only if
+    // attempt 2 was not sent. It was, so it is stale; this checks the other order:
+    assert_eq!(drain_attempts(&feed2), vec![(1, 2)]);
+    let d2 = Dispatcher::new(DispatchConfig { max_in_flight: 1, ..Default::default() });
+    d2.publish(tasks(&["1", "2"]));
+    let (s, f) = d2.attach("a", "p", false).unwrap();
+    assert_eq!(drain(&f), vec![1]);
+    d2.detach("a", s);
+    {
+        // Taken back into the redelivery queue without a stream to send it on.
+        let mut st = d2.lock();
+        d2.take_back_all(&mut st, "a", "test");
+    }
+    assert!(d2.complete("a", ok(1, 1)).unwrap().accepted);
+    let (_, f) = d2.attach("a", "p", false).unwrap();
+    assert_eq!(drain(&f), vec![2], "task 1 is not delivered again");
+}
+
+#[test]
+fn queue_gives_each_task_to_one_client_with_the_fewest_in_flight() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p1", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    d.publish(tasks(&["1", "2", "3", "4"]));
+    let (ga, gb) = (drain(&a), drain(&b));
+    assert_eq!(ga.len() + gb.len(), 4);
+    assert_eq!((ga.len(), gb.len()), (2, 2));
+    for id in ga {
+        assert!(d.complete("a", ok(id, 1)).unwrap().accepted);
+    }
+    assert_eq!(d.unfinished(), 2);
+}
+
+#[test]
+fn queue_credit_is_never_exceeded() {
+    let d = queue(2);
+    let (_, a) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1", "2", "3"]));
+    assert_eq!(drain(&a), vec![1, 2]);
+    d.complete("a", ok(1, 1));
+    assert_eq!(drain(&a), vec![3]);
+}
+
+#[test]
+fn queue_disconnect_moves_tasks_and_fences_the_old_holder() {
+    let d = queue(10);
+    let (sa, a) = d.attach("a", "p1", false).unwrap();
+    d.publish(tasks(&["1", "2"]));
+    assert_eq!(drain(&a), vec![1, 2]);
+    d.detach("a", sa);
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    assert_eq!(drain_attempts(&b), vec![(1, 2), (2, 2)]);
+    let late = d.complete("a", ok(1, 1)).unwrap();
+    assert!(late.stale && !late.accepted);
+    assert!(d.complete("b", ok(1, 2)).unwrap().accepted);
+    assert!(d.complete("b", ok(1, 2)).is_none(), "resend");
+    assert!(d.complete("a", ok(2, 1)).unwrap().stale);
+    assert!(d.complete("b", ok(2, 2)).unwrap().accepted);
+    assert_eq!(d.unfinished(), 0);
+}
+
+#[test]
+fn queue_answer_after_disconnect_counts_while_nobody_else_has_it() {
+    let d = queue(10);
+    let (sa, a) = d.attach("a", "p1", false).unwrap();
+    d.publish(tasks(&["1"]));
+    drain(&a);
+    d.detach("a", sa);
+    assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    assert!(drain(&b).is_empty());
+}
+
+#[test]
+fn ack_timeout_redelivers_then_dead_letters_after_max_attempts() {
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        ack_timeout: Duration::from_millis(1),
+        max_attempts: 2,
+        client_timeout: None,
+        ..Default::default()
+    });
+    let (_, a) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    assert_eq!(drain_attempts(&a), vec![(1, 1)]);
+    std::thread::sleep(Duration::from_millis(5));
+    d.expire();
+    assert_eq!(drain_attempts(&a), vec![(1, 2)]);
+    std::thread::sleep(Duration::from_millis(5));
+    d.expire();
+    assert!(drain(&a).is_empty());
+    let dead = d.take_dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].task_id, dead[0].attempts), (1, 2));
+    assert!(dead[0].reason.contains("ack timeout"), "{}", dead[0].reason);
+    assert_eq!(d.unfinished(), 0);
+    assert!(d.complete("a", ok(1, 2)).unwrap().stale, "a dead task takes no result");
+}
+
+#[test]
+fn a_refusal_with_retry_goes_to_another_attempt_then_the_dead_letters() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    let refuse = |attempt| Answer { task_id: 1, attempt, ok: false, retry: true, output: "busy".into() };
+    for attempt in 1..=3 {
+        assert_eq!(drain_attempts(&a), vec![(1, attempt)]);
+        let r = d.complete("a", refuse(attempt)).unwrap();
+        assert!(r.retry && !r.accepted && !r.stale);
+    }
+    assert!(drain(&a).is_empty());
+    let dead = d.take_dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.contains("refused: busy"));
+}
+
+#[test]
+fn a_failure_without_retry_is_the_tasks_answer() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    drain(&a);
+    let r = d.complete("a", Answer { task_id: 1, attempt: 1, ok: false, retry: false, output: "no".into() }).unwrap();
+    assert!(r.accepted && !r.ok);
+    assert_eq!(d.unfinished(), 0);
+}
+
+#[test]
+fn queue_targeted_tasks_wait_for_their_client() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p1", false).unwrap();
+    d.publish(vec![(Some("b".to_string()), "for b".to_string())]);
+    assert!(drain(&a).is_empty());
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    assert_eq!(drain(&b), vec![1]);
+}
+
+#[test]
+fn a_silent_client_is_declared_gone_and_its_tasks_move_on() {
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        client_timeout: Some(Duration::from_millis(20)),
+        ..Default::default()
+    });
+    let (_, mut a) = d.attach("a", "p1", false).unwrap();
+    d.publish(tasks(&["1"]));
+    assert_eq!(drain(&a), vec![1]);
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    d.touch("b");
+    std::thread::sleep(Duration::from_millis(15));
+    d.touch("b");
+    d.expire();
+    assert_eq!(drain_attempts(&b), vec![(1, 2)]);
+    assert!(futures::executor::block_on(futures::StreamExt::next(&mut a)).is_none(), "its stream ends");
+    assert_eq!(d.clients().len(), 1);
+}
