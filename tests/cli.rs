@@ -4,13 +4,10 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output};
 
-const SERVER: &str = env!("CARGO_BIN_EXE_contact-server");
-const CLIENT: &str = env!("CARGO_BIN_EXE_contact-client");
+const SERVER: &str = SERVER_BIN;
+const CLIENT: &str = CLIENT_BIN;
 
 fn run(bin: &str, args: &[&str]) -> Output {
     Command::new(bin).args(args).output().expect("binary runs")
@@ -61,71 +58,6 @@ fn an_unreadable_tasks_file_or_a_busy_port_exits_1_saying_so() {
     let out = run(SERVER, &["--listen", &addr]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(&addr), "{}", stderr(&out));
-}
-
-/// A child process whose stderr lines are collected on a thread.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn start(bin: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("binary starts");
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Proc { child, lines, seen: vec![] }
-    }
-
-    /// Waits for a stderr line containing `needle` and returns it.
-    fn wait_line(&mut self, needle: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        loop {
-            let line = self.lines.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no line with {needle:?}; saw {:#?}", self.seen));
-            self.seen.push(line.clone());
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill -s {sig}");
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(std::time::Instant::now() < deadline, "process did not exit; saw {:#?}", self.seen);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn listening_port(server: &mut Proc) -> String {

@@ -5,7 +5,10 @@
 use contact::client::{self, ClientConfig, ClientReport};
 use contact::server::{Server, ServerConfig};
 use contact::shutdown::Shutdown;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -84,4 +87,84 @@ impl ServerConfigExt for ServerConfig {
         self.results_to = Some(path.to_path_buf());
         self
     }
+}
+
+/// A child process whose stderr lines are collected on a thread.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn start(bin: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Proc { child, lines, seen: vec![] }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            let line = self.lines.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no line with {needle:?}; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -s {sig}");
+    }
+
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit; saw {:#?}", self.seen);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+
+/// The client binary built for these tests.
+pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_contact-client");
+/// The server binary built for these tests.
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_contact-server");
+
+/// How many accepted results each task id has.
+pub fn accepted_per_task(results: &[serde_json::Value]) -> std::collections::BTreeMap<u64, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in results.iter().filter(|r| r["accepted"] == true) {
+        *m.entry(r["task_id"].as_u64().expect("task_id")).or_insert(0) += 1;
+    }
+    m
 }
