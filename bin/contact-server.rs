@@ -49,6 +49,13 @@ struct Flags {
     /// Append tasks given up on (with the reason) as JSON lines to FILE.
     #[arg(long, value_name = "FILE")]
     dead_letter: Option<PathBuf>,
+    /// Keep tasks, deliveries and results durably in DIR (fsync'd journal), so
+    /// that a restarted server, even after kill -9, loses nothing it accepted.
+    #[arg(long, value_name = "DIR", default_value = "contact-state", conflicts_with = "no_state")]
+    state_dir: PathBuf,
+    /// Keep all state in memory only (lost when the server stops).
+    #[arg(long)]
+    no_state: bool,
     /// Seconds without a status message or result after which a client is declared gone.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
     client_timeout: Duration,
@@ -118,6 +125,8 @@ fn main() {
         },
         results_to: flags.results_to,
         dead_letters: flags.dead_letter,
+        state_dir: (!flags.no_state).then_some(flags.state_dir),
+        compact_bytes: 64 << 20,
         stats_every: flags.stats_every,
         grace: flags.grace,
         max_message_bytes: flags.max_message_bytes as usize,

@@ -241,7 +241,11 @@ fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Re
             },
             recv(shutdown.receiver()) -> _ => return End::Finished,
         };
-        log::info!("task {}: {}", task.task_id, task.task);
+        if task.attempt > 1 {
+            log::info!("task {} (attempt {}): {}", task.task_id, task.attempt, task.task);
+        } else {
+            log::info!("task {}: {}", task.task_id, task.task);
+        }
         let outcome = cfg.handler.handle(&task.task);
         log::info!("task {} {}: {}", task.task_id, if outcome.ok { "done" } else { "failed" }, outcome.output);
         let result = ResultMsg {

@@ -11,8 +11,9 @@
 //! the client that holds it. Anything else is recorded as stale.
 
 use crate::feed::{self, Delivery, FeedSender, TaskFeed};
+use crate::journal::Record;
 use crate::registry::{ClientInfo, ClientRegistry};
-use crate::results::{DeadLetter, ResultRecord};
+use crate::results::{DeadLetter, ResultRecord, ResultSink};
 use crate::task::{Task, TaskId, TaskLog};
 use crate::workqueue::WorkQueue;
 use std::collections::{HashMap, VecDeque};
@@ -145,15 +146,34 @@ struct State {
 pub struct Dispatcher {
     config: DispatchConfig,
     state: Mutex<State>,
+    /// Where dead letters (and, when `durable`, journal records) go.
+    sink: Option<ResultSink>,
+    /// With `--state-dir`: journal every change, tasks before they are dispatched.
+    durable: bool,
+    /// Serialises producers, so that task ids reach the journal in order.
+    publishing: Mutex<()>,
 }
+
+mod restore;
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Dispatcher {
-    /// A dispatcher with an empty task log.
+    /// A dispatcher with an empty task log that keeps dead letters for
+    /// [`Dispatcher::take_dead_letters`] (for tests and embedding).
     pub fn new(config: DispatchConfig) -> Dispatcher {
+        Dispatcher::build(config, None, false)
+    }
+
+    /// A dispatcher that hands dead letters to `sink`, and with `durable`
+    /// journals every change through it (see `journal`).
+    pub fn recording(config: DispatchConfig, sink: ResultSink, durable: bool) -> Dispatcher {
+        Dispatcher::build(config, Some(sink), durable)
+    }
+
+    fn build(config: DispatchConfig, sink: Option<ResultSink>, durable: bool) -> Dispatcher {
         let state = State {
             log: TaskLog::new(config.retain),
             queue: WorkQueue::default(),
@@ -164,7 +184,14 @@ impl Dispatcher {
             closed: false,
             dead: vec![],
         };
-        Dispatcher { config, state: Mutex::new(state) }
+        Dispatcher { config, state: Mutex::new(state), sink, durable, publishing: Mutex::new(()) }
+    }
+
+    /// Journals a change (called under the state lock, so journal order is event order).
+    fn journal(&self, record: impl FnOnce() -> Record) {
+        if let (true, Some(sink)) = (self.durable, &self.sink) {
+            sink.journal(record());
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -243,11 +270,25 @@ impl Dispatcher {
         }
     }
 
-    /// Appends tasks to the log (and the queue) and offers them to clients with credit.
+    /// Appends tasks to the log (and the queue) and offers them to clients
+    /// with credit. When durable, the tasks are on disk before any client can
+    /// see them: this blocks the calling (producer) thread on the fsync.
     pub fn publish<I>(&self, tasks: I) -> Vec<Arc<Task>>
     where
         I: IntoIterator<Item = (Option<String>, String)>,
     {
+        let tasks: Vec<(Option<String>, String)> = tasks.into_iter().collect();
+        let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        if let (true, Some(sink), false) = (self.durable, &self.sink, tasks.is_empty()) {
+            let first = self.lock().log.next_id();
+            for (i, (target, text)) in tasks.iter().enumerate() {
+                sink.journal(Record::Task { id: first + i as u64, text: text.clone(), target: target.clone() });
+            }
+            if futures::executor::block_on(sink.flushed()).is_err() {
+                log::error!("{} tasks could not be written to the state journal and were not accepted", tasks.len());
+                return vec![];
+            }
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut added = vec![];
@@ -255,7 +296,7 @@ impl Dispatcher {
             let task = st.log.push(text, target);
             log::info!("task {} produced: {}", task.id, task.text);
             if self.config.mode == Mode::Queue {
-                st.queue.push(task.clone(), 0);
+                st.queue.push(task.clone());
             }
             added.push(task);
         }
@@ -311,7 +352,7 @@ impl Dispatcher {
         let out = record(client, &delivery, &answer, latency, retry);
         if retry {
             if delivery.attempt >= self.config.max_attempts {
-                bury(st, &delivery, client, format!("refused: {}", answer.output));
+                bury(st, self.sink.as_ref(), &delivery, client, format!("refused: {}", answer.output));
             } else {
                 c.redeliver.push_back(Delivery { task: delivery.task, attempt: delivery.attempt + 1 });
                 st.counters.redelivered += 1;
@@ -349,7 +390,7 @@ impl Dispatcher {
         if retry {
             if delivery.attempt >= self.config.max_attempts {
                 st.queue.finish(task_id);
-                bury(st, &delivery, client, format!("refused: {}", answer.output));
+                bury(st, self.sink.as_ref(), &delivery, client, format!("refused: {}", answer.output));
             } else {
                 // Held (or just released): make it available to everyone again.
                 if latency.is_some() {
@@ -438,7 +479,7 @@ impl Dispatcher {
             if self.config.mode == Mode::Queue {
                 st.queue.finish(id);
             }
-            bury(st, &f.delivery, client, format!("{why} (attempt {})", f.delivery.attempt));
+            bury(st, self.sink.as_ref(), &f.delivery, client, format!("{why} (attempt {})", f.delivery.attempt));
             return;
         }
         log::info!("task {id} taken back from {client} ({why}); it will be delivered again");
@@ -531,6 +572,9 @@ impl Dispatcher {
                 break;
             }
             log::debug!("task {} (attempt {}) sent to {client}", delivery.task.id, delivery.attempt);
+            if !c.ephemeral {
+                self.journal(|| Record::Sent { task: delivery.task.id, client: client.to_string(), attempt: delivery.attempt });
+            }
             c.in_flight.push_back(InFlight { delivery, sent_at: Instant::now() });
             st.registry.task_sent(client);
             st.counters.sent += 1;
@@ -570,6 +614,7 @@ impl Dispatcher {
             return;
         }
         log::debug!("task {} (attempt {attempt}) sent to {client}", delivery.task.id);
+        self.journal(|| Record::Sent { task: delivery.task.id, client: client.to_string(), attempt });
         c.in_flight.push_back(InFlight { delivery, sent_at: Instant::now() });
         st.registry.task_sent(client);
         st.counters.sent += 1;
@@ -590,6 +635,7 @@ fn record(client: &str, d: &Delivery, answer: &Answer, latency: Option<Duration>
         retry,
         accepted: !retry,
         received_at: unix_now(),
+        seq: None,
     }
 }
 
@@ -608,15 +654,17 @@ fn stale(log: &TaskLog, client: &str, answer: Answer) -> Option<ResultRecord> {
         retry: answer.retry,
         accepted: false,
         received_at: unix_now(),
+        seq: None,
     };
     Some(record)
 }
 
-/// Gives up on a delivery: queues its dead letter for the server to record.
-fn bury(st: &mut State, d: &Delivery, client: &str, reason: String) {
+/// Gives up on a delivery: its dead letter goes to the sink (journaled, in
+/// event order, since this runs under the state lock) or to the outbox.
+fn bury(st: &mut State, sink: Option<&ResultSink>, d: &Delivery, client: &str, reason: String) {
     log::warn!("task {} dead-lettered after {} attempts at {client}: {reason}", d.task.id, d.attempt);
     st.counters.dead += 1;
-    st.dead.push(DeadLetter {
+    let letter = DeadLetter {
         task_id: d.task.id,
         task: d.task.text.clone(),
         target: d.task.target.clone(),
@@ -624,7 +672,12 @@ fn bury(st: &mut State, d: &Delivery, client: &str, reason: String) {
         attempts: d.attempt,
         reason,
         at: unix_now(),
-    });
+        seq: None,
+    };
+    match sink {
+        Some(sink) => sink.bury(letter),
+        None => st.dead.push(letter),
+    }
 }
 
 #[cfg(test)]

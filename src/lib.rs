@@ -12,7 +12,9 @@
 //! [`registry`] (connected clients), [`task`] (tasks and the retained log),
 //! [`workqueue`] (unfinished tasks of queue dispatch, and fencing),
 //! [`feed`] (the channel from dispatcher to a client's stream), [`producer`]
-//! (task sources), [`results`] (recording results), [`client`] (the agent
+//! (task sources), [`results`] (what is recorded, and the handle to record
+//! it), [`recorder`] (the thread that writes it), [`journal`] (durable
+//! state), [`client`] (the agent
 //! side), [`handler`] (what an agent does with a task), [`backoff`],
 //! [`shutdown`] and [`error`].
 
@@ -23,7 +25,9 @@ pub mod dispatch;
 pub mod error;
 pub mod feed;
 pub mod handler;
+pub mod journal;
 pub mod producer;
+pub mod recorder;
 pub mod proto;
 pub mod registry;
 pub mod results;

@@ -1,20 +1,23 @@
-//! `ResultSink`: the one thread that records results — to the log and, when
-//! asked, as JSON Lines to a file — so that file I/O never runs on a gRPC
-//! thread. A `tellResult` call is only answered once the sink has written
-//! (and flushed) every result the call carried: see [`ResultSink::flushed`].
+//! What the server records — results, dead letters, journal records — and
+//! `ResultSink`, the handle through which everyone hands them to the one
+//! recording thread (see `recorder`), so that file I/O never runs on a gRPC
+//! thread. A `tellResult` call is only answered once everything it carried is
+//! on disk: see [`ResultSink::flushed`].
 
 use crate::error::Error;
+use crate::journal::{Journal, Record};
+use crate::recorder::{self, Entry, Outputs};
 use crate::task::TaskId;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use futures::channel::oneshot;
-use serde::Serialize;
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// One result as the server recorded it: one JSON object per line in `--results-to`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultRecord {
     /// The task answered; `null` when a seed client's result matched no task.
     pub task_id: Option<TaskId>,
@@ -38,10 +41,14 @@ pub struct ResultRecord {
     pub accepted: bool,
     /// Unix time the result was received, in seconds.
     pub received_at: f64,
+    /// Position in the server's record of results and dead letters (with
+    /// `--state-dir`): increasing, so a reader can resume after the last one it saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 /// A task given up on: one JSON object per line in `--dead-letter`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub task_id: TaskId,
     pub task: String,
@@ -53,19 +60,16 @@ pub struct DeadLetter {
     pub reason: String,
     /// Unix time, in seconds.
     pub at: f64,
-}
-
-enum Entry {
-    Record(ResultRecord),
-    Dead(DeadLetter),
-    Flush(oneshot::Sender<()>),
-    Close,
+    /// As in [`ResultRecord::seq`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 /// Handle to the recording thread; cheap to clone.
 #[derive(Clone)]
 pub struct ResultSink {
     tx: Sender<Entry>,
+    compaction_due: Arc<AtomicBool>,
 }
 
 /// Owns the recording thread; `finish` drains and flushes everything.
@@ -74,63 +78,72 @@ pub struct ResultWriter {
     handle: JoinHandle<Result<u64, Error>>,
 }
 
-/// Opens a JSON Lines file for appending, naming it in the error.
-fn open_lines(path: Option<&Path>, what: &'static str) -> Result<Option<LinesFile>, Error> {
-    let Some(p) = path else { return Ok(None) };
-    let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::file(p, what, e))?;
-    Ok(Some(LinesFile { path: p.to_path_buf(), out: BufWriter::new(f) }))
-}
-
-/// An append-only JSON Lines file, fsync'd at every flush.
-struct LinesFile {
-    path: PathBuf,
-    out: BufWriter<File>,
-}
-
-impl LinesFile {
-    fn append(&mut self, value: &impl Serialize) -> Result<(), Error> {
-        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
-        serde_json::to_writer(&mut self.out, value).map_err(|e| err(e.into()))?;
-        self.out.write_all(b"\n").map_err(err)
-    }
-
-    /// Flushes and fsyncs: a line acknowledged to a client survives a crash.
-    fn sync(&mut self) -> Result<(), Error> {
-        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
-        self.out.flush().map_err(err)?;
-        self.out.get_ref().sync_data().map_err(err)
-    }
+/// Where the recording thread writes.
+#[derive(Default)]
+pub struct SinkConfig<'a> {
+    /// `--results-to`: one JSON line per result.
+    pub results: Option<&'a Path>,
+    /// `--dead-letter`: one JSON line per task given up on.
+    pub dead_letters: Option<&'a Path>,
+    /// `--state-dir`: the journal, with the records it held at start-up (the
+    /// files above are first brought up to date with them).
+    pub journal: Option<(Journal, &'a [Record])>,
+    /// Journal size that makes a compaction due (it grows with the state too).
+    pub compact_bytes: u64,
 }
 
 impl ResultSink {
-    /// Starts the recording thread, appending results to `results` and dead
-    /// letters to `dead_letters` when given.
-    pub fn start(results: Option<&Path>, dead_letters: Option<&Path>) -> Result<(ResultSink, ResultWriter), Error> {
-        let results = open_lines(results, "open the results file")?;
-        let dead = open_lines(dead_letters, "open the dead-letter file")?;
+    /// Opens the files and starts the recording thread.
+    pub fn start(config: SinkConfig<'_>) -> Result<(ResultSink, ResultWriter), Error> {
+        let mut outputs = Outputs::open(config.results, config.dead_letters)?;
+        let (journal, next_seq) = match config.journal {
+            Some((j, records)) => (Some(j), outputs.catch_up(records)?),
+            None => (None, 1),
+        };
         // Unbounded: results arrive at most as fast as tasks were handed out,
         // and that is bounded by the per-client in-flight limit.
         let (tx, rx) = crossbeam_channel::unbounded();
+        let compaction_due = Arc::new(AtomicBool::new(false));
+        let due = compaction_due.clone();
+        let compact_bytes = config.compact_bytes;
         let handle = std::thread::Builder::new()
-            .name("result-sink".into())
-            .spawn(move || record_loop(rx, results, dead))
+            .name("recorder".into())
+            .spawn(move || recorder::run(rx, outputs, journal, next_seq, compact_bytes, &due))
             .map_err(Error::Thread)?;
-        Ok((ResultSink { tx: tx.clone() }, ResultWriter { tx, handle }))
+        Ok((ResultSink { tx: tx.clone(), compaction_due }, ResultWriter { tx, handle }))
+    }
+
+    fn send(&self, e: Entry, what: &str) {
+        // Fails only after `finish`, when nothing can be recorded any more.
+        if self.tx.send(e).is_err() {
+            log::error!("{what} arrived after shutdown and was dropped");
+        }
     }
 
     /// Queues a result for recording.
     pub fn record(&self, r: ResultRecord) {
-        // Fails only after `finish`, when nothing can be recorded any more.
-        if self.tx.send(Entry::Record(r)).is_err() {
-            log::error!("result recorded after shutdown was dropped");
-        }
+        self.send(Entry::Result(r), "a result");
     }
 
     /// Queues a dead letter for recording.
     pub fn bury(&self, d: DeadLetter) {
-        if self.tx.send(Entry::Dead(d)).is_err() {
-            log::error!("dead letter recorded after shutdown was dropped");
-        }
+        self.send(Entry::Dead(d), "a dead letter");
+    }
+
+    /// Queues a state record for the journal (ignored without `--state-dir`).
+    pub fn journal(&self, r: Record) {
+        self.send(Entry::Journal(r), "a journal record");
+    }
+
+    /// Replaces the journal with `snapshot`, once everything queued before is durable.
+    pub fn compact(&self, snapshot: Vec<Record>) {
+        self.compaction_due.store(false, Ordering::SeqCst);
+        self.send(Entry::Compact(snapshot), "a journal snapshot");
+    }
+
+    /// Whether the journal has grown enough to be worth compacting.
+    pub fn compaction_due(&self) -> bool {
+        self.compaction_due.load(Ordering::SeqCst)
     }
 
     /// Resolves once everything queued before this call is written and fsync'd.
@@ -147,59 +160,7 @@ impl ResultWriter {
     /// that outlived shutdown) can no longer record: they log an error instead.
     pub fn finish(self) -> Result<u64, Error> {
         let _ = self.tx.send(Entry::Close);
-        self.handle.join().unwrap_or_else(|_| Err(Error::Usage("result writer panicked".into())))
-    }
-}
-
-fn record_loop(rx: Receiver<Entry>, mut results: Option<LinesFile>, mut dead: Option<LinesFile>) -> Result<u64, Error> {
-    let mut count = 0u64;
-    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut closed = false;
-    while !closed {
-        let Ok(first) = rx.recv() else { break };
-        // Take whatever else is queued, so that a burst costs one fsync (group commit).
-        for entry in std::iter::once(first).chain(rx.try_iter()) {
-            match entry {
-                Entry::Close => {
-                    closed = true;
-                    break;
-                }
-                Entry::Record(r) => {
-                    count += 1;
-                    log_result(&r);
-                    if let Some(f) = results.as_mut() {
-                        f.append(&r)?;
-                    }
-                }
-                Entry::Dead(d) => {
-                    if let Some(f) = dead.as_mut() {
-                        f.append(&d)?;
-                    }
-                }
-                Entry::Flush(w) => waiters.push(w),
-            }
-        }
-        for f in [results.as_mut(), dead.as_mut()].into_iter().flatten() {
-            f.sync()?;
-        }
-        for w in waiters.drain(..) {
-            let _ = w.send(());
-        }
-    }
-    Ok(count)
-}
-
-fn log_result(r: &ResultRecord) {
-    let task = r.task_id.map_or("?".to_string(), |id| id.to_string());
-    let latency = r.latency_ms.map_or(String::new(), |ms| format!(" in {ms:.1} ms"));
-    if r.stale {
-        log::warn!("stale result for task {task} from {}: {}", r.client, r.output);
-    } else if r.retry {
-        log::info!("task {task} refused by {} (retry asked){latency}: {}", r.client, r.output);
-    } else if r.ok {
-        log::info!("result for task {task} from {}{latency}: {}", r.client, r.output);
-    } else {
-        log::warn!("task {task} failed at {}{latency}: {}", r.client, r.output);
+        self.handle.join().unwrap_or_else(|_| Err(Error::Usage("the recording thread panicked".into())))
     }
 }
 
@@ -207,7 +168,7 @@ fn log_result(r: &ResultRecord) {
 mod tests {
     use super::*;
 
-    fn record(id: u64) -> ResultRecord {
+    pub(crate) fn record(id: u64) -> ResultRecord {
         ResultRecord {
             task_id: Some(id),
             task: Some(format!("t{id}")),
@@ -220,32 +181,68 @@ mod tests {
             retry: false,
             accepted: true,
             received_at: 0.0,
+            seq: None,
         }
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     #[test]
     fn flushed_resolves_after_earlier_records_are_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let (sink, writer) = ResultSink::start(Some(&path), None).unwrap();
+        let (sink, writer) = ResultSink::start(SinkConfig { results: Some(&path), ..Default::default() }).unwrap();
         sink.record(record(1));
         sink.record(record(2));
         futures::executor::block_on(sink.flushed()).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[1]["task_id"], 2);
+        let got = lines(&path);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1]["task_id"], 2);
         for key in ["task_id", "task", "client", "ok", "output", "latency_ms", "attempt", "stale", "accepted"] {
-            assert!(lines[0].get(key).is_some(), "missing {key}");
+            assert!(got[0].get(key).is_some(), "missing {key}");
         }
+        assert!(got[0].get("seq").is_none(), "no sequence without a journal");
         sink.record(record(3));
         assert_eq!(writer.finish().unwrap(), 3);
-        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
+        assert_eq!(lines(&path).len(), 3);
     }
 
     #[test]
     fn an_unwritable_results_file_is_named_in_the_error() {
-        let err = ResultSink::start(Some(Path::new("/nonexistent-dir/r.jsonl")), None).err().unwrap();
+        let bad = Path::new("/nonexistent-dir/r.jsonl");
+        let err = ResultSink::start(SinkConfig { results: Some(bad), ..Default::default() }).err().unwrap();
         assert!(err.to_string().contains("/nonexistent-dir/r.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn results_missing_from_the_file_after_a_crash_are_restored_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let state = dir.path().join("state");
+        {
+            let (j, records) = Journal::open(&state).unwrap();
+            let config = SinkConfig { results: Some(&path), journal: Some((j, &records)), compact_bytes: 1 << 20, ..Default::default() };
+            let (sink, writer) = ResultSink::start(config).unwrap();
+            for id in 1..=3 {
+                sink.record(record(id));
+            }
+            writer.finish().unwrap();
+        }
+        // A crash after the journal was synced but before the file was: the
+        // last line is lost and the one before it torn.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut keep: Vec<&str> = text.lines().collect();
+        keep.pop();
+        let torn = format!("{}\n{}", keep[0], &keep[1][..10]);
+        std::fs::write(&path, torn).unwrap();
+        let (j, records) = Journal::open(&state).unwrap();
+        let config = SinkConfig { results: Some(&path), journal: Some((j, &records)), compact_bytes: 1 << 20, ..Default::default() };
+        let (sink, writer) = ResultSink::start(config).unwrap();
+        sink.record(record(4));
+        writer.finish().unwrap();
+        let seqs: Vec<u64> = lines(&path).iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
     }
 }

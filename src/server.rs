@@ -10,9 +10,10 @@
 use crate::dispatch::{Answer, DispatchConfig, Dispatcher};
 use crate::error::Error;
 use crate::feed::TaskFeed;
+use crate::journal::Journal;
 use crate::producer::{Producer, TaskSource};
 use crate::proto::{self, ClientMsg, Contact, Empty, ResultMsg, ServerMsg};
-use crate::results::{ResultSink, ResultWriter};
+use crate::results::{ResultSink, ResultWriter, SinkConfig};
 use crate::shutdown::Shutdown;
 use futures::future::poll_fn;
 use futures::{SinkExt, StreamExt, TryStreamExt};
@@ -50,6 +51,10 @@ pub struct ServerConfig {
     pub results_to: Option<PathBuf>,
     /// Append every task given up on as one JSON object per line.
     pub dead_letters: Option<PathBuf>,
+    /// Keep the durable state (journal) here; `None` keeps state in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Journal size from which it is compacted (it also waits for it to double).
+    pub compact_bytes: u64,
     /// How often the stats line is logged.
     pub stats_every: Duration,
     /// How long shutdown waits for clients to report the tasks in their hands.
@@ -70,6 +75,8 @@ impl Default for ServerConfig {
             dispatch: DispatchConfig::default(),
             results_to: None,
             dead_letters: None,
+            state_dir: None,
+            compact_bytes: 64 << 20,
             stats_every: Duration::from_secs(5),
             grace: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
@@ -234,8 +241,34 @@ pub struct Server {
 impl Server {
     /// Binds, starts serving and starts the producers.
     pub fn start(config: ServerConfig) -> Result<Server, Error> {
-        let dispatcher = Arc::new(Dispatcher::new(config.dispatch.clone()));
-        let (results, writer) = ResultSink::start(config.results_to.as_deref(), config.dead_letters.as_deref())?;
+        let (journal, records) = match &config.state_dir {
+            Some(dir) => {
+                let (j, r) = Journal::open(dir)?;
+                (Some(j), r)
+            }
+            None => (None, vec![]),
+        };
+        let durable = journal.is_some();
+        let (results, writer) = ResultSink::start(SinkConfig {
+            results: config.results_to.as_deref(),
+            dead_letters: config.dead_letters.as_deref(),
+            journal: journal.map(|j| (j, &records[..])),
+            compact_bytes: config.compact_bytes,
+        })?;
+        let dispatcher = Arc::new(Dispatcher::recording(config.dispatch.clone(), results.clone(), durable));
+        if let Some(dir) = &config.state_dir {
+            let r = dispatcher.restore(&records)?;
+            log::info!(
+                "state {}: {} tasks ({} unfinished), {} known clients restored",
+                dir.display(),
+                r.tasks,
+                r.unfinished,
+                r.clients
+            );
+            // Start from a compact journal: it also drops a torn tail for good.
+            dispatcher.compact();
+        }
+        drop(records);
         let env = Arc::new(Environment::new(2));
         let service = ContactService { dispatcher: dispatcher.clone(), results: results.clone() };
         let max_msg = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
@@ -355,8 +388,8 @@ fn clock_loop(dispatcher: &Dispatcher, results: &ResultSink, stats_every: Durati
     loop {
         let stopping = shutdown.wait_timeout(TICK);
         dispatcher.expire();
-        for d in dispatcher.take_dead_letters() {
-            results.bury(d);
+        if results.compaction_due() {
+            dispatcher.compact();
         }
         if stopping {
             return;

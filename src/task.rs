@@ -56,7 +56,17 @@ pub struct TaskLog {
 impl TaskLog {
     /// An empty log keeping at most `retain` tasks (at least one).
     pub fn new(retain: usize) -> TaskLog {
-        TaskLog { tasks: VecDeque::new(), next_id: 1, retain: retain.max(1) }
+        TaskLog::starting_at(1, retain)
+    }
+
+    /// An empty log whose first task will get id `first` (when restoring state).
+    pub fn starting_at(first: TaskId, retain: usize) -> TaskLog {
+        TaskLog { tasks: VecDeque::new(), next_id: first.max(1), retain: retain.max(1) }
+    }
+
+    /// The retained tasks, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Task>> {
+        self.tasks.iter()
     }
 
     /// Appends a task, forgetting the oldest one when the log is full.

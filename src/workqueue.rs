@@ -31,11 +31,17 @@ pub struct WorkQueue {
 }
 
 impl WorkQueue {
-    /// Adds a task (or puts back a restored one) waiting for delivery.
-    pub fn push(&mut self, task: Arc<Task>, attempt: u32) {
+    /// Adds a task waiting for delivery.
+    pub fn push(&mut self, task: Arc<Task>) {
+        self.restore(task, 0, None);
+    }
+
+    /// Puts back a task restored from the journal: `attempt` deliveries were
+    /// made, the last one to `last_holder`, whose answer may still count.
+    pub fn restore(&mut self, task: Arc<Task>, attempt: u32, last_holder: Option<String>) {
         let id = task.id;
         let target = task.target.clone();
-        self.unfinished.insert(id, QueuedTask { task, attempt, holder: None, last_holder: None });
+        self.unfinished.insert(id, QueuedTask { task, attempt, holder: None, last_holder });
         self.enqueue(id, target, false);
     }
 
@@ -133,8 +139,8 @@ mod tests {
     #[test]
     fn tasks_go_out_once_and_come_back_first_when_released() {
         let mut q = WorkQueue::default();
-        q.push(task(1, None), 0);
-        q.push(task(2, None), 0);
+        q.push(task(1, None));
+        q.push(task(2, None));
         assert_eq!(q.take_for("a", false).map(|(t, n)| (t.id, n)), Some((1, 1)));
         q.release(1);
         assert!(q.is_current(1, "a", 1), "a released attempt still counts until redelivered");
@@ -149,8 +155,8 @@ mod tests {
     #[test]
     fn targeted_tasks_wait_for_their_client() {
         let mut q = WorkQueue::default();
-        q.push(task(1, Some("b")), 0);
-        q.push(task(2, None), 0);
+        q.push(task(1, Some("b")));
+        q.push(task(2, None));
         assert!(q.take_for("a", true).is_none());
         assert_eq!(q.take_for("a", false).map(|(t, _)| t.id), Some(2));
         assert!(q.take_for("a", false).is_none());
@@ -160,7 +166,7 @@ mod tests {
     #[test]
     fn a_task_answered_while_waiting_is_not_delivered_again() {
         let mut q = WorkQueue::default();
-        q.push(task(1, None), 0);
+        q.push(task(1, None));
         q.take_for("a", false);
         q.release(1);
         q.finish(1);

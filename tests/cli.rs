@@ -49,13 +49,13 @@ fn help_describes_every_flag() {
 
 #[test]
 fn an_unreadable_tasks_file_or_a_busy_port_exits_1_saying_so() {
-    let out = run(SERVER, &["--listen", "127.0.0.1:0", "--tasks-from", "/no/such/tasks.txt"]);
+    let out = run(SERVER, &["--listen", "127.0.0.1:0", "--no-state", "--tasks-from", "/no/such/tasks.txt"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("/no/such/tasks.txt"), "{}", stderr(&out));
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
-    let out = run(SERVER, &["--listen", &addr]);
+    let out = run(SERVER, &["--listen", &addr, "--no-state"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(&addr), "{}", stderr(&out));
 }
@@ -73,7 +73,16 @@ fn server_and_clients_as_processes_then_sigterm_flushes_results() {
     let results = dir.path().join("results.jsonl");
     let mut server = Proc::start(
         SERVER,
-        &["--listen", "127.0.0.1:0", "--tasks-from", tasks.to_str().unwrap(), "--results-to", results.to_str().unwrap()],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+            "--tasks-from",
+            tasks.to_str().unwrap(),
+            "--results-to",
+            results.to_str().unwrap(),
+        ],
     );
     let port = listening_port(&mut server);
     let addr = format!("127.0.0.1:{port}");
@@ -104,7 +113,7 @@ fn a_client_retries_an_unreachable_server_then_works_and_stops_on_sigint() {
     let warn = client.wait_line("cannot reach server");
     assert!(warn.contains("WARN"), "{warn}");
 
-    let mut server = Proc::start(SERVER, &["--listen", &addr, "--generate", "2", "--every", "0.2"]);
+    let mut server = Proc::start(SERVER, &["--listen", &addr, "--no-state", "--generate", "2", "--every", "0.2"]);
     server.wait_line("listening on");
     client.wait_line("client received task: task:");
     client.wait_line("status reply: server received: alive");

@@ -1,0 +1,207 @@
+//! Rebuilding the dispatcher from the journal at start-up, and writing its
+//! state back as a compact snapshot. The two are inverses: a snapshot replays
+//! to the state it was taken from (modulo open streams, which never survive).
+
+use super::{ClientState, Dispatcher, Mode, State, RECENT_ACCEPTED};
+use crate::error::Error;
+use crate::feed::Delivery;
+use crate::journal::Record;
+use crate::task::{Task, TaskId, TaskLog};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// What start-up found in the journal, for the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub tasks: usize,
+    /// Queue mode: tasks still to be answered.
+    pub unfinished: usize,
+    pub clients: usize,
+}
+
+/// A broadcast client as the journal describes it.
+#[derive(Default)]
+struct Progress {
+    cursor: TaskId,
+    /// Delivered and not answered: task -> attempt.
+    pending: BTreeMap<TaskId, u32>,
+}
+
+/// What replay learns about answers, per task and per client.
+#[derive(Default)]
+struct Seen {
+    queue_mode: bool,
+    /// Queue mode: tasks answered or dead.
+    finished: HashSet<TaskId>,
+    /// Broadcast mode: each client's progress.
+    progress: HashMap<String, Progress>,
+    /// Each client's recently accepted answers.
+    recent: HashMap<String, VecDeque<(TaskId, u32)>>,
+}
+
+/// `client` answered `task` (attempt `attempt`) and the answer was accepted.
+fn answered(seen: &mut Seen, task: TaskId, client: &str, attempt: u32) {
+    if seen.queue_mode {
+        seen.finished.insert(task);
+    } else if let Some(p) = seen.progress.get_mut(client) {
+        p.pending.remove(&task);
+    }
+    if !is_peer_address(client) {
+        let r = seen.recent.entry(client.to_string()).or_default();
+        if r.len() == RECENT_ACCEPTED {
+            r.pop_front();
+        }
+        r.push_back((task, attempt));
+    }
+}
+
+/// Seed clients are known by their address; they cannot come back, so their
+/// state is not worth restoring.
+fn is_peer_address(client: &str) -> bool {
+    ["ipv4:", "ipv6:", "unix:"].iter().any(|p| client.starts_with(p))
+}
+
+impl Dispatcher {
+    /// Replays journal records into an empty dispatcher (before it serves).
+    pub fn restore(&self, records: &[Record]) -> Result<Restored, Error> {
+        let queue_mode = self.config.mode == Mode::Queue;
+        let (mut first, mut next) = (1, 1);
+        let mut tasks: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
+        let mut last_sent: HashMap<TaskId, (String, u32)> = HashMap::new();
+        let mut seen = Seen { queue_mode, ..Default::default() };
+        for r in records {
+            match r {
+                Record::Task { id, text, target } => {
+                    let task = Task { id: *id, text: text.clone(), target: target.clone(), produced_at: SystemTime::now() };
+                    tasks.insert(*id, Arc::new(task));
+                    next = next.max(id + 1);
+                }
+                Record::Window { first: f, next: n } => {
+                    first = *f;
+                    next = next.max(*n);
+                }
+                Record::Sent { task, client, attempt } if queue_mode => {
+                    last_sent.insert(*task, (client.clone(), *attempt));
+                }
+                Record::Sent { task, client, attempt } => {
+                    let p = seen.progress.entry(client.clone()).or_default();
+                    p.pending.insert(*task, *attempt);
+                    p.cursor = p.cursor.max(task + 1);
+                }
+                Record::Cursor { client, next } => {
+                    let p = seen.progress.entry(client.clone()).or_default();
+                    p.cursor = p.cursor.max(*next);
+                }
+                Record::Result(r) => {
+                    if let (true, Some(task)) = (r.accepted, r.task_id) {
+                        answered(&mut seen, task, &r.client, r.attempt);
+                    }
+                }
+                Record::Done { task, client, attempt } => answered(&mut seen, *task, client, *attempt),
+                Record::Finished { task } => {
+                    seen.finished.insert(*task);
+                }
+                Record::Dead(d) if queue_mode => {
+                    seen.finished.insert(d.task_id);
+                }
+                Record::Dead(d) => {
+                    if let Some(p) = seen.progress.get_mut(&d.client) {
+                        p.pending.remove(&d.task_id);
+                    }
+                }
+                Record::Seq { .. } => {}
+            }
+        }
+
+        let mut guard = self.lock();
+        let st: &mut State = &mut guard;
+        st.log = TaskLog::starting_at(first, self.config.retain);
+        for (id, task) in tasks.range(first..) {
+            if *id != st.log.next_id() {
+                return Err(Error::Usage(format!(
+                    "the state journal lacks task {} (it jumps to {id}); move the state directory away to start afresh",
+                    st.log.next_id()
+                )));
+            }
+            st.log.push(task.text.clone(), task.target.clone());
+        }
+        if st.log.next_id() < next {
+            log::warn!("tasks {}..{} are missing from the state journal", st.log.next_id(), next - 1);
+        }
+        let mut summary = Restored { tasks: tasks.len(), ..Default::default() };
+        if queue_mode {
+            for (id, task) in &tasks {
+                if !seen.finished.contains(id) {
+                    let (holder, attempt) = last_sent.remove(id).map_or((None, 0), |(c, a)| (Some(c), a));
+                    st.queue.restore(task.clone(), attempt, holder);
+                }
+            }
+            summary.unfinished = st.queue.len();
+        }
+        let Seen { mut progress, mut recent, .. } = seen;
+        let names: HashSet<String> = progress.keys().chain(recent.keys()).filter(|c| !is_peer_address(c)).cloned().collect();
+        for name in names {
+            let p = progress.remove(&name).unwrap_or_default();
+            let redeliver = p
+                .pending
+                .iter()
+                .filter_map(|(id, attempt)| tasks.get(id).map(|t| Delivery { task: t.clone(), attempt: attempt + 1 }))
+                .collect();
+            let state = ClientState {
+                session: None,
+                cursor: if p.cursor == 0 { st.log.next_id() } else { p.cursor },
+                in_flight: VecDeque::new(),
+                redeliver,
+                recent: recent.remove(&name).unwrap_or_default(),
+                last_seen: Instant::now(),
+                ephemeral: false,
+            };
+            st.clients.insert(name, state);
+        }
+        summary.clients = st.clients.len();
+        Ok(summary)
+    }
+
+    /// Hands the journal a snapshot of the current state to replace it. Taken
+    /// and queued under the state lock, so no later change can precede it.
+    pub fn compact(&self) {
+        let Some(sink) = self.sink.as_ref().filter(|_| self.durable) else { return };
+        let st = self.lock();
+        let mut out = vec![Record::Window { first: st.log.first_id(), next: st.log.next_id() }];
+        let task_record = |t: &Task| Record::Task { id: t.id, text: t.text.clone(), target: t.target.clone() };
+        out.extend(st.log.iter().map(|t| task_record(t)));
+        let mut queued: Vec<_> = st.queue.iter().collect();
+        queued.sort_by_key(|q| q.task.id);
+        for q in &queued {
+            if q.task.id < st.log.first_id() {
+                out.push(task_record(&q.task));
+            }
+            if let (Some(holder), true) = (&q.last_holder, q.attempt > 0) {
+                out.push(Record::Sent { task: q.task.id, client: holder.clone(), attempt: q.attempt });
+            }
+        }
+        if self.config.mode == Mode::Queue {
+            out.extend(st.log.iter().filter(|t| st.queue.get(t.id).is_none()).map(|t| Record::Finished { task: t.id }));
+        }
+        let mut names: Vec<&String> = st.clients.iter().filter(|(_, c)| !c.ephemeral).map(|(n, _)| n).collect();
+        names.sort();
+        for name in names {
+            let c = &st.clients[name];
+            for (task, attempt) in &c.recent {
+                out.push(Record::Done { task: *task, client: name.clone(), attempt: *attempt });
+            }
+            if self.config.mode == Mode::Broadcast {
+                out.push(Record::Cursor { client: name.clone(), next: c.cursor });
+                for f in &c.in_flight {
+                    out.push(Record::Sent { task: f.delivery.task.id, client: name.clone(), attempt: f.delivery.attempt });
+                }
+                for d in &c.redeliver {
+                    // Replay turns an unanswered delivery into the next attempt.
+                    out.push(Record::Sent { task: d.task.id, client: name.clone(), attempt: d.attempt - 1 });
+                }
+            }
+        }
+        sink.compact(out);
+    }
+}

@@ -1,0 +1,244 @@
+//! The recording thread behind `ResultSink`: it writes state records to the
+//! journal and results and dead letters to the journal *and* to their JSON
+//! Lines files, then fsyncs — once per burst of entries (group commit) — and
+//! only then releases whoever waits for the flush (a `tellResult` answer, a
+//! producer's tasks). The journal is written first, so after a crash the
+//! files can be brought up to date from it: each line carries the sequence
+//! number of its journal record, and `Outputs::catch_up` appends what is missing.
+
+use crate::error::Error;
+use crate::journal::{Journal, Record};
+use crate::results::{DeadLetter, ResultRecord};
+use crossbeam_channel::Receiver;
+use futures::channel::oneshot;
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What the recording thread is asked to do, in order.
+pub enum Entry {
+    Result(ResultRecord),
+    Dead(DeadLetter),
+    Journal(Record),
+    Compact(Vec<Record>),
+    Flush(oneshot::Sender<()>),
+    Close,
+}
+
+/// An append-only JSON Lines file, fsync'd at every flush.
+struct LinesFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl LinesFile {
+    fn open(path: Option<&Path>, what: &'static str) -> Result<Option<LinesFile>, Error> {
+        let Some(p) = path else { return Ok(None) };
+        let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::file(p, what, e))?;
+        Ok(Some(LinesFile { path: p.to_path_buf(), out: BufWriter::new(f) }))
+    }
+
+    fn append(&mut self, value: &impl Serialize) -> Result<(), Error> {
+        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
+        serde_json::to_writer(&mut self.out, value).map_err(|e| err(e.into()))?;
+        self.out.write_all(b"\n").map_err(err)
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
+        self.out.flush().map_err(err)?;
+        self.out.get_ref().sync_data().map_err(err)
+    }
+
+    /// The sequence number on the last complete line, after cutting off a
+    /// torn (unterminated) last line.
+    fn last_seq(&mut self) -> Result<Option<u64>, Error> {
+        let err = |e: std::io::Error| Error::file(&self.path, "read", e);
+        let mut f = File::open(&self.path).map_err(err)?;
+        let len = f.metadata().map_err(err)?.len();
+        let start = len.saturating_sub(8 << 20);
+        f.seek(SeekFrom::Start(start)).map_err(err)?;
+        let mut tail = vec![];
+        f.read_to_end(&mut tail).map_err(err)?;
+        if !tail.is_empty() && !tail.ends_with(b"\n") {
+            let keep = tail.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            log::warn!("{}: dropping a torn last line ({} bytes) left by a crash", self.path.display(), tail.len() - keep);
+            self.out.get_ref().set_len(start + keep as u64).map_err(err)?;
+            tail.truncate(keep);
+        }
+        let last = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        let line = last.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+        Ok(serde_json::from_slice::<serde_json::Value>(line).ok().and_then(|v| v["seq"].as_u64()))
+    }
+}
+
+/// The results and dead-letter files.
+pub struct Outputs {
+    results: Option<LinesFile>,
+    dead: Option<LinesFile>,
+}
+
+impl Outputs {
+    /// Opens both files (when asked for), naming the one that cannot be opened.
+    pub fn open(results: Option<&Path>, dead: Option<&Path>) -> Result<Outputs, Error> {
+        Ok(Outputs {
+            results: LinesFile::open(results, "open the results file")?,
+            dead: LinesFile::open(dead, "open the dead-letter file")?,
+        })
+    }
+
+    /// Appends the journal's results and dead letters that a crash kept out
+    /// of the files; returns the next sequence number to use.
+    pub fn catch_up(&mut self, records: &[Record]) -> Result<u64, Error> {
+        let mut next = 1;
+        for r in records {
+            next = next.max(match r {
+                Record::Result(x) => x.seq.map_or(0, |s| s + 1),
+                Record::Dead(x) => x.seq.map_or(0, |s| s + 1),
+                Record::Seq { next } => *next,
+                _ => 0,
+            });
+        }
+        if let Some(f) = self.results.as_mut() {
+            if let Some(last) = f.last_seq()? {
+                let missing: Vec<&ResultRecord> = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Result(x) if x.seq > Some(last) => Some(x),
+                        _ => None,
+                    })
+                    .collect();
+                restore(f, &missing)?;
+            }
+        }
+        if let Some(f) = self.dead.as_mut() {
+            if let Some(last) = f.last_seq()? {
+                let missing: Vec<&DeadLetter> = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Dead(x) if x.seq > Some(last) => Some(x),
+                        _ => None,
+                    })
+                    .collect();
+                restore(f, &missing)?;
+            }
+        }
+        Ok(next)
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        for f in [self.results.as_mut(), self.dead.as_mut()].into_iter().flatten() {
+            f.sync()?;
+        }
+        Ok(())
+    }
+}
+
+fn restore(f: &mut LinesFile, missing: &[&impl Serialize]) -> Result<(), Error> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    log::warn!("{}: restoring {} lines from the journal that a crash kept out of it", f.path.display(), missing.len());
+    for m in missing {
+        f.append(m)?;
+    }
+    f.sync()
+}
+
+/// The thread's loop: see the module documentation. Returns how many results it recorded.
+pub fn run(
+    rx: Receiver<Entry>,
+    mut outputs: Outputs,
+    mut journal: Option<Journal>,
+    mut next_seq: u64,
+    compact_bytes: u64,
+    compaction_due: &AtomicBool,
+) -> Result<u64, Error> {
+    let mut count = 0u64;
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    // Compaction is due when the journal doubles past its last snapshot.
+    let mut threshold = compact_bytes.max(journal.as_ref().map_or(0, |j| j.size * 2));
+    let mut closed = false;
+    while !closed {
+        let Ok(first) = rx.recv() else { break };
+        for entry in std::iter::once(first).chain(rx.try_iter()) {
+            match entry {
+                Entry::Close => {
+                    closed = true;
+                    break;
+                }
+                Entry::Result(mut r) => {
+                    count += 1;
+                    log_result(&r);
+                    r.seq = journal.is_some().then(|| next_seq);
+                    next_seq += 1;
+                    if let Some(j) = journal.as_mut() {
+                        j.append(&Record::Result(r.clone()))?;
+                    }
+                    if let Some(f) = outputs.results.as_mut() {
+                        f.append(&r)?;
+                    }
+                }
+                Entry::Dead(mut d) => {
+                    d.seq = journal.is_some().then(|| next_seq);
+                    next_seq += 1;
+                    if let Some(j) = journal.as_mut() {
+                        j.append(&Record::Dead(d.clone()))?;
+                    }
+                    if let Some(f) = outputs.dead.as_mut() {
+                        f.append(&d)?;
+                    }
+                }
+                Entry::Journal(r) => {
+                    if let Some(j) = journal.as_mut() {
+                        j.append(&r)?;
+                    }
+                }
+                Entry::Compact(mut snapshot) => {
+                    if let Some(j) = journal.as_mut() {
+                        // The snapshot drops results: they must be in their files first.
+                        j.sync()?;
+                        outputs.sync()?;
+                        snapshot.insert(0, Record::Seq { next: next_seq });
+                        j.compact(&snapshot)?;
+                        threshold = compact_bytes.max(j.size * 2);
+                        log::info!("state journal compacted to {} records ({} bytes)", snapshot.len(), j.size);
+                    }
+                }
+                Entry::Flush(w) => waiters.push(w),
+            }
+        }
+        // Journal first: whatever reached a file is in the journal too.
+        if let Some(j) = journal.as_mut() {
+            j.sync()?;
+            if j.size > threshold {
+                compaction_due.store(true, Ordering::SeqCst);
+            }
+        }
+        outputs.sync()?;
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+    if let Some(j) = journal.as_mut() {
+        j.sync()?;
+    }
+    outputs.sync()?;
+    Ok(count)
+}
+
+fn log_result(r: &ResultRecord) {
+    let task = r.task_id.map_or("?".to_string(), |id| id.to_string());
+    let latency = r.latency_ms.map_or(String::new(), |ms| format!(" in {ms:.1} ms"));
+    if r.stale {
+        log::warn!("stale result for task {task} from {}: {}", r.client, r.output);
+    } else if r.retry {
+        log::info!("task {task} refused by {} (retry asked){latency}: {}", r.client, r.output);
+    } else if r.ok {
+        log::info!("result for task {task} from {}{latency}: {}", r.client, r.output);
+    } else {
+        log::warn!("task {task} failed at {}{latency}: {}", r.client, r.output);
+    }
+}
