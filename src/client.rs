@@ -177,6 +177,9 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
         .keepalive_time(cfg.keepalive)
         .keepalive_timeout(Duration::from_secs(10))
         .keepalive_permit_without_calls(true)
+        // Keep pinging an idle connection (gRPC stops after two by default):
+        // a vanished server is noticed even when no task comes for hours.
+        .http2_max_pings_without_data(0)
         .max_receive_message_len(1 << 20)
         .connect(&cfg.server);
     wait_connected(&channel, cfg.connect_timeout).map_err(|why| format!("cannot reach server {}: {why}", cfg.server))?;
