@@ -12,7 +12,8 @@ secs="${DEMO_SECS:-20}"
 
 cargo build --locked --bins
 bin="${CARGO_TARGET_DIR:-target}/debug"
-results="$(mktemp -d)/results.jsonl"
+work="$(mktemp -d)"
+results="$work/results.jsonl"
 export RUST_LOG="${RUST_LOG:-info}"
 
 prefix() { sed -u "s/^/[$1] /"; }
@@ -20,7 +21,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$bin/contact-server" --listen "$addr" --generate 10 --every 4 --results-to "$results" \
+"$bin/contact-server" --listen "$addr" --generate 10 --every 4 --results-to "$results" --state-dir "$work/state" \
     2> >(prefix server) &
 server=$!; pids+=("$server")
 sleep 1
