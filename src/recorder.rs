@@ -52,8 +52,9 @@ impl LinesFile {
         self.out.get_ref().sync_data().map_err(err)
     }
 
-    /// The sequence number on the last complete line, after cutting off a
-    /// torn (unterminated) last line.
+    /// The sequence number on the last complete line (0 for an empty file),
+    /// after cutting off a torn (unterminated) last line; `None` when that line
+    /// has none (written without a journal): then nothing can be matched.
     fn last_seq(&mut self) -> Result<Option<u64>, Error> {
         let err = |e: std::io::Error| Error::file(&self.path, "read", e);
         let mut f = File::open(&self.path).map_err(err)?;
@@ -67,6 +68,9 @@ impl LinesFile {
             log::warn!("{}: dropping a torn last line ({} bytes) left by a crash", self.path.display(), tail.len() - keep);
             self.out.get_ref().set_len(start + keep as u64).map_err(err)?;
             tail.truncate(keep);
+        }
+        if start == 0 && tail.is_empty() {
+            return Ok(Some(0));
         }
         let last = tail.strip_suffix(b"\n").unwrap_or(&tail);
         let line = last.rsplit(|&b| b == b'\n').next().unwrap_or_default();
@@ -102,28 +106,16 @@ impl Outputs {
             });
         }
         if let Some(f) = self.results.as_mut() {
-            if let Some(last) = f.last_seq()? {
-                let missing: Vec<&ResultRecord> = records
-                    .iter()
-                    .filter_map(|r| match r {
-                        Record::Result(x) if x.seq > Some(last) => Some(x),
-                        _ => None,
-                    })
-                    .collect();
-                restore(f, &missing)?;
-            }
+            catch_up_file(f, records, |r| match r {
+                Record::Result(x) => Some((x, x.seq)),
+                _ => None,
+            })?;
         }
         if let Some(f) = self.dead.as_mut() {
-            if let Some(last) = f.last_seq()? {
-                let missing: Vec<&DeadLetter> = records
-                    .iter()
-                    .filter_map(|r| match r {
-                        Record::Dead(x) if x.seq > Some(last) => Some(x),
-                        _ => None,
-                    })
-                    .collect();
-                restore(f, &missing)?;
-            }
+            catch_up_file(f, records, |r| match r {
+                Record::Dead(x) => Some((x, x.seq)),
+                _ => None,
+            })?;
         }
         Ok(next)
     }
@@ -136,7 +128,15 @@ impl Outputs {
     }
 }
 
-fn restore(f: &mut LinesFile, missing: &[&impl Serialize]) -> Result<(), Error> {
+/// Appends to `f` the journal's lines (chosen by `pick`, with their sequence
+/// numbers) that come after its last line.
+fn catch_up_file<'a, T: Serialize + 'a>(
+    f: &mut LinesFile,
+    records: &'a [Record],
+    pick: impl Fn(&'a Record) -> Option<(&'a T, Option<u64>)>,
+) -> Result<(), Error> {
+    let Some(last) = f.last_seq()? else { return Ok(()) };
+    let missing: Vec<&T> = records.iter().filter_map(pick).filter(|(_, seq)| *seq > Some(last)).map(|(x, _)| x).collect();
     if missing.is_empty() {
         return Ok(());
     }

@@ -244,5 +244,14 @@ mod tests {
         writer.finish().unwrap();
         let seqs: Vec<u64> = lines(&path).iter().map(|l| l["seq"].as_u64().unwrap()).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4]);
+
+        // A crash before the very first line reached the file: it is empty, and filled.
+        let fresh = dir.path().join("fresh.jsonl");
+        std::fs::write(&fresh, "").unwrap();
+        let (j, records) = Journal::open(&state).unwrap();
+        let config = SinkConfig { results: Some(&fresh), journal: Some((j, &records)), compact_bytes: 1 << 20, ..Default::default() };
+        let (_sink, writer) = ResultSink::start(config).unwrap();
+        writer.finish().unwrap();
+        assert_eq!(lines(&fresh).len(), 4);
     }
 }
