@@ -118,6 +118,8 @@ struct ClientState {
     last_seen: Instant,
     /// Known by peer address (a seed client): forgotten when its streams end.
     ephemeral: bool,
+    /// Connected when shutdown began: its answers are still awaited.
+    draining: bool,
 }
 
 impl ClientState {
@@ -220,6 +222,26 @@ impl Dispatcher {
             StartAt::New => st.log.next_id(),
         };
         let known = st.clients.contains_key(client);
+        if !known && self.config.mode == Mode::Broadcast {
+            // A targeted task waits for its client, even one that starts at `New`.
+            let waiting: VecDeque<Delivery> = st
+                .log
+                .iter()
+                .filter(|t| t.id < cursor && t.target.as_deref() == Some(client))
+                .map(|t| Delivery { task: t.clone(), attempt: 1 })
+                .collect();
+            let state = ClientState {
+                session: None,
+                cursor,
+                in_flight: VecDeque::new(),
+                redeliver: waiting,
+                recent: VecDeque::new(),
+                last_seen: Instant::now(),
+                ephemeral,
+                draining: false,
+            };
+            st.clients.insert(client.to_string(), state);
+        }
         let c = st.clients.entry(client.to_string()).or_insert_with(|| ClientState {
             session: None,
             cursor,
@@ -228,6 +250,7 @@ impl Dispatcher {
             recent: VecDeque::new(),
             last_seen: Instant::now(),
             ephemeral,
+            draining: false,
         });
         c.session = Some((id, tx));
         c.last_seen = Instant::now();
@@ -503,13 +526,14 @@ impl Dispatcher {
         let mut st = self.lock();
         st.closed = true;
         for c in st.clients.values_mut() {
-            c.session = None;
+            c.draining = c.session.take().is_some();
         }
     }
 
-    /// Deliveries written to clients and not answered yet, over all clients.
+    /// Deliveries not answered yet by the clients still connected (or, after
+    /// `close_all`, connected when it was called): what shutdown waits for.
     pub fn in_flight(&self) -> usize {
-        self.lock().clients.values().map(|c| c.in_flight.len()).sum()
+        self.lock().clients.values().filter(|c| c.session.is_some() || c.draining).map(|c| c.in_flight.len()).sum()
     }
 
     /// Queue mode: tasks not finished yet (waiting or in flight).

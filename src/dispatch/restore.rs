@@ -156,6 +156,7 @@ impl Dispatcher {
                 recent: recent.remove(&name).unwrap_or_default(),
                 last_seen: Instant::now(),
                 ephemeral: false,
+                draining: false,
             };
             st.clients.insert(name, state);
         }

@@ -296,3 +296,26 @@ fn a_silent_client_is_declared_gone_and_its_tasks_move_on() {
     assert!(futures::executor::block_on(futures::StreamExt::next(&mut a)).is_none(), "its stream ends");
     assert_eq!(d.clients().len(), 1);
 }
+
+#[test]
+fn a_targeted_task_waits_for_a_client_that_starts_at_new() {
+    let d = Dispatcher::new(DispatchConfig { start_at: StartAt::New, ..Default::default() });
+    d.publish(vec![(Some("later".to_string()), "for later".to_string()), (None, "for all".to_string())]);
+    let (_, feed) = d.attach("later", "p", false).unwrap();
+    assert_eq!(drain(&feed), vec![1], "its own task, not the history");
+}
+
+#[test]
+fn shutdown_waits_only_for_clients_connected_when_it_began() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    d.publish(tasks(&["1"]));
+    let (s, gone) = d.attach("gone", "p1", false).unwrap();
+    let (_, here) = d.attach("here", "p2", false).unwrap();
+    drain(&gone);
+    drain(&here);
+    d.detach("gone", s);
+    d.close_all();
+    assert_eq!(d.in_flight(), 1, "only the connected client's task is awaited");
+    d.complete("here", ok(1, 1));
+    assert_eq!(d.in_flight(), 0);
+}
