@@ -59,6 +59,9 @@ struct Flags {
     /// Seconds without a status message or result after which a client is declared gone.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
     client_timeout: Duration,
+    /// Seconds after which a disconnected client is forgotten (its resume point too).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "604800")]
+    forget_after: Duration,
     /// Tasks kept for late clients; older ones are forgotten.
     #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "100000")]
     retain: u64,
@@ -116,6 +119,7 @@ fn main() {
             ack_timeout: flags.ack_timeout,
             max_attempts: u32::try_from(flags.max_attempts).unwrap_or(u32::MAX),
             client_timeout: Some(flags.client_timeout),
+            forget_after: flags.forget_after,
             start_at: match flags.from {
                 From::Oldest => StartAt::Oldest,
                 From::New => StartAt::New,

@@ -12,7 +12,7 @@
 
 use crate::backoff::Backoff;
 use crate::error::Error;
-use crate::handler::Handler;
+use crate::handler::{Handler, Outcome};
 use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
@@ -24,6 +24,7 @@ use grpcio::{
     ConnectivityState, EnvBuilder, Environment, WriteFlags,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -99,6 +100,36 @@ struct Progress {
     /// Results whose call failed before it was acknowledged: sent again first
     /// on the next connection (the server records a resend only once).
     unacked: Mutex<Vec<ResultMsg>>,
+    /// What recent tasks came to, so that a redelivery (after a reconnect,
+    /// before the server saw the result) is answered without running it again.
+    outcomes: Mutex<RecentOutcomes>,
+}
+
+/// Outcomes of the last [`RECENT_OUTCOMES`] tasks, by (incarnation, task id).
+#[derive(Default)]
+struct RecentOutcomes {
+    by_task: HashMap<(String, u64), Outcome>,
+    order: VecDeque<(String, u64)>,
+}
+
+/// How many outcomes a client remembers for redeliveries.
+const RECENT_OUTCOMES: usize = 4096;
+
+impl RecentOutcomes {
+    fn get(&self, key: &(String, u64)) -> Option<Outcome> {
+        self.by_task.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: (String, u64), outcome: Outcome) {
+        if self.by_task.insert(key.clone(), outcome).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > RECENT_OUTCOMES {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_task.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl Progress {
@@ -195,6 +226,8 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
     let (task_tx, task_rx) = crossbeam_channel::bounded(256);
     let receiver = spawn("task-receiver", move || receive_tasks(tasks, task_tx, stop_rx))?;
 
+    // Counted before the result sender takes the carried results over.
+    let base = progress.acked() + progress.carried();
     let (result_tx, result_rx) = crossbeam_channel::bounded(4096);
     let results = {
         let (client, opt, progress) = (client.clone(), opt.clone(), progress.clone());
@@ -214,9 +247,11 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
         })?;
     }
 
-    let end = work(cfg, shutdown, progress, &task_rx, &result_tx);
+    let end = work(cfg, shutdown, progress, base, &task_rx, &result_tx);
     status_stop.trigger();
     drop(stop_tx);
+    // Unblocks a receiver waiting for room in the channel.
+    drop(task_rx);
     drop(result_tx);
     let acked = results.join().unwrap_or_else(|_| Err(grpcio::Error::RemoteStopped));
     let received = receiver.join().unwrap_or(Ok(()));
@@ -229,9 +264,9 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
 
 /// The worker: handles tasks until the stream ends, the client is told to
 /// stop, or `max_tasks` results are on their way.
-fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Receiver<ServerMsg>, results: &Sender<ResultMsg>) -> End {
-    // Results carried over from a broken connection count as handled.
-    let base = progress.acked() + progress.carried();
+/// `base` counts the results acknowledged or carried over from a broken
+/// connection before this session started.
+fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, base: u64, tasks: &Receiver<ServerMsg>, results: &Sender<ResultMsg>) -> End {
     let mut handled = 0u64;
     loop {
         if cfg.max_tasks.is_some_and(|max| base + handled >= max) {
@@ -249,7 +284,21 @@ fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Re
         } else {
             log::info!("task {}: {}", task.task_id, task.task);
         }
-        let outcome = cfg.handler.handle(&task.task);
+        let key = (task.incarnation.clone(), task.task_id);
+        let known = (task.attempt > 1 && task.task_id != 0)
+            .then(|| progress.outcomes.lock().unwrap_or_else(|e| e.into_inner()).get(&key))
+            .flatten();
+        let outcome = match known {
+            Some(o) => {
+                log::info!("task {} was handled before this redelivery; reporting the same result", task.task_id);
+                o
+            }
+            None => cfg.handler.handle(&task.task),
+        };
+        // A refusal asked for another try: that one is not remembered.
+        if task.task_id != 0 && !outcome.retry {
+            progress.outcomes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, outcome.clone());
+        }
         log::info!("task {} {}: {}", task.task_id, if outcome.ok { "done" } else { "failed" }, outcome.output);
         let result = ResultMsg {
             ret: outcome.output,
@@ -257,6 +306,7 @@ fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, tasks: &Re
             ok: outcome.ok,
             retry: outcome.retry,
             attempt: task.attempt,
+            incarnation: task.incarnation.clone(),
             ..Default::default()
         };
         if let Err(unsent) = results.send(result) {
@@ -328,17 +378,19 @@ impl OpenCall {
         Ok(OpenCall { sender, receiver, sent: vec![], opened: Instant::now() })
     }
 
-    /// Writes a batch, buffering all but the last message.
+    /// Writes a batch, buffering all but the last message. The batch counts
+    /// as carried by the call even if writing fails, so it is kept either way.
     fn send(&mut self, batch: Vec<ResultMsg>) -> grpcio::Result<()> {
+        let start = self.sent.len();
+        self.sent.extend(batch);
+        let (sender, batch) = (&mut self.sender, &self.sent[start..]);
         let last = batch.len().saturating_sub(1);
         block_on(async {
             for (i, r) in batch.iter().enumerate() {
-                self.sender.feed((r.clone(), WriteFlags::default().buffer_hint(i < last))).await?;
+                sender.feed((r.clone(), WriteFlags::default().buffer_hint(i < last))).await?;
             }
-            self.sender.flush().await
-        })?;
-        self.sent.extend(batch);
-        Ok(())
+            sender.flush().await
+        })
     }
 
     /// Completes the call; its answer acknowledges every result it carried.
@@ -392,10 +444,7 @@ fn result_loop(
     let carried = progress.take_carried();
     if !carried.is_empty() {
         log::info!("sending {} results again that were not acknowledged", carried.len());
-        let c = call.insert(OpenCall::open(client, opt())?);
-        for chunk in carried.chunks(256) {
-            c.send(chunk.to_vec())?;
-        }
+        send_batch(client, opt, call, carried, progress)?;
     }
     loop {
         let next = match call.as_ref() {
@@ -414,17 +463,35 @@ fn result_loop(
                 }
             }
         };
-        if call.is_none() {
-            *call = Some(OpenCall::open(client, opt())?);
-        }
-        let c = call.as_mut().expect("opened above");
-        let room = ack_every.saturating_sub(c.sent.len() as u64).clamp(1, 256) as usize;
+        let in_call = call.as_ref().map_or(0, |c| c.sent.len() as u64);
+        let room = ack_every.saturating_sub(in_call).clamp(1, 256) as usize;
         let batch: Vec<ResultMsg> = std::iter::once(first).chain(rx.try_iter().take(room - 1)).collect();
-        c.send(batch)?;
-        if c.sent.len() as u64 >= ack_every {
+        send_batch(client, opt, call, batch, progress)?;
+        if call.as_ref().is_some_and(|c| c.sent.len() as u64 >= ack_every) {
             call.take().expect("open").finish(progress)?;
         }
     }
+}
+
+/// Sends a batch on the open call, opening one if needed; on failure nothing
+/// of the batch is lost (it is in the call's `sent`, or carried over).
+fn send_batch(
+    client: &ContactClient,
+    opt: &dyn Fn() -> CallOption,
+    call: &mut Option<OpenCall>,
+    batch: Vec<ResultMsg>,
+    progress: &Progress,
+) -> grpcio::Result<()> {
+    if call.is_none() {
+        match OpenCall::open(client, opt()) {
+            Ok(c) => *call = Some(c),
+            Err(e) => {
+                progress.carry(batch);
+                return Err(e);
+            }
+        }
+    }
+    call.as_mut().expect("opened above").send(batch)
 }
 
 /// Sends a status message every `every` and logs the server's replies.

@@ -54,6 +54,9 @@ pub struct DispatchConfig {
     /// A client with an id that shows no sign of life (status, result) for
     /// this long is declared gone; `None` leaves it to HTTP/2 keepalive.
     pub client_timeout: Option<Duration>,
+    /// A disconnected client with an id is forgotten (its resume point and
+    /// unanswered broadcast tasks with it) after this long.
+    pub forget_after: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -66,6 +69,7 @@ impl Default for DispatchConfig {
             ack_timeout: Duration::from_secs(60),
             max_attempts: 5,
             client_timeout: Some(Duration::from_secs(30)),
+            forget_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -93,12 +97,17 @@ pub struct Answer {
     /// With `ok == false`: the client asks for the task to be tried again.
     pub retry: bool,
     pub output: String,
+    /// The incarnation the task came from (empty from a seed client).
+    pub incarnation: String,
 }
 
 struct InFlight {
     delivery: Delivery,
     sent_at: Instant,
 }
+
+/// How long a disconnected seed client's late answers are still matched.
+const EPHEMERAL_LINGER: Duration = Duration::from_secs(30);
 
 /// How many recently accepted (task, attempt) pairs a client remembers, to
 /// recognise a result it sends again after a lost acknowledgement.
@@ -142,6 +151,8 @@ struct State {
     closed: bool,
     /// Dead letters not yet taken by the server for recording.
     dead: Vec<DeadLetter>,
+    /// This state's identity: task ids are only meaningful within it.
+    incarnation: String,
 }
 
 /// Shared by the producer, every gRPC handler and the clock thread.
@@ -185,6 +196,7 @@ impl Dispatcher {
             next_session: 1,
             closed: false,
             dead: vec![],
+            incarnation: format!("{:016x}", fastrand::u64(..)),
         };
         Dispatcher { config, state: Mutex::new(state), sink, durable, publishing: Mutex::new(()) }
     }
@@ -270,16 +282,23 @@ impl Dispatcher {
         if c.session.as_ref().map(|(id, _)| *id) != Some(session) {
             return;
         }
-        c.session = None;
-        st.registry.disconnect(client);
-        log::info!("client {client} disconnected");
-        self.forget_if_done(st, client);
-        // In queue mode its tasks go to others now; in broadcast they wait for
-        // it to come back (and for late answers on its result stream).
-        if self.config.mode == Mode::Queue {
-            self.take_back_all(st, client, "client disconnected");
-        }
+        self.end_session(st, client, "client disconnected");
         self.pump_all(st);
+    }
+
+    /// A client's stream is over (gone, declared gone, or unwritable): in queue
+    /// mode its tasks go to others now; in broadcast they wait for it to come
+    /// back (and for late answers on its result stream).
+    fn end_session(&self, st: &mut State, client: &str, why: &str) {
+        let Some(c) = st.clients.get_mut(client) else { return };
+        c.session = None;
+        c.last_seen = Instant::now();
+        st.registry.disconnect(client);
+        log::info!("client {client}: {why}");
+        if self.config.mode == Mode::Queue {
+            self.take_back_all(st, client, why);
+        }
+        self.forget_if_done(st, client);
     }
 
     /// A result stream of `client` ended: forget a seed client that has no
@@ -328,8 +347,13 @@ impl Dispatcher {
         added
     }
 
-    /// Judges a client's answer and returns what to record: `None` for an
-    /// exact resend of an accepted result (acknowledged again, recorded once).
+    /// Judges a client's answer, records it through the sink (if the
+    /// dispatcher has one) and returns the record: `None` for an exact resend
+    /// of an accepted result (acknowledged again, recorded once).
+    ///
+    /// An answer counts if it is for the task's current attempt, or for an
+    /// earlier attempt of the client that holds the current one (its answer
+    /// crossed a redelivery to itself, e.g. a resend after a reconnect).
     pub fn complete(&self, client: &str, answer: Answer) -> Option<ResultRecord> {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -337,10 +361,21 @@ impl Dispatcher {
         if let Some(c) = st.clients.get_mut(client) {
             c.last_seen = Instant::now();
         }
-        let outcome = match self.config.mode {
-            Mode::Broadcast => self.complete_broadcast(st, client, answer),
-            Mode::Queue => self.complete_queue(st, client, answer),
+        let outcome = if !answer.incarnation.is_empty() && answer.incarnation != st.incarnation {
+            // A task id of another life of the server (restarted without its
+            // state): the same number may name a different task now.
+            stale(&st.log, client, Answer { task_id: 0, ..answer })
+        } else {
+            match self.config.mode {
+                Mode::Broadcast => self.complete_broadcast(st, client, answer),
+                Mode::Queue => self.complete_queue(st, client, answer),
+            }
         };
+        // Recorded under the lock, so that a snapshot never runs ahead of a
+        // result it already counts as answered.
+        if let (Some(sink), Some(r)) = (&self.sink, &outcome) {
+            sink.record(r.clone());
+        }
         self.forget_if_done(st, client);
         self.pump_all(st);
         outcome
@@ -357,13 +392,23 @@ impl Dispatcher {
                 f.delivery.task.id == answer.task_id && (answer.attempt == 0 || f.delivery.attempt == answer.attempt)
             })
         };
+        let superseded = |d: &Delivery| d.task.id == answer.task_id && answer.attempt != 0 && d.attempt > answer.attempt;
         let (delivery, latency) = match pos.and_then(|p| c.in_flight.remove(p)) {
             Some(f) => (f.delivery, Some(f.sent_at.elapsed())),
             None => {
-                // An answer to a delivery taken back but not yet sent again still counts.
-                let waiting = c.redeliver.iter().position(|d| d.task.id == answer.task_id && d.attempt == answer.attempt + 1);
-                match waiting.and_then(|p| c.redeliver.remove(p)) {
-                    Some(d) => (Delivery { task: d.task, attempt: answer.attempt }, None),
+                // An earlier attempt's answer, while this client holds (or is
+                // about to be sent) the task again, still counts.
+                let resent = c.in_flight.iter().position(|f| superseded(&f.delivery));
+                let later = match resent.and_then(|p| c.in_flight.remove(p)) {
+                    Some(f) => Some(f.delivery),
+                    None => c.redeliver.iter().position(superseded).and_then(|p| c.redeliver.remove(p)),
+                };
+                match later {
+                    Some(d) => {
+                        // Its answer to the later attempt will be a resend.
+                        c.remember(d.task.id, d.attempt);
+                        (Delivery { task: d.task, attempt: answer.attempt }, None)
+                    }
                     None if c.recent.contains(&(answer.task_id, answer.attempt)) => return None,
                     None => return stale(&st.log, client, answer),
                 }
@@ -400,11 +445,16 @@ impl Dispatcher {
             return if resent { None } else { stale(&st.log, client, answer) };
         }
         let q = st.queue.get(task_id).expect("current implies unfinished");
-        let delivery = Delivery { task: q.task.clone(), attempt: q.attempt };
+        let current = q.attempt;
+        let delivery = Delivery { task: q.task.clone(), attempt: if attempt == 0 { current } else { attempt } };
         let mut latency = None;
         if let Some(c) = st.clients.get_mut(client) {
             if let Some(p) = c.in_flight.iter().position(|f| f.delivery.task.id == task_id) {
                 latency = c.in_flight.remove(p).map(|f| f.sent_at.elapsed());
+            }
+            if delivery.attempt != current {
+                // Its answer to the current attempt will be a resend.
+                c.remember(task_id, current);
             }
         }
         st.registry.result_received(client, latency.is_some());
@@ -416,9 +466,7 @@ impl Dispatcher {
                 bury(st, self.sink.as_ref(), &delivery, client, format!("refused: {}", answer.output));
             } else {
                 // Held (or just released): make it available to everyone again.
-                if latency.is_some() {
-                    st.queue.release(task_id);
-                }
+                st.queue.release(task_id);
                 st.counters.redelivered += 1;
             }
         } else {
@@ -428,6 +476,11 @@ impl Dispatcher {
             }
         }
         Some(out)
+    }
+
+    /// The identity clients echo with their results (see `Answer::incarnation`).
+    pub fn incarnation(&self) -> String {
+        self.lock().incarnation.clone()
     }
 
     /// Notes a status message from `client` as a sign of life.
@@ -448,15 +501,24 @@ impl Dispatcher {
         let names: Vec<String> = st.clients.keys().cloned().collect();
         for name in names {
             let c = &st.clients[&name];
-            let silent = self.config.client_timeout.is_some_and(|t| {
-                c.session.is_some() && !c.ephemeral && now.duration_since(c.last_seen) > t
-            });
-            if silent {
-                log::warn!("client {name} silent for {:?}: declared gone", now.duration_since(c.last_seen));
-                let c = st.clients.get_mut(&name).expect("listed");
-                c.session = None;
-                st.registry.disconnect(&name);
-                self.take_back_all(st, &name, "client declared gone");
+            let idle = now.duration_since(c.last_seen);
+            if c.session.is_none() {
+                // Gone for good? A seed client cannot come back (its address
+                // changes); a named one is forgotten after `forget_after`.
+                if idle > if c.ephemeral { EPHEMERAL_LINGER } else { self.config.forget_after } {
+                    self.take_back_all(st, &name, "client forgotten");
+                    st.clients.remove(&name);
+                }
+                continue;
+            }
+            if self.config.client_timeout.is_some_and(|t| !c.ephemeral && idle > t) {
+                log::warn!("client {name} silent for {idle:?}: declared gone");
+                self.end_session(st, &name, "declared gone");
+                continue;
+            }
+            if c.ephemeral {
+                // A seed client's answers are matched by order: taking one
+                // delivery back would shift every later answer.
                 continue;
             }
             let expired: Vec<TaskId> = c
@@ -611,7 +673,7 @@ impl Dispatcher {
         let k = self.config.max_in_flight;
         let open: Vec<String> = st.clients.iter().filter(|(_, c)| c.session.is_some()).map(|(n, _)| n.clone()).collect();
         for name in &open {
-            while st.clients[name].in_flight.len() < k {
+            while st.clients.get(name).is_some_and(|c| c.session.is_some() && c.in_flight.len() < k) {
                 let Some((task, attempt)) = st.queue.take_for(name, true) else { break };
                 self.send_queued(st, name, task, attempt);
             }
@@ -619,8 +681,9 @@ impl Dispatcher {
         while st.queue.has_ready() {
             let best = open
                 .iter()
-                .filter(|n| st.clients[*n].in_flight.len() < k)
-                .min_by_key(|n| st.clients[*n].in_flight.len());
+                .filter_map(|n| st.clients.get(n).filter(|c| c.session.is_some() && c.in_flight.len() < k).map(|c| (n, c.in_flight.len())))
+                .min_by_key(|(_, held)| *held)
+                .map(|(n, _)| n);
             let Some(name) = best else { break };
             let Some((task, attempt)) = st.queue.take_for(name, false) else { break };
             self.send_queued(st, name, task, attempt);
@@ -634,7 +697,7 @@ impl Dispatcher {
         if !sent {
             // Its stream just went away: back to the queue for someone else.
             st.queue.release(delivery.task.id);
-            c.session = None;
+            self.end_session(st, client, "task stream closed");
             return;
         }
         log::debug!("task {} (attempt {attempt}) sent to {client}", delivery.task.id);

@@ -42,6 +42,8 @@ pub enum Record {
     Finished { task: TaskId },
     /// Snapshot: the next sequence number of the results and dead-letter files.
     Seq { next: u64 },
+    /// The identity of this state, echoed by clients with their results.
+    Incarnation { id: String },
 }
 
 /// The open journal of a state directory, locked against a second server.

@@ -34,6 +34,9 @@ const MAX_WRITE_BATCH: usize = 256;
 /// How long stopping waits for open calls to complete before cancelling them.
 const CALLS_DRAIN: Duration = Duration::from_secs(2);
 
+/// Stale results one `tellResult` call may carry before it is refused.
+const MAX_STALE_PER_CALL: usize = 10_000;
+
 /// How often ack deadlines and client liveness are checked.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -142,6 +145,7 @@ impl Contact for ContactService {
 
     fn get_task(&mut self, ctx: RpcContext, _req: Empty, mut sink: ServerStreamingSink<ServerMsg>) {
         let (client, ephemeral) = caller_or_reject!(ctx, sink);
+        let incarnation = self.dispatcher.incarnation();
         let Some((session, mut feed)) = self.dispatcher.attach(&client, &ctx.peer(), ephemeral) else {
             let status = RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, "the server is shutting down".into());
             ctx.spawn(async move {
@@ -151,7 +155,7 @@ impl Contact for ContactService {
         };
         let dispatcher = self.dispatcher.clone();
         ctx.spawn(async move {
-            let res = forward(&mut feed, &mut sink).await;
+            let res = forward(&mut feed, &mut sink, &incarnation).await;
             dispatcher.detach(&client, session);
             if let Err(e) = res {
                 log::debug!("task stream of {client} ended: {e}");
@@ -164,11 +168,25 @@ impl Contact for ContactService {
         let dispatcher = self.dispatcher.clone();
         let results = self.results.clone();
         ctx.spawn(async move {
+            let mut stale = 0usize;
             let res: grpcio::Result<()> = async {
                 while let Some(r) = stream.try_next().await? {
-                    let answer = Answer { task_id: r.task_id, attempt: r.attempt, ok: r.ok, retry: r.retry, output: r.ret };
-                    if let Some(record) = dispatcher.complete(&client, answer) {
-                        results.record(record);
+                    let answer = Answer {
+                        task_id: r.task_id,
+                        attempt: r.attempt,
+                        ok: r.ok,
+                        retry: r.retry,
+                        output: r.ret,
+                        incarnation: r.incarnation,
+                    };
+                    // Recorded by the dispatcher; a flood of results that answer
+                    // nothing is cut off rather than written to disk forever.
+                    if dispatcher.complete(&client, answer).is_some_and(|r| r.stale) {
+                        stale += 1;
+                        if stale > MAX_STALE_PER_CALL {
+                            let why = format!("more than {MAX_STALE_PER_CALL} results in one call answer no task");
+                            return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)));
+                        }
                     }
                 }
                 Ok(())
@@ -188,6 +206,10 @@ impl Contact for ContactService {
                     let status = RpcStatus::with_message(RpcStatusCode::INTERNAL, "results could not be recorded".into());
                     let _ = sink.fail(status).await;
                 }
+                (Err(grpcio::Error::RpcFailure(status)), _) if status.code() == RpcStatusCode::INVALID_ARGUMENT => {
+                    log::warn!("result stream of {client} refused: {}", status.message());
+                    let _ = sink.fail(status).await;
+                }
                 (Err(e), _) => log::debug!("result stream of {client} ended: {e}"),
             }
         });
@@ -196,7 +218,7 @@ impl Contact for ContactService {
 
 /// Writes the feed's deliveries into the stream, a batch per flush, until the
 /// dispatcher ends the feed (clean end) or the client goes away (error).
-async fn forward(feed: &mut TaskFeed, sink: &mut ServerStreamingSink<ServerMsg>) -> grpcio::Result<()> {
+async fn forward(feed: &mut TaskFeed, sink: &mut ServerStreamingSink<ServerMsg>, incarnation: &str) -> grpcio::Result<()> {
     loop {
         // Wait for a delivery, but notice a vanished client even when idle:
         // polling the sink's readiness watches the call's end.
@@ -217,7 +239,13 @@ async fn forward(feed: &mut TaskFeed, sink: &mut ServerStreamingSink<ServerMsg>)
         }
         let last = batch.len() - 1;
         for (i, d) in batch.into_iter().enumerate() {
-            let msg = ServerMsg { task: d.task.text.clone(), task_id: d.task.id, attempt: d.attempt, ..Default::default() };
+            let msg = ServerMsg {
+                task: d.task.text.clone(),
+                task_id: d.task.id,
+                attempt: d.attempt,
+                incarnation: incarnation.to_string(),
+                ..Default::default()
+            };
             // Buffer all but the last write of a batch; the flush sends them together.
             sink.feed((msg, WriteFlags::default().buffer_hint(i < last))).await?;
         }

@@ -94,11 +94,12 @@ impl WorkQueue {
         self.enqueue(id, target, true);
     }
 
-    /// Whether `(client, attempt)` is the task's current delivery, held or just released.
+    /// Whether an answer from `client` to `attempt` counts: the task is
+    /// unfinished and its current attempt (held or just released) went to
+    /// that client — an earlier attempt of the same client counts too, since
+    /// nobody else has the task.
     pub fn is_current(&self, id: TaskId, client: &str, attempt: u32) -> bool {
-        self.unfinished.get(&id).is_some_and(|q| {
-            (attempt == 0 || q.attempt == attempt) && q.last_holder.as_deref() == Some(client)
-        })
+        self.unfinished.get(&id).is_some_and(|q| attempt <= q.attempt && q.last_holder.as_deref() == Some(client))
     }
 
     /// The unfinished task with this id.

@@ -69,6 +69,7 @@ impl Dispatcher {
         let (mut first, mut next) = (1, 1);
         let mut tasks: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
         let mut last_sent: HashMap<TaskId, (String, u32)> = HashMap::new();
+        let mut incarnation = None;
         let mut seen = Seen { queue_mode, ..Default::default() };
         for r in records {
             match r {
@@ -111,11 +112,15 @@ impl Dispatcher {
                     }
                 }
                 Record::Seq { .. } => {}
+                Record::Incarnation { id } => incarnation = Some(id.clone()),
             }
         }
 
         let mut guard = self.lock();
         let st: &mut State = &mut guard;
+        if let Some(id) = incarnation {
+            st.incarnation = id;
+        }
         st.log = TaskLog::starting_at(first, self.config.retain);
         for (id, task) in tasks.range(first..) {
             if *id != st.log.next_id() {
@@ -168,8 +173,10 @@ impl Dispatcher {
     /// and queued under the state lock, so no later change can precede it.
     pub fn compact(&self) {
         let Some(sink) = self.sink.as_ref().filter(|_| self.durable) else { return };
+        // Not between a producer's journaled tasks and their publication.
+        let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let st = self.lock();
-        let mut out = vec![Record::Window { first: st.log.first_id(), next: st.log.next_id() }];
+        let mut out = vec![Record::Incarnation { id: st.incarnation.clone() }, Record::Window { first: st.log.first_id(), next: st.log.next_id() }];
         let task_record = |t: &Task| Record::Task { id: t.id, text: t.text.clone(), target: t.target.clone() };
         out.extend(st.log.iter().map(|t| task_record(t)));
         let mut queued: Vec<_> = st.queue.iter().collect();
@@ -185,6 +192,9 @@ impl Dispatcher {
         if self.config.mode == Mode::Queue {
             out.extend(st.log.iter().filter(|t| st.queue.get(t.id).is_none()).map(|t| Record::Finished { task: t.id }));
         }
+        // Task records must precede the records that name them.
+        let mut early: Vec<Record> = vec![];
+        let mut written_early: HashSet<TaskId> = HashSet::new();
         let mut names: Vec<&String> = st.clients.iter().filter(|(_, c)| !c.ephemeral).map(|(n, _)| n).collect();
         names.sort();
         for name in names {
@@ -193,6 +203,13 @@ impl Dispatcher {
                 out.push(Record::Done { task: *task, client: name.clone(), attempt: *attempt });
             }
             if self.config.mode == Mode::Broadcast {
+                // Tasks it still has to answer, even those past the retained history.
+                let held = c.in_flight.iter().map(|f| &f.delivery).chain(c.redeliver.iter());
+                for d in held.filter(|d| d.task.id < st.log.first_id()) {
+                    if written_early.insert(d.task.id) {
+                        early.push(task_record(&d.task));
+                    }
+                }
                 out.push(Record::Cursor { client: name.clone(), next: c.cursor });
                 for f in &c.in_flight {
                     out.push(Record::Sent { task: f.delivery.task.id, client: name.clone(), attempt: f.delivery.attempt });
@@ -203,6 +220,7 @@ impl Dispatcher {
                 }
             }
         }
+        out.splice(2..2, early);
         sink.compact(out);
     }
 }

@@ -13,7 +13,7 @@ fn drain_attempts(feed: &TaskFeed) -> Vec<(TaskId, u32)> {
 }
 
 fn ok(task_id: TaskId, attempt: u32) -> Answer {
-    Answer { task_id, attempt, ok: true, retry: false, output: "done".into() }
+    Answer { task_id, attempt, ok: true, retry: false, output: "done".into(), incarnation: String::new() }
 }
 
 fn queue(k: usize) -> Dispatcher {
@@ -55,7 +55,7 @@ fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
     let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true).unwrap();
     d.publish(tasks(&["a", "b"]));
     assert_eq!(drain(&feed), vec![1, 2]);
-    let seed = Answer { task_id: 0, attempt: 0, ok: false, retry: false, output: "x".into() };
+    let seed = Answer { task_id: 0, attempt: 0, ok: false, retry: false, output: "x".into(), incarnation: String::new() };
     let r1 = d.complete("ipv4:1.2.3.4:5", seed.clone()).unwrap();
     // The task stream ends before the last result arrives: it still matches.
     d.detach("ipv4:1.2.3.4:5", session);
@@ -125,10 +125,39 @@ fn broadcast_resume_delivers_only_what_was_not_answered() {
     d.publish(tasks(&["4"]));
     let (_, feed) = d.attach("a", "p", false).unwrap();
     assert_eq!(drain_attempts(&feed), vec![(2, 2), (4, 1)]);
-    // The old attempt's answer, resent after the reconnect, still counts once.
+    // The old attempt's answer, resent after the reconnect, counts (the task
+    // went to nobody else); the answer to the redelivery is then a resend.
     let late = d.complete("a", ok(2, 1)).unwrap();
-    assert!(late.stale, "attempt 1 was superseded by the redelivery already sent");
-    assert!(d.complete("a", ok(2, 2)).unwrap().accepted);
+    assert!(late.accepted && late.attempt == 1);
+    assert_eq!(d.complete("a", ok(2, 2)), None);
+    assert_eq!(d.in_flight(), 1, "only task 4 is still out");
+}
+
+#[test]
+fn queue_an_earlier_attempts_answer_from_the_holder_counts_once() {
+    let d = queue(10);
+    let (s, a) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    drain(&a);
+    d.detach("a", s);
+    let (_, a) = d.attach("a", "p", false).unwrap();
+    assert_eq!(drain_attempts(&a), vec![(1, 2)]);
+    assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
+    assert_eq!(d.complete("a", ok(1, 2)), None);
+    assert_eq!(d.unfinished(), 0);
+}
+
+#[test]
+fn results_for_another_incarnation_are_stale() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let (_, feed) = d.attach("a", "p", false).unwrap();
+    d.publish(tasks(&["1"]));
+    drain(&feed);
+    let other = Answer { incarnation: "0000000000000bad".into(), ..ok(1, 1) };
+    let r = d.complete("a", other).unwrap();
+    assert!(r.stale && r.task_id.is_none());
+    let mine = Answer { incarnation: d.incarnation(), ..ok(1, 1) };
+    assert!(d.complete("a", mine).unwrap().accepted);
 }
 
 #[test]
@@ -243,7 +272,7 @@ fn a_refusal_with_retry_goes_to_another_attempt_then_the_dead_letters() {
     let d = queue(10);
     let (_, a) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1"]));
-    let refuse = |attempt| Answer { task_id: 1, attempt, ok: false, retry: true, output: "busy".into() };
+    let refuse = |attempt| Answer { task_id: 1, attempt, ok: false, retry: true, output: "busy".into(), incarnation: String::new() };
     for attempt in 1..=3 {
         assert_eq!(drain_attempts(&a), vec![(1, attempt)]);
         let r = d.complete("a", refuse(attempt)).unwrap();
@@ -261,7 +290,7 @@ fn a_failure_without_retry_is_the_tasks_answer() {
     let (_, a) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1"]));
     drain(&a);
-    let r = d.complete("a", Answer { task_id: 1, attempt: 1, ok: false, retry: false, output: "no".into() }).unwrap();
+    let r = d.complete("a", Answer { task_id: 1, attempt: 1, ok: false, retry: false, output: "no".into(), incarnation: String::new() }).unwrap();
     assert!(r.accepted && !r.ok);
     assert_eq!(d.unfinished(), 0);
 }
