@@ -194,3 +194,36 @@ fn a_damaged_journal_is_refused_and_a_torn_tail_is_trimmed() {
     assert_eq!(server.dispatcher().unfinished(), 2, "tasks 1 and 2 survive; the torn third is dropped");
     server.stop().unwrap();
 }
+
+#[test]
+fn a_redelivery_after_a_restart_is_answered_without_running_the_task_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (first, second) = (dir.path().join("first.jsonl"), dir.path().join("second.jsonl"));
+    let runs = dir.path().join("runs.txt");
+    let mut config = durable_config(&state, &first, Mode::Broadcast);
+    config.grace = std::time::Duration::from_millis(200);
+    let server = start_server(config);
+    let port = server.port();
+    publish(&server, "t", 2);
+    let stop = Shutdown::new();
+    let mut c = client_config(port, "careful");
+    let script = format!("echo $0 >> {}; sleep 0.5; echo ran $0", runs.display());
+    c.handler = contact::handler::Handler::exec(&format!("sh -c '{script}'"), 100).unwrap();
+    let client = spawn_client(c, &stop);
+    wait_for("the first task to start", || std::fs::read_to_string(&runs).is_ok_and(|r| !r.is_empty()));
+    // Stop while the task runs: its result cannot be reported to this server.
+    server.stop().unwrap();
+
+    let mut config = durable_config(&state, &second, Mode::Broadcast);
+    config.listen = format!("127.0.0.1:{port}");
+    let server = start_server(config);
+    wait_for("both tasks answered", || accepted_per_task(&read_results(&second)).len() == 2);
+    stop.trigger();
+    client.join().unwrap();
+    server.stop().unwrap();
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "t-0\nt-1\n", "each task ran once");
+    let results = read_results(&second);
+    assert!(results.iter().all(|r| r["stale"] == false), "{results:?}");
+    assert_eq!(accepted_per_task(&results).values().copied().collect::<Vec<_>>(), vec![1, 1]);
+}
