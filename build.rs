@@ -15,7 +15,10 @@ fn main() {
     let path = env::var_os("PATH").unwrap_or_default();
     let mut dirs = vec![protoc_dir.to_path_buf()];
     dirs.extend(env::split_paths(&path));
-    env::set_var("PATH", env::join_paths(dirs).expect("PATH entries are joinable"));
+    env::set_var(
+        "PATH",
+        env::join_paths(dirs).expect("PATH entries are joinable"),
+    );
 
     protoc_grpcio::compile_grpc_protos(&["contact.proto"], &["proto"], &out_dir, None)
         .expect("generating Rust code from proto/contact.proto");

@@ -84,7 +84,9 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
     c.ack_interval = flags.ack_interval;
     if flags.keepalive < contact::server::MIN_CLIENT_PING {
         let min = contact::server::MIN_CLIENT_PING.as_secs_f64();
-        return Err(contact::Error::Usage(format!("--keepalive: servers refuse pings more often than every {min}s")));
+        return Err(contact::Error::Usage(format!(
+            "--keepalive: servers refuse pings more often than every {min}s"
+        )));
     }
     c.keepalive = flags.keepalive;
     Ok(c)

@@ -51,7 +51,12 @@ struct Flags {
     dead_letter: Option<PathBuf>,
     /// Keep tasks, deliveries and results durably in DIR (fsync'd journal), so
     /// that a restarted server, even after kill -9, loses nothing it accepted.
-    #[arg(long, value_name = "DIR", default_value = "contact-state", conflicts_with = "no_state")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "contact-state",
+        conflicts_with = "no_state"
+    )]
     state_dir: PathBuf,
     /// Keep all state in memory only (lost when the server stops).
     #[arg(long)]
@@ -106,7 +111,10 @@ fn main() {
     }
     if flags.generate.is_some() || sources.is_empty() {
         let count = flags.generate.unwrap_or(10) as usize;
-        sources.push(TaskSource::Generate { count, every: flags.every });
+        sources.push(TaskSource::Generate {
+            count,
+            every: flags.every,
+        });
     }
     let config = ServerConfig {
         listen: flags.listen,

@@ -15,7 +15,11 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `initial`, doubles per failure, never exceeds `max`.
     pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff { initial, max: max.max(initial), attempt: 0 }
+        Backoff {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+        }
     }
 
     /// The delay before the next attempt.

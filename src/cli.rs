@@ -21,7 +21,10 @@ pub fn init_logging() {
 
 /// Parses a duration in seconds (`5`, `0.25`) for flags like `--every`.
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
         return Err(format!("{s:?} must be a number of seconds greater than 0"));
     }
@@ -40,7 +43,8 @@ pub fn parse_positive(s: &str) -> Result<u64, String> {
 /// (status 130), for an operator who does not want to wait.
 pub fn stop_on_signals(shutdown: &Shutdown) -> Result<(), Error> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(Error::Thread)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(Error::Thread)?;
     let shutdown = shutdown.clone();
     std::thread::Builder::new()
         .name("signals".into())

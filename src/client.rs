@@ -20,11 +20,11 @@ use futures::executor::block_on;
 use futures::future::{self, Either};
 use futures::{SinkExt, StreamExt};
 use grpcio::{
-    CallOption, Channel, ChannelBuilder, ClientCStreamReceiver, ClientCStreamSender, ClientSStreamReceiver,
-    ConnectivityState, EnvBuilder, Environment, WriteFlags,
+    CallOption, Channel, ChannelBuilder, ClientCStreamReceiver, ClientCStreamSender,
+    ClientSStreamReceiver, ConnectivityState, EnvBuilder, Environment, WriteFlags,
 };
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -77,7 +77,11 @@ impl ClientConfig {
 pub fn default_client_id() -> String {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     let host: String = host.chars().filter(|c| c.is_ascii_graphic()).collect();
-    let host = if host.is_empty() { "client".to_string() } else { host };
+    let host = if host.is_empty() {
+        "client".to_string()
+    } else {
+        host
+    };
     format!("{host}-{}", std::process::id())
 }
 
@@ -175,7 +179,12 @@ enum End {
 /// again. Only an unusable configuration is.
 pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, Error> {
     proto::validate_client_id(&config.id).map_err(|e| Error::Usage(format!("--id: {e}")))?;
-    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("contact-client").build());
+    let env = Arc::new(
+        EnvBuilder::new()
+            .cq_count(1)
+            .name_prefix("contact-client")
+            .build(),
+    );
     let progress = Arc::new(Progress::default());
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     let done = |p: &Progress| config.max_tasks.is_some_and(|max| p.acked() >= max);
@@ -193,17 +202,30 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
             break;
         }
         let delay = backoff.next_delay();
-        log::info!("dialling {} again in {:.1}s", config.server, delay.as_secs_f64());
+        log::info!(
+            "dialling {} again in {:.1}s",
+            config.server,
+            delay.as_secs_f64()
+        );
         if shutdown.wait_timeout(delay) {
             break;
         }
     }
     let report = progress.report();
-    log::info!("client {} stopping: {} results acknowledged", config.id, report.acknowledged);
+    log::info!(
+        "client {} stopping: {} results acknowledged",
+        config.id,
+        report.acknowledged
+    );
     Ok(report)
 }
 
-fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, progress: &Arc<Progress>) -> Result<End, String> {
+fn session(
+    env: &Arc<Environment>,
+    cfg: &ClientConfig,
+    shutdown: &Shutdown,
+    progress: &Arc<Progress>,
+) -> Result<End, String> {
     let channel = ChannelBuilder::new(env.clone())
         .keepalive_time(cfg.keepalive)
         .keepalive_timeout(Duration::from_secs(10))
@@ -213,18 +235,24 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
         .http2_max_pings_without_data(0)
         .max_receive_message_len(1 << 20)
         .connect(&cfg.server);
-    wait_connected(&channel, cfg.connect_timeout).map_err(|why| format!("cannot reach server {}: {why}", cfg.server))?;
+    wait_connected(&channel, cfg.connect_timeout)
+        .map_err(|why| format!("cannot reach server {}: {why}", cfg.server))?;
     progress.connections.fetch_add(1, Ordering::SeqCst);
     log::info!("connected to {} as {}", cfg.server, cfg.id);
     let client = ContactClient::new(channel);
-    let md = proto::client_id_metadata(&cfg.id).map_err(|e| format!("client id {:?}: {e}", cfg.id))?;
+    let md =
+        proto::client_id_metadata(&cfg.id).map_err(|e| format!("client id {:?}: {e}", cfg.id))?;
     let opt = move || CallOption::default().headers(md.clone());
     let lost = |what: &str, e: grpcio::Error| format!("{what} to {} failed: {e}", cfg.server);
 
-    let tasks = client.get_task_opt(&Empty::new(), opt()).map_err(|e| lost("registering", e))?;
+    let tasks = client
+        .get_task_opt(&Empty::new(), opt())
+        .map_err(|e| lost("registering", e))?;
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
     let (task_tx, task_rx) = crossbeam_channel::bounded(256);
-    let receiver = spawn("task-receiver", move || receive_tasks(tasks, task_tx, stop_rx))?;
+    let receiver = spawn("task-receiver", move || {
+        receive_tasks(tasks, task_tx, stop_rx)
+    })?;
 
     // Counted before the result sender takes the carried results over.
     let base = progress.acked() + progress.carried();
@@ -232,12 +260,15 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
     let results = {
         let (client, opt, progress) = (client.clone(), opt.clone(), progress.clone());
         let policy = (cfg.ack_every.max(1), cfg.ack_interval);
-        spawn("result-sender", move || send_results(&client, &opt, &result_rx, &progress, policy))?
+        spawn("result-sender", move || {
+            send_results(&client, &opt, &result_rx, &progress, policy)
+        })?
     };
 
     let status_stop = Shutdown::new();
     {
-        let (client, opt, stop, every) = (client.clone(), opt(), status_stop.clone(), cfg.status_every);
+        let (client, opt, stop, every) =
+            (client.clone(), opt(), status_stop.clone(), cfg.status_every);
         let progress = progress.clone();
         // Not joined: a status write to a dead server may hang until the channel gives up.
         spawn("status-sender", move || {
@@ -253,11 +284,15 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
     // Unblocks a receiver waiting for room in the channel.
     drop(task_rx);
     drop(result_tx);
-    let acked = results.join().unwrap_or_else(|_| Err(grpcio::Error::RemoteStopped));
+    let acked = results
+        .join()
+        .unwrap_or_else(|_| Err(grpcio::Error::RemoteStopped));
     let received = receiver.join().unwrap_or(Ok(()));
     acked.map_err(|e| lost("reporting results", e))?;
     match end {
-        End::StreamClosed => received.map_err(|e| lost("the task stream", e)).map(|()| End::StreamClosed),
+        End::StreamClosed => received
+            .map_err(|e| lost("the task stream", e))
+            .map(|()| End::StreamClosed),
         End::Finished => Ok(End::Finished),
     }
 }
@@ -266,7 +301,14 @@ fn session(env: &Arc<Environment>, cfg: &ClientConfig, shutdown: &Shutdown, prog
 /// stop, or `max_tasks` results are on their way.
 /// `base` counts the results acknowledged or carried over from a broken
 /// connection before this session started.
-fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, base: u64, tasks: &Receiver<ServerMsg>, results: &Sender<ResultMsg>) -> End {
+fn work(
+    cfg: &ClientConfig,
+    shutdown: &Shutdown,
+    progress: &Progress,
+    base: u64,
+    tasks: &Receiver<ServerMsg>,
+    results: &Sender<ResultMsg>,
+) -> End {
     let mut handled = 0u64;
     loop {
         if cfg.max_tasks.is_some_and(|max| base + handled >= max) {
@@ -280,26 +322,49 @@ fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, base: u64,
             recv(shutdown.receiver()) -> _ => return End::Finished,
         };
         if task.attempt > 1 {
-            log::info!("task {} (attempt {}): {}", task.task_id, task.attempt, task.task);
+            log::info!(
+                "task {} (attempt {}): {}",
+                task.task_id,
+                task.attempt,
+                task.task
+            );
         } else {
             log::info!("task {}: {}", task.task_id, task.task);
         }
         let key = (task.incarnation.clone(), task.task_id);
         let known = (task.attempt > 1 && task.task_id != 0)
-            .then(|| progress.outcomes.lock().unwrap_or_else(|e| e.into_inner()).get(&key))
+            .then(|| {
+                progress
+                    .outcomes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&key)
+            })
             .flatten();
         let outcome = match known {
             Some(o) => {
-                log::info!("task {} was handled before this redelivery; reporting the same result", task.task_id);
+                log::info!(
+                    "task {} was handled before this redelivery; reporting the same result",
+                    task.task_id
+                );
                 o
             }
             None => cfg.handler.handle(&task.task),
         };
         // A refusal asked for another try: that one is not remembered.
         if task.task_id != 0 && !outcome.retry {
-            progress.outcomes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, outcome.clone());
+            progress
+                .outcomes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, outcome.clone());
         }
-        log::info!("task {} {}: {}", task.task_id, if outcome.ok { "done" } else { "failed" }, outcome.output);
+        log::info!(
+            "task {} {}: {}",
+            task.task_id,
+            if outcome.ok { "done" } else { "failed" },
+            outcome.output
+        );
         let result = ResultMsg {
             ret: outcome.output,
             task_id: task.task_id,
@@ -319,8 +384,14 @@ fn work(cfg: &ClientConfig, shutdown: &Shutdown, progress: &Progress, base: u64,
     }
 }
 
-fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>, String> {
-    std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| format!("cannot start a thread: {e}"))
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| format!("cannot start a thread: {e}"))
 }
 
 /// Waits until the channel is connected; fails fast on a refused connection.
@@ -330,7 +401,9 @@ fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
         let state = channel.check_connectivity_state(true);
         match state {
             ConnectivityState::GRPC_CHANNEL_READY => return Ok(()),
-            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => return Err("connection failed".into()),
+            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => {
+                return Err("connection failed".into())
+            }
             ConnectivityState::GRPC_CHANNEL_SHUTDOWN => return Err("channel shut down".into()),
             _ => {}
         }
@@ -375,7 +448,12 @@ struct OpenCall {
 impl OpenCall {
     fn open(client: &ContactClient, opt: CallOption) -> grpcio::Result<OpenCall> {
         let (sender, receiver) = client.tell_result_opt(opt)?;
-        Ok(OpenCall { sender, receiver, sent: vec![], opened: Instant::now() })
+        Ok(OpenCall {
+            sender,
+            receiver,
+            sent: vec![],
+            opened: Instant::now(),
+        })
     }
 
     /// Writes a batch, buffering all but the last message. The batch counts
@@ -387,7 +465,9 @@ impl OpenCall {
         let last = batch.len().saturating_sub(1);
         block_on(async {
             for (i, r) in batch.iter().enumerate() {
-                sender.feed((r.clone(), WriteFlags::default().buffer_hint(i < last))).await?;
+                sender
+                    .feed((r.clone(), WriteFlags::default().buffer_hint(i < last)))
+                    .await?;
             }
             sender.flush().await
         })
@@ -396,10 +476,13 @@ impl OpenCall {
     /// Completes the call; its answer acknowledges every result it carried.
     /// On failure the results are kept for the next connection.
     fn finish(mut self, progress: &Progress) -> grpcio::Result<()> {
-        let done = block_on(self.sender.close()).and_then(|()| block_on(&mut self.receiver).map(|_| ()));
+        let done =
+            block_on(self.sender.close()).and_then(|()| block_on(&mut self.receiver).map(|_| ()));
         match done {
             Ok(()) => {
-                progress.acknowledged.fetch_add(self.sent.len() as u64, Ordering::SeqCst);
+                progress
+                    .acknowledged
+                    .fetch_add(self.sent.len() as u64, Ordering::SeqCst);
                 log::debug!("{} results acknowledged", self.sent.len());
                 Ok(())
             }
@@ -443,7 +526,10 @@ fn result_loop(
 ) -> grpcio::Result<()> {
     let carried = progress.take_carried();
     if !carried.is_empty() {
-        log::info!("sending {} results again that were not acknowledged", carried.len());
+        log::info!(
+            "sending {} results again that were not acknowledged",
+            carried.len()
+        );
         send_batch(client, opt, call, carried, progress)?;
     }
     loop {
@@ -465,9 +551,14 @@ fn result_loop(
         };
         let in_call = call.as_ref().map_or(0, |c| c.sent.len() as u64);
         let room = ack_every.saturating_sub(in_call).clamp(1, 256) as usize;
-        let batch: Vec<ResultMsg> = std::iter::once(first).chain(rx.try_iter().take(room - 1)).collect();
+        let batch: Vec<ResultMsg> = std::iter::once(first)
+            .chain(rx.try_iter().take(room - 1))
+            .collect();
         send_batch(client, opt, call, batch, progress)?;
-        if call.as_ref().is_some_and(|c| c.sent.len() as u64 >= ack_every) {
+        if call
+            .as_ref()
+            .is_some_and(|c| c.sent.len() as u64 >= ack_every)
+        {
             call.take().expect("open").finish(progress)?;
         }
     }
@@ -495,7 +586,13 @@ fn send_batch(
 }
 
 /// Sends a status message every `every` and logs the server's replies.
-fn send_status(client: &ContactClient, opt: CallOption, every: Duration, stop: &Shutdown, progress: &Progress) -> grpcio::Result<()> {
+fn send_status(
+    client: &ContactClient,
+    opt: CallOption,
+    every: Duration,
+    stop: &Shutdown,
+    progress: &Progress,
+) -> grpcio::Result<()> {
     let (mut tx, mut replies) = client.send_status_opt(opt)?;
     client.spawn(async move {
         while let Some(Ok(reply)) = replies.next().await {
@@ -504,8 +601,17 @@ fn send_status(client: &ContactClient, opt: CallOption, every: Duration, stop: &
     });
     loop {
         let r = progress.report();
-        let msg = format!("alive: handled={} acknowledged={}", r.handled, r.acknowledged);
-        block_on(tx.send((ClientMsg { msg, ..Default::default() }, WriteFlags::default())))?;
+        let msg = format!(
+            "alive: handled={} acknowledged={}",
+            r.handled, r.acknowledged
+        );
+        block_on(tx.send((
+            ClientMsg {
+                msg,
+                ..Default::default()
+            },
+            WriteFlags::default(),
+        )))?;
         if stop.wait_timeout(every) {
             return block_on(tx.close());
         }

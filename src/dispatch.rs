@@ -132,6 +132,19 @@ struct ClientState {
 }
 
 impl ClientState {
+    fn new(cursor: TaskId, redeliver: VecDeque<Delivery>, ephemeral: bool) -> ClientState {
+        ClientState {
+            session: None,
+            cursor,
+            in_flight: VecDeque::new(),
+            redeliver,
+            recent: VecDeque::new(),
+            last_seen: Instant::now(),
+            ephemeral,
+            draining: false,
+        }
+    }
+
     fn remember(&mut self, id: TaskId, attempt: u32) {
         if self.recent.len() == RECENT_ACCEPTED {
             self.recent.pop_front();
@@ -167,10 +180,14 @@ pub struct Dispatcher {
     publishing: Mutex<()>,
 }
 
+mod broadcast;
+mod queue;
 mod restore;
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Dispatcher {
@@ -198,7 +215,13 @@ impl Dispatcher {
             dead: vec![],
             incarnation: format!("{:016x}", fastrand::u64(..)),
         };
-        Dispatcher { config, state: Mutex::new(state), sink, durable, publishing: Mutex::new(()) }
+        Dispatcher {
+            config,
+            state: Mutex::new(state),
+            sink,
+            durable,
+            publishing: Mutex::new(()),
+        }
     }
 
     /// Journals a change (called under the state lock, so journal order is event order).
@@ -220,7 +243,12 @@ impl Dispatcher {
     /// seen before resumes: what it had not answered is delivered again first,
     /// then it continues where it left off. `ephemeral` clients (seed peers,
     /// known only by address) are forgotten when their streams end.
-    pub fn attach(&self, client: &str, peer: &str, ephemeral: bool) -> Option<(SessionId, TaskFeed)> {
+    pub fn attach(
+        &self,
+        client: &str,
+        peer: &str,
+        ephemeral: bool,
+    ) -> Option<(SessionId, TaskFeed)> {
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.closed {
@@ -234,39 +262,32 @@ impl Dispatcher {
             StartAt::New => st.log.next_id(),
         };
         let known = st.clients.contains_key(client);
-        if !known && self.config.mode == Mode::Broadcast {
+        if !known {
             // A targeted task waits for its client, even one that starts at `New`.
-            let waiting: VecDeque<Delivery> = st
-                .log
-                .iter()
-                .filter(|t| t.id < cursor && t.target.as_deref() == Some(client))
-                .map(|t| Delivery { task: t.clone(), attempt: 1 })
-                .collect();
-            let state = ClientState {
-                session: None,
-                cursor,
-                in_flight: VecDeque::new(),
-                redeliver: waiting,
-                recent: VecDeque::new(),
-                last_seen: Instant::now(),
-                ephemeral,
-                draining: false,
+            let waiting: VecDeque<Delivery> = match self.config.mode {
+                Mode::Broadcast => st
+                    .log
+                    .iter()
+                    .filter(|t| t.id < cursor && t.target.as_deref() == Some(client))
+                    .map(|t| Delivery {
+                        task: t.clone(),
+                        attempt: 1,
+                    })
+                    .collect(),
+                Mode::Queue => VecDeque::new(),
             };
-            st.clients.insert(client.to_string(), state);
+            st.clients.insert(
+                client.to_string(),
+                ClientState::new(cursor, waiting, ephemeral),
+            );
         }
-        let c = st.clients.entry(client.to_string()).or_insert_with(|| ClientState {
-            session: None,
-            cursor,
-            in_flight: VecDeque::new(),
-            redeliver: VecDeque::new(),
-            recent: VecDeque::new(),
-            last_seen: Instant::now(),
-            ephemeral,
-            draining: false,
-        });
+        let c = st.clients.get_mut(client).expect("inserted above");
         c.session = Some((id, tx));
         c.last_seen = Instant::now();
-        log::info!("client {client} {} from {peer}", if known { "reconnected" } else { "connected" });
+        log::info!(
+            "client {client} {} from {peer}",
+            if known { "reconnected" } else { "connected" }
+        );
         st.registry.connect(client, peer);
         // What the previous stream left unanswered is taken back now.
         self.take_back_all(st, client, "client reconnected");
@@ -278,7 +299,9 @@ impl Dispatcher {
     pub fn detach(&self, client: &str, session: SessionId) {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let Some(c) = st.clients.get_mut(client) else { return };
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
         if c.session.as_ref().map(|(id, _)| *id) != Some(session) {
             return;
         }
@@ -290,7 +313,9 @@ impl Dispatcher {
     /// mode its tasks go to others now; in broadcast they wait for it to come
     /// back (and for late answers on its result stream).
     fn end_session(&self, st: &mut State, client: &str, why: &str) {
-        let Some(c) = st.clients.get_mut(client) else { return };
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
         c.session = None;
         c.last_seen = Instant::now();
         st.registry.disconnect(client);
@@ -305,7 +330,11 @@ impl Dispatcher {
     /// task stream any more, whatever it left unanswered.
     pub fn results_ended(&self, client: &str) {
         let mut st = self.lock();
-        if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none()) {
+        if st
+            .clients
+            .get(client)
+            .is_some_and(|c| c.ephemeral && c.session.is_none())
+        {
             self.take_back_all(&mut st, client, "client disconnected");
             st.clients.remove(client);
             self.pump_all(&mut st);
@@ -324,10 +353,17 @@ impl Dispatcher {
         if let (true, Some(sink), false) = (self.durable, &self.sink, tasks.is_empty()) {
             let first = self.lock().log.next_id();
             for (i, (target, text)) in tasks.iter().enumerate() {
-                sink.journal(Record::Task { id: first + i as u64, text: text.clone(), target: target.clone() });
+                sink.journal(Record::Task {
+                    id: first + i as u64,
+                    text: text.clone(),
+                    target: target.clone(),
+                });
             }
             if futures::executor::block_on(sink.flushed()).is_err() {
-                log::error!("{} tasks could not be written to the state journal and were not accepted", tasks.len());
+                log::error!(
+                    "{} tasks could not be written to the state journal and were not accepted",
+                    tasks.len()
+                );
                 return vec![];
             }
         }
@@ -364,7 +400,14 @@ impl Dispatcher {
         let outcome = if !answer.incarnation.is_empty() && answer.incarnation != st.incarnation {
             // A task id of another life of the server (restarted without its
             // state): the same number may name a different task now.
-            stale(&st.log, client, Answer { task_id: 0, ..answer })
+            stale(
+                &st.log,
+                client,
+                Answer {
+                    task_id: 0,
+                    ..answer
+                },
+            )
         } else {
             match self.config.mode {
                 Mode::Broadcast => self.complete_broadcast(st, client, answer),
@@ -379,103 +422,6 @@ impl Dispatcher {
         self.forget_if_done(st, client);
         self.pump_all(st);
         outcome
-    }
-
-    fn complete_broadcast(&self, st: &mut State, client: &str, answer: Answer) -> Option<ResultRecord> {
-        let Some(c) = st.clients.get_mut(client) else {
-            return stale(&st.log, client, answer);
-        };
-        let pos = if answer.task_id == 0 {
-            (!c.in_flight.is_empty()).then_some(0)
-        } else {
-            c.in_flight.iter().position(|f| {
-                f.delivery.task.id == answer.task_id && (answer.attempt == 0 || f.delivery.attempt == answer.attempt)
-            })
-        };
-        let superseded = |d: &Delivery| d.task.id == answer.task_id && answer.attempt != 0 && d.attempt > answer.attempt;
-        let (delivery, latency) = match pos.and_then(|p| c.in_flight.remove(p)) {
-            Some(f) => (f.delivery, Some(f.sent_at.elapsed())),
-            None => {
-                // An earlier attempt's answer, while this client holds (or is
-                // about to be sent) the task again, still counts.
-                let resent = c.in_flight.iter().position(|f| superseded(&f.delivery));
-                let later = match resent.and_then(|p| c.in_flight.remove(p)) {
-                    Some(f) => Some(f.delivery),
-                    None => c.redeliver.iter().position(superseded).and_then(|p| c.redeliver.remove(p)),
-                };
-                match later {
-                    Some(d) => {
-                        // Its answer to the later attempt will be a resend.
-                        c.remember(d.task.id, d.attempt);
-                        (Delivery { task: d.task, attempt: answer.attempt }, None)
-                    }
-                    None if c.recent.contains(&(answer.task_id, answer.attempt)) => return None,
-                    None => return stale(&st.log, client, answer),
-                }
-            }
-        };
-        st.registry.result_received(client, latency.is_some());
-        let c = st.clients.get_mut(client).expect("looked up above");
-        let retry = !answer.ok && answer.retry && answer.task_id != 0;
-        let out = record(client, &delivery, &answer, latency, retry);
-        if retry {
-            if delivery.attempt >= self.config.max_attempts {
-                bury(st, self.sink.as_ref(), &delivery, client, format!("refused: {}", answer.output));
-            } else {
-                c.redeliver.push_back(Delivery { task: delivery.task, attempt: delivery.attempt + 1 });
-                st.counters.redelivered += 1;
-            }
-        } else {
-            c.remember(delivery.task.id, delivery.attempt);
-        }
-        Some(out)
-    }
-
-    fn complete_queue(&self, st: &mut State, client: &str, answer: Answer) -> Option<ResultRecord> {
-        // A seed client sends no task id: it answers its oldest delivery.
-        let (task_id, attempt) = match (answer.task_id, st.clients.get(client)) {
-            (0, Some(c)) => match c.in_flight.front() {
-                Some(f) => (f.delivery.task.id, f.delivery.attempt),
-                None => return stale(&st.log, client, answer),
-            },
-            _ => (answer.task_id, answer.attempt),
-        };
-        if !st.queue.is_current(task_id, client, attempt) {
-            let resent = st.clients.get(client).is_some_and(|c| c.recent.contains(&(task_id, attempt)));
-            return if resent { None } else { stale(&st.log, client, answer) };
-        }
-        let q = st.queue.get(task_id).expect("current implies unfinished");
-        let current = q.attempt;
-        let delivery = Delivery { task: q.task.clone(), attempt: if attempt == 0 { current } else { attempt } };
-        let mut latency = None;
-        if let Some(c) = st.clients.get_mut(client) {
-            if let Some(p) = c.in_flight.iter().position(|f| f.delivery.task.id == task_id) {
-                latency = c.in_flight.remove(p).map(|f| f.sent_at.elapsed());
-            }
-            if delivery.attempt != current {
-                // Its answer to the current attempt will be a resend.
-                c.remember(task_id, current);
-            }
-        }
-        st.registry.result_received(client, latency.is_some());
-        let retry = !answer.ok && answer.retry && answer.task_id != 0;
-        let out = record(client, &delivery, &answer, latency, retry);
-        if retry {
-            if delivery.attempt >= self.config.max_attempts {
-                st.queue.finish(task_id);
-                bury(st, self.sink.as_ref(), &delivery, client, format!("refused: {}", answer.output));
-            } else {
-                // Held (or just released): make it available to everyone again.
-                st.queue.release(task_id);
-                st.counters.redelivered += 1;
-            }
-        } else {
-            st.queue.finish(task_id);
-            if let Some(c) = st.clients.get_mut(client) {
-                c.remember(task_id, attempt);
-            }
-        }
-        Some(out)
     }
 
     /// The identity clients echo with their results (see `Answer::incarnation`).
@@ -505,13 +451,23 @@ impl Dispatcher {
             if c.session.is_none() {
                 // Gone for good? A seed client cannot come back (its address
                 // changes); a named one is forgotten after `forget_after`.
-                if idle > if c.ephemeral { EPHEMERAL_LINGER } else { self.config.forget_after } {
+                if idle
+                    > if c.ephemeral {
+                        EPHEMERAL_LINGER
+                    } else {
+                        self.config.forget_after
+                    }
+                {
                     self.take_back_all(st, &name, "client forgotten");
                     st.clients.remove(&name);
                 }
                 continue;
             }
-            if self.config.client_timeout.is_some_and(|t| !c.ephemeral && idle > t) {
+            if self
+                .config
+                .client_timeout
+                .is_some_and(|t| !c.ephemeral && idle > t)
+            {
                 log::warn!("client {name} silent for {idle:?}: declared gone");
                 self.end_session(st, &name, "declared gone");
                 continue;
@@ -541,7 +497,9 @@ impl Dispatcher {
 
     /// Takes every delivery `client` holds back (see `take_back`).
     fn take_back_all(&self, st: &mut State, client: &str, why: &str) {
-        let mut ids: Vec<TaskId> = st.clients.get(client).map_or(vec![], |c| c.in_flight.iter().map(|f| f.delivery.task.id).collect());
+        let mut ids: Vec<TaskId> = st.clients.get(client).map_or(vec![], |c| {
+            c.in_flight.iter().map(|f| f.delivery.task.id).collect()
+        });
         // Queue mode puts each one back at the front: newest first keeps the order.
         if self.config.mode == Mode::Queue {
             ids.reverse();
@@ -555,8 +513,15 @@ impl Dispatcher {
     /// in queue mode, to the same client in broadcast), or dead-lettered when
     /// it has had `max_attempts`.
     fn take_back(&self, st: &mut State, client: &str, id: TaskId, why: &str) {
-        let Some(c) = st.clients.get_mut(client) else { return };
-        let Some(f) = c.in_flight.iter().position(|f| f.delivery.task.id == id).and_then(|p| c.in_flight.remove(p)) else {
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        let Some(f) = c
+            .in_flight
+            .iter()
+            .position(|f| f.delivery.task.id == id)
+            .and_then(|p| c.in_flight.remove(p))
+        else {
             return;
         };
         st.registry.released(client);
@@ -564,20 +529,33 @@ impl Dispatcher {
             if self.config.mode == Mode::Queue {
                 st.queue.finish(id);
             }
-            bury(st, self.sink.as_ref(), &f.delivery, client, format!("{why} (attempt {})", f.delivery.attempt));
+            bury(
+                st,
+                self.sink.as_ref(),
+                &f.delivery,
+                client,
+                format!("{why} (attempt {})", f.delivery.attempt),
+            );
             return;
         }
         log::info!("task {id} taken back from {client} ({why}); it will be delivered again");
         st.counters.redelivered += 1;
         match self.config.mode {
             Mode::Queue => st.queue.release(id),
-            Mode::Broadcast => c.redeliver.push_back(Delivery { task: f.delivery.task, attempt: f.delivery.attempt + 1 }),
+            Mode::Broadcast => c.redeliver.push_back(Delivery {
+                task: f.delivery.task,
+                attempt: f.delivery.attempt + 1,
+            }),
         }
     }
 
     /// Forgets a seed client whose task stream ended once nothing is in flight.
     fn forget_if_done(&self, st: &mut State, client: &str) {
-        if st.clients.get(client).is_some_and(|c| c.ephemeral && c.session.is_none() && c.in_flight.is_empty()) {
+        if st
+            .clients
+            .get(client)
+            .is_some_and(|c| c.ephemeral && c.session.is_none() && c.in_flight.is_empty())
+        {
             st.clients.remove(client);
         }
     }
@@ -595,7 +573,12 @@ impl Dispatcher {
     /// Deliveries not answered yet by the clients still connected (or, after
     /// `close_all`, connected when it was called): what shutdown waits for.
     pub fn in_flight(&self) -> usize {
-        self.lock().clients.values().filter(|c| c.session.is_some() || c.draining).map(|c| c.in_flight.len()).sum()
+        self.lock()
+            .clients
+            .values()
+            .filter(|c| c.session.is_some() || c.draining)
+            .map(|c| c.in_flight.len())
+            .sum()
     }
 
     /// Queue mode: tasks not finished yet (waiting or in flight).
@@ -627,88 +610,15 @@ impl Dispatcher {
             Mode::Queue => self.pump_queue(st),
         }
     }
-
-    /// Offers `client` what it must get again, then the tasks it has not seen, up to its credit.
-    fn pump_broadcast(&self, st: &mut State, client: &str) {
-        let Some(c) = st.clients.get_mut(client) else { return };
-        let Some((_, tx)) = c.session.as_ref() else { return };
-        while c.in_flight.len() < self.config.max_in_flight {
-            let delivery = match c.redeliver.pop_front() {
-                Some(d) => d,
-                None => {
-                    if c.cursor < st.log.first_id() {
-                        log::warn!(
-                            "client {client} fell behind the retained history; tasks {}..{} were dropped for it (raise --retain)",
-                            c.cursor,
-                            st.log.first_id() - 1
-                        );
-                        c.cursor = st.log.first_id();
-                    }
-                    let Some(task) = st.log.get(c.cursor) else { break };
-                    c.cursor += 1;
-                    if !task.is_for(client) {
-                        continue;
-                    }
-                    Delivery { task: task.clone(), attempt: 1 }
-                }
-            };
-            if let Err(d) = tx.send(delivery.clone()) {
-                // The stream is gone; it will detach itself. Keep the task for its return.
-                c.redeliver.push_front(d);
-                break;
-            }
-            log::debug!("task {} (attempt {}) sent to {client}", delivery.task.id, delivery.attempt);
-            if !c.ephemeral {
-                self.journal(|| Record::Sent { task: delivery.task.id, client: client.to_string(), attempt: delivery.attempt });
-            }
-            c.in_flight.push_back(InFlight { delivery, sent_at: Instant::now() });
-            st.registry.task_sent(client);
-            st.counters.sent += 1;
-        }
-    }
-
-    /// Hands waiting tasks out: targeted ones to their client, the others to
-    /// the connected client with credit and the fewest tasks in flight.
-    fn pump_queue(&self, st: &mut State) {
-        let k = self.config.max_in_flight;
-        let open: Vec<String> = st.clients.iter().filter(|(_, c)| c.session.is_some()).map(|(n, _)| n.clone()).collect();
-        for name in &open {
-            while st.clients.get(name).is_some_and(|c| c.session.is_some() && c.in_flight.len() < k) {
-                let Some((task, attempt)) = st.queue.take_for(name, true) else { break };
-                self.send_queued(st, name, task, attempt);
-            }
-        }
-        while st.queue.has_ready() {
-            let best = open
-                .iter()
-                .filter_map(|n| st.clients.get(n).filter(|c| c.session.is_some() && c.in_flight.len() < k).map(|c| (n, c.in_flight.len())))
-                .min_by_key(|(_, held)| *held)
-                .map(|(n, _)| n);
-            let Some(name) = best else { break };
-            let Some((task, attempt)) = st.queue.take_for(name, false) else { break };
-            self.send_queued(st, name, task, attempt);
-        }
-    }
-
-    fn send_queued(&self, st: &mut State, client: &str, task: Arc<Task>, attempt: u32) {
-        let c = st.clients.get_mut(client).expect("open client");
-        let delivery = Delivery { task, attempt };
-        let sent = c.session.as_ref().is_some_and(|(_, tx)| tx.send(delivery.clone()).is_ok());
-        if !sent {
-            // Its stream just went away: back to the queue for someone else.
-            st.queue.release(delivery.task.id);
-            self.end_session(st, client, "task stream closed");
-            return;
-        }
-        log::debug!("task {} (attempt {attempt}) sent to {client}", delivery.task.id);
-        self.journal(|| Record::Sent { task: delivery.task.id, client: client.to_string(), attempt });
-        c.in_flight.push_back(InFlight { delivery, sent_at: Instant::now() });
-        st.registry.task_sent(client);
-        st.counters.sent += 1;
-    }
 }
 
-fn record(client: &str, d: &Delivery, answer: &Answer, latency: Option<Duration>, retry: bool) -> ResultRecord {
+fn record(
+    client: &str,
+    d: &Delivery,
+    answer: &Answer,
+    latency: Option<Duration>,
+    retry: bool,
+) -> ResultRecord {
     ResultRecord {
         task_id: Some(d.task.id),
         task: Some(d.task.text.clone()),
@@ -749,7 +659,11 @@ fn stale(log: &TaskLog, client: &str, answer: Answer) -> Option<ResultRecord> {
 /// Gives up on a delivery: its dead letter goes to the sink (journaled, in
 /// event order, since this runs under the state lock) or to the outbox.
 fn bury(st: &mut State, sink: Option<&ResultSink>, d: &Delivery, client: &str, reason: String) {
-    log::warn!("task {} dead-lettered after {} attempts at {client}: {reason}", d.task.id, d.attempt);
+    log::warn!(
+        "task {} dead-lettered after {} attempts at {client}: {reason}",
+        d.task.id,
+        d.attempt
+    );
     st.counters.dead += 1;
     let letter = DeadLetter {
         task_id: d.task.id,

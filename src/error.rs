@@ -11,7 +11,11 @@ pub enum Error {
     /// The server could not listen on the address given with `--listen`.
     Bind { addr: String, reason: String },
     /// A file named on the command line could not be opened, read or written.
-    File { path: PathBuf, action: &'static str, source: io::Error },
+    File {
+        path: PathBuf,
+        action: &'static str,
+        source: io::Error,
+    },
     /// A flag's value is unusable (caught after parsing, e.g. an empty `--exec`).
     Usage(String),
     /// gRPC failed in a way that is not a plain "server unreachable".
@@ -23,7 +27,11 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error on `path` with the action that failed ("open", "write"...).
     pub fn file(path: impl Into<PathBuf>, action: &'static str, source: io::Error) -> Error {
-        Error::File { path: path.into(), action, source }
+        Error::File {
+            path: path.into(),
+            action,
+            source,
+        }
     }
 }
 

@@ -24,7 +24,13 @@ pub struct Delivery {
 pub fn channel(capacity: usize) -> (FeedSender, TaskFeed) {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
     let waker = Arc::new(AtomicWaker::new());
-    (FeedSender { tx: Some(tx), waker: waker.clone() }, TaskFeed { rx, waker })
+    (
+        FeedSender {
+            tx: Some(tx),
+            waker: waker.clone(),
+        },
+        TaskFeed { rx, waker },
+    )
 }
 
 /// The dispatcher's end. Dropping it ends the client's stream (cleanly).
@@ -87,8 +93,16 @@ mod tests {
     use std::time::SystemTime;
 
     fn delivery(id: u64) -> Delivery {
-        let task = Task { id, text: format!("t{id}"), target: None, produced_at: SystemTime::now() };
-        Delivery { task: Arc::new(task), attempt: 1 }
+        let task = Task {
+            id,
+            text: format!("t{id}"),
+            target: None,
+            produced_at: SystemTime::now(),
+        };
+        Delivery {
+            task: Arc::new(task),
+            attempt: 1,
+        }
     }
 
     #[test]

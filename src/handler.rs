@@ -31,7 +31,11 @@ pub enum Handler {
     /// Run `program args... <task>`; exit status 0 is success, [`EXIT_RETRY`]
     /// a refusal, anything else a failure; stdout (trimmed, capped at
     /// `max_output` bytes) is the output.
-    Exec { program: String, args: Vec<String>, max_output: usize },
+    Exec {
+        program: String,
+        args: Vec<String>,
+        max_output: usize,
+    },
 }
 
 impl Handler {
@@ -40,22 +44,40 @@ impl Handler {
         let mut words = shell_words::split(command)
             .map_err(|e| Error::Usage(format!("--exec {command:?}: {e}")))?
             .into_iter();
-        let program = words.next().ok_or_else(|| Error::Usage("--exec needs a command".into()))?;
-        Ok(Handler::Exec { program, args: words.collect(), max_output })
+        let program = words
+            .next()
+            .ok_or_else(|| Error::Usage("--exec needs a command".into()))?;
+        Ok(Handler::Exec {
+            program,
+            args: words.collect(),
+            max_output,
+        })
     }
 
     /// Handles one task; failures of the command become a failed outcome, never an error.
     pub fn handle(&self, task: &str) -> Outcome {
         match self {
-            Handler::Echo => Outcome { ok: true, retry: false, output: format!("client received task: {task}") },
-            Handler::Exec { program, args, max_output } => run(program, args, task, *max_output),
+            Handler::Echo => Outcome {
+                ok: true,
+                retry: false,
+                output: format!("client received task: {task}"),
+            },
+            Handler::Exec {
+                program,
+                args,
+                max_output,
+            } => run(program, args, task, *max_output),
         }
     }
 }
 
 fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome {
     let mut cmd = Command::new(program);
-    cmd.args(args).arg(task).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .arg(task)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // Its own process group: a Ctrl-C meant for the client must not kill the
     // task in hand, which the client finishes and reports before exiting.
     #[cfg(unix)]
@@ -83,19 +105,39 @@ fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome
     };
     let out = capped(&stdout, max_output);
     if status.success() {
-        return Outcome { ok: true, retry: false, output: out };
+        return Outcome {
+            ok: true,
+            retry: false,
+            output: out,
+        };
     }
-    let detail = if out.is_empty() { capped(&stderr, max_output) } else { out };
+    let detail = if out.is_empty() {
+        capped(&stderr, max_output)
+    } else {
+        out
+    };
     let why = match status.code() {
         Some(code) => format!("exit status {code}"),
         None => "killed by a signal".to_string(),
     };
-    let output = if detail.is_empty() { why } else { format!("{why}: {detail}") };
-    Outcome { ok: false, retry: status.code() == Some(EXIT_RETRY), output }
+    let output = if detail.is_empty() {
+        why
+    } else {
+        format!("{why}: {detail}")
+    };
+    Outcome {
+        ok: false,
+        retry: status.code() == Some(EXIT_RETRY),
+        output,
+    }
 }
 
 fn failed(output: String) -> Outcome {
-    Outcome { ok: false, retry: false, output }
+    Outcome {
+        ok: false,
+        retry: false,
+        output,
+    }
 }
 
 /// Trimmed, lossily decoded, at most `max` bytes (cut on a character boundary).
@@ -118,35 +160,68 @@ mod tests {
 
     #[test]
     fn echo_answers_like_the_seed() {
-        assert_eq!(Handler::Echo.handle("task:150").output, "client received task: task:150");
+        assert_eq!(
+            Handler::Echo.handle("task:150").output,
+            "client received task: task:150"
+        );
     }
 
     #[test]
     fn exec_passes_the_task_as_last_argument_without_a_shell() {
         let h = Handler::exec("echo 'a b'", 100).unwrap();
-        assert_eq!(h.handle("$(rm -rf /); x"), Outcome { ok: true, retry: false, output: "a b $(rm -rf /); x".into() });
+        assert_eq!(
+            h.handle("$(rm -rf /); x"),
+            Outcome {
+                ok: true,
+                retry: false,
+                output: "a b $(rm -rf /); x".into()
+            }
+        );
     }
 
     #[test]
     fn exec_failures_carry_status_and_stderr() {
         let h = Handler::exec("sh -c 'echo oops >&2; exit 3' sh", 100).unwrap();
-        assert_eq!(h.handle("t"), Outcome { ok: false, retry: false, output: "exit status 3: oops".into() });
+        assert_eq!(
+            h.handle("t"),
+            Outcome {
+                ok: false,
+                retry: false,
+                output: "exit status 3: oops".into()
+            }
+        );
         let refuse = Handler::exec("sh -c 'echo busy; exit 75' sh", 100).unwrap();
-        assert_eq!(refuse.handle("t"), Outcome { ok: false, retry: true, output: "exit status 75: busy".into() });
+        assert_eq!(
+            refuse.handle("t"),
+            Outcome {
+                ok: false,
+                retry: true,
+                output: "exit status 75: busy".into()
+            }
+        );
         let missing = Handler::exec("/no/such/program", 100).unwrap().handle("t");
-        assert!(!missing.ok && missing.output.contains("/no/such/program"), "{missing:?}");
+        assert!(
+            !missing.ok && missing.output.contains("/no/such/program"),
+            "{missing:?}"
+        );
     }
 
     #[test]
     fn exec_output_is_capped() {
         let h = Handler::exec("sh -c 'yes x | head -c 5000' sh", 10).unwrap();
         let o = h.handle("t");
-        assert!(o.ok && o.output.starts_with("x\nx\nx\nx\nx") && o.output.contains("truncated"), "{o:?}");
+        assert!(
+            o.ok && o.output.starts_with("x\nx\nx\nx\nx") && o.output.contains("truncated"),
+            "{o:?}"
+        );
     }
 
     #[test]
     fn bad_exec_commands_are_usage_errors() {
         assert!(matches!(Handler::exec("", 10), Err(Error::Usage(_))));
-        assert!(Handler::exec("echo 'unclosed", 10).unwrap_err().to_string().contains("--exec"));
+        assert!(Handler::exec("echo 'unclosed", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("--exec"));
     }
 }

@@ -25,9 +25,17 @@ const MAX_FRAME: usize = 64 << 20;
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Record {
     /// A task was accepted from a producer.
-    Task { id: TaskId, text: String, target: Option<String> },
+    Task {
+        id: TaskId,
+        text: String,
+        target: Option<String>,
+    },
     /// A task was written to a client.
-    Sent { task: TaskId, client: String, attempt: u32 },
+    Sent {
+        task: TaskId,
+        client: String,
+        attempt: u32,
+    },
     /// A result was received (its `accepted` flag says whether it answered the task).
     Result(ResultRecord),
     /// A task was given up on.
@@ -37,7 +45,11 @@ pub enum Record {
     /// Snapshot: a broadcast client's next task.
     Cursor { client: String, next: TaskId },
     /// Snapshot: `client` answered `task` (attempt `attempt`) and it was accepted.
-    Done { task: TaskId, client: String, attempt: u32 },
+    Done {
+        task: TaskId,
+        client: String,
+        attempt: u32,
+    },
     /// Snapshot: a queue task finished (answered or dead) whose answer is not kept.
     Finished { task: TaskId },
     /// Snapshot: the next sequence number of the results and dead-letter files.
@@ -79,9 +91,21 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
             Err(e) => return Err(Error::file(&path, "read the journal", e)),
         };
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::file(&path, "open the journal", e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::file(&path, "open the journal", e))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok((Journal { dir: dir.to_path_buf(), out: BufWriter::new(file), size, _lock: lock }, records))
+        Ok((
+            Journal {
+                dir: dir.to_path_buf(),
+                out: BufWriter::new(file),
+                size,
+                _lock: lock,
+            },
+            records,
+        ))
     }
 
     fn path(&self) -> PathBuf {
@@ -92,7 +116,9 @@ impl Journal {
     pub fn append(&mut self, r: &Record) -> Result<(), Error> {
         let frame = encode(r);
         self.size += frame.len() as u64;
-        self.out.write_all(&frame).map_err(|e| Error::file(self.path(), "write the journal", e))
+        self.out
+            .write_all(&frame)
+            .map_err(|e| Error::file(self.path(), "write the journal", e))
     }
 
     /// Makes everything appended so far durable.
@@ -118,9 +144,15 @@ impl Journal {
         }
         out.flush().map_err(err)?;
         out.get_ref().sync_all().map_err(err)?;
-        fs::rename(&tmp, self.path()).map_err(|e| Error::file(self.path(), "replace the journal", e))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| Error::file(&self.dir, "sync the state directory", e))?;
-        let file = OpenOptions::new().append(true).open(self.path()).map_err(|e| Error::file(self.path(), "open the journal", e))?;
+        fs::rename(&tmp, self.path())
+            .map_err(|e| Error::file(self.path(), "replace the journal", e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::file(&self.dir, "sync the state directory", e))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(self.path())
+            .map_err(|e| Error::file(self.path(), "open the journal", e))?;
         self.out = BufWriter::new(file);
         self.size = size;
         Ok(())
@@ -150,7 +182,10 @@ fn decode(bytes: &[u8], path: &Path) -> Result<Vec<Record>, Error> {
     while at < bytes.len() {
         let header = bytes.get(at..at + 8);
         let (len, crc) = match header {
-            Some(h) => (u32::from_le_bytes(h[..4].try_into().unwrap()) as usize, u32::from_le_bytes(h[4..].try_into().unwrap())),
+            Some(h) => (
+                u32::from_le_bytes(h[..4].try_into().unwrap()) as usize,
+                u32::from_le_bytes(h[4..].try_into().unwrap()),
+            ),
             None => return Ok(torn(records, path, at, bytes.len())),
         };
         if len > MAX_FRAME {
@@ -166,7 +201,8 @@ fn decode(bytes: &[u8], path: &Path) -> Result<Vec<Record>, Error> {
             }
             return Err(corrupt(at, "checksum mismatch"));
         }
-        let record = serde_json::from_slice(payload).map_err(|e| corrupt(at, &format!("unreadable record ({e})")))?;
+        let record = serde_json::from_slice(payload)
+            .map_err(|e| corrupt(at, &format!("unreadable record ({e})")))?;
         records.push(record);
         at += 8 + len;
     }
@@ -186,7 +222,9 @@ fn torn(records: Vec<Record>, path: &Path, at: usize, len: usize) -> Vec<Record>
 /// Reads all of `r` (for tests and tools).
 pub fn read_records(path: &Path) -> Result<Vec<Record>, Error> {
     let mut bytes = vec![];
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| Error::file(path, "read the journal", e))?;
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| Error::file(path, "read the journal", e))?;
     decode(&bytes, path)
 }
 
@@ -195,7 +233,11 @@ mod tests {
     use super::*;
 
     fn task(id: TaskId) -> Record {
-        Record::Task { id, text: format!("t{id}"), target: None }
+        Record::Task {
+            id,
+            text: format!("t{id}"),
+            target: None,
+        }
     }
 
     fn write(dir: &Path, records: &[Record]) {
@@ -212,12 +254,16 @@ mod tests {
         write(dir.path(), &[task(1), task(2)]);
         let (mut j, got) = Journal::open(dir.path()).unwrap();
         assert_eq!(got, vec![task(1), task(2)]);
-        j.compact(&[Record::Window { first: 2, next: 3 }, task(2)]).unwrap();
+        j.compact(&[Record::Window { first: 2, next: 3 }, task(2)])
+            .unwrap();
         j.append(&task(3)).unwrap();
         j.sync().unwrap();
         drop(j);
         let (_, got) = Journal::open(dir.path()).unwrap();
-        assert_eq!(got, vec![Record::Window { first: 2, next: 3 }, task(2), task(3)]);
+        assert_eq!(
+            got,
+            vec![Record::Window { first: 2, next: 3 }, task(2), task(3)]
+        );
     }
 
     #[test]
@@ -234,7 +280,11 @@ mod tests {
         write(dir.path(), &[task(1), task(2)]);
         let path = dir.path().join("journal");
         let bytes = fs::read(&path).unwrap();
-        for cut in [bytes.len() - 1, bytes.len() - 10, bytes.len() - (encode(&task(2)).len() - 3)] {
+        for cut in [
+            bytes.len() - 1,
+            bytes.len() - 10,
+            bytes.len() - (encode(&task(2)).len() - 3),
+        ] {
             fs::write(&path, &bytes[..cut]).unwrap();
             assert_eq!(read_records(&path).unwrap(), vec![task(1)], "cut at {cut}");
         }
@@ -255,6 +305,9 @@ mod tests {
         bytes[10] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
         let err = read_records(&path).unwrap_err().to_string();
-        assert!(err.contains("damaged at byte 0") && err.contains("checksum"), "{err}");
+        assert!(
+            err.contains("damaged at byte 0") && err.contains("checksum"),
+            "{err}"
+        );
     }
 }

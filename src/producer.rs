@@ -34,23 +34,37 @@ pub struct Producer {
 
 impl Producer {
     /// Opens the source (so that a bad path fails at start-up) and starts its thread.
-    pub fn start(source: &TaskSource, dispatcher: Arc<Dispatcher>, shutdown: Shutdown) -> Result<Producer, Error> {
+    pub fn start(
+        source: &TaskSource,
+        dispatcher: Arc<Dispatcher>,
+        shutdown: Shutdown,
+    ) -> Result<Producer, Error> {
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.into()).spawn(f).map_err(Error::Thread)
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(Error::Thread)
         };
         match source.clone() {
             TaskSource::Lines(path) => {
                 let (name, input): (String, Box<dyn Read + Send>) = if path.as_os_str() == "-" {
                     ("standard input".into(), Box::new(io::stdin()))
                 } else {
-                    let f = File::open(&path).map_err(|e| Error::file(&path, "read tasks from", e))?;
+                    let f =
+                        File::open(&path).map_err(|e| Error::file(&path, "read tasks from", e))?;
                     (path.display().to_string(), Box::new(f))
                 };
-                spawn("task-reader", Box::new(move || read_lines(&name, input, &dispatcher, &shutdown)))?;
+                spawn(
+                    "task-reader",
+                    Box::new(move || read_lines(&name, input, &dispatcher, &shutdown)),
+                )?;
                 Ok(Producer { handle: None })
             }
             TaskSource::Generate { count, every } => {
-                let h = spawn("task-generator", Box::new(move || generate(count, every, &dispatcher, &shutdown)))?;
+                let h = spawn(
+                    "task-generator",
+                    Box::new(move || generate(count, every, &dispatcher, &shutdown)),
+                )?;
                 Ok(Producer { handle: Some(h) })
             }
         }
@@ -74,7 +88,12 @@ fn generate(count: usize, every: Duration, dispatcher: &Dispatcher, shutdown: &S
     }
 }
 
-fn read_lines(name: &str, input: Box<dyn Read + Send>, dispatcher: &Dispatcher, shutdown: &Shutdown) {
+fn read_lines(
+    name: &str,
+    input: Box<dyn Read + Send>,
+    dispatcher: &Dispatcher,
+    shutdown: &Shutdown,
+) {
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     let mut line_no = 0u64;
     let mut published = 0usize;
@@ -88,7 +107,9 @@ fn read_lines(name: &str, input: Box<dyn Read + Send>, dispatcher: &Dispatcher, 
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
-                    log::error!("cannot read tasks from {name}: {e}; no more tasks will be read from it");
+                    log::error!(
+                        "cannot read tasks from {name}: {e}; no more tasks will be read from it"
+                    );
                     dispatcher.publish(batch);
                     return;
                 }
@@ -142,7 +163,10 @@ mod tests {
     fn wait_for(mut cond: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !cond() {
-            assert!(std::time::Instant::now() < deadline, "condition not met in time");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "condition not met in time"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -154,17 +178,30 @@ mod tests {
         f.write_all(&vec![b'x'; MAX_TASK_BYTES + 1]).unwrap();
         f.write_all(b"\nlast-without-newline").unwrap();
         let d = Arc::new(Dispatcher::new(DispatchConfig::default()));
-        Producer::start(&TaskSource::Lines(f.path().into()), d.clone(), Shutdown::new()).unwrap();
+        Producer::start(
+            &TaskSource::Lines(f.path().into()),
+            d.clone(),
+            Shutdown::new(),
+        )
+        .unwrap();
         wait_for(|| d.counters().produced == 3);
         let (_, feed) = d.attach("c", "p", false).unwrap();
-        let texts: Vec<String> = std::iter::from_fn(|| feed.try_next()).map(|x| x.task.text.clone()).collect();
+        let texts: Vec<String> = std::iter::from_fn(|| feed.try_next())
+            .map(|x| x.task.text.clone())
+            .collect();
         assert_eq!(texts, vec!["one", "two", "last-without-newline"]);
     }
 
     #[test]
     fn a_missing_file_is_an_error_naming_it() {
         let d = Arc::new(Dispatcher::new(DispatchConfig::default()));
-        let err = Producer::start(&TaskSource::Lines("/no/such/tasks.txt".into()), d, Shutdown::new()).err().unwrap();
+        let err = Producer::start(
+            &TaskSource::Lines("/no/such/tasks.txt".into()),
+            d,
+            Shutdown::new(),
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("/no/such/tasks.txt"), "{err}");
     }
 
@@ -173,7 +210,12 @@ mod tests {
         let d = Arc::new(Dispatcher::new(DispatchConfig::default()));
         let shutdown = Shutdown::new();
         let every = Duration::from_millis(10);
-        let p = Producer::start(&TaskSource::Generate { count: 10, every }, d.clone(), shutdown.clone()).unwrap();
+        let p = Producer::start(
+            &TaskSource::Generate { count: 10, every },
+            d.clone(),
+            shutdown.clone(),
+        )
+        .unwrap();
         wait_for(|| d.counters().produced >= 20);
         shutdown.trigger();
         p.join();

@@ -13,7 +13,7 @@ use crossbeam_channel::Receiver;
 use futures::channel::oneshot;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -27,29 +27,43 @@ pub enum Entry {
     Close,
 }
 
-/// An append-only JSON Lines file, fsync'd at every flush.
+/// An append-only JSON Lines file. Lines are held in memory until `sync`,
+/// which runs after the journal's: nothing reaches the file before the
+/// journal has it (a buffered writer could flush early on its own).
 struct LinesFile {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: File,
+    pending: Vec<u8>,
 }
 
 impl LinesFile {
     fn open(path: Option<&Path>, what: &'static str) -> Result<Option<LinesFile>, Error> {
         let Some(p) = path else { return Ok(None) };
-        let f = OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::file(p, what, e))?;
-        Ok(Some(LinesFile { path: p.to_path_buf(), out: BufWriter::new(f) }))
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| Error::file(p, what, e))?;
+        Ok(Some(LinesFile {
+            path: p.to_path_buf(),
+            out,
+            pending: vec![],
+        }))
     }
 
-    fn append(&mut self, value: &impl Serialize) -> Result<(), Error> {
-        let err = |e: std::io::Error| Error::file(&self.path, "write", e);
-        serde_json::to_writer(&mut self.out, value).map_err(|e| err(e.into()))?;
-        self.out.write_all(b"\n").map_err(err)
+    fn append(&mut self, value: &impl Serialize) {
+        serde_json::to_writer(&mut self.pending, value).expect("records always serialise");
+        self.pending.push(b'\n');
     }
 
     fn sync(&mut self) -> Result<(), Error> {
         let err = |e: std::io::Error| Error::file(&self.path, "write", e);
-        self.out.flush().map_err(err)?;
-        self.out.get_ref().sync_data().map_err(err)
+        if !self.pending.is_empty() {
+            self.out.write_all(&self.pending).map_err(err)?;
+            self.pending.clear();
+            self.out.sync_data().map_err(err)?;
+        }
+        Ok(())
     }
 
     /// The sequence number on the last complete line (0 for an empty file),
@@ -65,8 +79,12 @@ impl LinesFile {
         f.read_to_end(&mut tail).map_err(err)?;
         if !tail.is_empty() && !tail.ends_with(b"\n") {
             let keep = tail.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-            log::warn!("{}: dropping a torn last line ({} bytes) left by a crash", self.path.display(), tail.len() - keep);
-            self.out.get_ref().set_len(start + keep as u64).map_err(err)?;
+            log::warn!(
+                "{}: dropping a torn last line ({} bytes) left by a crash",
+                self.path.display(),
+                tail.len() - keep
+            );
+            self.out.set_len(start + keep as u64).map_err(err)?;
             tail.truncate(keep);
         }
         if start == 0 && tail.is_empty() {
@@ -74,7 +92,9 @@ impl LinesFile {
         }
         let last = tail.strip_suffix(b"\n").unwrap_or(&tail);
         let line = last.rsplit(|&b| b == b'\n').next().unwrap_or_default();
-        Ok(serde_json::from_slice::<serde_json::Value>(line).ok().and_then(|v| v["seq"].as_u64()))
+        Ok(serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["seq"].as_u64()))
     }
 }
 
@@ -121,7 +141,10 @@ impl Outputs {
     }
 
     fn sync(&mut self) -> Result<(), Error> {
-        for f in [self.results.as_mut(), self.dead.as_mut()].into_iter().flatten() {
+        for f in [self.results.as_mut(), self.dead.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             f.sync()?;
         }
         Ok(())
@@ -135,14 +158,25 @@ fn catch_up_file<'a, T: Serialize + 'a>(
     records: &'a [Record],
     pick: impl Fn(&'a Record) -> Option<(&'a T, Option<u64>)>,
 ) -> Result<(), Error> {
-    let Some(last) = f.last_seq()? else { return Ok(()) };
-    let missing: Vec<&T> = records.iter().filter_map(pick).filter(|(_, seq)| *seq > Some(last)).map(|(x, _)| x).collect();
+    let Some(last) = f.last_seq()? else {
+        return Ok(());
+    };
+    let missing: Vec<&T> = records
+        .iter()
+        .filter_map(pick)
+        .filter(|(_, seq)| *seq > Some(last))
+        .map(|(x, _)| x)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    log::warn!("{}: restoring {} lines from the journal that a crash kept out of it", f.path.display(), missing.len());
+    log::warn!(
+        "{}: restoring {} lines from the journal that a crash kept out of it",
+        f.path.display(),
+        missing.len()
+    );
     for m in missing {
-        f.append(m)?;
+        f.append(m);
     }
     f.sync()
 }
@@ -178,7 +212,7 @@ pub fn run(
                         j.append(&Record::Result(r.clone()))?;
                     }
                     if let Some(f) = outputs.results.as_mut() {
-                        f.append(&r)?;
+                        f.append(&r);
                     }
                 }
                 Entry::Dead(mut d) => {
@@ -188,7 +222,7 @@ pub fn run(
                         j.append(&Record::Dead(d.clone()))?;
                     }
                     if let Some(f) = outputs.dead.as_mut() {
-                        f.append(&d)?;
+                        f.append(&d);
                     }
                 }
                 Entry::Journal(r) => {
@@ -204,7 +238,11 @@ pub fn run(
                         snapshot.insert(0, Record::Seq { next: next_seq });
                         j.compact(&snapshot)?;
                         threshold = compact_bytes.max(j.size * 2);
-                        log::info!("state journal compacted to {} records ({} bytes)", snapshot.len(), j.size);
+                        log::info!(
+                            "state journal compacted to {} records ({} bytes)",
+                            snapshot.len(),
+                            j.size
+                        );
                     }
                 }
                 Entry::Flush(w) => waiters.push(w),
@@ -231,13 +269,27 @@ pub fn run(
 
 fn log_result(r: &ResultRecord) {
     let task = r.task_id.map_or("?".to_string(), |id| id.to_string());
-    let latency = r.latency_ms.map_or(String::new(), |ms| format!(" in {ms:.1} ms"));
+    let latency = r
+        .latency_ms
+        .map_or(String::new(), |ms| format!(" in {ms:.1} ms"));
     if r.stale {
-        log::warn!("stale result for task {task} from {}: {}", r.client, r.output);
+        log::warn!(
+            "stale result for task {task} from {}: {}",
+            r.client,
+            r.output
+        );
     } else if r.retry {
-        log::info!("task {task} refused by {} (retry asked){latency}: {}", r.client, r.output);
+        log::info!(
+            "task {task} refused by {} (retry asked){latency}: {}",
+            r.client,
+            r.output
+        );
     } else if r.ok {
-        log::info!("result for task {task} from {}{latency}: {}", r.client, r.output);
+        log::info!(
+            "result for task {task} from {}{latency}: {}",
+            r.client,
+            r.output
+        );
     } else {
         log::warn!("task {task} failed at {}{latency}: {}", r.client, r.output);
     }

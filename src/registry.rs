@@ -42,7 +42,13 @@ impl ClientRegistry {
             results_received: 0,
             in_flight: 0,
         };
-        self.clients.insert(id.to_string(), Entry { info, last_seen: Instant::now() });
+        self.clients.insert(
+            id.to_string(),
+            Entry {
+                info,
+                last_seen: Instant::now(),
+            },
+        );
     }
 
     /// Forgets a client that went away.

@@ -110,7 +110,13 @@ impl ResultSink {
             .name("recorder".into())
             .spawn(move || recorder::run(rx, outputs, journal, next_seq, compact_bytes, &due))
             .map_err(Error::Thread)?;
-        Ok((ResultSink { tx: tx.clone(), compaction_due }, ResultWriter { tx, handle }))
+        Ok((
+            ResultSink {
+                tx: tx.clone(),
+                compaction_due,
+            },
+            ResultWriter { tx, handle },
+        ))
     }
 
     fn send(&self, e: Entry, what: &str) {
@@ -160,7 +166,9 @@ impl ResultWriter {
     /// that outlived shutdown) can no longer record: they log an error instead.
     pub fn finish(self) -> Result<u64, Error> {
         let _ = self.tx.send(Entry::Close);
-        self.handle.join().unwrap_or_else(|_| Err(Error::Usage("the recording thread panicked".into())))
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::Usage("the recording thread panicked".into())))
     }
 }
 
@@ -186,21 +194,39 @@ mod tests {
     }
 
     fn lines(path: &Path) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     #[test]
     fn flushed_resolves_after_earlier_records_are_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let (sink, writer) = ResultSink::start(SinkConfig { results: Some(&path), ..Default::default() }).unwrap();
+        let (sink, writer) = ResultSink::start(SinkConfig {
+            results: Some(&path),
+            ..Default::default()
+        })
+        .unwrap();
         sink.record(record(1));
         sink.record(record(2));
         futures::executor::block_on(sink.flushed()).unwrap();
         let got = lines(&path);
         assert_eq!(got.len(), 2);
         assert_eq!(got[1]["task_id"], 2);
-        for key in ["task_id", "task", "client", "ok", "output", "latency_ms", "attempt", "stale", "accepted"] {
+        for key in [
+            "task_id",
+            "task",
+            "client",
+            "ok",
+            "output",
+            "latency_ms",
+            "attempt",
+            "stale",
+            "accepted",
+        ] {
             assert!(got[0].get(key).is_some(), "missing {key}");
         }
         assert!(got[0].get("seq").is_none(), "no sequence without a journal");
@@ -212,8 +238,16 @@ mod tests {
     #[test]
     fn an_unwritable_results_file_is_named_in_the_error() {
         let bad = Path::new("/nonexistent-dir/r.jsonl");
-        let err = ResultSink::start(SinkConfig { results: Some(bad), ..Default::default() }).err().unwrap();
-        assert!(err.to_string().contains("/nonexistent-dir/r.jsonl"), "{err}");
+        let err = ResultSink::start(SinkConfig {
+            results: Some(bad),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string().contains("/nonexistent-dir/r.jsonl"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -223,7 +257,12 @@ mod tests {
         let state = dir.path().join("state");
         {
             let (j, records) = Journal::open(&state).unwrap();
-            let config = SinkConfig { results: Some(&path), journal: Some((j, &records)), compact_bytes: 1 << 20, ..Default::default() };
+            let config = SinkConfig {
+                results: Some(&path),
+                journal: Some((j, &records)),
+                compact_bytes: 1 << 20,
+                ..Default::default()
+            };
             let (sink, writer) = ResultSink::start(config).unwrap();
             for id in 1..=3 {
                 sink.record(record(id));
@@ -238,18 +277,31 @@ mod tests {
         let torn = format!("{}\n{}", keep[0], &keep[1][..10]);
         std::fs::write(&path, torn).unwrap();
         let (j, records) = Journal::open(&state).unwrap();
-        let config = SinkConfig { results: Some(&path), journal: Some((j, &records)), compact_bytes: 1 << 20, ..Default::default() };
+        let config = SinkConfig {
+            results: Some(&path),
+            journal: Some((j, &records)),
+            compact_bytes: 1 << 20,
+            ..Default::default()
+        };
         let (sink, writer) = ResultSink::start(config).unwrap();
         sink.record(record(4));
         writer.finish().unwrap();
-        let seqs: Vec<u64> = lines(&path).iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = lines(&path)
+            .iter()
+            .map(|l| l["seq"].as_u64().unwrap())
+            .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4]);
 
         // A crash before the very first line reached the file: it is empty, and filled.
         let fresh = dir.path().join("fresh.jsonl");
         std::fs::write(&fresh, "").unwrap();
         let (j, records) = Journal::open(&state).unwrap();
-        let config = SinkConfig { results: Some(&fresh), journal: Some((j, &records)), compact_bytes: 1 << 20, ..Default::default() };
+        let config = SinkConfig {
+            results: Some(&fresh),
+            journal: Some((j, &records)),
+            compact_bytes: 1 << 20,
+            ..Default::default()
+        };
         let (_sink, writer) = ResultSink::start(config).unwrap();
         writer.finish().unwrap();
         assert_eq!(lines(&fresh).len(), 4);

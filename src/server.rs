@@ -18,8 +18,8 @@ use crate::shutdown::Shutdown;
 use futures::future::poll_fn;
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use grpcio::{
-    ChannelBuilder, ClientStreamingSink, DuplexSink, Environment, RequestStream, RpcContext, RpcStatus,
-    RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
+    ChannelBuilder, ClientStreamingSink, DuplexSink, Environment, RequestStream, RpcContext,
+    RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,7 +102,10 @@ fn caller(ctx: &RpcContext) -> Result<(String, bool), RpcStatus> {
     match proto::client_id_from(ctx.request_headers()) {
         Ok(Some(id)) => Ok((id, false)),
         Ok(None) => Ok((ctx.peer(), true)),
-        Err(why) => Err(RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)),
+        Err(why) => Err(RpcStatus::with_message(
+            RpcStatusCode::INVALID_ARGUMENT,
+            why,
+        )),
     }
 }
 
@@ -123,7 +126,12 @@ macro_rules! caller_or_reject {
 }
 
 impl Contact for ContactService {
-    fn send_status(&mut self, ctx: RpcContext, mut stream: RequestStream<ClientMsg>, mut sink: DuplexSink<ResultMsg>) {
+    fn send_status(
+        &mut self,
+        ctx: RpcContext,
+        mut stream: RequestStream<ClientMsg>,
+        mut sink: DuplexSink<ResultMsg>,
+    ) {
         let (client, _) = caller_or_reject!(ctx, sink);
         let dispatcher = self.dispatcher.clone();
         ctx.spawn(async move {
@@ -131,7 +139,10 @@ impl Contact for ContactService {
                 while let Some(msg) = stream.try_next().await? {
                     dispatcher.touch(&client);
                     log::info!("status from {client}: {}", msg.msg);
-                    let reply = ResultMsg { ret: format!("server received: {}", msg.msg), ..Default::default() };
+                    let reply = ResultMsg {
+                        ret: format!("server received: {}", msg.msg),
+                        ..Default::default()
+                    };
                     sink.send((reply, WriteFlags::default())).await?;
                 }
                 sink.close().await
@@ -146,8 +157,12 @@ impl Contact for ContactService {
     fn get_task(&mut self, ctx: RpcContext, _req: Empty, mut sink: ServerStreamingSink<ServerMsg>) {
         let (client, ephemeral) = caller_or_reject!(ctx, sink);
         let incarnation = self.dispatcher.incarnation();
-        let Some((session, mut feed)) = self.dispatcher.attach(&client, &ctx.peer(), ephemeral) else {
-            let status = RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, "the server is shutting down".into());
+        let Some((session, mut feed)) = self.dispatcher.attach(&client, &ctx.peer(), ephemeral)
+        else {
+            let status = RpcStatus::with_message(
+                RpcStatusCode::UNAVAILABLE,
+                "the server is shutting down".into(),
+            );
             ctx.spawn(async move {
                 let _ = sink.fail(status).await;
             });
@@ -163,7 +178,12 @@ impl Contact for ContactService {
         });
     }
 
-    fn tell_result(&mut self, ctx: RpcContext, mut stream: RequestStream<ResultMsg>, sink: ClientStreamingSink<Empty>) {
+    fn tell_result(
+        &mut self,
+        ctx: RpcContext,
+        mut stream: RequestStream<ResultMsg>,
+        sink: ClientStreamingSink<Empty>,
+    ) {
         let (client, ephemeral) = caller_or_reject!(ctx, sink);
         let dispatcher = self.dispatcher.clone();
         let results = self.results.clone();
@@ -181,11 +201,19 @@ impl Contact for ContactService {
                     };
                     // Recorded by the dispatcher; a flood of results that answer
                     // nothing is cut off rather than written to disk forever.
-                    if dispatcher.complete(&client, answer).is_some_and(|r| r.stale) {
+                    if dispatcher
+                        .complete(&client, answer)
+                        .is_some_and(|r| r.stale)
+                    {
                         stale += 1;
                         if stale > MAX_STALE_PER_CALL {
-                            let why = format!("more than {MAX_STALE_PER_CALL} results in one call answer no task");
-                            return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)));
+                            let why = format!(
+                                "more than {MAX_STALE_PER_CALL} results in one call answer no task"
+                            );
+                            return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(
+                                RpcStatusCode::INVALID_ARGUMENT,
+                                why,
+                            )));
                         }
                     }
                 }
@@ -203,10 +231,15 @@ impl Contact for ContactService {
                     let _ = sink.success(Empty::default()).await;
                 }
                 (Ok(()), false) => {
-                    let status = RpcStatus::with_message(RpcStatusCode::INTERNAL, "results could not be recorded".into());
+                    let status = RpcStatus::with_message(
+                        RpcStatusCode::INTERNAL,
+                        "results could not be recorded".into(),
+                    );
                     let _ = sink.fail(status).await;
                 }
-                (Err(grpcio::Error::RpcFailure(status)), _) if status.code() == RpcStatusCode::INVALID_ARGUMENT => {
+                (Err(grpcio::Error::RpcFailure(status)), _)
+                    if status.code() == RpcStatusCode::INVALID_ARGUMENT =>
+                {
                     log::warn!("result stream of {client} refused: {}", status.message());
                     let _ = sink.fail(status).await;
                 }
@@ -218,7 +251,11 @@ impl Contact for ContactService {
 
 /// Writes the feed's deliveries into the stream, a batch per flush, until the
 /// dispatcher ends the feed (clean end) or the client goes away (error).
-async fn forward(feed: &mut TaskFeed, sink: &mut ServerStreamingSink<ServerMsg>, incarnation: &str) -> grpcio::Result<()> {
+async fn forward(
+    feed: &mut TaskFeed,
+    sink: &mut ServerStreamingSink<ServerMsg>,
+    incarnation: &str,
+) -> grpcio::Result<()> {
     loop {
         // Wait for a delivery, but notice a vanished client even when idle:
         // polling the sink's readiness watches the call's end.
@@ -247,7 +284,8 @@ async fn forward(feed: &mut TaskFeed, sink: &mut ServerStreamingSink<ServerMsg>,
                 ..Default::default()
             };
             // Buffer all but the last write of a batch; the flush sends them together.
-            sink.feed((msg, WriteFlags::default().buffer_hint(i < last))).await?;
+            sink.feed((msg, WriteFlags::default().buffer_hint(i < last)))
+                .await?;
         }
         sink.flush().await?;
     }
@@ -283,7 +321,11 @@ impl Server {
             journal: journal.map(|j| (j, &records[..])),
             compact_bytes: config.compact_bytes,
         })?;
-        let dispatcher = Arc::new(Dispatcher::recording(config.dispatch.clone(), results.clone(), durable));
+        let dispatcher = Arc::new(Dispatcher::recording(
+            config.dispatch.clone(),
+            results.clone(),
+            durable,
+        ));
         if let Some(dir) = &config.state_dir {
             let r = dispatcher.restore(&records)?;
             log::info!(
@@ -298,7 +340,10 @@ impl Server {
         }
         drop(records);
         let env = Arc::new(Environment::new(2));
-        let service = ContactService { dispatcher: dispatcher.clone(), results: results.clone() };
+        let service = ContactService {
+            dispatcher: dispatcher.clone(),
+            results: results.clone(),
+        };
         let max_msg = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
         let args = ChannelBuilder::new(env.clone())
             .max_receive_message_len(max_msg)
@@ -316,9 +361,15 @@ impl Server {
             .build()?;
         let port = grpc
             .add_listening_port(config.listen.clone(), ServerCredentials::insecure())
-            .map_err(|e| Error::Bind { addr: config.listen.clone(), reason: bind_reason(e) })?;
+            .map_err(|e| Error::Bind {
+                addr: config.listen.clone(),
+                reason: bind_reason(e),
+            })?;
         grpc.start();
-        log::info!("contact server listening on {}", with_port(&config.listen, port));
+        log::info!(
+            "contact server listening on {}",
+            with_port(&config.listen, port)
+        );
 
         let shutdown = Shutdown::new();
         let mut server = Server {
@@ -332,7 +383,11 @@ impl Server {
             grace: config.grace,
         };
         for source in &config.sources {
-            server.producers.push(Producer::start(source, dispatcher.clone(), shutdown.clone())?);
+            server.producers.push(Producer::start(
+                source,
+                dispatcher.clone(),
+                shutdown.clone(),
+            )?);
         }
         let every = config.stats_every;
         server.clock = Some(
@@ -359,7 +414,10 @@ impl Server {
     /// then refuse new calls, cancel what remains and flush the results.
     /// Returns how many results were recorded.
     pub fn stop(mut self) -> Result<u64, Error> {
-        log::info!("shutting down: task streams end; waiting up to {:?} for clients to report", self.grace);
+        log::info!(
+            "shutting down: task streams end; waiting up to {:?} for clients to report",
+            self.grace
+        );
         self.shutdown.trigger();
         self.dispatcher.close_all();
         let deadline = Instant::now() + self.grace;
@@ -411,7 +469,12 @@ fn with_port(listen: &str, port: u16) -> String {
 
 /// The server's clock: ack deadlines and liveness every tick, dead letters
 /// to the sink, and the stats line every `stats_every`.
-fn clock_loop(dispatcher: &Dispatcher, results: &ResultSink, stats_every: Duration, shutdown: &Shutdown) {
+fn clock_loop(
+    dispatcher: &Dispatcher,
+    results: &ResultSink,
+    stats_every: Duration,
+    shutdown: &Shutdown,
+) {
     let mut last = (dispatcher.counters(), Instant::now());
     loop {
         let stopping = shutdown.wait_timeout(TICK);

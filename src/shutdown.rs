@@ -26,7 +26,10 @@ impl Shutdown {
     /// A signal that has not fired yet.
     pub fn new() -> Shutdown {
         let (tx, rx) = crossbeam_channel::bounded(0);
-        Shutdown { sender: Arc::new(Mutex::new(Some(tx))), receiver: rx }
+        Shutdown {
+            sender: Arc::new(Mutex::new(Some(tx))),
+            receiver: rx,
+        }
     }
 
     /// Fires the signal; later calls do nothing.
@@ -36,12 +39,18 @@ impl Shutdown {
 
     /// Whether the signal has fired.
     pub fn is_triggered(&self) -> bool {
-        matches!(self.receiver.try_recv(), Err(crossbeam_channel::TryRecvError::Disconnected))
+        matches!(
+            self.receiver.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
     }
 
     /// Sleeps for `timeout` unless the signal fires first; returns true if it fired.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        matches!(self.receiver.recv_timeout(timeout), Err(RecvTimeoutError::Disconnected))
+        matches!(
+            self.receiver.recv_timeout(timeout),
+            Err(RecvTimeoutError::Disconnected)
+        )
     }
 
     /// The receiver to use in `select!`: it becomes ready (disconnected) when the signal fires.

@@ -61,7 +61,11 @@ impl TaskLog {
 
     /// An empty log whose first task will get id `first` (when restoring state).
     pub fn starting_at(first: TaskId, retain: usize) -> TaskLog {
-        TaskLog { tasks: VecDeque::new(), next_id: first.max(1), retain: retain.max(1) }
+        TaskLog {
+            tasks: VecDeque::new(),
+            next_id: first.max(1),
+            retain: retain.max(1),
+        }
     }
 
     /// The retained tasks, oldest first.
@@ -71,7 +75,12 @@ impl TaskLog {
 
     /// Appends a task, forgetting the oldest one when the log is full.
     pub fn push(&mut self, text: String, target: Option<String>) -> Arc<Task> {
-        let task = Arc::new(Task { id: self.next_id, text, target, produced_at: SystemTime::now() });
+        let task = Arc::new(Task {
+            id: self.next_id,
+            text,
+            target,
+            produced_at: SystemTime::now(),
+        });
         self.next_id += 1;
         if self.tasks.len() == self.retain {
             self.tasks.pop_front();
@@ -131,12 +140,23 @@ mod tests {
 
     #[test]
     fn targeted_lines_name_a_client() {
-        assert_eq!(parse_line("@web-1 uptime"), (Some("web-1".into()), "uptime".into()));
-        assert_eq!(parse_line("@web-1   ls -l"), (Some("web-1".into()), "ls -l".into()));
+        assert_eq!(
+            parse_line("@web-1 uptime"),
+            (Some("web-1".into()), "uptime".into())
+        );
+        assert_eq!(
+            parse_line("@web-1   ls -l"),
+            (Some("web-1".into()), "ls -l".into())
+        );
         assert_eq!(parse_line("plain task"), (None, "plain task".into()));
         assert_eq!(parse_line("@lonely"), (None, "@lonely".into()));
         assert_eq!(parse_line("@ x"), (None, "@ x".into()));
-        let t = Task { id: 1, text: "x".into(), target: Some("a".into()), produced_at: SystemTime::now() };
+        let t = Task {
+            id: 1,
+            text: "x".into(),
+            target: Some("a".into()),
+            produced_at: SystemTime::now(),
+        };
         assert!(t.is_for("a") && !t.is_for("b"));
     }
 }

@@ -41,7 +41,15 @@ impl WorkQueue {
     pub fn restore(&mut self, task: Arc<Task>, attempt: u32, last_holder: Option<String>) {
         let id = task.id;
         let target = task.target.clone();
-        self.unfinished.insert(id, QueuedTask { task, attempt, holder: None, last_holder });
+        self.unfinished.insert(
+            id,
+            QueuedTask {
+                task,
+                attempt,
+                holder: None,
+                last_holder,
+            },
+        );
         self.enqueue(id, target, false);
     }
 
@@ -81,12 +89,16 @@ impl WorkQueue {
 
     /// Whether an untargeted task is waiting.
     pub fn has_ready(&self) -> bool {
-        self.ready.iter().any(|id| self.unfinished.get(id).is_some_and(|q| q.holder.is_none()))
+        self.ready
+            .iter()
+            .any(|id| self.unfinished.get(id).is_some_and(|q| q.holder.is_none()))
     }
 
     /// Puts a held task back at the front of its queue (its holder let go of it).
     pub fn release(&mut self, id: TaskId) {
-        let Some(q) = self.unfinished.get_mut(&id) else { return };
+        let Some(q) = self.unfinished.get_mut(&id) else {
+            return;
+        };
         if q.holder.take().is_none() {
             return;
         }
@@ -99,7 +111,9 @@ impl WorkQueue {
     /// that client — an earlier attempt of the same client counts too, since
     /// nobody else has the task.
     pub fn is_current(&self, id: TaskId, client: &str, attempt: u32) -> bool {
-        self.unfinished.get(&id).is_some_and(|q| attempt <= q.attempt && q.last_holder.as_deref() == Some(client))
+        self.unfinished
+            .get(&id)
+            .is_some_and(|q| attempt <= q.attempt && q.last_holder.as_deref() == Some(client))
     }
 
     /// The unfinished task with this id.
@@ -134,7 +148,12 @@ mod tests {
     use std::time::SystemTime;
 
     fn task(id: TaskId, target: Option<&str>) -> Arc<Task> {
-        Arc::new(Task { id, text: format!("t{id}"), target: target.map(String::from), produced_at: SystemTime::now() })
+        Arc::new(Task {
+            id,
+            text: format!("t{id}"),
+            target: target.map(String::from),
+            produced_at: SystemTime::now(),
+        })
     }
 
     #[test]
@@ -144,7 +163,10 @@ mod tests {
         q.push(task(2, None));
         assert_eq!(q.take_for("a", false).map(|(t, n)| (t.id, n)), Some((1, 1)));
         q.release(1);
-        assert!(q.is_current(1, "a", 1), "a released attempt still counts until redelivered");
+        assert!(
+            q.is_current(1, "a", 1),
+            "a released attempt still counts until redelivered"
+        );
         assert_eq!(q.take_for("b", false).map(|(t, n)| (t.id, n)), Some((1, 2)));
         assert!(!q.is_current(1, "a", 1) && q.is_current(1, "b", 2));
         assert_eq!(q.take_for("a", false).map(|(t, _)| t.id), Some(2));

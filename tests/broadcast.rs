@@ -30,7 +30,11 @@ fn every_client_gets_every_task_in_order_and_results_are_recorded() {
     }
     let results = read_results(&path);
     for id in ["a", "b", "c"] {
-        assert_eq!(accepted_ids(&results, id), (1..=50).collect::<Vec<_>>(), "client {id}");
+        assert_eq!(
+            accepted_ids(&results, id),
+            (1..=50).collect::<Vec<_>>(),
+            "client {id}"
+        );
     }
     let first = results.iter().find(|r| r["client"] == "a").unwrap();
     assert_eq!(first["output"], "client received task: t-0");
@@ -48,7 +52,9 @@ fn a_late_client_gets_the_history_first_then_new_tasks() {
     let mut c = client_config(server.port(), "late");
     c.max_tasks = Some(8);
     let client = spawn_client(c, &stop);
-    wait_for("the history to be answered", || accepted_ids(&read_results(&path), "late").len() == 5);
+    wait_for("the history to be answered", || {
+        accepted_ids(&read_results(&path), "late").len() == 5
+    });
     publish(&server, "new", 3);
     assert_eq!(client.join().unwrap().acknowledged, 8);
     let results = read_results(&path);
@@ -69,7 +75,9 @@ fn from_new_skips_the_history() {
     let mut c = client_config(server.port(), "fresh");
     c.max_tasks = Some(2);
     let client = spawn_client(c, &stop);
-    wait_for("the client to connect", || !server.dispatcher().clients().is_empty());
+    wait_for("the client to connect", || {
+        !server.dispatcher().clients().is_empty()
+    });
     publish(&server, "new", 2);
     assert_eq!(client.join().unwrap().acknowledged, 2);
     assert_eq!(accepted_ids(&read_results(&path), "fresh"), vec![6, 7]);
@@ -86,14 +94,18 @@ fn a_client_reconnects_and_keeps_working_after_a_server_restart() {
     publish(&server, "before", 3);
     let stop = Shutdown::new();
     let client = spawn_client(client_config(port, "survivor"), &stop);
-    wait_for("results before the restart", || accepted_ids(&read_results(&first_path), "survivor").len() == 3);
+    wait_for("results before the restart", || {
+        accepted_ids(&read_results(&first_path), "survivor").len() == 3
+    });
     server.stop().unwrap();
 
     let mut config = server_config().with_results(&second_path);
     config.listen = format!("127.0.0.1:{port}");
     let server = start_server(config);
     publish(&server, "after", 4);
-    wait_for("results after the restart", || accepted_ids(&read_results(&second_path), "survivor").len() == 4);
+    wait_for("results after the restart", || {
+        accepted_ids(&read_results(&second_path), "survivor").len() == 4
+    });
     stop.trigger();
     let report = client.join().unwrap();
     assert!(report.connections >= 2, "{report:?}");
@@ -107,15 +119,23 @@ fn exec_results_carry_the_commands_status_and_output() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("results.jsonl");
     let server = start_server(server_config().with_results(&path));
-    server.dispatcher().publish(vec![(None, "0".to_string()), (None, "7".to_string())]);
+    server
+        .dispatcher()
+        .publish(vec![(None, "0".to_string()), (None, "7".to_string())]);
     let stop = Shutdown::new();
     let mut c = client_config(server.port(), "runner");
     c.handler = Handler::exec("sh -c 'echo ran $0; exit $0'", 1000).unwrap();
     c.max_tasks = Some(2);
     assert_eq!(spawn_client(c, &stop).join().unwrap().acknowledged, 2);
     let results = read_results(&path);
-    assert_eq!((results[0]["ok"].clone(), results[0]["output"].clone()), (true.into(), "ran 0".into()));
-    assert_eq!((results[1]["ok"].clone(), results[1]["output"].clone()), (false.into(), "exit status 7: ran 7".into()));
+    assert_eq!(
+        (results[0]["ok"].clone(), results[0]["output"].clone()),
+        (true.into(), "ran 0".into())
+    );
+    assert_eq!(
+        (results[1]["ok"].clone(), results[1]["output"].clone()),
+        (false.into(), "exit status 7: ran 7".into())
+    );
     server.stop().unwrap();
 }
 
@@ -130,10 +150,19 @@ fn shutdown_lets_clients_report_what_they_hold() {
     // Each task takes a while: the stop arrives while tasks are in the client's hands.
     c.handler = Handler::exec("sh -c 'sleep 0.3; echo done $0'", 100).unwrap();
     let client = spawn_client(c, &stop);
-    wait_for("the client to hold tasks", || server.dispatcher().clients().iter().any(|c| c.in_flight == 3));
+    wait_for("the client to hold tasks", || {
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .any(|c| c.in_flight == 3)
+    });
     let recorded = server.stop().unwrap();
     stop.trigger();
     client.join().unwrap();
-    assert_eq!(recorded, 3, "the three tasks it held were reported during the grace period");
+    assert_eq!(
+        recorded, 3,
+        "the three tasks it held were reported during the grace period"
+    );
     assert_eq!(accepted_ids(&read_results(&path), "slow"), vec![1, 2, 3]);
 }

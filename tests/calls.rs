@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 fn raw_client(port: u16) -> ContactClient {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let ch = ChannelBuilder::new(env).max_send_message_len(8 << 20).connect(&format!("127.0.0.1:{port}"));
+    let ch = ChannelBuilder::new(env)
+        .max_send_message_len(8 << 20)
+        .connect(&format!("127.0.0.1:{port}"));
     ContactClient::new(ch)
 }
 
@@ -25,19 +27,34 @@ fn get_task_streams_every_task_in_order_with_ids() {
     let server = start_server(server_config());
     publish(&server, "t", 3);
     let client = raw_client(server.port());
-    let mut stream = client.get_task_opt(&Empty::new(), as_client("raw")).unwrap();
+    let mut stream = client
+        .get_task_opt(&Empty::new(), as_client("raw"))
+        .unwrap();
     let got: Vec<(u64, u32, String)> = (0..3)
         .map(|_| {
             let m = block_on(stream.next()).unwrap().unwrap();
             (m.task_id, m.attempt, m.task)
         })
         .collect();
-    assert_eq!(got, vec![(1, 1, "t-0".into()), (2, 1, "t-1".into()), (3, 1, "t-2".into())]);
+    assert_eq!(
+        got,
+        vec![
+            (1, 1, "t-0".into()),
+            (2, 1, "t-1".into()),
+            (3, 1, "t-2".into())
+        ]
+    );
     wait_for("the registry to list the client", || {
-        server.dispatcher().clients().iter().any(|c| c.id == "raw" && c.tasks_sent == 3)
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .any(|c| c.id == "raw" && c.tasks_sent == 3)
     });
     drop(stream);
-    wait_for("the client to be gone after its stream is dropped", || server.dispatcher().clients().is_empty());
+    wait_for("the client to be gone after its stream is dropped", || {
+        server.dispatcher().clients().is_empty()
+    });
     server.stop().unwrap();
 }
 
@@ -48,14 +65,28 @@ fn tell_result_is_answered_once_results_are_recorded() {
     let server = start_server(server_config().with_results(&path));
     publish(&server, "t", 2);
     let client = raw_client(server.port());
-    let mut tasks = client.get_task_opt(&Empty::new(), as_client("raw")).unwrap();
+    let mut tasks = client
+        .get_task_opt(&Empty::new(), as_client("raw"))
+        .unwrap();
     for _ in 0..2 {
         block_on(tasks.next()).unwrap().unwrap();
     }
     let (mut tx, rx) = client.tell_result_opt(as_client("raw")).unwrap();
     block_on(async {
-        let ok = ResultMsg { ret: "fine".into(), task_id: 1, ok: true, attempt: 1, ..Default::default() };
-        let bad = ResultMsg { ret: "broke".into(), task_id: 2, ok: false, attempt: 1, ..Default::default() };
+        let ok = ResultMsg {
+            ret: "fine".into(),
+            task_id: 1,
+            ok: true,
+            attempt: 1,
+            ..Default::default()
+        };
+        let bad = ResultMsg {
+            ret: "broke".into(),
+            task_id: 2,
+            ok: false,
+            attempt: 1,
+            ..Default::default()
+        };
         tx.send((ok, WriteFlags::default())).await.unwrap();
         tx.send((bad, WriteFlags::default())).await.unwrap();
         tx.close().await.unwrap();
@@ -65,7 +96,10 @@ fn tell_result_is_answered_once_results_are_recorded() {
     let results = read_results(&path);
     assert_eq!(results.len(), 2);
     assert_eq!(results[0]["task"], "t-0");
-    assert_eq!((results[0]["ok"].clone(), results[1]["ok"].clone()), (true.into(), false.into()));
+    assert_eq!(
+        (results[0]["ok"].clone(), results[1]["ok"].clone()),
+        (true.into(), false.into())
+    );
     assert_eq!(results[1]["output"], "broke");
     assert!(results[0]["latency_ms"].as_f64().unwrap() >= 0.0);
     server.stop().unwrap();
@@ -78,7 +112,10 @@ fn send_status_answers_every_message() {
     let (mut tx, mut rx) = client.send_status_opt(as_client("raw")).unwrap();
     let replies: Vec<String> = block_on(async {
         for i in 0..15 {
-            let msg = ClientMsg { msg: format!("s{i}"), ..Default::default() };
+            let msg = ClientMsg {
+                msg: format!("s{i}"),
+                ..Default::default()
+            };
             tx.send((msg, WriteFlags::default())).await.unwrap();
         }
         tx.close().await.unwrap();
@@ -104,20 +141,35 @@ fn every_message_and_every_acknowledgement_arrives_in_bulk() {
     config.dispatch.max_in_flight = N as usize;
     let server = start_server(config);
     let client = raw_client(server.port());
-    let mut tasks = client.get_task_opt(&Empty::new(), as_client("bulk")).unwrap();
-    server.dispatcher().publish((0..N).map(|i| (None, format!("bulk-{i}"))));
+    let mut tasks = client
+        .get_task_opt(&Empty::new(), as_client("bulk"))
+        .unwrap();
+    server
+        .dispatcher()
+        .publish((0..N).map(|i| (None, format!("bulk-{i}"))));
     let (mut tx, rx) = client.tell_result_opt(as_client("bulk")).unwrap();
     block_on(async {
         for expected in 1..=N {
             let m = tasks.next().await.unwrap().unwrap();
             assert_eq!(m.task_id, expected, "tasks arrive in order, none missing");
-            let r = ResultMsg { ret: m.task, task_id: m.task_id, ok: true, attempt: m.attempt, ..Default::default() };
-            tx.feed((r, WriteFlags::default().buffer_hint(expected % 64 != 0))).await.unwrap();
+            let r = ResultMsg {
+                ret: m.task,
+                task_id: m.task_id,
+                ok: true,
+                attempt: m.attempt,
+                ..Default::default()
+            };
+            tx.feed((r, WriteFlags::default().buffer_hint(expected % 64 != 0)))
+                .await
+                .unwrap();
         }
         tx.close().await.unwrap();
     });
     block_on(rx).unwrap();
-    let ids: Vec<u64> = read_results(&path).iter().map(|r| r["task_id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> = read_results(&path)
+        .iter()
+        .map(|r| r["task_id"].as_u64().unwrap())
+        .collect();
     assert_eq!(ids, (1..=N).collect::<Vec<_>>());
     server.stop().unwrap();
 }
@@ -131,7 +183,9 @@ fn bad_metadata_and_oversized_messages_are_refused_and_the_server_keeps_serving(
 
     let mut md = grpcio::MetadataBuilder::new();
     md.add_str(proto::CLIENT_ID_KEY, "bad id").unwrap();
-    let mut s = client.get_task_opt(&Empty::new(), CallOption::default().headers(md.build())).unwrap();
+    let mut s = client
+        .get_task_opt(&Empty::new(), CallOption::default().headers(md.build()))
+        .unwrap();
     match block_on(s.next()) {
         Some(Err(grpcio::Error::RpcFailure(st))) => {
             assert_eq!(st.code(), RpcStatusCode::INVALID_ARGUMENT);
@@ -141,16 +195,25 @@ fn bad_metadata_and_oversized_messages_are_refused_and_the_server_keeps_serving(
     }
 
     let (mut tx, rx) = client.tell_result_opt(as_client("big")).unwrap();
-    let huge = ResultMsg { ret: "x".repeat(200 * 1024), task_id: 1, ok: true, ..Default::default() };
+    let huge = ResultMsg {
+        ret: "x".repeat(200 * 1024),
+        task_id: 1,
+        ok: true,
+        ..Default::default()
+    };
     let _ = block_on(tx.send((huge, WriteFlags::default())));
     match block_on(rx) {
-        Err(grpcio::Error::RpcFailure(st)) => assert_eq!(st.code(), RpcStatusCode::RESOURCE_EXHAUSTED),
+        Err(grpcio::Error::RpcFailure(st)) => {
+            assert_eq!(st.code(), RpcStatusCode::RESOURCE_EXHAUSTED)
+        }
         other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
     }
 
     // Everyone else is still served.
     publish(&server, "after", 1);
-    let mut ok = client.get_task_opt(&Empty::new(), as_client("fine")).unwrap();
+    let mut ok = client
+        .get_task_opt(&Empty::new(), as_client("fine"))
+        .unwrap();
     assert_eq!(block_on(ok.next()).unwrap().unwrap().task, "after-0");
     server.stop().unwrap();
 }

@@ -30,28 +30,66 @@ fn bad_flags_and_values_exit_2_naming_the_flag() {
         (CLIENT, vec!["--id", "has space"], "--id"),
     ] {
         let out = run(bin, &args);
-        assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(needle), "{bin} {args:?} should name {needle}: {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bin} {args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(needle),
+            "{bin} {args:?} should name {needle}: {}",
+            stderr(&out)
+        );
     }
 }
 
 #[test]
 fn help_describes_every_flag() {
     let server = String::from_utf8(run(SERVER, &["--help"]).stdout).unwrap();
-    for flag in ["--listen", "--tasks-from", "--generate", "--every", "--dispatch", "--from", "--results-to", "--max-in-flight"] {
+    for flag in [
+        "--listen",
+        "--tasks-from",
+        "--generate",
+        "--every",
+        "--dispatch",
+        "--from",
+        "--results-to",
+        "--max-in-flight",
+    ] {
         assert!(server.contains(flag), "server --help lacks {flag}");
     }
     let client = String::from_utf8(run(CLIENT, &["--help"]).stdout).unwrap();
-    for flag in ["--server", "--id", "--max-tasks", "--exec", "--status-every", "--backoff-max"] {
+    for flag in [
+        "--server",
+        "--id",
+        "--max-tasks",
+        "--exec",
+        "--status-every",
+        "--backoff-max",
+    ] {
         assert!(client.contains(flag), "client --help lacks {flag}");
     }
 }
 
 #[test]
 fn an_unreadable_tasks_file_or_a_busy_port_exits_1_saying_so() {
-    let out = run(SERVER, &["--listen", "127.0.0.1:0", "--no-state", "--tasks-from", "/no/such/tasks.txt"]);
+    let out = run(
+        SERVER,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--no-state",
+            "--tasks-from",
+            "/no/such/tasks.txt",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/no/such/tasks.txt"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/no/such/tasks.txt"),
+        "{}",
+        stderr(&out)
+    );
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
@@ -86,9 +124,24 @@ fn server_and_clients_as_processes_then_sigterm_flushes_results() {
     );
     let port = listening_port(&mut server);
     let addr = format!("127.0.0.1:{port}");
-    let a = run(CLIENT, &["--server", &addr, "--id", "only-a", "--max-tasks", "2"]);
+    let a = run(
+        CLIENT,
+        &["--server", &addr, "--id", "only-a", "--max-tasks", "2"],
+    );
     assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
-    let b = run(CLIENT, &["--server", &addr, "--id", "only-b", "--max-tasks", "3", "--exec", "echo handled"]);
+    let b = run(
+        CLIENT,
+        &[
+            "--server",
+            &addr,
+            "--id",
+            "only-b",
+            "--max-tasks",
+            "3",
+            "--exec",
+            "echo handled",
+        ],
+    );
     assert_eq!(b.status.code(), Some(0), "{}", stderr(&b));
     assert!(stderr(&b).contains("task 3: gamma"), "{}", stderr(&b));
 
@@ -97,8 +150,15 @@ fn server_and_clients_as_processes_then_sigterm_flushes_results() {
     let recorded = read_results(&results);
     assert_eq!(accepted_ids(&recorded, "only-a"), vec![1, 2]);
     assert_eq!(accepted_ids(&recorded, "only-b"), vec![1, 2, 3]);
-    let outputs: Vec<&str> = recorded.iter().filter(|r| r["client"] == "only-b").map(|r| r["output"].as_str().unwrap()).collect();
-    assert_eq!(outputs, vec!["handled alpha", "handled beta", "handled gamma"]);
+    let outputs: Vec<&str> = recorded
+        .iter()
+        .filter(|r| r["client"] == "only-b")
+        .map(|r| r["output"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outputs,
+        vec!["handled alpha", "handled beta", "handled gamma"]
+    );
     server.wait_line("server stopped; 5 results recorded");
 }
 
@@ -109,11 +169,34 @@ fn a_client_retries_an_unreachable_server_then_works_and_stops_on_sigint() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let mut client = Proc::start(CLIENT, &["--server", &addr, "--id", "patient", "--backoff-max", "0.3", "--status-every", "0.2"]);
+    let mut client = Proc::start(
+        CLIENT,
+        &[
+            "--server",
+            &addr,
+            "--id",
+            "patient",
+            "--backoff-max",
+            "0.3",
+            "--status-every",
+            "0.2",
+        ],
+    );
     let warn = client.wait_line("cannot reach server");
     assert!(warn.contains("WARN"), "{warn}");
 
-    let mut server = Proc::start(SERVER, &["--listen", &addr, "--no-state", "--generate", "2", "--every", "0.2"]);
+    let mut server = Proc::start(
+        SERVER,
+        &[
+            "--listen",
+            &addr,
+            "--no-state",
+            "--generate",
+            "2",
+            "--every",
+            "0.2",
+        ],
+    );
     server.wait_line("listening on");
     client.wait_line("client received task: task:");
     client.wait_line("status reply: server received: alive");

@@ -19,7 +19,18 @@ fn queue_config(results: &Path) -> ServerConfig {
 
 fn client_proc(port: u16, id: &str, extra: &[&str]) -> Proc {
     let addr = format!("127.0.0.1:{port}");
-    let mut args = vec!["--server", &addr, "--id", id, "--backoff-max", "0.3", "--status-every", "0.2", "--ack-interval", "0.05"];
+    let mut args = vec![
+        "--server",
+        &addr,
+        "--id",
+        id,
+        "--backoff-max",
+        "0.3",
+        "--status-every",
+        "0.2",
+        "--ack-interval",
+        "0.05",
+    ];
     args.extend_from_slice(extra);
     Proc::start(CLIENT_BIN, &args)
 }
@@ -30,17 +41,25 @@ fn queue_mode_with_three_clients_answers_every_task_exactly_once() {
     let path = dir.path().join("results.jsonl");
     let server = start_server(queue_config(&path));
     let stop = Shutdown::new();
-    let clients: Vec<_> = ["q1", "q2", "q3"].iter().map(|id| spawn_client(client_config(server.port(), id), &stop)).collect();
+    let clients: Vec<_> = ["q1", "q2", "q3"]
+        .iter()
+        .map(|id| spawn_client(client_config(server.port(), id), &stop))
+        .collect();
     wait_for("three clients", || server.dispatcher().clients().len() == 3);
     publish(&server, "job", 1000);
-    wait_for("every task answered", || server.dispatcher().unfinished() == 0 && read_results(&path).len() >= 1000);
+    wait_for("every task answered", || {
+        server.dispatcher().unfinished() == 0 && read_results(&path).len() >= 1000
+    });
     stop.trigger();
     let handled: u64 = clients.into_iter().map(|c| c.join().unwrap().handled).sum();
     server.stop().unwrap();
     let results = read_results(&path);
     let per_task = accepted_per_task(&results);
     assert_eq!(per_task.len(), 1000);
-    assert!(per_task.values().all(|&n| n == 1), "each task exactly one accepted result");
+    assert!(
+        per_task.values().all(|&n| n == 1),
+        "each task exactly one accepted result"
+    );
     assert_eq!(handled, 1000, "no task was handled twice");
     for id in ["q1", "q2", "q3"] {
         assert!(results.iter().any(|r| r["client"] == id), "{id} got work");
@@ -56,16 +75,31 @@ fn the_tasks_of_a_killed_client_are_completed_by_the_others() {
     let server = start_server(config);
     // The victim takes four tasks and sits on them.
     let mut victim = client_proc(server.port(), "victim", &["--exec", "sh -c 'sleep 10'"]);
-    wait_for("the victim to connect", || server.dispatcher().clients().len() == 1);
+    wait_for("the victim to connect", || {
+        server.dispatcher().clients().len() == 1
+    });
     publish(&server, "job", 12);
-    wait_for("the victim to hold four tasks", || server.dispatcher().clients().iter().any(|c| c.id == "victim" && c.in_flight == 4));
+    wait_for("the victim to hold four tasks", || {
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .any(|c| c.id == "victim" && c.in_flight == 4)
+    });
     let stop = Shutdown::new();
-    let helpers: Vec<_> = ["h1", "h2"].iter().map(|id| spawn_client(client_config(server.port(), id), &stop)).collect();
-    wait_for("the other tasks to be answered", || accepted_per_task(&read_results(&path)).len() == 8);
+    let helpers: Vec<_> = ["h1", "h2"]
+        .iter()
+        .map(|id| spawn_client(client_config(server.port(), id), &stop))
+        .collect();
+    wait_for("the other tasks to be answered", || {
+        accepted_per_task(&read_results(&path)).len() == 8
+    });
 
     victim.signal("KILL");
     victim.wait_exit();
-    wait_for("the victim's tasks to be completed by others", || server.dispatcher().unfinished() == 0);
+    wait_for("the victim's tasks to be completed by others", || {
+        server.dispatcher().unfinished() == 0
+    });
     stop.trigger();
     for h in helpers {
         h.join().unwrap();
@@ -77,7 +111,11 @@ fn the_tasks_of_a_killed_client_are_completed_by_the_others() {
     assert!(per_task.values().all(|&n| n == 1));
     assert!(results.iter().all(|r| r["client"] != "victim"));
     let redelivered: Vec<_> = results.iter().filter(|r| r["attempt"] == 2).collect();
-    assert_eq!(redelivered.len(), 4, "the four held tasks were delivered a second time");
+    assert_eq!(
+        redelivered.len(),
+        4,
+        "the four held tasks were delivered a second time"
+    );
 }
 
 #[test]
@@ -88,18 +126,36 @@ fn a_stopped_client_loses_its_tasks_and_its_late_results_are_stale() {
     config.dispatch.max_in_flight = 2;
     config.dispatch.client_timeout = Some(Duration::from_millis(1500));
     let server = start_server(config);
-    let sleeper = client_proc(server.port(), "sleeper", &["--exec", "sh -c 'sleep 0.5; echo woke $0'"]);
-    wait_for("the sleeper to connect", || server.dispatcher().clients().len() == 1);
+    let sleeper = client_proc(
+        server.port(),
+        "sleeper",
+        &["--exec", "sh -c 'sleep 0.5; echo woke $0'"],
+    );
+    wait_for("the sleeper to connect", || {
+        server.dispatcher().clients().len() == 1
+    });
     publish(&server, "job", 2);
-    wait_for("the sleeper to hold both tasks", || server.dispatcher().clients().iter().any(|c| c.in_flight == 2));
+    wait_for("the sleeper to hold both tasks", || {
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .any(|c| c.in_flight == 2)
+    });
     sleeper.signal("STOP");
 
     let stop = Shutdown::new();
     let helper = spawn_client(client_config(server.port(), "helper"), &stop);
-    wait_for("the helper to finish the sleeper's tasks", || server.dispatcher().unfinished() == 0);
+    wait_for("the helper to finish the sleeper's tasks", || {
+        server.dispatcher().unfinished() == 0
+    });
     sleeper.signal("CONT");
     wait_for("the sleeper's late results, fenced", || {
-        read_results(&path).iter().filter(|r| r["client"] == "sleeper" && r["stale"] == true).count() >= 1
+        read_results(&path)
+            .iter()
+            .filter(|r| r["client"] == "sleeper" && r["stale"] == true)
+            .count()
+            >= 1
     });
     stop.trigger();
     helper.join().unwrap();
@@ -107,8 +163,14 @@ fn a_stopped_client_loses_its_tasks_and_its_late_results_are_stale() {
     let results = read_results(&path);
     let per_task = accepted_per_task(&results);
     assert_eq!(per_task.len(), 2);
-    assert!(per_task.values().all(|&n| n == 1), "a late result never counts twice");
-    assert!(results.iter().filter(|r| r["accepted"] == true).all(|r| r["client"] == "helper"));
+    assert!(
+        per_task.values().all(|&n| n == 1),
+        "a late result never counts twice"
+    );
+    assert!(results
+        .iter()
+        .filter(|r| r["accepted"] == true)
+        .all(|r| r["client"] == "helper"));
 }
 
 #[test]
@@ -121,15 +183,25 @@ fn a_broadcast_client_restarted_with_the_same_id_gets_only_what_it_had_not_ackno
     let mut first = client_config(server.port(), "resumer");
     first.max_tasks = Some(3);
     assert_eq!(spawn_client(first, &stop).join().unwrap().acknowledged, 3);
-    wait_for("the first run to be gone", || server.dispatcher().clients().is_empty());
+    wait_for("the first run to be gone", || {
+        server.dispatcher().clients().is_empty()
+    });
 
     let mut second = client_config(server.port(), "resumer");
     second.max_tasks = Some(2);
     assert_eq!(spawn_client(second, &stop).join().unwrap().acknowledged, 2);
     server.stop().unwrap();
     let results = read_results(&path);
-    let ids: Vec<u64> = results.iter().filter(|r| r["accepted"] == true).map(|r| r["task_id"].as_u64().unwrap()).collect();
-    assert_eq!(ids, vec![1, 2, 3, 4, 5], "each task answered once, in order");
+    let ids: Vec<u64> = results
+        .iter()
+        .filter(|r| r["accepted"] == true)
+        .map(|r| r["task_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![1, 2, 3, 4, 5],
+        "each task answered once, in order"
+    );
     assert!(results.iter().all(|r| r["stale"] == false));
 }
 
@@ -142,23 +214,40 @@ fn refused_tasks_are_retried_then_dead_lettered_with_the_reason() {
     config.dead_letters = Some(dead.clone());
     config.dispatch.max_attempts = 3;
     let server = start_server(config);
-    server.dispatcher().publish(vec![(None, "refuse".to_string()), (None, "fine".to_string())]);
+    server.dispatcher().publish(vec![
+        (None, "refuse".to_string()),
+        (None, "fine".to_string()),
+    ]);
     let stop = Shutdown::new();
     let mut c = client_config(server.port(), "picky");
     // Exit status 75 refuses the task and asks for a retry.
-    c.handler = contact::handler::Handler::exec("sh -c 'test $0 = fine || exit 75; echo ok'", 100).unwrap();
+    c.handler =
+        contact::handler::Handler::exec("sh -c 'test $0 = fine || exit 75; echo ok'", 100).unwrap();
     let client = spawn_client(c, &stop);
-    wait_for("the refused task to be dead-lettered", || read_results(&dead).len() == 1);
-    wait_for("everything finished", || server.dispatcher().unfinished() == 0);
+    wait_for("the refused task to be dead-lettered", || {
+        read_results(&dead).len() == 1
+    });
+    wait_for("everything finished", || {
+        server.dispatcher().unfinished() == 0
+    });
     stop.trigger();
     client.join().unwrap();
     server.stop().unwrap();
     let letter = &read_results(&dead)[0];
-    assert_eq!((letter["task"].clone(), letter["attempts"].clone()), ("refuse".into(), 3.into()));
-    assert!(letter["reason"].as_str().unwrap().starts_with("refused"), "{letter}");
+    assert_eq!(
+        (letter["task"].clone(), letter["attempts"].clone()),
+        ("refuse".into(), 3.into())
+    );
+    assert!(
+        letter["reason"].as_str().unwrap().starts_with("refused"),
+        "{letter}"
+    );
     let results = read_results(&path);
     assert_eq!(results.iter().filter(|r| r["retry"] == true).count(), 3);
-    assert_eq!(accepted_per_task(&results).into_iter().collect::<Vec<_>>(), vec![(2, 1)]);
+    assert_eq!(
+        accepted_per_task(&results).into_iter().collect::<Vec<_>>(),
+        vec![(2, 1)]
+    );
 }
 
 #[test]
@@ -168,8 +257,13 @@ fn targeted_tasks_wait_for_their_client_in_queue_mode() {
     let server = start_server(queue_config(&path));
     let stop = Shutdown::new();
     let other = spawn_client(client_config(server.port(), "other"), &stop);
-    wait_for("the other client", || server.dispatcher().clients().len() == 1);
-    server.dispatcher().publish(vec![(Some("late".to_string()), "only for late".to_string())]);
+    wait_for("the other client", || {
+        server.dispatcher().clients().len() == 1
+    });
+    server.dispatcher().publish(vec![(
+        Some("late".to_string()),
+        "only for late".to_string(),
+    )]);
     let mut late = client_config(server.port(), "late");
     late.max_tasks = Some(1);
     assert_eq!(spawn_client(late, &stop).join().unwrap().acknowledged, 1);
@@ -178,5 +272,8 @@ fn targeted_tasks_wait_for_their_client_in_queue_mode() {
     server.stop().unwrap();
     let results = read_results(&path);
     assert_eq!(results.len(), 1);
-    assert_eq!((results[0]["client"].clone(), results[0]["task"].clone()), ("late".into(), "only for late".into()));
+    assert_eq!(
+        (results[0]["client"].clone(), results[0]["task"].clone()),
+        ("late".into(), "only for late".into())
+    );
 }

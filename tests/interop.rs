@@ -21,7 +21,10 @@ fn python() -> PathBuf {
     let py = std::env::var_os("CONTACT_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    let ok = Command::new(&py).args(["-c", "import grpc, grpc_tools"]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new(&py)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     assert!(
         ok,
         "the interop tests need Python with grpcio and grpcio-tools at {} (run scripts/test.sh, which installs them, or set CONTACT_PYTHON)",
@@ -62,12 +65,24 @@ fn a_seed_python_client_works_against_our_server() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "seed client failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "seed client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
-    let tasks: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("TASK ")).collect();
+    let tasks: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("TASK "))
+        .collect();
     assert_eq!(tasks, vec!["py-0", "py-1", "py-2", "py-3", "py-4"]);
-    let replies: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("REPLY ")).collect();
-    let expected: Vec<String> = (0..15).map(|i| format!("server received: status {i}")).collect();
+    let replies: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("REPLY "))
+        .collect();
+    let expected: Vec<String> = (0..15)
+        .map(|i| format!("server received: status {i}"))
+        .collect();
     assert_eq!(replies, expected);
     assert_eq!(lines.last(), Some(&"ACKED 5"));
 
@@ -77,7 +92,10 @@ fn a_seed_python_client_works_against_our_server() {
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r["task_id"], i as u64 + 1);
         assert_eq!(r["output"], format!("client received task: py-{i}"));
-        assert_eq!((r["ok"].clone(), r["stale"].clone()), (true.into(), false.into()));
+        assert_eq!(
+            (r["ok"].clone(), r["stale"].clone()),
+            (true.into(), false.into())
+        );
         assert!(r["client"].as_str().unwrap().contains("127.0.0.1"), "{r}");
     }
     server.stop().unwrap();
@@ -102,7 +120,11 @@ fn our_client_works_against_a_seed_python_server() {
         }
     });
     let first = lines.recv_timeout(PATIENCE).expect("python server starts");
-    let port: u16 = first.strip_prefix("LISTENING ").expect("LISTENING line").parse().unwrap();
+    let port: u16 = first
+        .strip_prefix("LISTENING ")
+        .expect("LISTENING line")
+        .parse()
+        .unwrap();
 
     let stop = Shutdown::new();
     let mut config = client_config(port, "rusty");
@@ -113,14 +135,21 @@ fn our_client_works_against_a_seed_python_server() {
     let mut results = vec![];
     let mut statuses = vec![];
     while results.len() < 10 || statuses.is_empty() {
-        let l = lines.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("python server printed only {results:?} {statuses:?}"));
+        let l = lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("python server printed only {results:?} {statuses:?}"));
         if let Some(r) = l.strip_prefix("RESULT ") {
             results.push(r.to_string());
         } else if let Some(s) = l.strip_prefix("STATUS ") {
             statuses.push(s.to_string());
         }
     }
-    assert!(results.iter().all(|r| r.starts_with("client received task: task:")), "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.starts_with("client received task: task:")),
+        "{results:?}"
+    );
     assert!(statuses[0].starts_with("alive:"), "{statuses:?}");
     let _ = child.kill();
     let _ = child.wait();

@@ -9,7 +9,7 @@ use crate::journal::Record;
 use crate::task::{Task, TaskId, TaskLog};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 /// What start-up found in the journal, for the log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -59,7 +59,9 @@ fn answered(seen: &mut Seen, task: TaskId, client: &str, attempt: u32) {
 /// Seed clients are known by their address; they cannot come back, so their
 /// state is not worth restoring.
 fn is_peer_address(client: &str) -> bool {
-    ["ipv4:", "ipv6:", "unix:"].iter().any(|p| client.starts_with(p))
+    ["ipv4:", "ipv6:", "unix:"]
+        .iter()
+        .any(|p| client.starts_with(p))
 }
 
 impl Dispatcher {
@@ -70,11 +72,19 @@ impl Dispatcher {
         let mut tasks: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
         let mut last_sent: HashMap<TaskId, (String, u32)> = HashMap::new();
         let mut incarnation = None;
-        let mut seen = Seen { queue_mode, ..Default::default() };
+        let mut seen = Seen {
+            queue_mode,
+            ..Default::default()
+        };
         for r in records {
             match r {
                 Record::Task { id, text, target } => {
-                    let task = Task { id: *id, text: text.clone(), target: target.clone(), produced_at: SystemTime::now() };
+                    let task = Task {
+                        id: *id,
+                        text: text.clone(),
+                        target: target.clone(),
+                        produced_at: SystemTime::now(),
+                    };
                     tasks.insert(*id, Arc::new(task));
                     next = next.max(id + 1);
                 }
@@ -82,10 +92,18 @@ impl Dispatcher {
                     first = *f;
                     next = next.max(*n);
                 }
-                Record::Sent { task, client, attempt } if queue_mode => {
+                Record::Sent {
+                    task,
+                    client,
+                    attempt,
+                } if queue_mode => {
                     last_sent.insert(*task, (client.clone(), *attempt));
                 }
-                Record::Sent { task, client, attempt } => {
+                Record::Sent {
+                    task,
+                    client,
+                    attempt,
+                } => {
                     let p = seen.progress.entry(client.clone()).or_default();
                     p.pending.insert(*task, *attempt);
                     p.cursor = p.cursor.max(task + 1);
@@ -99,7 +117,11 @@ impl Dispatcher {
                         answered(&mut seen, task, &r.client, r.attempt);
                     }
                 }
-                Record::Done { task, client, attempt } => answered(&mut seen, *task, client, *attempt),
+                Record::Done {
+                    task,
+                    client,
+                    attempt,
+                } => answered(&mut seen, *task, client, *attempt),
                 Record::Finished { task } => {
                     seen.finished.insert(*task);
                 }
@@ -132,37 +154,60 @@ impl Dispatcher {
             st.log.push(task.text.clone(), task.target.clone());
         }
         if st.log.next_id() < next {
-            log::warn!("tasks {}..{} are missing from the state journal", st.log.next_id(), next - 1);
+            log::warn!(
+                "tasks {}..{} are missing from the state journal",
+                st.log.next_id(),
+                next - 1
+            );
         }
-        let mut summary = Restored { tasks: tasks.len(), ..Default::default() };
+        let mut summary = Restored {
+            tasks: tasks.len(),
+            ..Default::default()
+        };
         if queue_mode {
             for (id, task) in &tasks {
                 if !seen.finished.contains(id) {
-                    let (holder, attempt) = last_sent.remove(id).map_or((None, 0), |(c, a)| (Some(c), a));
+                    let (holder, attempt) = last_sent
+                        .remove(id)
+                        .map_or((None, 0), |(c, a)| (Some(c), a));
                     st.queue.restore(task.clone(), attempt, holder);
                 }
             }
             summary.unfinished = st.queue.len();
         }
-        let Seen { mut progress, mut recent, .. } = seen;
-        let names: HashSet<String> = progress.keys().chain(recent.keys()).filter(|c| !is_peer_address(c)).cloned().collect();
+        let Seen {
+            mut progress,
+            mut recent,
+            ..
+        } = seen;
+        let names: HashSet<String> = progress
+            .keys()
+            .chain(recent.keys())
+            .filter(|c| !is_peer_address(c))
+            .cloned()
+            .collect();
         for name in names {
             let p = progress.remove(&name).unwrap_or_default();
             let redeliver = p
                 .pending
                 .iter()
-                .filter_map(|(id, attempt)| tasks.get(id).map(|t| Delivery { task: t.clone(), attempt: attempt + 1 }))
+                .filter_map(|(id, attempt)| {
+                    tasks.get(id).map(|t| Delivery {
+                        task: t.clone(),
+                        attempt: attempt + 1,
+                    })
+                })
                 .collect();
-            let state = ClientState {
-                session: None,
-                cursor: if p.cursor == 0 { st.log.next_id() } else { p.cursor },
-                in_flight: VecDeque::new(),
+            let mut state = ClientState::new(
+                if p.cursor == 0 {
+                    st.log.next_id()
+                } else {
+                    p.cursor
+                },
                 redeliver,
-                recent: recent.remove(&name).unwrap_or_default(),
-                last_seen: Instant::now(),
-                ephemeral: false,
-                draining: false,
-            };
+                false,
+            );
+            state.recent = recent.remove(&name).unwrap_or_default();
             st.clients.insert(name, state);
         }
         summary.clients = st.clients.len();
@@ -172,12 +217,26 @@ impl Dispatcher {
     /// Hands the journal a snapshot of the current state to replace it. Taken
     /// and queued under the state lock, so no later change can precede it.
     pub fn compact(&self) {
-        let Some(sink) = self.sink.as_ref().filter(|_| self.durable) else { return };
+        let Some(sink) = self.sink.as_ref().filter(|_| self.durable) else {
+            return;
+        };
         // Not between a producer's journaled tasks and their publication.
         let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let st = self.lock();
-        let mut out = vec![Record::Incarnation { id: st.incarnation.clone() }, Record::Window { first: st.log.first_id(), next: st.log.next_id() }];
-        let task_record = |t: &Task| Record::Task { id: t.id, text: t.text.clone(), target: t.target.clone() };
+        let mut out = vec![
+            Record::Incarnation {
+                id: st.incarnation.clone(),
+            },
+            Record::Window {
+                first: st.log.first_id(),
+                next: st.log.next_id(),
+            },
+        ];
+        let task_record = |t: &Task| Record::Task {
+            id: t.id,
+            text: t.text.clone(),
+            target: t.target.clone(),
+        };
         out.extend(st.log.iter().map(|t| task_record(t)));
         let mut queued: Vec<_> = st.queue.iter().collect();
         queued.sort_by_key(|q| q.task.id);
@@ -186,37 +245,70 @@ impl Dispatcher {
                 out.push(task_record(&q.task));
             }
             if let (Some(holder), true) = (&q.last_holder, q.attempt > 0) {
-                out.push(Record::Sent { task: q.task.id, client: holder.clone(), attempt: q.attempt });
+                out.push(Record::Sent {
+                    task: q.task.id,
+                    client: holder.clone(),
+                    attempt: q.attempt,
+                });
             }
         }
         if self.config.mode == Mode::Queue {
-            out.extend(st.log.iter().filter(|t| st.queue.get(t.id).is_none()).map(|t| Record::Finished { task: t.id }));
+            out.extend(
+                st.log
+                    .iter()
+                    .filter(|t| st.queue.get(t.id).is_none())
+                    .map(|t| Record::Finished { task: t.id }),
+            );
         }
         // Task records must precede the records that name them.
         let mut early: Vec<Record> = vec![];
         let mut written_early: HashSet<TaskId> = HashSet::new();
-        let mut names: Vec<&String> = st.clients.iter().filter(|(_, c)| !c.ephemeral).map(|(n, _)| n).collect();
+        let mut names: Vec<&String> = st
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.ephemeral)
+            .map(|(n, _)| n)
+            .collect();
         names.sort();
         for name in names {
             let c = &st.clients[name];
             for (task, attempt) in &c.recent {
-                out.push(Record::Done { task: *task, client: name.clone(), attempt: *attempt });
+                out.push(Record::Done {
+                    task: *task,
+                    client: name.clone(),
+                    attempt: *attempt,
+                });
             }
             if self.config.mode == Mode::Broadcast {
                 // Tasks it still has to answer, even those past the retained history.
-                let held = c.in_flight.iter().map(|f| &f.delivery).chain(c.redeliver.iter());
+                let held = c
+                    .in_flight
+                    .iter()
+                    .map(|f| &f.delivery)
+                    .chain(c.redeliver.iter());
                 for d in held.filter(|d| d.task.id < st.log.first_id()) {
                     if written_early.insert(d.task.id) {
                         early.push(task_record(&d.task));
                     }
                 }
-                out.push(Record::Cursor { client: name.clone(), next: c.cursor });
+                out.push(Record::Cursor {
+                    client: name.clone(),
+                    next: c.cursor,
+                });
                 for f in &c.in_flight {
-                    out.push(Record::Sent { task: f.delivery.task.id, client: name.clone(), attempt: f.delivery.attempt });
+                    out.push(Record::Sent {
+                        task: f.delivery.task.id,
+                        client: name.clone(),
+                        attempt: f.delivery.attempt,
+                    });
                 }
                 for d in &c.redeliver {
                     // Replay turns an unanswered delivery into the next attempt.
-                    out.push(Record::Sent { task: d.task.id, client: name.clone(), attempt: d.attempt - 1 });
+                    out.push(Record::Sent {
+                        task: d.task.id,
+                        client: name.clone(),
+                        attempt: d.attempt - 1,
+                    });
                 }
             }
         }

@@ -5,29 +5,51 @@ fn tasks(texts: &[&str]) -> Vec<(Option<String>, String)> {
 }
 
 fn drain(feed: &TaskFeed) -> Vec<TaskId> {
-    std::iter::from_fn(|| feed.try_next()).map(|d| d.task.id).collect()
+    std::iter::from_fn(|| feed.try_next())
+        .map(|d| d.task.id)
+        .collect()
 }
 
 fn drain_attempts(feed: &TaskFeed) -> Vec<(TaskId, u32)> {
-    std::iter::from_fn(|| feed.try_next()).map(|d| (d.task.id, d.attempt)).collect()
+    std::iter::from_fn(|| feed.try_next())
+        .map(|d| (d.task.id, d.attempt))
+        .collect()
 }
 
 fn ok(task_id: TaskId, attempt: u32) -> Answer {
-    Answer { task_id, attempt, ok: true, retry: false, output: "done".into(), incarnation: String::new() }
+    Answer {
+        task_id,
+        attempt,
+        ok: true,
+        retry: false,
+        output: "done".into(),
+        incarnation: String::new(),
+    }
 }
 
 fn queue(k: usize) -> Dispatcher {
-    Dispatcher::new(DispatchConfig { mode: Mode::Queue, max_in_flight: k, max_attempts: 3, ..Default::default() })
+    Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        max_in_flight: k,
+        max_attempts: 3,
+        ..Default::default()
+    })
 }
 
 #[test]
 fn credit_limits_deliveries_and_results_release_more() {
-    let d = Dispatcher::new(DispatchConfig { max_in_flight: 2, ..Default::default() });
+    let d = Dispatcher::new(DispatchConfig {
+        max_in_flight: 2,
+        ..Default::default()
+    });
     let (_, feed) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1", "2", "3", "4"]));
     assert_eq!(drain(&feed), vec![1, 2]);
     let r = d.complete("a", ok(2, 1)).unwrap();
-    assert_eq!((r.task_id, r.stale, r.accepted, r.task.as_deref()), (Some(2), false, true, Some("2")));
+    assert_eq!(
+        (r.task_id, r.stale, r.accepted, r.task.as_deref()),
+        (Some(2), false, true, Some("2"))
+    );
     assert_eq!(drain(&feed), vec![3]);
     assert_eq!(d.clients()[0].in_flight, 2);
     let c = d.counters();
@@ -41,7 +63,10 @@ fn late_clients_get_history_unless_they_start_at_new() {
     let (_, old) = d.attach("old", "p1", false).unwrap();
     assert_eq!(drain(&old), vec![1, 2]);
 
-    let d = Dispatcher::new(DispatchConfig { start_at: StartAt::New, ..Default::default() });
+    let d = Dispatcher::new(DispatchConfig {
+        start_at: StartAt::New,
+        ..Default::default()
+    });
     d.publish(tasks(&["1", "2"]));
     let (_, new) = d.attach("new", "p2", false).unwrap();
     assert!(drain(&new).is_empty());
@@ -55,16 +80,29 @@ fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
     let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true).unwrap();
     d.publish(tasks(&["a", "b"]));
     assert_eq!(drain(&feed), vec![1, 2]);
-    let seed = Answer { task_id: 0, attempt: 0, ok: false, retry: false, output: "x".into(), incarnation: String::new() };
+    let seed = Answer {
+        task_id: 0,
+        attempt: 0,
+        ok: false,
+        retry: false,
+        output: "x".into(),
+        incarnation: String::new(),
+    };
     let r1 = d.complete("ipv4:1.2.3.4:5", seed.clone()).unwrap();
     // The task stream ends before the last result arrives: it still matches.
     d.detach("ipv4:1.2.3.4:5", session);
     assert!(d.clients().is_empty());
     let r2 = d.complete("ipv4:1.2.3.4:5", seed.clone()).unwrap();
     let r3 = d.complete("ipv4:1.2.3.4:5", seed).unwrap();
-    assert_eq!((r1.task_id, r1.ok, r2.task_id, r2.stale), (Some(1), true, Some(2), false));
+    assert_eq!(
+        (r1.task_id, r1.ok, r2.task_id, r2.stale),
+        (Some(1), true, Some(2), false)
+    );
     assert!(r3.stale && r3.task_id.is_none());
-    assert!(d.lock().clients.is_empty(), "a seed client is forgotten once answered and gone");
+    assert!(
+        d.lock().clients.is_empty(),
+        "a seed client is forgotten once answered and gone"
+    );
 }
 
 #[test]
@@ -74,7 +112,11 @@ fn unknown_results_are_stale_and_exact_resends_are_recorded_once() {
     d.publish(tasks(&["1"]));
     drain(&feed);
     assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
-    assert_eq!(d.complete("a", ok(1, 1)), None, "a resend after a lost acknowledgement");
+    assert_eq!(
+        d.complete("a", ok(1, 1)),
+        None,
+        "a resend after a lost acknowledgement"
+    );
     let other_attempt = d.complete("a", ok(1, 7)).unwrap();
     assert!(other_attempt.stale && other_attempt.task.as_deref() == Some("1"));
     assert!(d.complete("a", ok(99, 1)).unwrap().stale);
@@ -86,7 +128,10 @@ fn targeted_tasks_reach_only_their_client() {
     let d = Dispatcher::new(DispatchConfig::default());
     let (_, a) = d.attach("a", "p1", false).unwrap();
     let (_, b) = d.attach("b", "p2", false).unwrap();
-    d.publish(vec![(Some("b".to_string()), "for b".to_string()), (None, "all".to_string())]);
+    d.publish(vec![
+        (Some("b".to_string()), "for b".to_string()),
+        (None, "all".to_string()),
+    ]);
     assert_eq!(drain(&a), vec![2]);
     assert_eq!(drain(&b), vec![1, 2]);
 }
@@ -104,7 +149,11 @@ fn a_replaced_stream_ends_and_its_detach_is_ignored() {
 
 #[test]
 fn a_client_behind_retention_skips_ahead() {
-    let d = Dispatcher::new(DispatchConfig { retain: 2, max_in_flight: 1, ..Default::default() });
+    let d = Dispatcher::new(DispatchConfig {
+        retain: 2,
+        max_in_flight: 1,
+        ..Default::default()
+    });
     let (_, feed) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1"]));
     d.publish(tasks(&["2", "3", "4"]));
@@ -153,10 +202,16 @@ fn results_for_another_incarnation_are_stale() {
     let (_, feed) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1"]));
     drain(&feed);
-    let other = Answer { incarnation: "0000000000000bad".into(), ..ok(1, 1) };
+    let other = Answer {
+        incarnation: "0000000000000bad".into(),
+        ..ok(1, 1)
+    };
     let r = d.complete("a", other).unwrap();
     assert!(r.stale && r.task_id.is_none());
-    let mine = Answer { incarnation: d.incarnation(), ..ok(1, 1) };
+    let mine = Answer {
+        incarnation: d.incarnation(),
+        ..ok(1, 1)
+    };
     assert!(d.complete("a", mine).unwrap().accepted);
 }
 
@@ -171,7 +226,10 @@ fn broadcast_answer_to_a_taken_back_delivery_counts_before_it_is_resent() {
     // The new stream got attempt 2; an answer to attempt 1 arriving now is accepted only if
     // attempt 2 was not sent. It was, so it is stale; this checks the other order:
     assert_eq!(drain_attempts(&feed2), vec![(1, 2)]);
-    let d2 = Dispatcher::new(DispatchConfig { max_in_flight: 1, ..Default::default() });
+    let d2 = Dispatcher::new(DispatchConfig {
+        max_in_flight: 1,
+        ..Default::default()
+    });
     d2.publish(tasks(&["1", "2"]));
     let (s, f) = d2.attach("a", "p", false).unwrap();
     assert_eq!(drain(&f), vec![1]);
@@ -264,7 +322,10 @@ fn ack_timeout_redelivers_then_dead_letters_after_max_attempts() {
     assert_eq!((dead[0].task_id, dead[0].attempts), (1, 2));
     assert!(dead[0].reason.contains("ack timeout"), "{}", dead[0].reason);
     assert_eq!(d.unfinished(), 0);
-    assert!(d.complete("a", ok(1, 2)).unwrap().stale, "a dead task takes no result");
+    assert!(
+        d.complete("a", ok(1, 2)).unwrap().stale,
+        "a dead task takes no result"
+    );
 }
 
 #[test]
@@ -272,7 +333,14 @@ fn a_refusal_with_retry_goes_to_another_attempt_then_the_dead_letters() {
     let d = queue(10);
     let (_, a) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1"]));
-    let refuse = |attempt| Answer { task_id: 1, attempt, ok: false, retry: true, output: "busy".into(), incarnation: String::new() };
+    let refuse = |attempt| Answer {
+        task_id: 1,
+        attempt,
+        ok: false,
+        retry: true,
+        output: "busy".into(),
+        incarnation: String::new(),
+    };
     for attempt in 1..=3 {
         assert_eq!(drain_attempts(&a), vec![(1, attempt)]);
         let r = d.complete("a", refuse(attempt)).unwrap();
@@ -290,7 +358,19 @@ fn a_failure_without_retry_is_the_tasks_answer() {
     let (_, a) = d.attach("a", "p", false).unwrap();
     d.publish(tasks(&["1"]));
     drain(&a);
-    let r = d.complete("a", Answer { task_id: 1, attempt: 1, ok: false, retry: false, output: "no".into(), incarnation: String::new() }).unwrap();
+    let r = d
+        .complete(
+            "a",
+            Answer {
+                task_id: 1,
+                attempt: 1,
+                ok: false,
+                retry: false,
+                output: "no".into(),
+                incarnation: String::new(),
+            },
+        )
+        .unwrap();
     assert!(r.accepted && !r.ok);
     assert_eq!(d.unfinished(), 0);
 }
@@ -322,14 +402,23 @@ fn a_silent_client_is_declared_gone_and_its_tasks_move_on() {
     d.touch("b");
     d.expire();
     assert_eq!(drain_attempts(&b), vec![(1, 2)]);
-    assert!(futures::executor::block_on(futures::StreamExt::next(&mut a)).is_none(), "its stream ends");
+    assert!(
+        futures::executor::block_on(futures::StreamExt::next(&mut a)).is_none(),
+        "its stream ends"
+    );
     assert_eq!(d.clients().len(), 1);
 }
 
 #[test]
 fn a_targeted_task_waits_for_a_client_that_starts_at_new() {
-    let d = Dispatcher::new(DispatchConfig { start_at: StartAt::New, ..Default::default() });
-    d.publish(vec![(Some("later".to_string()), "for later".to_string()), (None, "for all".to_string())]);
+    let d = Dispatcher::new(DispatchConfig {
+        start_at: StartAt::New,
+        ..Default::default()
+    });
+    d.publish(vec![
+        (Some("later".to_string()), "for later".to_string()),
+        (None, "for all".to_string()),
+    ]);
     let (_, feed) = d.attach("later", "p", false).unwrap();
     assert_eq!(drain(&feed), vec![1], "its own task, not the history");
 }
@@ -344,7 +433,11 @@ fn shutdown_waits_only_for_clients_connected_when_it_began() {
     drain(&here);
     d.detach("gone", s);
     d.close_all();
-    assert_eq!(d.in_flight(), 1, "only the connected client's task is awaited");
+    assert_eq!(
+        d.in_flight(),
+        1,
+        "only the connected client's task is awaited"
+    );
     d.complete("here", ok(1, 1));
     assert_eq!(d.in_flight(), 0);
 }

@@ -57,13 +57,18 @@ pub fn spawn_client(config: ClientConfig, shutdown: &Shutdown) -> JoinHandle<Cli
 
 /// Publishes `n` tasks named `<prefix>-<i>`.
 pub fn publish(server: &Server, prefix: &str, n: usize) {
-    server.dispatcher().publish((0..n).map(|i| (None, format!("{prefix}-{i}"))));
+    server
+        .dispatcher()
+        .publish((0..n).map(|i| (None, format!("{prefix}-{i}"))));
 }
 
 /// Every line of a JSON Lines results file.
 pub fn read_results(path: &Path) -> Vec<serde_json::Value> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.lines().map(|l| serde_json::from_str(l).expect("valid JSON line")).collect(),
+        Ok(text) => text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("valid JSON line"))
+            .collect(),
         Err(_) => vec![],
     }
 }
@@ -113,7 +118,11 @@ impl Proc {
                 let _ = tx.send(line);
             }
         });
-        Proc { child, lines, seen: vec![] }
+        Proc {
+            child,
+            lines,
+            seen: vec![],
+        }
     }
 
     /// Waits for a stderr line containing `needle` and returns it.
@@ -122,7 +131,10 @@ impl Proc {
             return l.clone();
         }
         loop {
-            let line = self.lines.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("no line with {needle:?}; saw {:#?}", self.seen));
+            let line = self
+                .lines
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("no line with {needle:?}; saw {:#?}", self.seen));
             self.seen.push(line.clone());
             if line.contains(needle) {
                 return line;
@@ -131,7 +143,11 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill -s {sig}");
     }
 
@@ -141,7 +157,11 @@ impl Proc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code().unwrap_or(-1);
             }
-            assert!(std::time::Instant::now() < deadline, "process did not exit; saw {:#?}", self.seen);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit; saw {:#?}",
+                self.seen
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -154,7 +174,6 @@ impl Drop for Proc {
     }
 }
 
-
 /// The client binary built for these tests.
 pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_contact-client");
 /// The server binary built for these tests.
@@ -164,7 +183,8 @@ pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_contact-server");
 pub fn accepted_per_task(results: &[serde_json::Value]) -> std::collections::BTreeMap<u64, usize> {
     let mut m = std::collections::BTreeMap::new();
     for r in results.iter().filter(|r| r["accepted"] == true) {
-        *m.entry(r["task_id"].as_u64().expect("task_id")).or_insert(0) += 1;
+        *m.entry(r["task_id"].as_u64().expect("task_id"))
+            .or_insert(0) += 1;
     }
     m
 }

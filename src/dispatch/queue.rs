@@ -1,0 +1,155 @@
+//! Queue dispatch: each task goes to one connected client, the one with
+//! credit and the fewest tasks in flight; the `WorkQueue` fences answers.
+
+use super::{bury, record, stale, Answer, Dispatcher, InFlight, State};
+use crate::feed::Delivery;
+use crate::journal::Record;
+use crate::results::ResultRecord;
+use crate::task::Task;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Dispatcher {
+    pub(super) fn complete_queue(
+        &self,
+        st: &mut State,
+        client: &str,
+        answer: Answer,
+    ) -> Option<ResultRecord> {
+        // A seed client sends no task id: it answers its oldest delivery.
+        let (task_id, attempt) = match (answer.task_id, st.clients.get(client)) {
+            (0, Some(c)) => match c.in_flight.front() {
+                Some(f) => (f.delivery.task.id, f.delivery.attempt),
+                None => return stale(&st.log, client, answer),
+            },
+            _ => (answer.task_id, answer.attempt),
+        };
+        if !st.queue.is_current(task_id, client, attempt) {
+            let resent = st
+                .clients
+                .get(client)
+                .is_some_and(|c| c.recent.contains(&(task_id, attempt)));
+            return if resent {
+                None
+            } else {
+                stale(&st.log, client, answer)
+            };
+        }
+        let q = st.queue.get(task_id).expect("current implies unfinished");
+        let current = q.attempt;
+        let delivery = Delivery {
+            task: q.task.clone(),
+            attempt: if attempt == 0 { current } else { attempt },
+        };
+        let mut latency = None;
+        if let Some(c) = st.clients.get_mut(client) {
+            if let Some(p) = c
+                .in_flight
+                .iter()
+                .position(|f| f.delivery.task.id == task_id)
+            {
+                latency = c.in_flight.remove(p).map(|f| f.sent_at.elapsed());
+            }
+            if delivery.attempt != current {
+                // Its answer to the current attempt will be a resend.
+                c.remember(task_id, current);
+            }
+        }
+        st.registry.result_received(client, latency.is_some());
+        let retry = !answer.ok && answer.retry && answer.task_id != 0;
+        let out = record(client, &delivery, &answer, latency, retry);
+        if retry {
+            if delivery.attempt >= self.config.max_attempts {
+                st.queue.finish(task_id);
+                bury(
+                    st,
+                    self.sink.as_ref(),
+                    &delivery,
+                    client,
+                    format!("refused: {}", answer.output),
+                );
+            } else {
+                // Held (or just released): make it available to everyone again.
+                st.queue.release(task_id);
+                st.counters.redelivered += 1;
+            }
+        } else {
+            st.queue.finish(task_id);
+            if let Some(c) = st.clients.get_mut(client) {
+                c.remember(task_id, attempt);
+            }
+        }
+        Some(out)
+    }
+
+    /// Hands waiting tasks out: targeted ones to their client, the others to
+    /// the connected client with credit and the fewest tasks in flight.
+    pub(super) fn pump_queue(&self, st: &mut State) {
+        let k = self.config.max_in_flight;
+        let open: Vec<String> = st
+            .clients
+            .iter()
+            .filter(|(_, c)| c.session.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &open {
+            while st
+                .clients
+                .get(name)
+                .is_some_and(|c| c.session.is_some() && c.in_flight.len() < k)
+            {
+                let Some((task, attempt)) = st.queue.take_for(name, true) else {
+                    break;
+                };
+                self.send_queued(st, name, task, attempt);
+            }
+        }
+        while st.queue.has_ready() {
+            let best = open
+                .iter()
+                .filter_map(|n| {
+                    st.clients
+                        .get(n)
+                        .filter(|c| c.session.is_some() && c.in_flight.len() < k)
+                        .map(|c| (n, c.in_flight.len()))
+                })
+                .min_by_key(|(_, held)| *held)
+                .map(|(n, _)| n);
+            let Some(name) = best else { break };
+            let Some((task, attempt)) = st.queue.take_for(name, false) else {
+                break;
+            };
+            self.send_queued(st, name, task, attempt);
+        }
+    }
+
+    fn send_queued(&self, st: &mut State, client: &str, task: Arc<Task>, attempt: u32) {
+        let c = st.clients.get_mut(client).expect("open client");
+        let delivery = Delivery { task, attempt };
+        let sent = c
+            .session
+            .as_ref()
+            .is_some_and(|(_, tx)| tx.send(delivery.clone()).is_ok());
+        if !sent {
+            // Its stream just went away: back to the queue for someone else.
+            st.queue.release(delivery.task.id);
+            self.end_session(st, client, "task stream closed");
+            return;
+        }
+        log::debug!(
+            "task {} (attempt {attempt}) sent to {client}",
+            delivery.task.id
+        );
+        self.journal(|| Record::Sent {
+            task: delivery.task.id,
+            client: client.to_string(),
+            attempt,
+        });
+        c.in_flight.push_back(InFlight {
+            delivery,
+            sent_at: Instant::now(),
+        });
+        st.registry.task_sent(client);
+        st.counters.sent += 1;
+    }
+}
