@@ -5,7 +5,7 @@ on; a producer thread adds `count` tasks "task:<100..200>" every `every`
 seconds; sendStatus answers "server received: <msg>"; tellResult prints the
 results. Only the port and the task rate come from the command line.
 
-usage: seed_server.py STUBS_DIR COUNT EVERY
+usage: seed_server.py STUBS_DIR COUNT EVERY [PORT]   (PORT 0 or absent: any free port)
 Prints "LISTENING <port>", then "RESULT <ret>" and "STATUS <msg>" lines.
 """
 import random
@@ -57,9 +57,10 @@ def produce(count, every):
 
 def main():
     count, every = int(sys.argv[2]), float(sys.argv[3])
+    wanted = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=10))
     contact_pb2_grpc.add_ContactServicer_to_server(ContactServicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port("127.0.0.1:%d" % wanted)
     server.start()
     threading.Thread(target=produce, args=(count, every), daemon=True).start()
     say("LISTENING %d" % port)
