@@ -420,7 +420,11 @@ impl Dispatcher {
             sink.record(r.clone());
         }
         self.forget_if_done(st, client);
-        self.pump_all(st);
+        // Only this client got credit back (in broadcast, only it can use it).
+        match self.config.mode {
+            Mode::Broadcast => self.pump_broadcast(st, client),
+            Mode::Queue => self.pump_queue(st),
+        }
         outcome
     }
 

@@ -18,6 +18,8 @@ pub struct QueuedTask {
     /// The client the current attempt was given to (kept after it is taken back,
     /// so that its answer still counts until the task is given to someone else).
     pub last_holder: Option<String>,
+    /// The client that refused it last: another one gets it if there is one.
+    pub refused_by: Option<String>,
 }
 
 /// Unfinished tasks, in arrival order for delivery.
@@ -48,6 +50,7 @@ impl WorkQueue {
                 attempt,
                 holder: None,
                 last_holder,
+                refused_by: None,
             },
         );
         self.enqueue(id, target, false);
@@ -87,11 +90,24 @@ impl WorkQueue {
         }
     }
 
-    /// Whether an untargeted task is waiting.
-    pub fn has_ready(&self) -> bool {
-        self.ready
-            .iter()
-            .any(|id| self.unfinished.get(id).is_some_and(|q| q.holder.is_none()))
+    /// The next untargeted task waiting for any client, if any (dropping the
+    /// ids of tasks that finished while they waited).
+    pub fn next_ready(&mut self) -> Option<&QueuedTask> {
+        while let Some(id) = self.ready.front() {
+            if self.unfinished.get(id).is_some_and(|q| q.holder.is_none()) {
+                return self.unfinished.get(id);
+            }
+            self.ready.pop_front();
+        }
+        None
+    }
+
+    /// Puts a held task back after `client` refused it, noting who refused.
+    pub fn release_refused(&mut self, id: TaskId, client: &str) {
+        self.release(id);
+        if let Some(q) = self.unfinished.get_mut(&id) {
+            q.refused_by = Some(client.to_string());
+        }
     }
 
     /// Puts a held task back at the front of its queue (its holder let go of it).
@@ -194,6 +210,6 @@ mod tests {
         q.release(1);
         q.finish(1);
         assert!(q.take_for("b", false).is_none());
-        assert!(!q.has_ready());
+        assert!(q.next_ready().is_none());
     }
 }

@@ -69,8 +69,8 @@ impl Dispatcher {
                     format!("refused: {}", answer.output),
                 );
             } else {
-                // Held (or just released): make it available to everyone again.
-                st.queue.release(task_id);
+                // Held (or just released): available again, preferably elsewhere.
+                st.queue.release_refused(task_id, client);
                 st.counters.redelivered += 1;
             }
         } else {
@@ -104,7 +104,8 @@ impl Dispatcher {
                 self.send_queued(st, name, task, attempt);
             }
         }
-        while st.queue.has_ready() {
+        while let Some(next) = st.queue.next_ready() {
+            let refused_by = next.refused_by.clone();
             let best = open
                 .iter()
                 .filter_map(|n| {
@@ -113,7 +114,8 @@ impl Dispatcher {
                         .filter(|c| c.session.is_some() && c.in_flight.len() < k)
                         .map(|c| (n, c.in_flight.len()))
                 })
-                .min_by_key(|(_, held)| *held)
+                // Not back to the client that refused it, unless it is the only one.
+                .min_by_key(|(n, held)| (refused_by.as_ref() == Some(*n), *held))
                 .map(|(n, _)| n);
             let Some(name) = best else { break };
             let Some((task, attempt)) = st.queue.take_for(name, false) else {

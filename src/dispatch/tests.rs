@@ -441,3 +441,23 @@ fn shutdown_waits_only_for_clients_connected_when_it_began() {
     d.complete("here", ok(1, 1));
     assert_eq!(d.in_flight(), 0);
 }
+
+#[test]
+fn a_refused_task_goes_to_another_client_when_there_is_one() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p1", false).unwrap();
+    d.publish(tasks(&["1"]));
+    assert_eq!(drain(&a), vec![1]);
+    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let refuse = Answer {
+        retry: true,
+        ok: false,
+        ..ok(1, 1)
+    };
+    assert!(d.complete("a", refuse).unwrap().retry);
+    assert!(
+        drain(&a).is_empty(),
+        "not straight back to the client that refused it"
+    );
+    assert_eq!(drain_attempts(&b), vec![(1, 2)]);
+}
