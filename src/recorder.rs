@@ -206,7 +206,7 @@ pub fn run(
                 Entry::Result(mut r) => {
                     count += 1;
                     log_result(&r);
-                    r.seq = journal.is_some().then(|| next_seq);
+                    r.seq = journal.is_some().then_some(next_seq);
                     next_seq += 1;
                     if let Some(j) = journal.as_mut() {
                         j.append(&Record::Result(r.clone()))?;
@@ -216,7 +216,7 @@ pub fn run(
                     }
                 }
                 Entry::Dead(mut d) => {
-                    d.seq = journal.is_some().then(|| next_seq);
+                    d.seq = journal.is_some().then_some(next_seq);
                     next_seq += 1;
                     if let Some(j) = journal.as_mut() {
                         j.append(&Record::Dead(d.clone()))?;

@@ -25,7 +25,7 @@ pub struct Task {
 impl Task {
     /// Whether `client` may be given this task.
     pub fn is_for(&self, client: &str) -> bool {
-        self.target.as_deref().map_or(true, |t| t == client)
+        self.target.as_deref().is_none_or(|t| t == client)
     }
 }
 
