@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, integration tests against real servers on
-# ephemeral ports, and the interop tests with a Python grpcio peer.
-# Extra arguments go to `cargo test` (e.g. a test name).
+# ephemeral ports, and the interop tests with a Python grpcio peer; then the
+# linter, which must find nothing. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --python
 export CONTACT_PYTHON="$PWD/.venv/bin/python"
 cargo test --locked "$@"
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --locked --all-targets -- -D warnings
+else
+    echo "test: clippy is not installed (rustup component add clippy); lint skipped" >&2
+fi
