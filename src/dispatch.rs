@@ -101,6 +101,13 @@ pub struct Answer {
     pub incarnation: String,
 }
 
+impl Answer {
+    /// A refusal asking for another try (a seed client, with no task id, never refuses).
+    fn is_refusal(&self) -> bool {
+        !self.ok && self.retry && self.task_id != 0
+    }
+}
+
 struct InFlight {
     delivery: Delivery,
     sent_at: Instant,

@@ -250,20 +250,25 @@ mod tests {
         );
     }
 
+    /// A sink on the journal in `state`, writing results to `path`.
+    fn journaled_sink(state: &Path, path: &Path) -> (ResultSink, ResultWriter) {
+        let (j, records) = Journal::open(state).unwrap();
+        let config = SinkConfig {
+            results: Some(path),
+            journal: Some((j, &records)),
+            compact_bytes: 1 << 20,
+            ..Default::default()
+        };
+        ResultSink::start(config).unwrap()
+    }
+
     #[test]
     fn results_missing_from_the_file_after_a_crash_are_restored_from_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
         let state = dir.path().join("state");
         {
-            let (j, records) = Journal::open(&state).unwrap();
-            let config = SinkConfig {
-                results: Some(&path),
-                journal: Some((j, &records)),
-                compact_bytes: 1 << 20,
-                ..Default::default()
-            };
-            let (sink, writer) = ResultSink::start(config).unwrap();
+            let (sink, writer) = journaled_sink(&state, &path);
             for id in 1..=3 {
                 sink.record(record(id));
             }
@@ -276,14 +281,7 @@ mod tests {
         keep.pop();
         let torn = format!("{}\n{}", keep[0], &keep[1][..10]);
         std::fs::write(&path, torn).unwrap();
-        let (j, records) = Journal::open(&state).unwrap();
-        let config = SinkConfig {
-            results: Some(&path),
-            journal: Some((j, &records)),
-            compact_bytes: 1 << 20,
-            ..Default::default()
-        };
-        let (sink, writer) = ResultSink::start(config).unwrap();
+        let (sink, writer) = journaled_sink(&state, &path);
         sink.record(record(4));
         writer.finish().unwrap();
         let seqs: Vec<u64> = lines(&path)
@@ -295,14 +293,7 @@ mod tests {
         // A crash before the very first line reached the file: it is empty, and filled.
         let fresh = dir.path().join("fresh.jsonl");
         std::fs::write(&fresh, "").unwrap();
-        let (j, records) = Journal::open(&state).unwrap();
-        let config = SinkConfig {
-            results: Some(&fresh),
-            journal: Some((j, &records)),
-            compact_bytes: 1 << 20,
-            ..Default::default()
-        };
-        let (_sink, writer) = ResultSink::start(config).unwrap();
+        let (_sink, writer) = journaled_sink(&state, &fresh);
         writer.finish().unwrap();
         assert_eq!(lines(&fresh).len(), 4);
     }

@@ -61,7 +61,7 @@ impl Dispatcher {
         };
         st.registry.result_received(client, latency.is_some());
         let c = st.clients.get_mut(client).expect("looked up above");
-        let retry = !answer.ok && answer.retry && answer.task_id != 0;
+        let retry = answer.is_refusal();
         let out = record(client, &delivery, &answer, latency, retry);
         if retry {
             if delivery.attempt >= self.config.max_attempts {

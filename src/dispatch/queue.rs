@@ -56,7 +56,7 @@ impl Dispatcher {
             }
         }
         st.registry.result_received(client, latency.is_some());
-        let retry = !answer.ok && answer.retry && answer.task_id != 0;
+        let retry = answer.is_refusal();
         let out = record(client, &delivery, &answer, latency, retry);
         if retry {
             if delivery.attempt >= self.config.max_attempts {
