@@ -6,6 +6,9 @@ use contact::cli::{self, parse_positive, parse_secs};
 use contact::client::{self, ClientConfig};
 use contact::handler::Handler;
 use contact::shutdown::Shutdown;
+use contact::tls::ClientTls;
+use contact::token;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Connect to a contact server, handle the tasks it pushes and report results.
@@ -19,9 +22,32 @@ struct Flags {
     /// Server address.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     server: String,
-    /// Client id sent to the server [default: <hostname>-<pid>].
+    /// Client id sent to the server [default: the id in the token, else <hostname>-<pid>].
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
+    /// Dial with TLS, trusting this CA (PEM) for the server's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Dial with TLS, trusting the system's CAs.
+    #[arg(long, conflicts_with = "tls_ca")]
+    tls: bool,
+    /// This agent's certificate (PEM), for a server that requires mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Expect this name in the server's certificate instead of the host dialled.
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Read this agent's token from FILE (from `contact-server token ID`);
+    /// the CONTACT_TOKEN environment variable is read otherwise.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Seconds an --exec command may run; then its process group is killed
+    /// and the task reported as failed.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "exec")]
+    exec_timeout: Option<Duration>,
     /// Exit 0 once N results have been acknowledged by the server.
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     max_tasks: Option<u64>,
@@ -70,10 +96,32 @@ fn main() {
 }
 
 fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
-    let id = flags.id.unwrap_or_else(client::default_client_id);
+    let token = match &flags.token_file {
+        Some(path) => Some(token::read_token_file(path)?),
+        None => std::env::var("CONTACT_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    let id = flags
+        .id
+        .or_else(|| token.as_deref().and_then(token::agent_id_of).map(str::to_string))
+        .unwrap_or_else(client::default_client_id);
     let mut c = ClientConfig::new(flags.server, id);
+    c.token = token;
+    let tls_wanted = flags.tls
+        || flags.tls_ca.is_some()
+        || flags.tls_cert.is_some()
+        || flags.tls_server_name.is_some();
+    if tls_wanted {
+        c.tls = Some(ClientTls {
+            ca: flags.tls_ca,
+            cert_key: flags.tls_cert.zip(flags.tls_key),
+            server_name: flags.tls_server_name,
+        });
+    }
     if let Some(cmd) = flags.exec {
-        c.handler = Handler::exec(&cmd, flags.max_output as usize)?;
+        c.handler = Handler::exec(&cmd, flags.max_output as usize)?.with_timeout(flags.exec_timeout);
     }
     c.status_every = flags.status_every;
     c.max_tasks = flags.max_tasks;

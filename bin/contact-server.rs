@@ -1,12 +1,17 @@
 //! `contact-server`: parses flags into a `ServerConfig`, runs the server until
 //! SIGINT/SIGTERM, then stops it gracefully.
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use contact::budget::StaleLimits;
 use contact::cli::{self, parse_positive, parse_secs};
 use contact::dispatch::{DispatchConfig, Mode, StartAt};
+use contact::listen::ListenAddr;
 use contact::producer::TaskSource;
-use contact::server::{Server, ServerConfig};
+use contact::server::{Server, ServerConfig, TransportLimits};
 use contact::shutdown::Shutdown;
+use contact::tls::ServerTls;
+use contact::token::{Secret, TokenKind};
+use contact::trust::TrustConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,11 +21,21 @@ use std::time::Duration;
 /// line to one client only) and/or the seed's generator (--generate/--every,
 /// on by default when no file is given).
 #[derive(Parser, Debug)]
-#[command(name = "contact-server", version, allow_negative_numbers = true)]
+#[command(
+    name = "contact-server",
+    version,
+    allow_negative_numbers = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Flags {
-    /// Address to listen on (port 0 picks a free port, logged at start).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address to listen on, HOST:PORT (port 0 picks a free port, logged at
+    /// start). Addresses other machines can reach need TLS and credentials, or --insecure.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
     listen: String,
+    #[command(flatten)]
+    security: Security,
     /// Read tasks from FILE, one per line ("-" = standard input).
     #[arg(long, value_name = "FILE")]
     tasks_from: Option<PathBuf>,
@@ -90,6 +105,75 @@ struct Flags {
     keepalive_timeout: Duration,
 }
 
+/// TLS, credentials and limits against hostile peers.
+#[derive(Args, Debug)]
+struct Security {
+    /// Serve TLS with this certificate (PEM; the chain, leaf first).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: require every agent to present a certificate signed by this CA
+    /// (PEM); the agent's id is its certificate's CN or a SAN.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Require a token on every call, checked against this secret (see `token`).
+    #[arg(long, value_name = "FILE")]
+    auth_secret: Option<PathBuf>,
+    /// Agent ids (and admin:NAME) refused even with valid credentials, one per
+    /// line; re-read when the file changes.
+    #[arg(long, value_name = "FILE")]
+    deny_list: Option<PathBuf>,
+    /// With credentials configured, still serve seed clients that present none (by address).
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// Serve an address other machines can reach without TLS and credentials.
+    #[arg(long)]
+    insecure: bool,
+    /// Concurrent calls one connection may have open (an agent uses 3).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "100")]
+    max_streams_per_connection: u64,
+    /// Seconds a connection with no call open is kept before it is closed.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
+    idle_connection_timeout: Duration,
+    /// Seconds a new connection has to finish its TLS and HTTP/2 handshake.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10")]
+    handshake_timeout: Duration,
+    /// Stale results (answering no current delivery) an agent may send per
+    /// minute; past it, its results are refused until the minute is over.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "1000")]
+    stale_results_per_minute: u64,
+    /// Bytes of stale results an agent may send per minute.
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive, default_value = "1048576")]
+    stale_bytes_per_minute: u64,
+    /// Clients remembered (with their resume points) at most; the longest
+    /// disconnected are forgotten first.
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "10000")]
+    max_known_clients: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the token of agent ID (or with --admin, of operator NAME), derived
+    /// from the secret: give it to the agent with --token-file or CONTACT_TOKEN.
+    Token {
+        /// The agent id (or admin name) the token is for.
+        #[arg(value_name = "ID")]
+        name: String,
+        /// Print an admin token (for the admin API), not an agent's.
+        #[arg(long)]
+        admin: bool,
+        /// The server's secret file.
+        #[arg(long, value_name = "FILE")]
+        auth_secret: PathBuf,
+    },
+}
+
+fn parse_listen(s: &str) -> Result<String, String> {
+    s.parse::<ListenAddr>().map(|a| a.to_string())
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Dispatch {
     Broadcast,
@@ -105,6 +189,22 @@ enum From {
 fn main() {
     let flags = Flags::parse();
     cli::init_logging();
+    if let Some(Command::Token {
+        name,
+        admin,
+        auth_secret,
+    }) = &flags.command
+    {
+        std::process::exit(print_token(name, *admin, auth_secret));
+    }
+    cli::raise_open_file_limit();
+    let security = match security(&flags.security) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("contact-server: {e}");
+            std::process::exit(cli::exit_code(&e));
+        }
+    };
     let mut sources = vec![];
     if let Some(path) = flags.tasks_from {
         sources.push(TaskSource::Lines(path));
@@ -134,6 +234,7 @@ fn main() {
             },
             max_in_flight: flags.max_in_flight as usize,
             retain: flags.retain as usize,
+            max_known_clients: usize::try_from(flags.security.max_known_clients).unwrap_or(usize::MAX),
         },
         results_to: flags.results_to,
         dead_letters: flags.dead_letter,
@@ -144,6 +245,19 @@ fn main() {
         max_message_bytes: flags.max_message_bytes as usize,
         keepalive: flags.keepalive,
         keepalive_timeout: flags.keepalive_timeout,
+        tls: security.0,
+        trust: security.1,
+        insecure: flags.security.insecure,
+        transport: TransportLimits {
+            max_streams_per_connection: u32::try_from(flags.security.max_streams_per_connection)
+                .unwrap_or(u32::MAX),
+            idle_connection: flags.security.idle_connection_timeout,
+            handshake: flags.security.handshake_timeout,
+        },
+        stale: StaleLimits {
+            results_per_minute: flags.security.stale_results_per_minute,
+            bytes_per_minute: flags.security.stale_bytes_per_minute,
+        },
     };
     let shutdown = Shutdown::new();
     let result = cli::stop_on_signals(&shutdown).and_then(|()| {
@@ -154,5 +268,49 @@ fn main() {
     if let Err(e) = result {
         eprintln!("contact-server: {e}");
         std::process::exit(cli::exit_code(&e));
+    }
+}
+
+fn security(s: &Security) -> Result<(Option<ServerTls>, TrustConfig), contact::Error> {
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: s.client_ca.clone(),
+        }),
+        _ => None,
+    };
+    let secret = s.auth_secret.as_deref().map(Secret::load).transpose()?;
+    let trust = TrustConfig {
+        secret,
+        client_certs: s.client_ca.is_some(),
+        deny_list: s.deny_list.clone(),
+        allow_anonymous: s.allow_anonymous,
+    };
+    Ok((tls, trust))
+}
+
+/// `contact-server token`: prints one token; the exit status says whether it could.
+fn print_token(name: &str, admin: bool, secret: &std::path::Path) -> i32 {
+    let kind = if admin {
+        TokenKind::Admin
+    } else {
+        TokenKind::Agent
+    };
+    if !admin {
+        if let Err(why) = contact::proto::validate_client_id(name) {
+            eprintln!("contact-server: token: {why}");
+            return cli::EXIT_USAGE;
+        }
+    }
+    match Secret::load(secret) {
+        Ok(secret) => {
+            println!("{}", secret.token(kind, name));
+            0
+        }
+        Err(e) => {
+            eprintln!("contact-server: {e}");
+            cli::exit_code(&e)
+        }
     }
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building contact needs (cmake and a C++ compiler for the gRPC
-# C-core), and with --python the Python peer for the interop tests (grpcio and
-# grpcio-tools in .venv). As root it installs missing Debian packages with
-# apt-get; otherwise it says exactly what to install and stops.
+# C-core, OpenSSL's headers for TLS), and with --python the Python peers for
+# the interop and hostile tests (grpcio, grpcio-tools and h2 in .venv). As root
+# it installs missing Debian packages with apt-get; otherwise it says exactly
+# what to install and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,11 @@ missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
+# TLS: grpcio's `openssl` feature links the system OpenSSL, found by pkg-config.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+# The tests make throw-away certificates with the openssl command (scripts/make-certs.sh).
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "$want_python" = yes ]; then
     if ! command -v python3 >/dev/null 2>&1; then
         missing+=(python3 python3-venv)
@@ -38,8 +44,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 if [ "$want_python" = yes ]; then
-    if ! .venv/bin/python -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
-        echo "setup: installing the Python interop peer (grpcio, grpcio-tools) into .venv" >&2
+    if ! .venv/bin/python -c 'import grpc, grpc_tools, h2' >/dev/null 2>&1; then
+        echo "setup: installing the Python test peers (grpcio, grpcio-tools, h2) into .venv" >&2
         python3 -m venv .venv
         .venv/bin/pip install -q --disable-pip-version-check -r tests/interop/requirements.txt
     fi

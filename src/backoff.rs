@@ -30,6 +30,13 @@ impl Backoff {
         ceiling.mul_f64(0.5 + fastrand::f64() * 0.5)
     }
 
+    /// The longest delay (with jitter), and growth stays there: for a server
+    /// that refused us (bad credentials, id in use), where trying sooner only adds load.
+    pub fn refused_delay(&mut self) -> Duration {
+        self.attempt = 20;
+        self.max.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+
     /// Back to `initial` after a session that worked.
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -51,5 +58,7 @@ mod tests {
         assert!(d[7] >= ms(500));
         b.reset();
         assert!(b.next_delay() <= ms(100));
+        assert!(b.refused_delay() >= ms(500));
+        assert!(b.next_delay() >= ms(500));
     }
 }

@@ -63,6 +63,32 @@ pub fn stop_on_signals(shutdown: &Shutdown) -> Result<(), Error> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit, so that idle or
+/// hostile connections cannot use up the few (often 1,024) a process starts with.
+pub fn raise_open_file_limit() {
+    #[cfg(unix)]
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let before = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                log::info!("open file limit raised from {before} to {}", lim.rlim_max);
+            } else {
+                log::warn!("cannot raise the open file limit from {before}");
+            }
+        } else {
+            log::debug!("open file limit: {}", lim.rlim_cur);
+        }
+    }
+}
+
 /// The exit status for an error that ends a binary.
 pub fn exit_code(e: &Error) -> i32 {
     match e {

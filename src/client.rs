@@ -13,15 +13,19 @@
 use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::handler::{Handler, Outcome};
+use crate::logtext::quoted;
 use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
 use crate::shutdown::Shutdown;
+use crate::tls::ClientTls;
+use crate::trust::AUTHORIZATION_KEY;
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use futures::executor::block_on;
 use futures::future::{self, Either};
 use futures::{SinkExt, StreamExt};
 use grpcio::{
     CallOption, Channel, ChannelBuilder, ClientCStreamReceiver, ClientCStreamSender,
-    ClientSStreamReceiver, ConnectivityState, EnvBuilder, Environment, WriteFlags,
+    ClientSStreamReceiver, ConnectivityState, EnvBuilder, Environment, Metadata, MetadataBuilder,
+    RpcStatusCode, WriteFlags,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +56,10 @@ pub struct ClientConfig {
     pub ack_interval: Duration,
     /// Interval of HTTP/2 keepalive pings.
     pub keepalive: Duration,
+    /// Dial with TLS (`None`: plaintext).
+    pub tls: Option<ClientTls>,
+    /// Sent as `authorization: Bearer` on every call.
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -69,6 +77,8 @@ impl ClientConfig {
             ack_every: 1000,
             ack_interval: Duration::from_millis(200),
             keepalive: Duration::from_secs(20),
+            tls: None,
+            token: None,
         }
     }
 }
@@ -165,6 +175,48 @@ impl Progress {
     }
 }
 
+/// How a session failed.
+enum Failure {
+    /// The connection or a call broke: dial again soon.
+    Lost(String),
+    /// The server refused us (credentials, an id in use, a limit): dial again
+    /// only after the longest backoff, since trying sooner changes nothing.
+    Refused(String),
+}
+
+impl Failure {
+    fn from_call(what: &str, server: &str, e: grpcio::Error) -> Failure {
+        if let grpcio::Error::RpcFailure(s) = &e {
+            let code = s.code();
+            if [
+                RpcStatusCode::UNAUTHENTICATED,
+                RpcStatusCode::PERMISSION_DENIED,
+                RpcStatusCode::ALREADY_EXISTS,
+                RpcStatusCode::RESOURCE_EXHAUSTED,
+            ]
+            .contains(&code)
+            {
+                return Failure::Refused(format!(
+                    "server {server} refused {what}: {} ({code:?})",
+                    quoted(s.message())
+                ));
+            }
+        }
+        Failure::Lost(format!("{what} to {server} failed: {e}"))
+    }
+}
+
+/// The metadata of every call: who we are (id and process), and our token.
+fn call_metadata(cfg: &ClientConfig, instance: &str) -> Result<Metadata, grpcio::Error> {
+    let mut b = MetadataBuilder::new();
+    b.add_str(proto::CLIENT_ID_KEY, &cfg.id)?;
+    b.add_str(proto::INSTANCE_KEY, instance)?;
+    if let Some(token) = &cfg.token {
+        b.add_str(AUTHORIZATION_KEY, &format!("Bearer {token}"))?;
+    }
+    Ok(b.build())
+}
+
 /// How a session ended, when it did not fail.
 enum End {
     /// `--max-tasks` reached or shutdown requested: stop the client.
@@ -179,6 +231,19 @@ enum End {
 /// again. Only an unusable configuration is.
 pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, Error> {
     proto::validate_client_id(&config.id).map_err(|e| Error::Usage(format!("--id: {e}")))?;
+    if let Some(tls) = &config.tls {
+        // Checked once here, so that a wrong file is a usage error, not a retry loop.
+        tls.credentials()?;
+    }
+    if let Some(t) = &config.token {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Usage(
+                "the token must be printable ASCII without spaces (as printed by `contact-server token`)".into(),
+            ));
+        }
+    }
+    // This process, as opposed to another one using the same id.
+    let instance = format!("{:016x}", fastrand::u64(..));
     let env = Arc::new(
         EnvBuilder::new()
             .cq_count(1)
@@ -190,10 +255,15 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
     let done = |p: &Progress| config.max_tasks.is_some_and(|max| p.acked() >= max);
     while !shutdown.is_triggered() && !done(&progress) {
         let before = progress.acked();
-        match session(&env, config, shutdown, &progress) {
+        let mut refused = false;
+        match session(&env, config, &instance, shutdown, &progress) {
             Ok(End::Finished) => break,
             Ok(End::StreamClosed) => log::info!("the server ended the task stream"),
-            Err(e) => log::warn!("{e}"),
+            Err(Failure::Lost(e)) => log::warn!("{e}"),
+            Err(Failure::Refused(e)) => {
+                log::error!("{e}");
+                refused = true;
+            }
         }
         if progress.acked() > before {
             backoff.reset();
@@ -201,7 +271,11 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
         if done(&progress) {
             break;
         }
-        let delay = backoff.next_delay();
+        let delay = if refused {
+            backoff.refused_delay()
+        } else {
+            backoff.next_delay()
+        };
         log::info!(
             "dialling {} again in {:.1}s",
             config.server,
@@ -223,10 +297,19 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
 fn session(
     env: &Arc<Environment>,
     cfg: &ClientConfig,
+    instance: &str,
     shutdown: &Shutdown,
     progress: &Arc<Progress>,
-) -> Result<End, String> {
-    let channel = ChannelBuilder::new(env.clone())
+) -> Result<End, Failure> {
+    let mut builder = ChannelBuilder::new(env.clone());
+    if let Some(tls) = &cfg.tls {
+        let creds = tls.credentials().map_err(|e| Failure::Lost(e.to_string()))?;
+        builder = builder.set_credentials(creds);
+        if let Some(name) = &tls.server_name {
+            builder = builder.override_ssl_target(name.clone());
+        }
+    }
+    let channel = builder
         .keepalive_time(cfg.keepalive)
         .keepalive_timeout(Duration::from_secs(10))
         .keepalive_permit_without_calls(true)
@@ -236,14 +319,14 @@ fn session(
         .max_receive_message_len(1 << 20)
         .connect(&cfg.server);
     wait_connected(&channel, cfg.connect_timeout)
-        .map_err(|why| format!("cannot reach server {}: {why}", cfg.server))?;
+        .map_err(|why| Failure::Lost(format!("cannot reach server {}: {why}", cfg.server)))?;
     progress.connections.fetch_add(1, Ordering::SeqCst);
     log::info!("connected to {} as {}", cfg.server, cfg.id);
     let client = ContactClient::new(channel);
-    let md =
-        proto::client_id_metadata(&cfg.id).map_err(|e| format!("client id {:?}: {e}", cfg.id))?;
+    let md = call_metadata(cfg, instance)
+        .map_err(|e| Failure::Lost(format!("client id {:?}: {e}", cfg.id)))?;
     let opt = move || CallOption::default().headers(md.clone());
-    let lost = |what: &str, e: grpcio::Error| format!("{what} to {} failed: {e}", cfg.server);
+    let lost = |what: &str, e: grpcio::Error| Failure::from_call(what, &cfg.server, e);
 
     let tasks = client
         .get_task_opt(&Empty::new(), opt())
@@ -252,7 +335,8 @@ fn session(
     let (task_tx, task_rx) = crossbeam_channel::bounded(256);
     let receiver = spawn("task-receiver", move || {
         receive_tasks(tasks, task_tx, stop_rx)
-    })?;
+    })
+    .map_err(Failure::Lost)?;
 
     // Counted before the result sender takes the carried results over.
     let base = progress.acked() + progress.carried();
@@ -262,7 +346,8 @@ fn session(
         let policy = (cfg.ack_every.max(1), cfg.ack_interval);
         spawn("result-sender", move || {
             send_results(&client, &opt, &result_rx, &progress, policy)
-        })?
+        })
+        .map_err(Failure::Lost)?
     };
 
     let status_stop = Shutdown::new();
@@ -275,7 +360,8 @@ fn session(
             if let Err(e) = send_status(&client, opt, every, &stop, &progress) {
                 log::debug!("status stream ended: {e}");
             }
-        })?;
+        })
+        .map_err(Failure::Lost)?;
     }
 
     let end = work(cfg, shutdown, progress, base, &task_rx, &result_tx);
@@ -326,10 +412,10 @@ fn work(
                 "task {} (attempt {}): {}",
                 task.task_id,
                 task.attempt,
-                task.task
+                quoted(&task.task)
             );
         } else {
-            log::info!("task {}: {}", task.task_id, task.task);
+            log::info!("task {}: {}", task.task_id, quoted(&task.task));
         }
         let key = (task.incarnation.clone(), task.task_id);
         let known = (task.attempt > 1 && task.task_id != 0)
@@ -363,7 +449,7 @@ fn work(
             "task {} {}: {}",
             task.task_id,
             if outcome.ok { "done" } else { "failed" },
-            outcome.output
+            quoted(&outcome.output)
         );
         let result = ResultMsg {
             ret: outcome.output,
@@ -596,7 +682,7 @@ fn send_status(
     let (mut tx, mut replies) = client.send_status_opt(opt)?;
     client.spawn(async move {
         while let Some(Ok(reply)) = replies.next().await {
-            log::info!("status reply: {}", reply.ret);
+            log::info!("status reply: {}", quoted(&reply.ret));
         }
     });
     loop {

@@ -12,6 +12,7 @@
 
 use crate::feed::{self, Delivery, FeedSender, TaskFeed};
 use crate::journal::Record;
+use crate::logtext::quoted;
 use crate::registry::{ClientInfo, ClientRegistry};
 use crate::results::{DeadLetter, ResultRecord, ResultSink};
 use crate::task::{Task, TaskId, TaskLog};
@@ -57,6 +58,8 @@ pub struct DispatchConfig {
     /// A disconnected client with an id is forgotten (its resume point and
     /// unanswered broadcast tasks with it) after this long.
     pub forget_after: Duration,
+    /// Clients remembered at most; past it the longest-disconnected are forgotten first.
+    pub max_known_clients: usize,
 }
 
 impl Default for DispatchConfig {
@@ -70,12 +73,22 @@ impl Default for DispatchConfig {
             max_attempts: 5,
             client_timeout: Some(Duration::from_secs(30)),
             forget_after: Duration::from_secs(7 * 24 * 3600),
+            max_known_clients: 10_000,
         }
     }
 }
 
 /// Identifies one `getTask` stream, so that a stale stream cannot detach a newer one.
 pub type SessionId = u64;
+
+/// Why a `getTask` stream was not attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachRefused {
+    /// The server is shutting down.
+    Closed,
+    /// Another live connection holds this id (one owner per id).
+    InUse { peer: String },
+}
 
 /// Totals since start, for the stats line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,6 +136,8 @@ const RECENT_ACCEPTED: usize = 4096;
 struct ClientState {
     /// The open `getTask` stream, if any.
     session: Option<(SessionId, FeedSender)>,
+    /// Which process holds the session (its `contact-client-instance`), and from where.
+    holder: (String, String),
     /// Next log id this client has not been offered (broadcast).
     cursor: TaskId,
     /// Written, not yet answered; oldest first.
@@ -142,6 +157,7 @@ impl ClientState {
     fn new(cursor: TaskId, redeliver: VecDeque<Delivery>, ephemeral: bool) -> ClientState {
         ClientState {
             session: None,
+            holder: (String::new(), String::new()),
             cursor,
             in_flight: VecDeque::new(),
             redeliver,
@@ -243,23 +259,35 @@ impl Dispatcher {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a `getTask` stream for `client` and returns the feed to forward;
-    /// `None` once the dispatcher is closed (the server is shutting down).
+    /// Registers a `getTask` stream for `client` and returns the feed to forward.
     ///
-    /// A second stream with the same id replaces the first, which ends. A client
-    /// seen before resumes: what it had not answered is delivered again first,
-    /// then it continues where it left off. `ephemeral` clients (seed peers,
-    /// known only by address) are forgotten when their streams end.
+    /// One owner per id: while a stream of `client` is live, a new one is
+    /// refused unless it comes from the same process (the same non-empty
+    /// `instance`, e.g. reconnecting over a new connection before the server
+    /// noticed the old one died), or from the same connection for a seed peer;
+    /// then it replaces the old stream, which ends. A client seen before
+    /// resumes: what it had not answered is delivered again first, then it
+    /// continues where it left off. `ephemeral` clients (seed peers, known only
+    /// by address) are forgotten when their streams end.
     pub fn attach(
         &self,
         client: &str,
         peer: &str,
         ephemeral: bool,
-    ) -> Option<(SessionId, TaskFeed)> {
+        instance: &str,
+    ) -> Result<(SessionId, TaskFeed), AttachRefused> {
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.closed {
-            return None;
+            return Err(AttachRefused::Closed);
+        }
+        if let Some(c) = st.clients.get(client) {
+            let same_holder = ephemeral || (!instance.is_empty() && c.holder.0 == instance);
+            if c.session.is_some() && !same_holder {
+                return Err(AttachRefused::InUse {
+                    peer: c.holder.1.clone(),
+                });
+            }
         }
         let id = st.next_session;
         st.next_session += 1;
@@ -283,6 +311,7 @@ impl Dispatcher {
                     .collect(),
                 Mode::Queue => VecDeque::new(),
             };
+            self.make_room(st);
             st.clients.insert(
                 client.to_string(),
                 ClientState::new(cursor, waiting, ephemeral),
@@ -290,6 +319,7 @@ impl Dispatcher {
         }
         let c = st.clients.get_mut(client).expect("inserted above");
         c.session = Some((id, tx));
+        c.holder = (instance.to_string(), peer.to_string());
         c.last_seen = Instant::now();
         log::info!(
             "client {client} {} from {peer}",
@@ -299,7 +329,27 @@ impl Dispatcher {
         // What the previous stream left unanswered is taken back now.
         self.take_back_all(st, client, "client reconnected");
         self.pump_all(st);
-        Some((id, rx))
+        Ok((id, rx))
+    }
+
+    /// Keeps the remembered clients under `max_known_clients` by forgetting
+    /// the longest-disconnected ones (connected clients are never forgotten).
+    fn make_room(&self, st: &mut State) {
+        while st.clients.len() >= self.config.max_known_clients.max(1) {
+            let oldest = st
+                .clients
+                .iter()
+                .filter(|(_, c)| c.session.is_none() && !c.draining)
+                .min_by_key(|(_, c)| c.last_seen)
+                .map(|(name, _)| name.clone());
+            let Some(name) = oldest else { return };
+            log::warn!(
+                "client {name} forgotten: more than {} clients are known (--max-known-clients)",
+                self.config.max_known_clients
+            );
+            self.take_back_all(st, &name, "client forgotten");
+            st.clients.remove(&name);
+        }
     }
 
     /// Ends `session` (its stream finished or broke) unless a newer one replaced it.
@@ -379,7 +429,7 @@ impl Dispatcher {
         let mut added = vec![];
         for (target, text) in tasks {
             let task = st.log.push(text, target);
-            log::info!("task {} produced: {}", task.id, task.text);
+            log::info!("task {} produced: {}", task.id, quoted(&task.text));
             if self.config.mode == Mode::Queue {
                 st.queue.push(task.clone());
             }
@@ -433,6 +483,24 @@ impl Dispatcher {
             Mode::Queue => self.pump_queue(st),
         }
         outcome
+    }
+
+    /// [`Dispatcher::complete`] for an agent known by its id: its answer must
+    /// name the delivery exactly (task id, attempt and incarnation), as our
+    /// clients always do; an answer that leaves any of them out matches
+    /// nothing and is recorded as stale. The wildcards of `complete` are for
+    /// seed peers, which cannot send them.
+    pub fn complete_exact(&self, client: &str, answer: Answer) -> Option<ResultRecord> {
+        if answer.task_id != 0 && answer.attempt != 0 && !answer.incarnation.is_empty() {
+            return self.complete(client, answer);
+        }
+        let mut st = self.lock();
+        st.counters.results += 1;
+        let out = stale(&st.log, client, answer);
+        if let (Some(sink), Some(r)) = (&self.sink, &out) {
+            sink.record(r.clone());
+        }
+        out
     }
 
     /// The identity clients echo with their results (see `Answer::incarnation`).
@@ -671,9 +739,10 @@ fn stale(log: &TaskLog, client: &str, answer: Answer) -> Option<ResultRecord> {
 /// event order, since this runs under the state lock) or to the outbox.
 fn bury(st: &mut State, sink: Option<&ResultSink>, d: &Delivery, client: &str, reason: String) {
     log::warn!(
-        "task {} dead-lettered after {} attempts at {client}: {reason}",
+        "task {} dead-lettered after {} attempts at {client}: {}",
         d.task.id,
-        d.attempt
+        d.attempt,
+        quoted(&reason)
     );
     st.counters.dead += 1;
     let letter = DeadLetter {

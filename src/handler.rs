@@ -4,8 +4,10 @@
 //! the task text as its last argument, so a task can never inject shell syntax.
 
 use crate::error::Error;
+use crossbeam_channel::RecvTimeoutError;
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Output kept from a command, so one chatty task cannot flood the server.
 pub const DEFAULT_MAX_OUTPUT: usize = 16 * 1024;
@@ -35,8 +37,13 @@ pub enum Handler {
         program: String,
         args: Vec<String>,
         max_output: usize,
+        /// Longest run: then the command's whole process group is killed.
+        timeout: Option<Duration>,
     },
 }
+
+/// After a timeout, how long the process group has between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 impl Handler {
     /// Parses an `--exec` command line (shell-style quoting, no shell features).
@@ -51,7 +58,26 @@ impl Handler {
             program,
             args: words.collect(),
             max_output,
+            timeout: None,
         })
+    }
+
+    /// The same handler with a time limit for each command (`--exec-timeout`).
+    pub fn with_timeout(self, limit: Option<Duration>) -> Handler {
+        match self {
+            Handler::Exec {
+                program,
+                args,
+                max_output,
+                ..
+            } => Handler::Exec {
+                program,
+                args,
+                max_output,
+                timeout: limit,
+            },
+            echo => echo,
+        }
     }
 
     /// Handles one task; failures of the command become a failed outcome, never an error.
@@ -66,12 +92,19 @@ impl Handler {
                 program,
                 args,
                 max_output,
-            } => run(program, args, task, *max_output),
+                timeout,
+            } => run(program, args, task, *max_output, *timeout),
         }
     }
 }
 
-fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome {
+fn run(
+    program: &str,
+    args: &[String],
+    task: &str,
+    max_output: usize,
+    timeout: Option<Duration>,
+) -> Outcome {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .arg(task)
@@ -86,6 +119,25 @@ fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome
         Ok(c) => c,
         Err(e) => return failed(format!("cannot run {program}: {e}")),
     };
+    // The watchdog: past the timeout, the whole process group (the command
+    // and whatever it started) gets SIGTERM, then SIGKILL; that closes the
+    // pipes read below.
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    let watchdog = timeout.map(|limit| {
+        let group = child.id() as i32;
+        std::thread::spawn(move || {
+            // The sender is dropped (disconnected) once the command is over.
+            if done_rx.recv_timeout(limit) != Err(RecvTimeoutError::Timeout) {
+                return false;
+            }
+            // SAFETY: killpg only sends a signal; the group is the child's own (process_group(0)).
+            unsafe { libc::killpg(group, libc::SIGTERM) };
+            if done_rx.recv_timeout(KILL_GRACE) == Err(RecvTimeoutError::Timeout) {
+                unsafe { libc::killpg(group, libc::SIGKILL) };
+            }
+            true
+        })
+    });
     // Read both pipes to the end (stderr on a thread) so the child never blocks on a full pipe.
     let stderr = child.stderr.take().map(|mut e| {
         std::thread::spawn(move || {
@@ -99,10 +151,19 @@ fn run(program: &str, args: &[String], task: &str, max_output: usize) -> Outcome
         let _ = o.read_to_end(&mut stdout);
     }
     let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
-    let status = match child.wait() {
+    let status = child.wait();
+    drop(done_tx);
+    let timed_out = watchdog.is_some_and(|w| w.join().unwrap_or(false));
+    let status = match status {
         Ok(s) => s,
         Err(e) => return failed(format!("cannot wait for {program}: {e}")),
     };
+    if timed_out {
+        let limit = timeout.unwrap_or_default().as_secs_f64();
+        return failed(format!(
+            "timed out after {limit}s (--exec-timeout): its process group was killed"
+        ));
+    }
     let out = capped(&stdout, max_output);
     if status.success() {
         return Outcome {
@@ -214,6 +275,36 @@ mod tests {
             o.ok && o.output.starts_with("x\nx\nx\nx\nx") && o.output.contains("truncated"),
             "{o:?}"
         );
+    }
+
+    #[test]
+    fn a_command_past_its_timeout_is_killed_with_its_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild.pid");
+        // The command starts a grandchild and waits for it.
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let h = Handler::exec("sh -c", 100)
+            .unwrap()
+            .with_timeout(Some(Duration::from_millis(300)));
+        let started = std::time::Instant::now();
+        let o = h.handle(&script);
+        assert!(!o.ok && !o.retry && o.output.contains("timed out"), "{o:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        // Gone, or a zombie waiting to be reaped: either way, no longer running.
+        let dead = || match std::fs::read_to_string(&stat) {
+            Err(_) => true,
+            Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead() {
+            assert!(std::time::Instant::now() < deadline, "the grandchild survived the timeout");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A quick command is not affected.
+        let quick = Handler::exec("echo", 100).unwrap().with_timeout(Some(Duration::from_secs(5)));
+        assert!(quick.handle("hi").ok);
     }
 
     #[test]

@@ -311,3 +311,335 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// Numbers of up to 15 significant digits (a timestamp to the
+    /// microsecond, a latency), which JSON carries exactly; for any other
+    /// finite number see `any_finite_number_survives_a_frame`.
+    fn number() -> impl Strategy<Value = f64> {
+        (-999_999_999_999_999i64..=999_999_999_999_999, 0..=6i32)
+            .prop_map(|(digits, decimals)| digits as f64 / 10f64.powi(decimals))
+    }
+
+    /// Any finite number: JSON has no NaN or infinity (and the server never makes one).
+    fn any_finite() -> impl Strategy<Value = f64> {
+        use proptest::num::f64::{NEGATIVE, NORMAL, POSITIVE, SUBNORMAL, ZERO};
+        POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO
+    }
+
+    fn result_record() -> impl Strategy<Value = ResultRecord> {
+        (
+            (
+                any::<Option<TaskId>>(),
+                any::<Option<String>>(),
+                any::<String>(),
+            ),
+            (
+                any::<bool>(),
+                any::<String>(),
+                proptest::option::of(number()),
+            ),
+            (
+                any::<u32>(),
+                any::<[bool; 3]>(),
+                number(),
+                any::<Option<u64>>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (task_id, task, client),
+                    (ok, output, latency_ms),
+                    (attempt, [stale, retry, accepted], received_at, seq),
+                )| ResultRecord {
+                    task_id,
+                    task,
+                    client,
+                    ok,
+                    output,
+                    latency_ms,
+                    attempt,
+                    stale,
+                    retry,
+                    accepted,
+                    received_at,
+                    seq,
+                },
+            )
+    }
+
+    fn dead_letter() -> impl Strategy<Value = DeadLetter> {
+        (
+            (any::<TaskId>(), any::<String>(), any::<Option<String>>()),
+            (any::<String>(), any::<u32>(), any::<String>()),
+            (number(), any::<Option<u64>>()),
+        )
+            .prop_map(
+                |((task_id, task, target), (client, attempts, reason), (at, seq))| DeadLetter {
+                    task_id,
+                    task,
+                    target,
+                    client,
+                    attempts,
+                    reason,
+                    at,
+                    seq,
+                },
+            )
+    }
+
+    /// Every kind of record, with arbitrary contents.
+    fn record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            (any::<TaskId>(), any::<String>(), any::<Option<String>>())
+                .prop_map(|(id, text, target)| Record::Task { id, text, target }),
+            (any::<TaskId>(), any::<String>(), any::<u32>()).prop_map(|(task, client, attempt)| {
+                Record::Sent {
+                    task,
+                    client,
+                    attempt,
+                }
+            }),
+            result_record().prop_map(Record::Result),
+            dead_letter().prop_map(Record::Dead),
+            (any::<TaskId>(), any::<TaskId>())
+                .prop_map(|(first, next)| Record::Window { first, next }),
+            (any::<String>(), any::<TaskId>())
+                .prop_map(|(client, next)| Record::Cursor { client, next }),
+            (any::<TaskId>(), any::<String>(), any::<u32>()).prop_map(|(task, client, attempt)| {
+                Record::Done {
+                    task,
+                    client,
+                    attempt,
+                }
+            }),
+            any::<TaskId>().prop_map(|task| Record::Finished { task }),
+            any::<u64>().prop_map(|next| Record::Seq { next }),
+            any::<String>().prop_map(|id| Record::Incarnation { id }),
+        ]
+    }
+
+    /// The frames of `records` and where each one starts; the last start is the end.
+    fn frames(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = vec![];
+        let mut starts = vec![0];
+        for r in records {
+            bytes.extend(encode(r));
+            starts.push(bytes.len());
+        }
+        (bytes, starts)
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().len()
+    }
+
+    fn read(bytes: &[u8]) -> Result<Vec<Record>, String> {
+        decode(bytes, Path::new("journal")).map_err(|e| e.to_string())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn records_appended_over_several_runs_read_back_unchanged(
+            runs in vec(vec(record(), 0..6), 1..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal");
+            let mut written = vec![];
+            for run in &runs {
+                let (mut j, got) = Journal::open(dir.path()).unwrap();
+                prop_assert_eq!(&got, &written);
+                for r in run {
+                    j.append(r).unwrap();
+                    written.push(r.clone());
+                }
+                j.sync().unwrap();
+                prop_assert_eq!(j.size, file_len(&path));
+            }
+            prop_assert_eq!(&read_records(&path).unwrap(), &written);
+            let (j, got) = Journal::open(dir.path()).unwrap();
+            prop_assert_eq!(got, written);
+            prop_assert_eq!(j.size, file_len(&path));
+        }
+
+        #[test]
+        fn a_compacted_journal_reads_back_as_its_snapshot_then_what_followed(
+            before in vec(record(), 0..5),
+            snapshot in vec(record(), 0..5),
+            after in vec(record(), 0..5),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, _) = Journal::open(dir.path()).unwrap();
+            for r in &before {
+                j.append(r).unwrap();
+            }
+            j.compact(&snapshot).unwrap();
+            prop_assert_eq!(j.size, file_len(&dir.path().join("journal")));
+            for r in &after {
+                j.append(r).unwrap();
+            }
+            j.sync().unwrap();
+            drop(j);
+            let (j, got) = Journal::open(dir.path()).unwrap();
+            prop_assert_eq!(got, [snapshot, after].concat());
+            prop_assert_eq!(j.size, file_len(&dir.path().join("journal")));
+        }
+
+        /// Fails today: `Journal::open` drops a torn tail from what it returns
+        /// but leaves its bytes in the file and appends after them, so at the
+        /// next start the torn frame is no longer last: the journal is refused as
+        /// damaged, or (when the torn length runs past the new end) everything
+        /// written since is silently dropped as a torn tail.
+        #[test]
+        #[ignore = "known bug, issue 8 (power-loss recovery): records appended after a torn tail are lost or the journal refused; see the comment"]
+        fn a_journal_torn_by_a_crash_stays_usable(
+            records in vec(record(), 1..5),
+            cut in any::<prop::sample::Index>(),
+            after in vec(record(), 1..4),
+        ) {
+            let (bytes, starts) = frames(&records);
+            let cut = cut.index(bytes.len() + 1);
+            let whole = starts.iter().filter(|&&s| s <= cut).count() - 1;
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("journal"), &bytes[..cut]).unwrap();
+            let (mut j, got) = Journal::open(dir.path()).unwrap();
+            prop_assert_eq!(&got[..], &records[..whole]);
+            for r in &after {
+                j.append(r).unwrap();
+            }
+            j.sync().unwrap();
+            drop(j);
+            let reopened = Journal::open(dir.path()).map(|(_, got)| got).map_err(|e| e.to_string());
+            prop_assert_eq!(reopened, Ok([&records[..whole], &after[..]].concat()), "cut at {}", cut);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// serde_json parses numbers approximately unless its `float_roundtrip`
+        /// feature is on (it is): without it a number can come back a unit in
+        /// the last place off (1700165887.4197125 read back as ...123).
+        #[test]
+        fn any_finite_number_survives_a_frame(x in any_finite(), y in any_finite()) {
+            let r = Record::Dead(DeadLetter {
+                task_id: 1,
+                task: String::new(),
+                target: None,
+                client: String::new(),
+                attempts: 1,
+                reason: String::new(),
+                at: x,
+                seq: None,
+            });
+            prop_assert_eq!(read(&encode(&r)), Ok(vec![r]));
+            let mut r = ResultRecord {
+                task_id: None,
+                task: None,
+                client: String::new(),
+                ok: true,
+                output: String::new(),
+                latency_ms: Some(x),
+                attempt: 1,
+                stale: false,
+                retry: false,
+                accepted: true,
+                received_at: y,
+                seq: None,
+            };
+            prop_assert_eq!(read(&encode(&Record::Result(r.clone()))), Ok(vec![Record::Result(r.clone())]));
+            r.latency_ms = None;
+            prop_assert_eq!(read(&encode(&Record::Result(r.clone()))), Ok(vec![Record::Result(r)]));
+        }
+
+        #[test]
+        fn a_journal_cut_anywhere_reads_back_as_the_records_wholly_before_the_cut(
+            records in vec(record(), 0..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let (bytes, starts) = frames(&records);
+            let cut = cut.index(bytes.len() + 1);
+            let whole = starts.iter().filter(|&&s| s <= cut).count() - 1;
+            prop_assert_eq!(read(&bytes[..cut]), Ok(records[..whole].to_vec()), "cut at {}", cut);
+        }
+
+        #[test]
+        fn a_garbled_last_frame_is_dropped_as_a_torn_tail(
+            records in vec(record(), 1..6),
+            at in any::<prop::sample::Index>(),
+            flip in 1..=255u8,
+        ) {
+            // Anywhere in the last frame but its length (a crash mid-write
+            // leaves a right length with wrong bytes after it).
+            let (mut bytes, starts) = frames(&records);
+            let last = starts[records.len() - 1];
+            let i = last + 4 + at.index(bytes.len() - last - 4);
+            bytes[i] ^= flip;
+            prop_assert_eq!(read(&bytes), Ok(records[..records.len() - 1].to_vec()));
+        }
+
+        /// A damaged byte before the last frame is refused, naming the frame
+        /// where it is; but a damaged length is indistinguishable from a torn
+        /// tail when it runs to or past the end of the file: then that frame and
+        /// all after it are dropped (with a warning), as the format promises for
+        /// a final frame cut short. Never is a wrong record returned.
+        #[test]
+        fn a_damaged_byte_before_the_last_frame_is_refused_unless_it_makes_a_torn_tail(
+            records in vec(record(), 2..6),
+            frame in any::<prop::sample::Index>(),
+            at in any::<prop::sample::Index>(),
+            flip in 1..=255u8,
+        ) {
+            let (mut bytes, starts) = frames(&records);
+            let k = frame.index(records.len() - 1);
+            let (start, end) = (starts[k], starts[k + 1]);
+            let i = start + at.index(end - start);
+            bytes[i] ^= flip;
+            let got = read(&bytes);
+            let len = u32::from_le_bytes(bytes[start..start + 4].try_into().unwrap()) as usize;
+            if i < start + 4 && len <= MAX_FRAME && start + 8 + len >= bytes.len() {
+                prop_assert_eq!(got, Ok(records[..k].to_vec()), "byte {} of {}", i, bytes.len());
+            } else {
+                let err = got.unwrap_err();
+                prop_assert!(err.contains(&format!("damaged at byte {start}:")), "byte {}: {}", i, err);
+            }
+        }
+
+        #[test]
+        fn any_bytes_are_read_without_panicking_and_damage_is_placed_in_the_file(
+            prefix in vec(record(), 0..3),
+            junk in vec(any::<u8>(), 0..200),
+            header in proptest::option::of((0..300u32, any::<bool>())),
+        ) {
+            // Whole frames, then junk, optionally behind a header whose checksum is right.
+            let (mut bytes, _) = frames(&prefix);
+            if let Some((len, crc_ok)) = header {
+                let body = &junk[..junk.len().min(len as usize)];
+                bytes.extend(len.to_le_bytes());
+                bytes.extend(if crc_ok { crc32fast::hash(body) } else { 0 }.to_le_bytes());
+            }
+            bytes.extend(&junk);
+            match read(&bytes) {
+                Ok(got) => prop_assert_eq!(&got[..prefix.len().min(got.len())], &prefix[..]),
+                Err(e) => {
+                    let at: usize = e
+                        .split("damaged at byte ")
+                        .nth(1)
+                        .and_then(|s| s.split(':').next())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("no offset in {e}"));
+                    prop_assert!(at < bytes.len(), "{}", e);
+                }
+            }
+            // And arbitrary bytes alone.
+            let _ = read(&junk);
+        }
+    }
+}

@@ -16,9 +16,12 @@
 //! it), [`recorder`] (the thread that writes it), [`journal`] (durable
 //! state), [`client`] (the agent
 //! side), [`handler`] (what an agent does with a task), [`backoff`],
-//! [`shutdown`] and [`error`].
+//! [`shutdown`] and [`error`]. Trust: [`listen`] (what address, reachable
+//! by whom), [`tls`], [`token`] and [`trust`] (who is calling), [`budget`]
+//! (stale results an agent may send) and [`logtext`] (peer text in logs).
 
 pub mod backoff;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod dispatch;
@@ -26,6 +29,8 @@ pub mod error;
 pub mod feed;
 pub mod handler;
 pub mod journal;
+pub mod listen;
+pub mod logtext;
 pub mod producer;
 pub mod proto;
 pub mod recorder;
@@ -34,6 +39,9 @@ pub mod results;
 pub mod server;
 pub mod shutdown;
 pub mod task;
+pub mod tls;
+pub mod token;
+pub mod trust;
 pub mod workqueue;
 
 pub use error::Error;

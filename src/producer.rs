@@ -185,7 +185,7 @@ mod tests {
         )
         .unwrap();
         wait_for(|| d.counters().produced == 3);
-        let (_, feed) = d.attach("c", "p", false).unwrap();
+        let (_, feed) = d.attach("c", "p", false, "").unwrap();
         let texts: Vec<String> = std::iter::from_fn(|| feed.try_next())
             .map(|x| x.task.text.clone())
             .collect();
@@ -220,7 +220,7 @@ mod tests {
         shutdown.trigger();
         p.join();
         assert_eq!(d.counters().produced % 10, 0);
-        let (_, feed) = d.attach("c", "p", false).unwrap();
+        let (_, feed) = d.attach("c", "p", false, "").unwrap();
         let t = feed.try_next().unwrap();
         let n: u32 = t.task.text.strip_prefix("task:").unwrap().parse().unwrap();
         assert!((100..=200).contains(&n));

@@ -6,6 +6,7 @@
 //! files can be brought up to date from it: each line carries the sequence
 //! number of its journal record, and `Outputs::catch_up` appends what is missing.
 
+use crate::logtext::quoted;
 use crate::error::Error;
 use crate::journal::{Journal, Record};
 use crate::results::{DeadLetter, ResultRecord};
@@ -276,21 +277,25 @@ fn log_result(r: &ResultRecord) {
         log::warn!(
             "stale result for task {task} from {}: {}",
             r.client,
-            r.output
+            quoted(&r.output)
         );
     } else if r.retry {
         log::info!(
             "task {task} refused by {} (retry asked){latency}: {}",
             r.client,
-            r.output
+            quoted(&r.output)
         );
     } else if r.ok {
         log::info!(
             "result for task {task} from {}{latency}: {}",
             r.client,
-            r.output
+            quoted(&r.output)
         );
     } else {
-        log::warn!("task {task} failed at {}{latency}: {}", r.client, r.output);
+        log::warn!(
+            "task {task} failed at {}{latency}: {}",
+            r.client,
+            quoted(&r.output)
+        );
     }
 }

@@ -7,21 +7,28 @@
 //! dispatcher's lock and non-blocking channels; files and producers live on
 //! threads of ours.
 
-use crate::dispatch::{Answer, DispatchConfig, Dispatcher};
+use crate::budget::{budget_key, StaleBudget, StaleLimits};
+use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher};
 use crate::error::Error;
 use crate::feed::TaskFeed;
 use crate::journal::Journal;
+use crate::listen::ListenAddr;
+use crate::logtext::quoted;
 use crate::producer::{Producer, TaskSource};
 use crate::proto::{self, ClientMsg, Contact, Empty, ResultMsg, ServerMsg};
 use crate::results::{ResultSink, ResultWriter, SinkConfig};
 use crate::shutdown::Shutdown;
+use crate::tls::{self, ServerTls};
+use crate::trust::{self, Authenticator, Caller, Presented, Refusal, TrustConfig};
 use futures::future::poll_fn;
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use grpcio::{
     ChannelBuilder, ClientStreamingSink, DuplexSink, Environment, RequestStream, RpcContext,
     RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
 };
+use std::ffi::CString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::thread::JoinHandle;
@@ -33,9 +40,6 @@ const MAX_WRITE_BATCH: usize = 256;
 
 /// How long stopping waits for open calls to complete before cancelling them.
 const CALLS_DRAIN: Duration = Duration::from_secs(2);
-
-/// Stale results one `tellResult` call may carry before it is refused.
-const MAX_STALE_PER_CALL: usize = 10_000;
 
 /// How often ack deadlines and client liveness are checked.
 const TICK: Duration = Duration::from_millis(50);
@@ -68,6 +72,37 @@ pub struct ServerConfig {
     pub keepalive: Duration,
     /// ...and how long an unanswered ping may wait before the connection is dropped.
     pub keepalive_timeout: Duration,
+    /// TLS (and with a client CA, mutual TLS); `None` serves plaintext.
+    pub tls: Option<ServerTls>,
+    /// What callers must prove (tokens, certificates).
+    pub trust: TrustConfig,
+    /// Serve an address other machines can reach without TLS and credentials.
+    pub insecure: bool,
+    /// Bounds on what one connection may hold.
+    pub transport: TransportLimits,
+    /// Stale results an agent may send per minute before its results are refused.
+    pub stale: StaleLimits,
+}
+
+/// What one connection may hold, so that hostile peers cannot exhaust the server.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportLimits {
+    /// Concurrent streams (calls) per connection; an agent uses 3.
+    pub max_streams_per_connection: u32,
+    /// A connection with no call open for this long is closed (GOAWAY).
+    pub idle_connection: Duration,
+    /// A connection must finish its handshake (TLS and HTTP/2 preface) within this.
+    pub handshake: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            max_streams_per_connection: 100,
+            idle_connection: Duration::from_secs(30),
+            handshake: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -85,6 +120,11 @@ impl Default for ServerConfig {
             max_message_bytes: 1 << 20,
             keepalive: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+            tls: None,
+            trust: TrustConfig::default(),
+            insecure: false,
+            transport: TransportLimits::default(),
+            stale: StaleLimits::default(),
         }
     }
 }
@@ -94,28 +134,69 @@ impl Default for ServerConfig {
 struct ContactService {
     dispatcher: Arc<Dispatcher>,
     results: ResultSink,
+    auth: Arc<Authenticator>,
+    stale: Arc<StaleBudget>,
 }
 
-/// Who is calling: the `contact-client-id` metadata, or for a seed peer that
-/// sends none, its address (results are then matched by connection).
-fn caller(ctx: &RpcContext) -> Result<(String, bool), RpcStatus> {
-    match proto::client_id_from(ctx.request_headers()) {
-        Ok(Some(id)) => Ok((id, false)),
-        Ok(None) => Ok((ctx.peer(), true)),
-        Err(why) => Err(RpcStatus::with_message(
-            RpcStatusCode::INVALID_ARGUMENT,
-            why,
-        )),
+impl ContactService {
+    /// Who is calling (see `trust`): an agent proven (or, without credentials
+    /// configured, believed) by its id, or a seed peer known by its address.
+    fn caller(&self, ctx: &RpcContext) -> Result<Caller, RpcStatus> {
+        let headers = ctx.request_headers();
+        let invalid = |why| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why);
+        let claimed = proto::client_id_from(headers).map_err(invalid)?;
+        let bearer = trust::bearer_from(headers).map_err(invalid)?;
+        let peer = ctx.peer();
+        let cert_names = if self.auth.config().client_certs {
+            tls::peer_cert_names(ctx)
+        } else {
+            vec![]
+        };
+        let presented = Presented {
+            claimed: claimed.as_deref(),
+            bearer: bearer.as_deref(),
+            cert_names,
+            peer: &peer,
+        };
+        self.auth.agent(&presented).map_err(|r| match r {
+            Refusal::Unauthenticated(m) => {
+                RpcStatus::with_message(RpcStatusCode::UNAUTHENTICATED, m)
+            }
+            Refusal::Denied(m) => RpcStatus::with_message(RpcStatusCode::PERMISSION_DENIED, m),
+        })
     }
 }
 
-/// Rejects a call whose metadata is unusable, saying why.
+/// Warnings about refused calls, at most this many per second (a flood of
+/// bad calls must not become a flood of log lines).
+const REFUSAL_WARNINGS_PER_SEC: u64 = 10;
+
+/// Logs a refused call at warn, rate-limited; the rest are counted and summed up.
+fn warn_refused(peer: &str, why: &str) {
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let window = WINDOW.load(Ordering::Relaxed);
+    if window != now && WINDOW.compare_exchange(window, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let suppressed = COUNT.swap(0, Ordering::Relaxed).saturating_sub(REFUSAL_WARNINGS_PER_SEC);
+        if suppressed > 0 {
+            log::warn!("{suppressed} more calls were refused in the last second (not logged)");
+        }
+    }
+    if COUNT.fetch_add(1, Ordering::Relaxed) < REFUSAL_WARNINGS_PER_SEC {
+        log::warn!("refused a call from {peer}: {}", quoted(why));
+    }
+}
+
+/// Rejects a call whose caller is unknown or unproven, saying why.
 macro_rules! caller_or_reject {
-    ($ctx:expr, $sink:expr) => {
-        match caller(&$ctx) {
+    ($self:expr, $ctx:expr, $sink:expr) => {
+        match $self.caller(&$ctx) {
             Ok(c) => c,
             Err(status) => {
-                log::warn!("rejected a call from {}: {}", $ctx.peer(), status.message());
+                warn_refused(&$ctx.peer(), status.message());
                 $ctx.spawn(async move {
                     let _ = $sink.fail(status).await;
                 });
@@ -132,13 +213,22 @@ impl Contact for ContactService {
         mut stream: RequestStream<ClientMsg>,
         mut sink: DuplexSink<ResultMsg>,
     ) {
-        let (client, _) = caller_or_reject!(ctx, sink);
+        let client = caller_or_reject!(self, ctx, sink).id;
         let dispatcher = self.dispatcher.clone();
         ctx.spawn(async move {
             let res: grpcio::Result<()> = async {
-                while let Some(msg) = stream.try_next().await? {
+                loop {
+                    let msg = match stream.try_next().await {
+                        Ok(Some(msg)) => msg,
+                        Ok(None) => break,
+                        Err(grpcio::Error::Codec(e)) => {
+                            let status = undecodable(&client, "status", &e);
+                            return sink.fail(status).await;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     dispatcher.touch(&client);
-                    log::info!("status from {client}: {}", msg.msg);
+                    log::info!("status from {client}: {}", quoted(&msg.msg));
                     let reply = ResultMsg {
                         ret: format!("server received: {}", msg.msg),
                         ..Default::default()
@@ -155,18 +245,39 @@ impl Contact for ContactService {
     }
 
     fn get_task(&mut self, ctx: RpcContext, _req: Empty, mut sink: ServerStreamingSink<ServerMsg>) {
-        let (client, ephemeral) = caller_or_reject!(ctx, sink);
+        let Caller {
+            id: client,
+            ephemeral,
+        } = caller_or_reject!(self, ctx, sink);
         let incarnation = self.dispatcher.incarnation();
-        let Some((session, mut feed)) = self.dispatcher.attach(&client, &ctx.peer(), ephemeral)
-        else {
-            let status = RpcStatus::with_message(
-                RpcStatusCode::UNAVAILABLE,
-                "the server is shutting down".into(),
-            );
-            ctx.spawn(async move {
-                let _ = sink.fail(status).await;
-            });
-            return;
+        let instance = proto::instance_from(ctx.request_headers());
+        let peer = ctx.peer();
+        let attached = self
+            .dispatcher
+            .attach(&client, &peer, ephemeral, &instance);
+        let (session, mut feed) = match attached {
+            Ok(a) => a,
+            Err(refused) => {
+                let status = match refused {
+                    AttachRefused::Closed => RpcStatus::with_message(
+                        RpcStatusCode::UNAVAILABLE,
+                        "the server is shutting down".into(),
+                    ),
+                    AttachRefused::InUse { peer: holder } => {
+                        log::warn!(
+                            "client {client} from {peer} refused: that id is already connected from {holder} (two agents must not share an id)"
+                        );
+                        RpcStatus::with_message(
+                            RpcStatusCode::ALREADY_EXISTS,
+                            format!("client id {client:?} is already connected from another process; give each agent its own --id"),
+                        )
+                    }
+                };
+                ctx.spawn(async move {
+                    let _ = sink.fail(status).await;
+                });
+                return;
+            }
         };
         let dispatcher = self.dispatcher.clone();
         ctx.spawn(async move {
@@ -184,13 +295,26 @@ impl Contact for ContactService {
         mut stream: RequestStream<ResultMsg>,
         sink: ClientStreamingSink<Empty>,
     ) {
-        let (client, ephemeral) = caller_or_reject!(ctx, sink);
+        let Caller {
+            id: client,
+            ephemeral,
+        } = caller_or_reject!(self, ctx, sink);
+        let budget_key = budget_key(&client, ephemeral);
+        if let Some(why) = self.stale.exhausted(&budget_key) {
+            warn_refused(&ctx.peer(), &format!("results of {client}: {why}"));
+            let status = RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why);
+            ctx.spawn(async move {
+                let _ = sink.fail(status).await;
+            });
+            return;
+        }
         let dispatcher = self.dispatcher.clone();
         let results = self.results.clone();
+        let budget = self.stale.clone();
         ctx.spawn(async move {
-            let mut stale = 0usize;
             let res: grpcio::Result<()> = async {
                 while let Some(r) = stream.try_next().await? {
+                    let bytes = r.ret.len();
                     let answer = Answer {
                         task_id: r.task_id,
                         attempt: r.attempt,
@@ -199,19 +323,18 @@ impl Contact for ContactService {
                         output: r.ret,
                         incarnation: r.incarnation,
                     };
-                    // Recorded by the dispatcher; a flood of results that answer
-                    // nothing is cut off rather than written to disk forever.
-                    if dispatcher
-                        .complete(&client, answer)
-                        .is_some_and(|r| r.stale)
-                    {
-                        stale += 1;
-                        if stale > MAX_STALE_PER_CALL {
-                            let why = format!(
-                                "more than {MAX_STALE_PER_CALL} results in one call answer no task"
-                            );
+                    // Recorded by the dispatcher. An agent with an id must name
+                    // the delivery exactly; only seed peers get the wildcards.
+                    let judged = if ephemeral {
+                        dispatcher.complete(&client, answer)
+                    } else {
+                        dispatcher.complete_exact(&client, answer)
+                    };
+                    // Results that answer nothing are budgeted, not written to disk forever.
+                    if judged.is_some_and(|r| r.stale) {
+                        if let Some(why) = budget.charge(&budget_key, bytes) {
                             return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(
-                                RpcStatusCode::INVALID_ARGUMENT,
+                                RpcStatusCode::RESOURCE_EXHAUSTED,
                                 why,
                             )));
                         }
@@ -238,15 +361,26 @@ impl Contact for ContactService {
                     let _ = sink.fail(status).await;
                 }
                 (Err(grpcio::Error::RpcFailure(status)), _)
-                    if status.code() == RpcStatusCode::INVALID_ARGUMENT =>
+                    if status.code() == RpcStatusCode::RESOURCE_EXHAUSTED =>
                 {
                     log::warn!("result stream of {client} refused: {}", status.message());
                     let _ = sink.fail(status).await;
+                }
+                (Err(grpcio::Error::Codec(e)), _) => {
+                    let _ = sink.fail(undecodable(&client, "result", &e)).await;
                 }
                 (Err(e), _) => log::debug!("result stream of {client} ended: {e}"),
             }
         });
     }
+}
+
+/// The answer to a message that is not what the proto says (a hostile or
+/// broken peer): INVALID_ARGUMENT, naming the call; logged rate-limited.
+fn undecodable(client: &str, what: &str, e: &dyn std::fmt::Display) -> RpcStatus {
+    let why = format!("a {what} message from {client} could not be decoded: {e}");
+    warn_refused(client, &why);
+    RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)
 }
 
 /// Writes the feed's deliveries into the stream, a batch per flush, until the
@@ -307,6 +441,12 @@ pub struct Server {
 impl Server {
     /// Binds, starts serving and starts the producers.
     pub fn start(config: ServerConfig) -> Result<Server, Error> {
+        let listen = exposure_checked(&config)?;
+        let auth = Arc::new(Authenticator::new(config.trust.clone())?);
+        let credentials = match &config.tls {
+            Some(t) => t.credentials()?,
+            None => ServerCredentials::insecure(),
+        };
         let (journal, records) = match &config.state_dir {
             Some(dir) => {
                 let (j, r) = Journal::open(dir)?;
@@ -343,7 +483,11 @@ impl Server {
         let service = ContactService {
             dispatcher: dispatcher.clone(),
             results: results.clone(),
+            auth,
+            stale: Arc::new(StaleBudget::new(config.stale)),
         };
+        let limits = config.transport;
+        let millis = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
         let max_msg = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
         let args = ChannelBuilder::new(env.clone())
             .max_receive_message_len(max_msg)
@@ -354,21 +498,34 @@ impl Server {
             // Accept client pings down to MIN_CLIENT_PING apart, so that a
             // client's keepalive never earns a GOAWAY "too_many_pings".
             .http2_min_recv_ping_interval_without_data(MIN_CLIENT_PING)
+            // gRPC shares a busy port by default (SO_REUSEPORT): a second
+            // server would silently split the fleet. Make it an error.
+            .reuse_port(false)
+            .max_concurrent_stream(i32::try_from(limits.max_streams_per_connection).unwrap_or(i32::MAX))
+            .raw_cfg_int(
+                CString::new("grpc.max_connection_idle_ms").expect("no NUL"),
+                millis(limits.idle_connection),
+            )
+            .raw_cfg_int(
+                CString::new("grpc.server_handshake_timeout_ms").expect("no NUL"),
+                millis(limits.handshake),
+            )
             .build_args();
         let mut grpc = ServerBuilder::new(env)
             .channel_args(args)
             .register_service(proto::create_contact(service))
             .build()?;
         let port = grpc
-            .add_listening_port(config.listen.clone(), ServerCredentials::insecure())
+            .add_listening_port(listen.to_string(), credentials)
             .map_err(|e| Error::Bind {
-                addr: config.listen.clone(),
+                addr: listen.to_string(),
                 reason: bind_reason(e),
             })?;
         grpc.start();
         log::info!(
-            "contact server listening on {}",
-            with_port(&config.listen, port)
+            "contact server listening on {} ({})",
+            listen.with_port(port),
+            protection(&config)
         );
 
         let shutdown = Shutdown::new();
@@ -460,11 +617,57 @@ fn bind_reason(e: grpcio::Error) -> String {
     }
 }
 
-fn with_port(listen: &str, port: u16) -> String {
-    match listen.rsplit_once(':') {
-        Some((host, _)) => format!("{host}:{port}"),
-        None => listen.to_string(),
+/// Parses `--listen` and applies the secure default (Redis's protected mode):
+/// an address other machines can reach is served only with TLS and
+/// credentials, unless the operator said `--insecure`.
+fn exposure_checked(config: &ServerConfig) -> Result<ListenAddr, Error> {
+    let listen: ListenAddr = config
+        .listen
+        .parse()
+        .map_err(|e| Error::Usage(format!("--listen {e}")))?;
+    if config.trust.client_certs && config.tls.is_none() {
+        return Err(Error::Usage(
+            "--client-ca needs --tls-cert and --tls-key".into(),
+        ));
     }
+    let protected = config.tls.is_some() && config.trust.requires_credentials();
+    if !listen.is_loopback() && !protected {
+        let missing = match (config.tls.is_some(), config.trust.requires_credentials()) {
+            (false, false) => "TLS and credentials",
+            (false, true) => "TLS (tokens would cross the network in clear text)",
+            _ => "credentials",
+        };
+        if !config.insecure {
+            return Err(Error::Usage(format!(
+                "--listen {listen}: other machines can reach this address, but it would be served without {missing}: anyone reaching it could take tasks, run commands on agents that use --exec and forge results. Serve it with --tls-cert/--tls-key and --auth-secret or --client-ca, listen on 127.0.0.1, or pass --insecure to accept the risk"
+            )));
+        }
+        log::warn!(
+            "--insecure: serving {listen} without {missing}; anyone who can reach it can take tasks and forge results"
+        );
+    }
+    Ok(listen)
+}
+
+/// How the listening port is protected, for the start-up line.
+fn protection(config: &ServerConfig) -> String {
+    let tls = match &config.tls {
+        Some(t) if t.client_ca.is_some() => "mutual TLS",
+        Some(_) => "TLS",
+        None => "plaintext",
+    };
+    let creds = match (&config.trust.secret, config.trust.client_certs) {
+        (Some(_), true) => "client certificates required, tokens checked when sent",
+        (Some(_), false) => "tokens required",
+        (None, true) => "client certificates required",
+        (None, false) => "no credentials: every caller is believed",
+    };
+    let anonymous = if config.trust.requires_credentials() && config.trust.allow_anonymous {
+        ", anonymous seed clients allowed"
+    } else {
+        ""
+    };
+    format!("{tls}, {creds}{anonymous}")
 }
 
 /// The server's clock: ack deadlines and liveness every tick, dead letters

@@ -160,3 +160,97 @@ mod tests {
         assert!(t.is_for("a") && !t.is_for("b"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::proto::validate_client_id;
+    use proptest::prelude::*;
+
+    /// Every valid client id (see `proto::validate_client_id`).
+    fn client_id() -> impl Strategy<Value = String> {
+        "[!-~]{1,24}|[!-~]{128}"
+    }
+
+    /// What may separate the id from the text: any run of whitespace.
+    fn gap() -> impl Strategy<Value = String> {
+        r"[ \t\u{a0}\u{3000}]{1,4}"
+    }
+
+    /// Task text: not empty, not starting with whitespace.
+    fn text() -> impl Strategy<Value = String> {
+        any::<String>().prop_filter_map("needs a non-blank start", |s| {
+            let t = s.trim_start();
+            (!t.is_empty()).then(|| t.to_string())
+        })
+    }
+
+    /// Lines of every shape: anything, or `@` lines with any id-ish part and text.
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            (r"\PC{0,6}", gap(), any::<String>()).prop_map(|(id, g, t)| format!("@{id}{g}{t}")),
+            (client_id(), gap(), text()).prop_map(|(id, g, t)| format!("@{id}{g}{t}")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_line_is_either_taken_whole_or_split_exactly_at_its_first_whitespace(l in line()) {
+            match parse_line(&l) {
+                (None, text) => prop_assert_eq!(text, l),
+                (Some(client), text) => {
+                    let after = l.strip_prefix('@').and_then(|rest| rest.strip_prefix(client.as_str()));
+                    prop_assert!(after.is_some(), "{:?} does not start with @{:?}", l, client);
+                    let after = after.unwrap();
+                    prop_assert!(!client.is_empty() && !client.contains(char::is_whitespace));
+                    prop_assert!(after.starts_with(char::is_whitespace));
+                    prop_assert_eq!(after.trim_start(), &text);
+                    prop_assert!(!text.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn a_line_naming_a_valid_client_is_for_that_client(
+            id in client_id(),
+            g in gap(),
+            t in text(),
+        ) {
+            prop_assert_eq!(parse_line(&format!("@{id}{g}{t}")), (Some(id), t));
+        }
+
+        #[test]
+        fn a_line_not_starting_with_at_is_taken_whole(l in any::<String>()) {
+            prop_assume!(!l.starts_with('@'));
+            prop_assert_eq!(parse_line(&l), (None, l));
+        }
+
+        #[test]
+        fn an_at_line_without_text_or_without_an_id_is_taken_whole(
+            id in r"\S{0,8}",
+            g in r"\s{0,3}",
+            t in any::<String>(),
+        ) {
+            let stray = format!("@{id}{g}");
+            prop_assert_eq!(parse_line(&stray), (None, stray.clone()));
+            let nameless = format!("@ {g}{t}");
+            prop_assert_eq!(parse_line(&nameless), (None, nameless.clone()));
+        }
+
+        /// Fails today: the target is whatever precedes the first whitespace,
+        /// unchecked, so `@héllo x` or `@a\u{1} x` targets a client id that
+        /// `validate_client_id` refuses and no client can ever have (the task
+        /// then waits forever). Reported rather than changed: the fix is a choice
+        /// (take such a line whole, as a stray `@name` is, or skip it).
+        #[test]
+        #[ignore = "known bug, issue 10 (a typo in @target is accepted): a target that is not a valid client id is accepted; see the comment"]
+        fn a_target_is_always_a_valid_client_id(l in line()) {
+            if let (Some(client), _) = parse_line(&l) {
+                prop_assert!(validate_client_id(&client).is_ok(), "{:?} targets {:?}", l, client);
+            }
+        }
+    }
+}

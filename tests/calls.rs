@@ -68,16 +68,19 @@ fn tell_result_is_answered_once_results_are_recorded() {
     let mut tasks = client
         .get_task_opt(&Empty::new(), as_client("raw"))
         .unwrap();
+    let mut incarnation = String::new();
     for _ in 0..2 {
-        block_on(tasks.next()).unwrap().unwrap();
+        incarnation = block_on(tasks.next()).unwrap().unwrap().incarnation;
     }
     let (mut tx, rx) = client.tell_result_opt(as_client("raw")).unwrap();
     block_on(async {
+        // An agent with an id names each delivery exactly: task, attempt, incarnation.
         let ok = ResultMsg {
             ret: "fine".into(),
             task_id: 1,
             ok: true,
             attempt: 1,
+            incarnation: incarnation.clone(),
             ..Default::default()
         };
         let bad = ResultMsg {
@@ -85,6 +88,7 @@ fn tell_result_is_answered_once_results_are_recorded() {
             task_id: 2,
             ok: false,
             attempt: 1,
+            incarnation,
             ..Default::default()
         };
         tx.send((ok, WriteFlags::default())).await.unwrap();
@@ -157,6 +161,7 @@ fn every_message_and_every_acknowledgement_arrives_in_bulk() {
                 task_id: m.task_id,
                 ok: true,
                 attempt: m.attempt,
+                incarnation: m.incarnation,
                 ..Default::default()
             };
             tx.feed((r, WriteFlags::default().buffer_hint(expected % 64 != 0)))

@@ -28,6 +28,12 @@ fn bad_flags_and_values_exit_2_naming_the_flag() {
         (CLIENT, vec!["--status-every", "0"], "--status-every"),
         (CLIENT, vec!["--exec", "echo 'unclosed"], "--exec"),
         (CLIENT, vec!["--id", "has space"], "--id"),
+        (SERVER, vec!["--listen", "127.0.0.1"], "--listen"),
+        (SERVER, vec!["--listen", "127.0.0.1:99999"], "--listen"),
+        (SERVER, vec!["--listen", "localhost:http"], "--listen"),
+        (SERVER, vec!["--listen", "0.0.0.0:0", "--no-state"], "--insecure"),
+        (SERVER, vec!["--tls-cert", "x.pem"], "--tls-key"),
+        (CLIENT, vec!["--exec-timeout", "5"], "--exec"),
     ] {
         let out = run(bin, &args);
         assert_eq!(
@@ -99,8 +105,7 @@ fn an_unreadable_tasks_file_or_a_busy_port_exits_1_saying_so() {
 }
 
 fn listening_port(server: &mut Proc) -> String {
-    let line = server.wait_line("listening on");
-    line.rsplit(':').next().unwrap().trim().to_string()
+    port_of_listening_line(&server.wait_line("listening on")).to_string()
 }
 
 #[test]
@@ -205,4 +210,98 @@ fn a_client_retries_an_unreachable_server_then_works_and_stops_on_sigint() {
     client.wait_line("results acknowledged");
     server.signal("INT");
     assert_eq!(server.wait_exit(), 0);
+}
+
+fn write_secret(dir: &std::path::Path) -> std::path::PathBuf {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a secret of more than sixteen bytes\n").unwrap();
+    secret
+}
+
+#[test]
+fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-certs.sh");
+    let made = Command::new("bash")
+        .arg(script)
+        .arg(&certs)
+        .args(["localhost", "web-1"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let cert = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let secret = write_secret(dir.path());
+    let token = run(SERVER, &["token", "web-1", "--auth-secret", secret.to_str().unwrap()]);
+    assert_eq!(token.status.code(), Some(0), "{}", stderr(&token));
+    let token_file = dir.path().join("web-1.token");
+    std::fs::write(&token_file, &token.stdout).unwrap();
+
+    // TLS and a token: the agent's id comes from its token.
+    let mut server = Proc::start(
+        SERVER,
+        &[
+            "--listen", "127.0.0.1:0", "--no-state", "--generate", "2", "--every", "0.2",
+            "--tls-cert", &cert("server.pem"), "--tls-key", &cert("server.key"),
+            "--auth-secret", secret.to_str().unwrap(),
+        ],
+    );
+    let line = server.wait_line("listening on");
+    assert!(line.contains("TLS, tokens required"), "{line}");
+    let addr = format!("localhost:{}", port_of_listening_line(&line));
+    let agent = run(
+        CLIENT,
+        &["--server", &addr, "--tls-ca", &cert("ca.pem"), "--token-file", token_file.to_str().unwrap(), "--max-tasks", "3"],
+    );
+    assert_eq!(agent.status.code(), Some(0), "{}", stderr(&agent));
+    server.wait_line("client web-1 connected");
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    assert!(!server.seen.iter().any(|l| l.contains(&token)), "the token was logged");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(), 0);
+
+    // Mutual TLS: the agent's id comes from its certificate.
+    let mut server = Proc::start(
+        SERVER,
+        &[
+            "--listen", "127.0.0.1:0", "--no-state", "--generate", "2", "--every", "0.2",
+            "--tls-cert", &cert("server.pem"), "--tls-key", &cert("server.key"),
+            "--client-ca", &cert("ca.pem"),
+        ],
+    );
+    let line = server.wait_line("listening on");
+    assert!(line.contains("mutual TLS"), "{line}");
+    let addr = format!("localhost:{}", port_of_listening_line(&line));
+    let agent = run(
+        CLIENT,
+        &[
+            "--server", &addr, "--tls-ca", &cert("ca.pem"), "--tls-cert", &cert("web-1.pem"),
+            "--tls-key", &cert("web-1.key"), "--id", "web-1", "--max-tasks", "2",
+        ],
+    );
+    assert_eq!(agent.status.code(), Some(0), "{}", stderr(&agent));
+    server.wait_line("client web-1 connected");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(), 0);
+}
+
+#[test]
+fn token_subcommand_checks_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path());
+    let s = secret.to_str().unwrap();
+    let agent = run(SERVER, &["token", "web-1", "--auth-secret", s]);
+    let admin = run(SERVER, &["token", "--admin", "web-1", "--auth-secret", s]);
+    assert_eq!((agent.status.code(), admin.status.code()), (Some(0), Some(0)));
+    assert_ne!(agent.stdout, admin.stdout);
+    assert!(String::from_utf8_lossy(&agent.stdout).starts_with("contact1.agent.web-1."));
+    let short = dir.path().join("short");
+    std::fs::write(&short, "tiny").unwrap();
+    let out = run(SERVER, &["token", "web-1", "--auth-secret", short.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("at least 16"), "{}", stderr(&out));
+    let out = run(SERVER, &["token", "has space", "--auth-secret", s]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = run(SERVER, &["token", "web-1", "--auth-secret", "/no/such/secret"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }

@@ -57,7 +57,7 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let line = server.wait_line("listening on");
-    let addr = format!("127.0.0.1:{}", line.rsplit(':').next().unwrap().trim());
+    let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
     let exec = ["--exec", "sh -c 'sleep 0.01; echo done $0'"];
     let mut clients: Vec<Proc> = ["k1", "k2"]
         .iter()

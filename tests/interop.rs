@@ -18,19 +18,7 @@ fn interop_dir() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    let py = std::env::var_os("CONTACT_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    let ok = Command::new(&py)
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "the interop tests need Python with grpcio and grpcio-tools at {} (run scripts/test.sh, which installs them, or set CONTACT_PYTHON)",
-        py.display()
-    );
-    py
+    test_python(&["grpc", "grpc_tools"])
 }
 
 /// Generates the Python stubs from the seed's proto into a fresh directory.

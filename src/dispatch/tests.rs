@@ -42,7 +42,7 @@ fn credit_limits_deliveries_and_results_release_more() {
         max_in_flight: 2,
         ..Default::default()
     });
-    let (_, feed) = d.attach("a", "p", false).unwrap();
+    let (_, feed) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1", "2", "3", "4"]));
     assert_eq!(drain(&feed), vec![1, 2]);
     let r = d.complete("a", ok(2, 1)).unwrap();
@@ -60,7 +60,7 @@ fn credit_limits_deliveries_and_results_release_more() {
 fn late_clients_get_history_unless_they_start_at_new() {
     let d = Dispatcher::new(DispatchConfig::default());
     d.publish(tasks(&["1", "2"]));
-    let (_, old) = d.attach("old", "p1", false).unwrap();
+    let (_, old) = d.attach("old", "p1", false, "").unwrap();
     assert_eq!(drain(&old), vec![1, 2]);
 
     let d = Dispatcher::new(DispatchConfig {
@@ -68,7 +68,7 @@ fn late_clients_get_history_unless_they_start_at_new() {
         ..Default::default()
     });
     d.publish(tasks(&["1", "2"]));
-    let (_, new) = d.attach("new", "p2", false).unwrap();
+    let (_, new) = d.attach("new", "p2", false, "").unwrap();
     assert!(drain(&new).is_empty());
     d.publish(tasks(&["3"]));
     assert_eq!(drain(&new), vec![3]);
@@ -77,7 +77,7 @@ fn late_clients_get_history_unless_they_start_at_new() {
 #[test]
 fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
     let d = Dispatcher::new(DispatchConfig::default());
-    let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true).unwrap();
+    let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true, "").unwrap();
     d.publish(tasks(&["a", "b"]));
     assert_eq!(drain(&feed), vec![1, 2]);
     let seed = Answer {
@@ -108,7 +108,7 @@ fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
 #[test]
 fn unknown_results_are_stale_and_exact_resends_are_recorded_once() {
     let d = Dispatcher::new(DispatchConfig::default());
-    let (_, feed) = d.attach("a", "p", false).unwrap();
+    let (_, feed) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     drain(&feed);
     assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
@@ -126,8 +126,8 @@ fn unknown_results_are_stale_and_exact_resends_are_recorded_once() {
 #[test]
 fn targeted_tasks_reach_only_their_client() {
     let d = Dispatcher::new(DispatchConfig::default());
-    let (_, a) = d.attach("a", "p1", false).unwrap();
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, a) = d.attach("a", "p1", false, "").unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     d.publish(vec![
         (Some("b".to_string()), "for b".to_string()),
         (None, "all".to_string()),
@@ -139,8 +139,8 @@ fn targeted_tasks_reach_only_their_client() {
 #[test]
 fn a_replaced_stream_ends_and_its_detach_is_ignored() {
     let d = Dispatcher::new(DispatchConfig::default());
-    let (first, mut old) = d.attach("a", "p1", false).unwrap();
-    let (_, _new) = d.attach("a", "p2", false).unwrap();
+    let (first, mut old) = d.attach("a", "p1", false, "i1").unwrap();
+    let (_, _new) = d.attach("a", "p2", false, "i1").unwrap();
     assert!(futures::executor::block_on(futures::StreamExt::next(&mut old)).is_none());
     d.detach("a", first);
     assert_eq!(d.clients().len(), 1);
@@ -154,7 +154,7 @@ fn a_client_behind_retention_skips_ahead() {
         max_in_flight: 1,
         ..Default::default()
     });
-    let (_, feed) = d.attach("a", "p", false).unwrap();
+    let (_, feed) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     d.publish(tasks(&["2", "3", "4"]));
     assert_eq!(drain(&feed), vec![1]);
@@ -166,13 +166,13 @@ fn a_client_behind_retention_skips_ahead() {
 fn broadcast_resume_delivers_only_what_was_not_answered() {
     let d = Dispatcher::new(DispatchConfig::default());
     d.publish(tasks(&["1", "2", "3"]));
-    let (s, feed) = d.attach("a", "p", false).unwrap();
+    let (s, feed) = d.attach("a", "p", false, "").unwrap();
     assert_eq!(drain(&feed), vec![1, 2, 3]);
     d.complete("a", ok(1, 1));
     d.complete("a", ok(3, 1));
     d.detach("a", s);
     d.publish(tasks(&["4"]));
-    let (_, feed) = d.attach("a", "p", false).unwrap();
+    let (_, feed) = d.attach("a", "p", false, "").unwrap();
     assert_eq!(drain_attempts(&feed), vec![(2, 2), (4, 1)]);
     // The old attempt's answer, resent after the reconnect, counts (the task
     // went to nobody else); the answer to the redelivery is then a resend.
@@ -185,11 +185,11 @@ fn broadcast_resume_delivers_only_what_was_not_answered() {
 #[test]
 fn queue_an_earlier_attempts_answer_from_the_holder_counts_once() {
     let d = queue(10);
-    let (s, a) = d.attach("a", "p", false).unwrap();
+    let (s, a) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     drain(&a);
     d.detach("a", s);
-    let (_, a) = d.attach("a", "p", false).unwrap();
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
     assert_eq!(drain_attempts(&a), vec![(1, 2)]);
     assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
     assert_eq!(d.complete("a", ok(1, 2)), None);
@@ -199,7 +199,7 @@ fn queue_an_earlier_attempts_answer_from_the_holder_counts_once() {
 #[test]
 fn results_for_another_incarnation_are_stale() {
     let d = Dispatcher::new(DispatchConfig::default());
-    let (_, feed) = d.attach("a", "p", false).unwrap();
+    let (_, feed) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     drain(&feed);
     let other = Answer {
@@ -219,10 +219,10 @@ fn results_for_another_incarnation_are_stale() {
 fn broadcast_answer_to_a_taken_back_delivery_counts_before_it_is_resent() {
     let d = Dispatcher::new(DispatchConfig::default());
     d.publish(tasks(&["1"]));
-    let (s, feed) = d.attach("a", "p", false).unwrap();
+    let (s, feed) = d.attach("a", "p", false, "").unwrap();
     drain(&feed);
     d.detach("a", s);
-    let (_, feed2) = d.attach("a", "p", false).unwrap();
+    let (_, feed2) = d.attach("a", "p", false, "").unwrap();
     // The new stream got attempt 2; an answer to attempt 1 arriving now is accepted only if
     // attempt 2 was not sent. It was, so it is stale; this checks the other order:
     assert_eq!(drain_attempts(&feed2), vec![(1, 2)]);
@@ -231,7 +231,7 @@ fn broadcast_answer_to_a_taken_back_delivery_counts_before_it_is_resent() {
         ..Default::default()
     });
     d2.publish(tasks(&["1", "2"]));
-    let (s, f) = d2.attach("a", "p", false).unwrap();
+    let (s, f) = d2.attach("a", "p", false, "").unwrap();
     assert_eq!(drain(&f), vec![1]);
     d2.detach("a", s);
     {
@@ -240,15 +240,15 @@ fn broadcast_answer_to_a_taken_back_delivery_counts_before_it_is_resent() {
         d2.take_back_all(&mut st, "a", "test");
     }
     assert!(d2.complete("a", ok(1, 1)).unwrap().accepted);
-    let (_, f) = d2.attach("a", "p", false).unwrap();
+    let (_, f) = d2.attach("a", "p", false, "").unwrap();
     assert_eq!(drain(&f), vec![2], "task 1 is not delivered again");
 }
 
 #[test]
 fn queue_gives_each_task_to_one_client_with_the_fewest_in_flight() {
     let d = queue(10);
-    let (_, a) = d.attach("a", "p1", false).unwrap();
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, a) = d.attach("a", "p1", false, "").unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     d.publish(tasks(&["1", "2", "3", "4"]));
     let (ga, gb) = (drain(&a), drain(&b));
     assert_eq!(ga.len() + gb.len(), 4);
@@ -262,7 +262,7 @@ fn queue_gives_each_task_to_one_client_with_the_fewest_in_flight() {
 #[test]
 fn queue_credit_is_never_exceeded() {
     let d = queue(2);
-    let (_, a) = d.attach("a", "p", false).unwrap();
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1", "2", "3"]));
     assert_eq!(drain(&a), vec![1, 2]);
     d.complete("a", ok(1, 1));
@@ -272,11 +272,11 @@ fn queue_credit_is_never_exceeded() {
 #[test]
 fn queue_disconnect_moves_tasks_and_fences_the_old_holder() {
     let d = queue(10);
-    let (sa, a) = d.attach("a", "p1", false).unwrap();
+    let (sa, a) = d.attach("a", "p1", false, "").unwrap();
     d.publish(tasks(&["1", "2"]));
     assert_eq!(drain(&a), vec![1, 2]);
     d.detach("a", sa);
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     assert_eq!(drain_attempts(&b), vec![(1, 2), (2, 2)]);
     let late = d.complete("a", ok(1, 1)).unwrap();
     assert!(late.stale && !late.accepted);
@@ -290,12 +290,12 @@ fn queue_disconnect_moves_tasks_and_fences_the_old_holder() {
 #[test]
 fn queue_answer_after_disconnect_counts_while_nobody_else_has_it() {
     let d = queue(10);
-    let (sa, a) = d.attach("a", "p1", false).unwrap();
+    let (sa, a) = d.attach("a", "p1", false, "").unwrap();
     d.publish(tasks(&["1"]));
     drain(&a);
     d.detach("a", sa);
     assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     assert!(drain(&b).is_empty());
 }
 
@@ -308,7 +308,7 @@ fn ack_timeout_redelivers_then_dead_letters_after_max_attempts() {
         client_timeout: None,
         ..Default::default()
     });
-    let (_, a) = d.attach("a", "p", false).unwrap();
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     assert_eq!(drain_attempts(&a), vec![(1, 1)]);
     std::thread::sleep(Duration::from_millis(5));
@@ -331,7 +331,7 @@ fn ack_timeout_redelivers_then_dead_letters_after_max_attempts() {
 #[test]
 fn a_refusal_with_retry_goes_to_another_attempt_then_the_dead_letters() {
     let d = queue(10);
-    let (_, a) = d.attach("a", "p", false).unwrap();
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     let refuse = |attempt| Answer {
         task_id: 1,
@@ -355,7 +355,7 @@ fn a_refusal_with_retry_goes_to_another_attempt_then_the_dead_letters() {
 #[test]
 fn a_failure_without_retry_is_the_tasks_answer() {
     let d = queue(10);
-    let (_, a) = d.attach("a", "p", false).unwrap();
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
     d.publish(tasks(&["1"]));
     drain(&a);
     let r = d
@@ -378,10 +378,10 @@ fn a_failure_without_retry_is_the_tasks_answer() {
 #[test]
 fn queue_targeted_tasks_wait_for_their_client() {
     let d = queue(10);
-    let (_, a) = d.attach("a", "p1", false).unwrap();
+    let (_, a) = d.attach("a", "p1", false, "").unwrap();
     d.publish(vec![(Some("b".to_string()), "for b".to_string())]);
     assert!(drain(&a).is_empty());
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     assert_eq!(drain(&b), vec![1]);
 }
 
@@ -392,10 +392,10 @@ fn a_silent_client_is_declared_gone_and_its_tasks_move_on() {
         client_timeout: Some(Duration::from_millis(20)),
         ..Default::default()
     });
-    let (_, mut a) = d.attach("a", "p1", false).unwrap();
+    let (_, mut a) = d.attach("a", "p1", false, "").unwrap();
     d.publish(tasks(&["1"]));
     assert_eq!(drain(&a), vec![1]);
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     std::thread::sleep(Duration::from_millis(10));
     d.touch("b");
     std::thread::sleep(Duration::from_millis(15));
@@ -419,7 +419,7 @@ fn a_targeted_task_waits_for_a_client_that_starts_at_new() {
         (Some("later".to_string()), "for later".to_string()),
         (None, "for all".to_string()),
     ]);
-    let (_, feed) = d.attach("later", "p", false).unwrap();
+    let (_, feed) = d.attach("later", "p", false, "").unwrap();
     assert_eq!(drain(&feed), vec![1], "its own task, not the history");
 }
 
@@ -427,8 +427,8 @@ fn a_targeted_task_waits_for_a_client_that_starts_at_new() {
 fn shutdown_waits_only_for_clients_connected_when_it_began() {
     let d = Dispatcher::new(DispatchConfig::default());
     d.publish(tasks(&["1"]));
-    let (s, gone) = d.attach("gone", "p1", false).unwrap();
-    let (_, here) = d.attach("here", "p2", false).unwrap();
+    let (s, gone) = d.attach("gone", "p1", false, "").unwrap();
+    let (_, here) = d.attach("here", "p2", false, "").unwrap();
     drain(&gone);
     drain(&here);
     d.detach("gone", s);
@@ -445,10 +445,10 @@ fn shutdown_waits_only_for_clients_connected_when_it_began() {
 #[test]
 fn a_refused_task_goes_to_another_client_when_there_is_one() {
     let d = queue(10);
-    let (_, a) = d.attach("a", "p1", false).unwrap();
+    let (_, a) = d.attach("a", "p1", false, "").unwrap();
     d.publish(tasks(&["1"]));
     assert_eq!(drain(&a), vec![1]);
-    let (_, b) = d.attach("b", "p2", false).unwrap();
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
     let refuse = Answer {
         retry: true,
         ok: false,
@@ -460,4 +460,56 @@ fn a_refused_task_goes_to_another_client_when_there_is_one() {
         "not straight back to the client that refused it"
     );
     assert_eq!(drain_attempts(&b), vec![(1, 2)]);
+}
+
+#[test]
+fn a_second_owner_of_a_live_id_is_refused_until_the_first_leaves() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let (first, _feed) = d.attach("a", "p1", false, "i1").unwrap();
+    assert_eq!(
+        d.attach("a", "p2", false, "i2").err().unwrap(),
+        AttachRefused::InUse { peer: "p1".into() }
+    );
+    // No instance at all never matches.
+    assert!(d.attach("a", "p3", false, "").is_err());
+    assert_eq!(d.clients()[0].peer, "p1");
+    d.detach("a", first);
+    assert!(d.attach("a", "p2", false, "i2").is_ok());
+    d.close_all();
+    assert_eq!(d.attach("b", "p", false, "").err(), Some(AttachRefused::Closed));
+}
+
+#[test]
+fn known_clients_are_capped_forgetting_the_longest_gone_first() {
+    let d = Dispatcher::new(DispatchConfig {
+        max_known_clients: 2,
+        ..Default::default()
+    });
+    let (s1, _f1) = d.attach("old", "p", false, "").unwrap();
+    d.detach("old", s1);
+    let (s2, _f2) = d.attach("mid", "p", false, "").unwrap();
+    d.detach("mid", s2);
+    let (_s3, _f3) = d.attach("live", "p", false, "").unwrap();
+    let st = d.lock();
+    let mut known: Vec<&String> = st.clients.keys().collect();
+    known.sort();
+    assert_eq!(known, vec!["live", "mid"]);
+}
+
+#[test]
+fn exact_answers_are_required_of_named_clients() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.publish(tasks(&["1"]));
+    assert_eq!(drain(&a), vec![1]);
+    let inc = d.incarnation();
+    // Wildcards (attempt 0, no incarnation) match nothing.
+    let wild = Answer { attempt: 0, incarnation: inc.clone(), ..ok(1, 1) };
+    assert!(d.complete_exact("a", wild).unwrap().stale);
+    assert!(d.complete_exact("a", ok(1, 1)).unwrap().stale);
+    assert_eq!(d.unfinished(), 1);
+    let exact = Answer { incarnation: inc, ..ok(1, 1) };
+    let r = d.complete_exact("a", exact).unwrap();
+    assert!(r.accepted && !r.stale);
+    assert_eq!(d.unfinished(), 0);
 }

@@ -174,6 +174,33 @@ impl Drop for Proc {
     }
 }
 
+/// The Python of the test venv (or `CONTACT_PYTHON`), checked to have `modules`.
+pub fn test_python(modules: &[&str]) -> std::path::PathBuf {
+    let py = std::env::var_os("CONTACT_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&py)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "these tests need Python with {modules:?} at {} (run scripts/test.sh, which installs them into .venv, or set CONTACT_PYTHON)",
+        py.display()
+    );
+    py
+}
+
+/// The port in a server's "listening on HOST:PORT (...)" log line.
+pub fn port_of_listening_line(line: &str) -> u16 {
+    line.split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
 /// The client binary built for these tests.
 pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_contact-client");
 /// The server binary built for these tests.

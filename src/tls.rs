@@ -1,0 +1,137 @@
+//! TLS for both ends, on grpcio's secure credentials (OpenSSL): the server's
+//! certificate and key, and with a client CA, mutual TLS where every agent
+//! must present a certificate that CA signed; the agent's trust anchor, its
+//! own certificate for mutual TLS, and a server-name override. PEM files are
+//! checked here so that a wrong file is named at start, not at a handshake.
+//! It also reads the names a verified client certificate carries (CN and
+//! SANs), which `trust` takes as the agent's id.
+
+use crate::error::Error;
+use grpcio::{
+    CertificateRequestType, ChannelCredentials, ChannelCredentialsBuilder, RpcContext,
+    ServerCredentials, ServerCredentialsBuilder,
+};
+use std::path::{Path, PathBuf};
+
+/// The server's side: `--tls-cert`, `--tls-key` and optionally `--client-ca`.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The agent's side: `--tls-ca`, `--tls-cert`/`--tls-key`, `--tls-server-name`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA that signed the server's certificate; `None` uses the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The agent's certificate and key, for a server that requires mutual TLS.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// Name to expect in the server's certificate instead of the dialled host.
+    pub server_name: Option<String>,
+}
+
+/// Reads a PEM file and checks that it holds what `what` says ("CERTIFICATE", "PRIVATE KEY").
+fn read_pem(path: &Path, flag: &str, what: &str) -> Result<Vec<u8>, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, "read", e))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let holds = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.contains(what));
+    if !holds || bytes.contains(&0) {
+        return Err(Error::Usage(format!(
+            "{flag} {}: not a PEM file with a {what} (-----BEGIN ...{what}-----)",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+impl ServerTls {
+    /// The server credentials, after checking every file.
+    pub fn credentials(&self) -> Result<ServerCredentials, Error> {
+        let cert = read_pem(&self.cert, "--tls-cert", "CERTIFICATE")?;
+        let key = read_pem(&self.key, "--tls-key", "PRIVATE KEY")?;
+        let mut b = ServerCredentialsBuilder::new().add_cert(cert, key);
+        if let Some(ca) = &self.client_ca {
+            let ca = read_pem(ca, "--client-ca", "CERTIFICATE")?;
+            b = b.root_cert(ca, CertificateRequestType::RequestAndRequireClientCertificateAndVerify);
+        }
+        Ok(b.build())
+    }
+}
+
+impl ClientTls {
+    /// The channel credentials, after checking every file.
+    pub fn credentials(&self) -> Result<ChannelCredentials, Error> {
+        let mut b = ChannelCredentialsBuilder::new();
+        if let Some(ca) = &self.ca {
+            b = b.root_cert(read_pem(ca, "--tls-ca", "CERTIFICATE")?);
+        }
+        if let Some((cert, key)) = &self.cert_key {
+            b = b.cert(
+                read_pem(cert, "--tls-cert", "CERTIFICATE")?,
+                read_pem(key, "--tls-key", "PRIVATE KEY")?,
+            );
+        }
+        Ok(b.build())
+    }
+}
+
+/// The names a verified client certificate gives its holder: the common name
+/// first, then every subject alternative name. Empty without mutual TLS.
+pub fn peer_cert_names(ctx: &RpcContext) -> Vec<String> {
+    let Some(auth) = ctx.auth_context() else {
+        return vec![];
+    };
+    if !auth.peer_is_authenticated() {
+        return vec![];
+    }
+    let mut cn = vec![];
+    let mut sans = vec![];
+    for p in &auth {
+        let Ok(value) = p.value_str() else { continue };
+        match p.name() {
+            "x509_common_name" => cn.push(value.to_string()),
+            "x509_subject_alternative_name" => sans.push(value.to_string()),
+            _ => {}
+        }
+    }
+    for san in sans {
+        if !cn.contains(&san) {
+            cn.push(san);
+        }
+    }
+    cn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_files_are_named_before_any_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "hello").unwrap();
+        let tls = ServerTls {
+            cert: junk.clone(),
+            key: junk.clone(),
+            client_ca: None,
+        };
+        let e = tls.credentials().err().unwrap().to_string();
+        assert!(e.contains("--tls-cert") && e.contains("junk.pem"), "{e}");
+        let missing = ClientTls {
+            ca: Some(dir.path().join("nope.pem")),
+            ..Default::default()
+        };
+        let e = missing.credentials().err().unwrap().to_string();
+        assert!(e.contains("nope.pem"), "{e}");
+        let key_as_cert = dir.path().join("key.pem");
+        std::fs::write(&key_as_cert, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        assert!(read_pem(&key_as_cert, "--tls-ca", "CERTIFICATE").is_err());
+        assert!(read_pem(&key_as_cert, "--tls-key", "PRIVATE KEY").is_ok());
+    }
+}
