@@ -204,7 +204,7 @@ impl Rig {
         setup(&mut cmd);
         let server = Logged::start(cmd);
         let port = port_of_listening_line(&server.wait_line("listening on"));
-        let agent = Rig::agent(port);
+        let agent = Rig::agent(port, "legit");
         agent.wait_line("done");
         Rig {
             dir,
@@ -215,13 +215,13 @@ impl Rig {
         }
     }
 
-    fn agent(port: u16) -> Logged {
+    fn agent(port: u16, id: &str) -> Logged {
         let mut cmd = Command::new(CLIENT_BIN);
         cmd.args([
             "--server",
             &format!("127.0.0.1:{port}"),
             "--id",
-            "legit",
+            id,
             "--status-every",
             "1",
             "--backoff-max",
@@ -274,7 +274,9 @@ impl Rig {
         let results = read_results(&self.dir.path().join("results.jsonl"));
         // Only agents' results: nothing from the hostile peers but stale ones.
         assert!(
-            results.iter().all(|r| r["accepted"] == false || r["client"] == "legit" || r["client"] == "liar"),
+            results
+                .iter()
+                .all(|r| r["accepted"] == false || ["legit", "late", "liar"].contains(&r["client"].as_str().unwrap_or_default())),
             "a hostile peer's result was accepted"
         );
         let recorded = accepted_ids(&results, "legit").len();
@@ -391,7 +393,7 @@ fn connections_beyond_the_open_file_limit_do_not_lock_agents_out() {
     // While the attack holds every descriptor it can, a new agent connects.
     std::thread::sleep(Duration::from_secs(1));
     let since = Instant::now();
-    let mut late = Rig::agent(rig.port);
+    let mut late = Rig::agent(rig.port, "late");
     wait_for("the late agent's first task", || late.find(" done: ").is_some());
     let waited = since.elapsed();
     eprintln!("a new agent got its first task {waited:?} into the attack");
