@@ -98,14 +98,21 @@ fn main() {
 fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
     let token = match &flags.token_file {
         Some(path) => Some(token::read_token_file(path)?),
-        None => std::env::var("CONTACT_TOKEN")
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()),
+        None => match std::env::var("CONTACT_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => Some(
+                token::Token::new(&t).map_err(|e| contact::Error::Usage(format!("CONTACT_TOKEN: {e}")))?,
+            ),
+            _ => None,
+        },
     };
     let id = flags
         .id
-        .or_else(|| token.as_deref().and_then(token::agent_id_of).map(str::to_string))
+        .or_else(|| {
+            token
+                .as_ref()
+                .and_then(|t| token::agent_id_of(t.expose()))
+                .map(str::to_string)
+        })
         .unwrap_or_else(client::default_client_id);
     let mut c = ClientConfig::new(flags.server, id);
     c.token = token;

@@ -19,6 +19,7 @@ missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
+command -v patch >/dev/null 2>&1 || missing+=(patch)
 # TLS: grpcio's `openssl` feature links the system OpenSSL, found by pkg-config.
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
@@ -42,6 +43,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
 fi
+
+# The gRPC C-core with our patches (rapid-reset defence), built in place of
+# the registry's copy through Cargo.toml's [patch.crates-io].
+scripts/vendor-grpcio-sys.sh
 
 if [ "$want_python" = yes ]; then
     if ! .venv/bin/python -c 'import grpc, grpc_tools, h2' >/dev/null 2>&1; then

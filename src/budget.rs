@@ -46,16 +46,27 @@ pub struct StaleBudget {
     windows: Mutex<HashMap<String, Window>>,
 }
 
-/// The key an agent is budgeted under: its id, or an anonymous peer's IP.
+/// The key an agent is budgeted under: its id, or for an anonymous peer its
+/// IPv4 address or IPv6 /64 (one host can cycle through a /64). The two
+/// kinds of key cannot collide: agents' ids are prefixed.
 pub fn budget_key(id: &str, ephemeral: bool) -> String {
     if !ephemeral {
-        return id.to_string();
+        return format!("id:{id}");
     }
-    // "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555": drop the port.
-    match id.rsplit_once(':') {
-        Some((addr, port)) if port.bytes().all(|b| b.is_ascii_digit()) => addr.to_string(),
-        _ => id.to_string(),
+    // "ipv4:127.0.0.1:5555" / "ipv6:[2001:db8::1]:5555": drop the port.
+    let addr = match id.rsplit_once(':') {
+        Some((addr, port)) if port.bytes().all(|b| b.is_ascii_digit()) => addr,
+        _ => id,
+    };
+    if let Some(v6) = addr
+        .strip_prefix("ipv6:[")
+        .and_then(|a| a.strip_suffix(']'))
+        .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+    {
+        let s = v6.segments();
+        return format!("ipv6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]);
     }
+    addr.to_string()
 }
 
 impl StaleBudget {
@@ -74,9 +85,9 @@ impl StaleBudget {
         if left.is_zero() {
             return None;
         }
-        let why = if w.results > self.limits.results_per_minute {
+        let why = if w.results >= self.limits.results_per_minute {
             format!("{} stale results", w.results)
-        } else if w.bytes > self.limits.bytes_per_minute {
+        } else if w.bytes >= self.limits.bytes_per_minute {
             format!("{} bytes of stale results", w.bytes)
         } else {
             return None;
@@ -96,6 +107,13 @@ impl StaleBudget {
             let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
             if map.len() >= MAX_ENTRIES && !map.contains_key(key) {
                 map.retain(|_, w| w.started.elapsed() < WINDOW);
+                // Still full within one minute: the oldest window goes (a hard cap).
+                if map.len() >= MAX_ENTRIES {
+                    let oldest = map.iter().min_by_key(|(_, w)| w.started).map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        map.remove(&k);
+                    }
+                }
             }
             let w = map.entry(key.to_string()).or_insert_with(|| Window {
                 started: Instant::now(),
@@ -126,14 +144,14 @@ mod tests {
             results_per_minute: 3,
             bytes_per_minute: 100,
         });
-        for _ in 0..3 {
+        for _ in 0..2 {
             assert!(b.charge("a", 1).is_none());
         }
         let why = b.charge("a", 1).unwrap();
-        assert!(why.contains("4 stale results"), "{why}");
+        assert!(why.contains("3 stale results"), "{why}");
         assert!(b.exhausted("a").is_some());
         assert!(b.exhausted("b").is_none());
-        assert!(b.charge("b", 101).unwrap().contains("101 bytes"));
+        assert!(b.charge("b", 100).unwrap().contains("100 bytes"));
         // A window that is over starts again.
         b.windows.lock().unwrap().get_mut("a").unwrap().started -= WINDOW;
         assert!(b.exhausted("a").is_none());
@@ -143,7 +161,20 @@ mod tests {
     #[test]
     fn anonymous_peers_are_budgeted_by_address() {
         assert_eq!(budget_key("ipv4:127.0.0.1:5555", true), "ipv4:127.0.0.1");
-        assert_eq!(budget_key("ipv6:[::1]:80", true), "ipv6:[::1]");
-        assert_eq!(budget_key("web:1", false), "web:1");
+        assert_eq!(
+            budget_key("ipv6:[2001:db8:1:2:aa::1]:80", true),
+            budget_key("ipv6:[2001:db8:1:2:bb::9]:81", true)
+        );
+        assert_eq!(budget_key("ipv6:[::1]:80", true), "ipv6:0:0:0:0::/64");
+        assert_eq!(budget_key("ipv4:1.2.3.4", false), "id:ipv4:1.2.3.4");
+    }
+
+    #[test]
+    fn the_map_is_capped_even_within_a_minute() {
+        let b = StaleBudget::new(StaleLimits::default());
+        for i in 0..MAX_ENTRIES + 50 {
+            b.charge(&format!("k{i}"), 1);
+        }
+        assert!(b.windows.lock().unwrap().len() <= MAX_ENTRIES);
     }
 }

@@ -16,7 +16,9 @@ use crate::handler::{Handler, Outcome};
 use crate::logtext::quoted;
 use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
 use crate::shutdown::Shutdown;
+use crate::listen::ListenAddr;
 use crate::tls::ClientTls;
+use crate::token::Token;
 use crate::trust::AUTHORIZATION_KEY;
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use futures::executor::block_on;
@@ -59,7 +61,7 @@ pub struct ClientConfig {
     /// Dial with TLS (`None`: plaintext).
     pub tls: Option<ClientTls>,
     /// Sent as `authorization: Bearer` on every call.
-    pub token: Option<String>,
+    pub token: Option<Token>,
 }
 
 impl ClientConfig {
@@ -212,7 +214,7 @@ fn call_metadata(cfg: &ClientConfig, instance: &str) -> Result<Metadata, grpcio:
     b.add_str(proto::CLIENT_ID_KEY, &cfg.id)?;
     b.add_str(proto::INSTANCE_KEY, instance)?;
     if let Some(token) = &cfg.token {
-        b.add_str(AUTHORIZATION_KEY, &format!("Bearer {token}"))?;
+        b.add_str(AUTHORIZATION_KEY, &format!("Bearer {}", token.expose()))?;
     }
     Ok(b.build())
 }
@@ -235,12 +237,15 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
         // Checked once here, so that a wrong file is a usage error, not a retry loop.
         tls.credentials()?;
     }
-    if let Some(t) = &config.token {
-        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::Usage(
-                "the token must be printable ASCII without spaces (as printed by `contact-server token`)".into(),
-            ));
-        }
+    let loopback = config
+        .server
+        .parse::<ListenAddr>()
+        .is_ok_and(|a| a.is_loopback());
+    if config.token.is_some() && config.tls.is_none() && !loopback {
+        return Err(Error::Usage(format!(
+            "the token would cross the network to {} in clear text: add --tls-ca FILE (or --tls to trust the system's CAs)",
+            config.server
+        )));
     }
     // This process, as opposed to another one using the same id.
     let instance = format!("{:016x}", fastrand::u64(..));

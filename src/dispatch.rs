@@ -311,7 +311,7 @@ impl Dispatcher {
                     .collect(),
                 Mode::Queue => VecDeque::new(),
             };
-            self.make_room(st);
+            self.make_room(st, ephemeral);
             st.clients.insert(
                 client.to_string(),
                 ClientState::new(cursor, waiting, ephemeral),
@@ -334,12 +334,15 @@ impl Dispatcher {
 
     /// Keeps the remembered clients under `max_known_clients` by forgetting
     /// the longest-disconnected ones (connected clients are never forgotten).
-    fn make_room(&self, st: &mut State) {
+    /// Room for a seed peer is never made at a named agent's expense (seed
+    /// peers are forgotten anyway once their connection ends).
+    fn make_room(&self, st: &mut State, for_ephemeral: bool) {
         while st.clients.len() >= self.config.max_known_clients.max(1) {
             let oldest = st
                 .clients
                 .iter()
                 .filter(|(_, c)| c.session.is_none() && !c.draining)
+                .filter(|(_, c)| c.ephemeral || !for_ephemeral)
                 .min_by_key(|(_, c)| c.last_seen)
                 .map(|(name, _)| name.clone());
             let Some(name) = oldest else { return };
@@ -364,6 +367,18 @@ impl Dispatcher {
         }
         self.end_session(st, client, "client disconnected");
         self.pump_all(st);
+    }
+
+    /// Ends `client`'s task stream now (its credentials were revoked): its
+    /// tasks are handled as for any disconnect.
+    pub fn evict(&self, client: &str, why: &str) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.clients.get(client).is_some_and(|c| c.session.is_some()) {
+            log::warn!("client {client} disconnected: {why}");
+            self.end_session(st, client, why);
+            self.pump_all(st);
+        }
     }
 
     /// A client's stream is over (gone, declared gone, or unwritable): in queue

@@ -119,41 +119,39 @@ fn run(
         Ok(c) => c,
         Err(e) => return failed(format!("cannot run {program}: {e}")),
     };
-    // The watchdog: past the timeout, the whole process group (the command
-    // and whatever it started) gets SIGTERM, then SIGKILL; that closes the
-    // pipes read below.
+    // Both pipes are read on threads of their own, keeping at most
+    // `max_output` (+1, to know it was cut) and draining the rest, so the
+    // child never blocks on a full pipe and a chatty one cannot fill memory.
+    let stdout = child.stdout.take().map(|p| drain(p, max_output));
+    let stderr = child.stderr.take().map(|p| drain(p, max_output));
+    // The watchdog: past the timeout the whole process group (the command and
+    // whatever it started) gets SIGTERM, and after KILL_GRACE SIGKILL, even if
+    // the command itself has exited by then.
+    let group = child.id() as i32;
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let watchdog = timeout.map(|limit| {
-        let group = child.id() as i32;
         std::thread::spawn(move || {
             // The sender is dropped (disconnected) once the command is over.
             if done_rx.recv_timeout(limit) != Err(RecvTimeoutError::Timeout) {
                 return false;
             }
-            // SAFETY: killpg only sends a signal; the group is the child's own (process_group(0)).
+            // SAFETY: killpg only sends signals. The group's leader is not
+            // reaped until this thread is joined (see exited_unreaped), so
+            // its id cannot have been reused by another group.
             unsafe { libc::killpg(group, libc::SIGTERM) };
-            if done_rx.recv_timeout(KILL_GRACE) == Err(RecvTimeoutError::Timeout) {
-                unsafe { libc::killpg(group, libc::SIGKILL) };
-            }
+            std::thread::sleep(KILL_GRACE);
+            unsafe { libc::killpg(group, libc::SIGKILL) };
             true
         })
     });
-    // Read both pipes to the end (stderr on a thread) so the child never blocks on a full pipe.
-    let stderr = child.stderr.take().map(|mut e| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = e.read_to_end(&mut buf);
-            buf
-        })
-    });
-    let mut stdout = Vec::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_end(&mut stdout);
-    }
-    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
-    let status = child.wait();
+    exited_unreaped(group);
     drop(done_tx);
     let timed_out = watchdog.is_some_and(|w| w.join().unwrap_or(false));
+    let status = child.wait();
+    // A process that left the group (setsid) may still hold a pipe: what it
+    // wrote so far is kept, and it is not waited for.
+    let stdout = collect(stdout);
+    let stderr = collect(stderr);
     let status = match status {
         Ok(s) => s,
         Err(e) => return failed(format!("cannot wait for {program}: {e}")),
@@ -193,6 +191,57 @@ fn run(
     }
 }
 
+/// How long the pipes are read after the command exited (for output still
+/// buffered by processes it started).
+const PIPE_LINGER: Duration = Duration::from_secs(2);
+
+/// Reads a pipe to its end on a thread, keeping the first `max + 1` bytes.
+fn drain(mut pipe: impl Read + Send + 'static, max: usize) -> crossbeam_channel::Receiver<Vec<u8>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = (max + 1).saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+        }
+        let _ = tx.send(kept);
+    });
+    rx
+}
+
+/// What a pipe reader kept, waiting at most [`PIPE_LINGER`] for its end.
+fn collect(reader: Option<crossbeam_channel::Receiver<Vec<u8>>>) -> Vec<u8> {
+    reader
+        .and_then(|r| r.recv_timeout(PIPE_LINGER).ok())
+        .unwrap_or_default()
+}
+
+/// Waits for process `pid` to exit without reaping it, so that its id (and
+/// its group's) stays reserved until we reap it with `wait`.
+fn exited_unreaped(pid: i32) {
+    loop {
+        // SAFETY: waitid with WNOWAIT only observes the child's state.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
 fn failed(output: String) -> Outcome {
     Outcome {
         ok: false,
@@ -201,7 +250,9 @@ fn failed(output: String) -> Outcome {
     }
 }
 
-/// Trimmed, lossily decoded, at most `max` bytes (cut on a character boundary).
+/// Trimmed, lossily decoded, at most `max` bytes (cut on a character
+/// boundary, marked; the reader kept only `max + 1` bytes, so how much was
+/// cut is not known).
 fn capped(bytes: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim();
@@ -212,7 +263,7 @@ fn capped(bytes: &[u8], max: usize) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…[truncated {} bytes]", &text[..end], text.len() - end)
+    format!("{}…[truncated]", &text[..end])
 }
 
 #[cfg(test)]
@@ -305,6 +356,37 @@ mod tests {
         // A quick command is not affected.
         let quick = Handler::exec("echo", 100).unwrap().with_timeout(Some(Duration::from_secs(5)));
         assert!(quick.handle("hi").ok);
+    }
+
+    #[test]
+    fn a_timeout_also_kills_what_ignores_sigterm_and_output_is_read_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("stubborn.pid");
+        // A background process that ignores SIGTERM; the command itself exits on it.
+        let script = format!(
+            "sh -c 'trap \"\" TERM; sleep 30' & echo $! > {}; sleep 30",
+            pidfile.display()
+        );
+        let h = Handler::exec("sh -c", 100)
+            .unwrap()
+            .with_timeout(Some(Duration::from_millis(300)));
+        let o = h.handle(&script);
+        assert!(o.output.contains("timed out"), "{o:?}");
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let dead = || match std::fs::read_to_string(&stat) {
+            Err(_) => true,
+            Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead() {
+            assert!(std::time::Instant::now() < deadline, "the SIGTERM-proof process survived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // 50 MB of output: kept to the cap, without holding it all.
+        let chatty = Handler::exec("sh -c 'head -c 50000000 /dev/zero | tr \"\\0\" x' sh", 10).unwrap();
+        let o = chatty.handle("t");
+        assert!(o.ok && o.output.starts_with("xxxxxxxxxx…[truncated"), "{:?}", &o.output[..40.min(o.output.len())]);
     }
 
     #[test]

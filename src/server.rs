@@ -41,6 +41,9 @@ const MAX_WRITE_BATCH: usize = 256;
 /// How long stopping waits for open calls to complete before cancelling them.
 const CALLS_DRAIN: Duration = Duration::from_secs(2);
 
+/// How often connected clients are checked against the deny list.
+const REVOCATION_CHECK: Duration = Duration::from_secs(1);
+
 /// How often ack deadlines and client liveness are checked.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -167,6 +170,9 @@ impl ContactService {
     }
 }
 
+/// A status stream is noted (logged, and a sign of life) at most this often.
+const STATUS_NOTE_EVERY: Duration = Duration::from_secs(1);
+
 /// Warnings about refused calls, at most this many per second (a flood of
 /// bad calls must not become a flood of log lines).
 const REFUSAL_WARNINGS_PER_SEC: u64 = 10;
@@ -216,6 +222,9 @@ impl Contact for ContactService {
         let client = caller_or_reject!(self, ctx, sink).id;
         let dispatcher = self.dispatcher.clone();
         ctx.spawn(async move {
+            // Every message is answered; a flood of them is not logged (nor
+            // noted as a sign of life) more than once a second.
+            let mut noted: Option<Instant> = None;
             let res: grpcio::Result<()> = async {
                 loop {
                     let msg = match stream.try_next().await {
@@ -227,8 +236,11 @@ impl Contact for ContactService {
                         }
                         Err(e) => return Err(e),
                     };
-                    dispatcher.touch(&client);
-                    log::info!("status from {client}: {}", quoted(&msg.msg));
+                    if noted.is_none_or(|t| t.elapsed() >= STATUS_NOTE_EVERY) {
+                        noted = Some(Instant::now());
+                        dispatcher.touch(&client);
+                        log::info!("status from {client}: {}", quoted(&msg.msg));
+                    }
                     let reply = ResultMsg {
                         ret: format!("server received: {}", msg.msg),
                         ..Default::default()
@@ -264,8 +276,9 @@ impl Contact for ContactService {
                         "the server is shutting down".into(),
                     ),
                     AttachRefused::InUse { peer: holder } => {
-                        log::warn!(
-                            "client {client} from {peer} refused: that id is already connected from {holder} (two agents must not share an id)"
+                        warn_refused(
+                            &peer,
+                            &format!("client {client} is already connected from {holder} (two agents must not share an id)"),
                         );
                         RpcStatus::with_message(
                             RpcStatusCode::ALREADY_EXISTS,
@@ -331,7 +344,9 @@ impl Contact for ContactService {
                         dispatcher.complete_exact(&client, answer)
                     };
                     // Results that answer nothing are budgeted, not written to disk forever.
-                    if judged.is_some_and(|r| r.stale) {
+                    if let Some(r) = judged.filter(|r| r.stale) {
+                        // What is written: the output and the task text it names.
+                        let bytes = bytes + r.task.as_ref().map_or(0, String::len);
                         if let Some(why) = budget.charge(&budget_key, bytes) {
                             return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(
                                 RpcStatusCode::RESOURCE_EXHAUSTED,
@@ -363,7 +378,7 @@ impl Contact for ContactService {
                 (Err(grpcio::Error::RpcFailure(status)), _)
                     if status.code() == RpcStatusCode::RESOURCE_EXHAUSTED =>
                 {
-                    log::warn!("result stream of {client} refused: {}", status.message());
+                    warn_refused(&client, &format!("results of {client}: {}", status.message()));
                     let _ = sink.fail(status).await;
                 }
                 (Err(grpcio::Error::Codec(e)), _) => {
@@ -483,7 +498,7 @@ impl Server {
         let service = ContactService {
             dispatcher: dispatcher.clone(),
             results: results.clone(),
-            auth,
+            auth: auth.clone(),
             stale: Arc::new(StaleBudget::new(config.stale)),
         };
         let limits = config.transport;
@@ -550,7 +565,7 @@ impl Server {
         server.clock = Some(
             std::thread::Builder::new()
                 .name("clock".into())
-                .spawn(move || clock_loop(&dispatcher, &results, every, &shutdown))
+                .spawn(move || clock_loop(&dispatcher, &results, &auth, every, &shutdown))
                 .map_err(Error::Thread)?,
         );
         Ok(server)
@@ -630,11 +645,15 @@ fn exposure_checked(config: &ServerConfig) -> Result<ListenAddr, Error> {
             "--client-ca needs --tls-cert and --tls-key".into(),
         ));
     }
-    let protected = config.tls.is_some() && config.trust.requires_credentials();
+    let trust = &config.trust;
+    let protected = config.tls.is_some() && trust.requires_credentials() && !trust.allow_anonymous;
     if !listen.is_loopback() && !protected {
-        let missing = match (config.tls.is_some(), config.trust.requires_credentials()) {
+        let missing = match (config.tls.is_some(), trust.requires_credentials()) {
             (false, false) => "TLS and credentials",
             (false, true) => "TLS (tokens would cross the network in clear text)",
+            _ if trust.allow_anonymous => {
+                "credentials for every caller (--allow-anonymous serves callers that present none)"
+            }
             _ => "credentials",
         };
         if !config.insecure {
@@ -675,13 +694,24 @@ fn protection(config: &ServerConfig) -> String {
 fn clock_loop(
     dispatcher: &Dispatcher,
     results: &ResultSink,
+    auth: &Authenticator,
     stats_every: Duration,
     shutdown: &Shutdown,
 ) {
     let mut last = (dispatcher.counters(), Instant::now());
+    let mut revocations_checked = Instant::now();
     loop {
         let stopping = shutdown.wait_timeout(TICK);
         dispatcher.expire();
+        // Revocation reaches streams already open, not only new calls.
+        if auth.has_deny_list() && revocations_checked.elapsed() >= REVOCATION_CHECK {
+            revocations_checked = Instant::now();
+            for c in dispatcher.clients() {
+                if auth.is_denied(&c.id) {
+                    dispatcher.evict(&c.id, "its credentials were revoked (deny list)");
+                }
+            }
+        }
         if results.compaction_due() {
             dispatcher.compact();
         }

@@ -33,13 +33,26 @@ pub struct ClientTls {
     pub server_name: Option<String>,
 }
 
-/// Reads a PEM file and checks that it holds what `what` says ("CERTIFICATE", "PRIVATE KEY").
+/// Reads a PEM file and checks that it holds what `what` says: "CERTIFICATE"
+/// (not a request), or "PRIVATE KEY" (PKCS#8, EC or RSA; not encrypted).
 fn read_pem(path: &Path, flag: &str, what: &str) -> Result<Vec<u8>, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, "read", e))?;
     let text = String::from_utf8_lossy(&bytes);
-    let holds = text
+    let labels: Vec<&str> = text
         .lines()
-        .any(|l| l.starts_with("-----BEGIN ") && l.contains(what));
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
+        .collect();
+    if labels.contains(&"ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(Error::Usage(format!(
+            "{flag} {}: the key is encrypted; give a key without a passphrase (mode 600)",
+            path.display()
+        )));
+    }
+    let wanted: &[&str] = match what {
+        "CERTIFICATE" => &["CERTIFICATE"],
+        _ => &["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"],
+    };
+    let holds = labels.iter().any(|l| wanted.contains(l));
     if !holds || bytes.contains(&0) {
         return Err(Error::Usage(format!(
             "{flag} {}: not a PEM file with a {what} (-----BEGIN ...{what}-----)",
@@ -133,5 +146,12 @@ mod tests {
         std::fs::write(&key_as_cert, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
         assert!(read_pem(&key_as_cert, "--tls-ca", "CERTIFICATE").is_err());
         assert!(read_pem(&key_as_cert, "--tls-key", "PRIVATE KEY").is_ok());
+        let csr = dir.path().join("req.pem");
+        std::fs::write(&csr, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n").unwrap();
+        assert!(read_pem(&csr, "--tls-cert", "CERTIFICATE").is_err());
+        let enc = dir.path().join("enc.pem");
+        std::fs::write(&enc, "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n").unwrap();
+        let e = read_pem(&enc, "--tls-key", "PRIVATE KEY").unwrap_err().to_string();
+        assert!(e.contains("encrypted"), "{e}");
     }
 }

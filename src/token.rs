@@ -161,18 +161,42 @@ pub fn agent_id_of(token: &str) -> Option<&str> {
     }
 }
 
+/// An agent's token as the client holds it: its `Debug` form never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// A token from `--token-file` or `CONTACT_TOKEN`: printable ASCII, no spaces.
+    pub fn new(text: &str) -> Result<Token, Error> {
+        let t = text.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Usage(
+                "the token must be printable ASCII without spaces (as printed by `contact-server token`)".into(),
+            ));
+        }
+        Ok(Token(t.to_string()))
+    }
+
+    /// The text to send as `authorization: Bearer <text>`.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match agent_id_of(&self.0) {
+            Some(id) => write!(f, "Token(agent {id:?}, redacted)"),
+            None => f.write_str("Token(redacted)"),
+        }
+    }
+}
+
 /// Reads an agent's token from `--token-file` (surrounding whitespace dropped).
-pub fn read_token_file(path: &Path) -> Result<String, Error> {
+pub fn read_token_file(path: &Path) -> Result<Token, Error> {
     let text =
         std::fs::read_to_string(path).map_err(|e| Error::file(path, "read the token", e))?;
-    let token = text.trim().to_string();
-    if token.is_empty() {
-        return Err(Error::Usage(format!(
-            "--token-file {}: the file is empty",
-            path.display()
-        )));
-    }
-    Ok(token)
+    Token::new(&text).map_err(|e| Error::Usage(format!("--token-file {}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -215,6 +239,14 @@ mod tests {
             assert_eq!(agent_id_of(&t), Some(name));
         }
         assert_eq!(agent_id_of(&s.token(TokenKind::Admin, "ops")), None);
+    }
+
+    #[test]
+    fn a_held_token_never_shows_in_debug_output() {
+        let t = Token::new(&secret().token(TokenKind::Agent, "web-1")).unwrap();
+        let shown = format!("{t:?}");
+        assert!(shown.contains("web-1") && !shown.contains(t.expose()), "{shown}");
+        assert!(Token::new(" has space ").is_err() && Token::new("").is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::token::{Secret, TokenKind};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Metadata key of the bearer token.
 pub const AUTHORIZATION_KEY: &str = "authorization";
@@ -91,7 +91,6 @@ pub struct Authenticator {
 #[derive(Debug, Default)]
 struct DenyList {
     names: HashSet<String>,
-    modified: Option<SystemTime>,
     checked: Option<Instant>,
 }
 
@@ -107,7 +106,6 @@ impl Authenticator {
             log::info!("deny list {}: {} names", path.display(), names.len());
             let mut d = auth.deny.lock().unwrap_or_else(|e| e.into_inner());
             d.names = names;
-            d.modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
             d.checked = Some(Instant::now());
         }
         Ok(auth)
@@ -186,8 +184,12 @@ impl Authenticator {
         match id {
             Some(id) => {
                 proto::validate_client_id(&id).map_err(Refusal::Denied)?;
-                if self.denied(&id) {
-                    return Err(Refusal::Denied(format!("client {id:?} is on the deny list")));
+                // A certificate is revoked by any of its names.
+                if let Some(name) = std::iter::once(&id)
+                    .chain(&p.cert_names)
+                    .find(|n| self.is_denied(n))
+                {
+                    return Err(Refusal::Denied(format!("client {name:?} is on the deny list")));
                 }
                 Ok(Caller {
                     id,
@@ -214,7 +216,7 @@ impl Authenticator {
             )
         })?;
         match secret.verify(token) {
-            Ok((TokenKind::Admin, name)) if self.denied(&format!("admin:{name}")) => Err(
+            Ok((TokenKind::Admin, name)) if self.is_denied(&format!("admin:{name}")) => Err(
                 Refusal::Denied(format!("admin {name:?} is on the deny list")),
             ),
             Ok((TokenKind::Admin, name)) => Ok(name),
@@ -225,31 +227,32 @@ impl Authenticator {
         }
     }
 
-    /// Whether `name` is on the deny list (re-read when the file changed).
-    fn denied(&self, name: &str) -> bool {
+    /// Whether `name` is on the deny list. The file is read again at most
+    /// once a second (a small file: its contents, not its mtime, are compared,
+    /// so a rewrite within one mtime tick is not missed). Write it by renaming
+    /// a new file over it, so that the server never reads it half-written.
+    pub fn is_denied(&self, name: &str) -> bool {
         let Some(path) = &self.config.deny_list else {
             return false;
         };
         let mut d = self.deny.lock().unwrap_or_else(|e| e.into_inner());
         if d.checked.is_none_or(|t| t.elapsed() >= DENY_LIST_RECHECK) {
             d.checked = Some(Instant::now());
-            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            if modified != d.modified {
-                match read_deny_list(path) {
-                    Ok(names) => {
-                        log::warn!(
-                            "deny list {} changed: {} names",
-                            path.display(),
-                            names.len()
-                        );
-                        d.names = names;
-                        d.modified = modified;
-                    }
-                    Err(e) => log::error!("deny list: {e}; keeping the previous list"),
+            match read_deny_list(path) {
+                Ok(names) if names != d.names => {
+                    log::warn!("deny list {} changed: {} names", path.display(), names.len());
+                    d.names = names;
                 }
+                Ok(_) => {}
+                Err(e) => log::error!("deny list: {e}; keeping the previous list"),
             }
         }
         d.names.contains(name)
+    }
+
+    /// Whether a deny list is in force (so that live sessions are checked against it).
+    pub fn has_deny_list(&self) -> bool {
+        self.config.deny_list.is_some()
     }
 }
 
@@ -412,15 +415,8 @@ mod tests {
         assert!(a.agent(&call(None, Some(&t1), &[])).is_ok());
         assert!(is_denied(a.agent(&call(None, Some(&t2), &[]))));
         assert!(a.admin(Some(&s.token(TokenKind::Admin, "ops"))).is_err());
-        // A changed file is noticed (mtime granularity: force a different time).
+        // A changed file is noticed at the next check, whatever its mtime.
         std::fs::write(&path, "web-1\n").unwrap();
-        let later = SystemTime::now() + Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
         a.deny.lock().unwrap().checked = None;
         assert!(is_denied(a.agent(&call(None, Some(&t1), &[]))));
         assert!(a.agent(&call(None, Some(&t2), &[])).is_ok());

@@ -144,19 +144,24 @@ fn tell(c: &ContactClient, opt: CallOption, results: Vec<ResultMsg>) -> Result<(
         }
         tx.close().await
     });
-    let answer = block_on(rx);
-    // A call refused at once may see its writes fail first; the status is
-    // then on whichever side saw it (the other may only say CANCELLED).
-    let status = |r: &grpcio::Result<_>| match r {
-        Err(grpcio::Error::RpcFailure(s)) if s.code() != RpcStatusCode::CANCELLED => Some(s.code()),
-        _ => None,
-    };
-    match (&sent, &answer) {
+    match (sent, block_on(rx)) {
         (_, Ok(_)) => Ok(()),
-        _ => Err(status(&answer.map(|_| ()))
-            .or_else(|| status(&sent))
-            .unwrap_or_else(|| panic!("no status: sent {sent:?}"))),
+        (_, Err(grpcio::Error::RpcFailure(s))) => Err(s.code()),
+        (a, b) => panic!("unexpected outcome {a:?} {b:?}"),
     }
+}
+
+/// The status a `tellResult` call is refused with as soon as it is opened
+/// (before anything is sent, so no write can race the refusal); then a
+/// forged result is sent anyway, for the results file to prove it unrecorded.
+fn refused_results(c: &ContactClient, opt: CallOption, forged: ResultMsg) -> RpcStatusCode {
+    let (mut tx, rx) = c.tell_result_opt(opt).unwrap();
+    let code = match block_on(rx) {
+        Err(grpcio::Error::RpcFailure(s)) => s.code(),
+        other => panic!("the call was not refused: {other:?}"),
+    };
+    let _ = block_on(tx.send((forged, WriteFlags::default())));
+    code
 }
 
 fn secret() -> Secret {
@@ -308,12 +313,12 @@ fn tokens_bind_every_call_to_one_agent() {
             ok: true,
             ..Default::default()
         };
-        assert_eq!(tell(&raw, with(&pairs), vec![forged]).unwrap_err(), code, "{md:?}");
+        assert_eq!(refused_results(&raw, with(&pairs), forged), code, "{md:?}");
     }
 
     // The token alone names the agent; the client takes its id from it too.
     let mut c = client_config(port, "web-1");
-    c.token = Some(t1.clone());
+    c.token = Some(contact::token::Token::new(&t1).unwrap());
     c.max_tasks = Some(2);
     assert_eq!(run_client(c).acknowledged, 2);
     let recorded = read_results(&results);
@@ -344,6 +349,20 @@ fn exposed_addresses_need_tls_and_credentials_or_an_explicit_insecure() {
     .err()
     .expect("refused");
     assert!(e.to_string().contains("credentials"), "{e}");
+    // Nor are credentials that anonymous callers may do without.
+    let e = Server::start(ServerConfig {
+        listen: "0.0.0.0:0".into(),
+        tls: Some(pki.server_tls(false)),
+        trust: TrustConfig {
+            secret: Some(secret()),
+            allow_anonymous: true,
+            ..Default::default()
+        },
+        ..server_config()
+    })
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("--allow-anonymous"), "{e}");
     for config in [
         ServerConfig {
             listen: "0.0.0.0:0".into(),
@@ -462,4 +481,43 @@ fn a_busy_port_is_an_error_not_a_shared_listener() {
     .expect("second server refused");
     assert!(matches!(e, contact::Error::Bind { .. }), "{e}");
     first.stop().unwrap();
+}
+
+#[test]
+fn a_revoked_agent_loses_its_open_stream_and_cannot_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let deny = dir.path().join("deny");
+    std::fs::write(&deny, "# nobody yet\n").unwrap();
+    let s = secret();
+    let server = start_server(ServerConfig {
+        trust: TrustConfig {
+            secret: Some(s.clone()),
+            deny_list: Some(deny.clone()),
+            ..Default::default()
+        },
+        ..server_config()
+    });
+    let port = server.port();
+    let stop = Shutdown::new();
+    let mut c = client_config(port, "web-1");
+    c.token = Some(contact::token::Token::new(&s.token(TokenKind::Agent, "web-1")).unwrap());
+    let agent = spawn_client(c, &stop);
+    wait_for("web-1 to connect", || {
+        server.dispatcher().clients().iter().any(|c| c.id == "web-1")
+    });
+    // Revoke it the way the README says: a new file renamed over the list.
+    let next = dir.path().join("deny.new");
+    std::fs::write(&next, "web-1\n").unwrap();
+    std::fs::rename(&next, &deny).unwrap();
+    wait_for("web-1's stream to be ended", || {
+        server.dispatcher().clients().iter().all(|c| c.id != "web-1")
+    });
+    let bearer = format!("Bearer {}", s.token(TokenKind::Agent, "web-1"));
+    assert_eq!(
+        first_task(&stub(port, None), with(&[("authorization", &bearer)])).unwrap_err(),
+        RpcStatusCode::PERMISSION_DENIED
+    );
+    stop.trigger();
+    agent.join().unwrap();
+    server.stop().unwrap();
 }

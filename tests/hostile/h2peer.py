@@ -12,7 +12,9 @@ connection was opened.
                   empty gRPC message (``--data``), then RST_STREAM(CANCEL).
                   Keeps reading (acks, window updates, GOAWAY) all along, so
                   it is never stalled by its own neglect; reports streams
-                  opened per second and whether/when a GOAWAY came.
+                  opened per second and whether/when a GOAWAY came.  With
+                  ``--reconnect``, a connection the server closes is replaced
+                  by a new one (still one at a time) until ``--seconds``.
   ping-flood      One connection flooding PING frames; reports when the
                   server sends GOAWAY / closes the connection.
   settings-flood  Same with SETTINGS frames (each one obliges an ACK).
@@ -307,55 +309,66 @@ class RawPeer:
 
 
 def cmd_rapid_reset(a):
-    peer = RawPeer(a.target)
-    enc = Encoder()
-    headers = grpc_headers(a.path, peer.authority, a.client_id)
-    block = enc.encode([NeverIndexedHeaderTuple(k, v) for k, v in headers])
-    headers_frame = frame(HEADERS, END_HEADERS, 0, block)[:5]  # length, type, flags
+    family, addr, authority = a.target
+    block = Encoder().encode(
+        [NeverIndexedHeaderTuple(k, v) for k, v in grpc_headers(a.path, authority, a.client_id)])
+    headers_prefix = frame(HEADERS, END_HEADERS, 0, block)[:5]  # length, type, flags
     empty = grpc_message()
     data_prefix = frame(DATA, 0, 0, empty)[:5]
     rst_prefix = struct.pack(">I", 4)[1:] + bytes([RST_STREAM, 0])
     cancel = struct.pack(">I", h2.errors.ErrorCodes.CANCEL)
 
-    deadline = a.seconds
-    sid = 1
+    t0 = time.monotonic()
+    now = lambda: time.monotonic() - t0
     opened = 0
     per_second = []
     stalled_on_window = 0.0
-    while not peer.closed and peer.now() < deadline:
-        second = int(peer.now())
-        while len(per_second) <= second:
-            per_second.append(0)
-        room = len(peer.out) < (256 << 10)
-        made = 0
-        if room and (a.max_streams is None or opened < a.max_streams) and sid < (1 << 31):
-            batch = bytearray()
-            for _ in range(a.batch):
-                if a.data and peer.send_window < len(empty):
-                    break
-                sidb = struct.pack(">I", sid)
-                batch += headers_frame + sidb + block
-                if a.data:
-                    batch += data_prefix + sidb + empty
-                    peer.send_window -= len(empty)
-                batch += rst_prefix + sidb + cancel
-                sid += 2
-                made += 1
-                if sid >= (1 << 31) or (a.max_streams is not None and opened + made >= a.max_streams):
-                    break
-            peer.out += batch
-            opened += made
-            per_second[second] += made
-        if made == 0 and a.data and peer.send_window < len(empty):
-            t = time.monotonic()
+    connections = []  # one report per connection
+    while now() < a.seconds and (a.max_streams is None or opened < a.max_streams):
+        peer = RawPeer(a.target)
+        sid = 1
+        first = opened
+        while not peer.closed and now() < a.seconds:
+            second = int(now())
+            while len(per_second) <= second:
+                per_second.append(0)
+            made = 0
+            if (len(peer.out) < (256 << 10) and sid < (1 << 31)
+                    and (a.max_streams is None or opened < a.max_streams)):
+                batch = bytearray()
+                for _ in range(a.batch):
+                    if a.data and peer.send_window < len(empty):
+                        break
+                    sidb = struct.pack(">I", sid)
+                    batch += headers_prefix + sidb + block
+                    if a.data:
+                        batch += data_prefix + sidb + empty
+                        peer.send_window -= len(empty)
+                    batch += rst_prefix + sidb + cancel
+                    sid += 2
+                    made += 1
+                    if sid >= (1 << 31) or (a.max_streams is not None and opened + made >= a.max_streams):
+                        break
+                peer.out += batch
+                opened += made
+                per_second[second] += made
+            if made == 0 and a.data and peer.send_window < len(empty):
+                t = time.monotonic()
+                peer.pump(0.05)
+                stalled_on_window += time.monotonic() - t
+            else:
+                peer.pump(0 if made else 0.05)
+        # Flush what is queued (briefly) and see whether the server reacts late.
+        linger_end = now() + (a.linger if now() >= a.seconds else 0.2)
+        while not peer.closed and now() < linger_end:
             peer.pump(0.05)
-            stalled_on_window += time.monotonic() - t
-        else:
-            peer.pump(0 if made else 0.05)
-    # Flush what is queued (briefly) and note whether the server reacts late.
-    linger_end = peer.now() + a.linger
-    while not peer.closed and peer.now() < linger_end:
-        peer.pump(0.05)
+        r = peer.report()
+        r.update({"opened_at": rounded(peer.t0 - t0), "streams": opened - first,
+                  "unsent_bytes": len(peer.out)})
+        peer.close("done")
+        connections.append(r)
+        if not a.reconnect:
+            break
     report = {
         "command": "rapid-reset",
         "path": a.path,
@@ -363,13 +376,21 @@ def cmd_rapid_reset(a):
         "seconds": a.seconds,
         "streams_opened": opened,
         "resets_sent": opened,
-        "last_stream_id": sid - 2 if opened else 0,
         "streams_per_second": per_second,
         "stalled_on_connection_window_s": round(stalled_on_window, 3),
-        "unsent_bytes": len(peer.out),
+        "connections": len(connections),
+        "goaways": sum(1 for c in connections if c["goaway"]),
+        "closed_by_server": sum(1 for c in connections if c["close_reason"] != "done"),
     }
-    report.update(peer.report())
-    peer.close("done")
+    if a.reconnect:
+        # the first and the last connection in full, the rest summarised
+        report["first_connection"] = connections[0]
+        report["last_connection"] = connections[-1]
+        report["streams_per_connection_max"] = max(c["streams"] for c in connections)
+        report["goaway_errors"] = dict(collections.Counter(
+            f'{c["goaway"]["error"]}:{c["goaway"]["debug"]}' for c in connections if c["goaway"]))
+    else:
+        report.update(connections[0])
     emit(report)
 
 
@@ -556,6 +577,9 @@ class OneCall:
         self.data_received = 0
         self.body_sent = 0
         self.status_at = None
+        self.inbuf = bytearray()
+        self.odd_frames = 0  # frames on a stream already closed
+        self.protocol_error = None
         self.flush()
 
     def now(self):
@@ -574,7 +598,8 @@ class OneCall:
 
     @property
     def done(self):
-        return self.trailers is not None or self.reset is not None or self.closed_at is not None
+        return (self.trailers is not None or self.reset is not None
+                or self.closed_at is not None or self.protocol_error is not None)
 
     def step(self, timeout):
         if self.closed_at is not None:
@@ -592,11 +617,25 @@ class OneCall:
         if not data:
             self.closed_at = self.now()
             return
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self.closed_at = self.now()
-            return
+        # Feed h2 one frame at a time: a frame it rejects (C-core 1.56 may
+        # repeat a trailers-only HEADERS after its RST_STREAM) must not make
+        # it drop the events of the frames before it.
+        self.inbuf += data
+        events = []
+        while len(self.inbuf) >= 9:
+            end = 9 + int.from_bytes(self.inbuf[:3], "big")
+            if len(self.inbuf) < end:
+                break
+            one = bytes(self.inbuf[:end])
+            del self.inbuf[:end]
+            try:
+                events += self.conn.receive_data(one)
+            except h2.exceptions.StreamClosedError:
+                self.odd_frames += 1
+            except h2.exceptions.ProtocolError as e:
+                # h2 refuses to go on with this connection; the server did not close it.
+                self.protocol_error = f"{type(e).__name__}: {e}"
+                break
         for ev in events:
             if isinstance(ev, h2.events.ResponseReceived):
                 self.headers = dict(ev.headers)
@@ -616,25 +655,32 @@ class OneCall:
                                "debug": (ev.additional_data or b"").decode("utf-8", "replace")[:200]}
         self.flush()
 
-    def send_body(self, body, end, deadline):
-        """Sends `body` as flow control allows, until sent, answered or `deadline`."""
+    def send_body(self, body, end, deadline, filler=0):
+        """Sends `body` then `filler` zero bytes as flow control allows, until
+        all is sent, the call is answered, or `deadline`."""
         view = memoryview(body)
-        while view and not self.done and self.now() < deadline:
+        zeros = bytes(1 << 16)
+        left = len(body) + filler
+        while left and not self.done and self.now() < deadline:
             try:
                 window = min(self.conn.local_flow_control_window(self.sid),
-                             self.conn.max_outbound_frame_size)
+                             self.conn.max_outbound_frame_size, left)
             except h2.exceptions.StreamClosedError:
                 break
             if window <= 0:
                 self.step(0.05)
                 continue
-            chunk = view[:window]
-            self.conn.send_data(self.sid, chunk.tobytes())
+            if view:
+                chunk = view[:window].tobytes()
+                view = view[len(chunk):]
+            else:
+                chunk = zeros[:window]
+            self.conn.send_data(self.sid, chunk)
             self.body_sent += len(chunk)
-            view = view[len(chunk):]
+            left -= len(chunk)
             self.flush()
             self.step(0)
-        if end and not view and not self.done:
+        if end and not left and not self.done:
             try:
                 self.conn.end_stream(self.sid)
                 self.flush()
@@ -657,17 +703,18 @@ class OneCall:
             "stream_reset": self.reset,
             "goaway": self.goaway,
             "closed_at": rounded(self.closed_at),
+            "frames_after_close": self.odd_frames,
+            "protocol_error": self.protocol_error,
         }
 
 
 def cmd_oversized(a):
     call = OneCall(a.target, a.path, a.client_id)
     body_len = a.length if a.body is None else a.body
-    # The 5-byte prefix declares `length`; the body is `body_len` bytes of
-    # protobuf-neutral filler (field 1, a string, whose length varint we do
-    # not bother to make consistent: the size check should come first).
-    body = grpc_message(b"", length=a.length) + b"\x00" * body_len
-    call.send_body(body, end=not a.no_end, deadline=a.seconds)
+    # The 5-byte prefix declares `length`; then `body_len` zero bytes (not a
+    # valid message: the size check should come first).
+    call.send_body(grpc_message(b"", length=a.length), end=not a.no_end,
+                   deadline=a.seconds, filler=body_len)
     call.wait(a.seconds)
     report = {"command": "oversized", "path": a.path, "declared_length": a.length,
               "body_bytes_planned": body_len}
@@ -731,6 +778,8 @@ def main(argv=None):
     rr.add_argument("--batch", type=int, default=200, help="streams queued per write (default 200)")
     rr.add_argument("--max-streams", type=int, help="stop after this many streams")
     rr.add_argument("--linger", type=float, default=0.5, help="seconds to keep reading afterwards")
+    rr.add_argument("--reconnect", action="store_true",
+                    help="when the server closes the connection, open another (one at a time)")
     rr.set_defaults(func=cmd_rapid_reset)
 
     for name, func in (("ping-flood", cmd_ping_flood), ("settings-flood", cmd_settings_flood)):
