@@ -184,6 +184,11 @@ impl Authenticator {
         match id {
             Some(id) => {
                 proto::validate_client_id(&id).map_err(Refusal::Denied)?;
+                if is_peer_address(&id) {
+                    return Err(Refusal::Denied(format!(
+                        "client id {id:?} has the form of a peer address, which names clients without an id; choose another id"
+                    )));
+                }
                 // A certificate is revoked by any of its names.
                 if let Some(name) = std::iter::once(&id)
                     .chain(&p.cert_names)
@@ -254,6 +259,14 @@ impl Authenticator {
     pub fn has_deny_list(&self) -> bool {
         self.config.deny_list.is_some()
     }
+}
+
+/// Whether `id` looks like the name gRPC gives a peer (`ipv4:1.2.3.4:5`),
+/// which is how seed peers without an id are known: no agent may take one.
+fn is_peer_address(id: &str) -> bool {
+    ["ipv4:", "ipv6:", "unix:", "unix-abstract:"]
+        .iter()
+        .any(|p| id.starts_with(p))
 }
 
 /// The bearer token of a call: `Ok(None)` without an `authorization` header,
@@ -336,6 +349,8 @@ mod tests {
         let anon = a.agent(&call(None, None, &[])).unwrap();
         assert!(anon.ephemeral && anon.id == "ipv4:127.0.0.1:5");
         assert!(is_unauthenticated(a.agent(&call(None, Some("x"), &[]))));
+        // Nobody may pose as a seed peer by claiming its address as an id.
+        assert!(is_denied(a.agent(&call(Some("ipv4:127.0.0.1:5"), None, &[]))));
     }
 
     #[test]

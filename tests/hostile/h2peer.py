@@ -18,6 +18,8 @@ connection was opened.
   ping-flood      One connection flooding PING frames; reports when the
                   server sends GOAWAY / closes the connection.
   settings-flood  Same with SETTINGS frames (each one obliges an ACK).
+  hold            K connections x N streams: HEADERS (optionally the request
+                  message), then nothing: never ended, never reset.
   idle            K connections doing the preface and SETTINGS, answering
                   PINGs, never opening a stream; reports how many are still
                   open after ``--seconds`` and when each one was closed.
@@ -156,7 +158,7 @@ class RawPeer:
     state in step, and records GOAWAY and the connection's end.
     """
 
-    def __init__(self, tgt, read=True):
+    def __init__(self, tgt, read=True, decode_headers=True):
         family, addr, self.authority = tgt
         self.t0 = time.monotonic()
         self.sock = connect(family, addr)
@@ -175,6 +177,9 @@ class RawPeer:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.block = None  # header block being assembled (HEADERS + CONTINUATION)
+        # Decoding every response header block in Python is slow enough to
+        # throttle a flood; without it HPACK state is lost (headers unread).
+        self.decode_headers = decode_headers
         # Preface, our SETTINGS (no push), and a large connection window so
         # that the server is never blocked writing to us.
         self.out += PREFACE
@@ -240,7 +245,17 @@ class RawPeer:
             self._parse()
 
     def _parse(self):
+        names = {HEADERS: "HEADERS", RST_STREAM: "RSTSTREAM", 0x9: "CONTINUATION"}
         while len(self.inbuf) >= 9:
+            ftype = self.inbuf[3]
+            if not self.decode_headers and ftype in names:
+                # counted, not parsed: keeps a flood from being throttled by us
+                end = 9 + int.from_bytes(self.inbuf[:3], "big")
+                if len(self.inbuf) < end:
+                    return
+                self.received[names[ftype]] += 1
+                del self.inbuf[:end]
+                continue
             try:
                 f, length = Frame.parse_frame_header(memoryview(self.inbuf[:9]))
             except HyperframeError:
@@ -284,7 +299,7 @@ class RawPeer:
         elif isinstance(f, DataFrame):
             if f.flow_controlled_length:
                 self.out += WindowUpdateFrame(0, window_increment=f.flow_controlled_length).serialize()
-        elif isinstance(f, (HeadersFrame, ContinuationFrame)):
+        elif isinstance(f, (HeadersFrame, ContinuationFrame)) and self.decode_headers:
             self.block = (self.block or b"") + f.data
             if "END_HEADERS" in f.flags:
                 try:
@@ -325,7 +340,7 @@ def cmd_rapid_reset(a):
     stalled_on_window = 0.0
     connections = []  # one report per connection
     while now() < a.seconds and (a.max_streams is None or opened < a.max_streams):
-        peer = RawPeer(a.target)
+        peer = RawPeer(a.target, decode_headers=False)
         sid = 1
         first = opened
         while not peer.closed and now() < a.seconds:
@@ -380,7 +395,10 @@ def cmd_rapid_reset(a):
         "stalled_on_connection_window_s": round(stalled_on_window, 3),
         "connections": len(connections),
         "goaways": sum(1 for c in connections if c["goaway"]),
-        "closed_by_server": sum(1 for c in connections if c["close_reason"] != "done"),
+        "closed_by_server": sum(1 for c in connections if c["closed_at"] is not None),
+        # streams the server says it processed (GOAWAY last_stream_id), where known
+        "streams_accepted_per_goaway": sum((c["goaway"]["last_stream_id"] + 1) // 2
+                                           for c in connections if c["goaway"]),
     }
     if a.reconnect:
         # the first and the last connection in full, the rest summarised
@@ -434,6 +452,41 @@ def cmd_settings_flood(a):
     report.update(peer.report())
     peer.close("done")
     emit(report)
+
+
+def cmd_hold(a):
+    """K connections x N streams: HEADERS (and with --data an empty message),
+    never END_STREAM, never reset; held open for --seconds."""
+    family, addr, authority = a.target
+    block = Encoder().encode(
+        [NeverIndexedHeaderTuple(k, v) for k, v in grpc_headers(a.path, authority, a.client_id)])
+    t0 = time.monotonic()
+    peers = []
+    for _ in range(a.connections):
+        peer = RawPeer(a.target)
+        for i in range(a.streams):
+            sid = 2 * i + 1
+            peer.out += frame(HEADERS, END_HEADERS, sid, block)
+            if a.data:
+                peer.out += frame(DATA, 0, sid, grpc_message())
+        peers.append(peer)
+    while time.monotonic() - t0 < a.seconds and any(not p.closed for p in peers):
+        for p in peers:
+            p.pump(0.01)
+    received = collections.Counter()
+    for p in peers:
+        received.update(p.received)
+    emit({
+        "command": "hold", "path": a.path, "data": a.data, "seconds": a.seconds,
+        "connections": a.connections, "streams_per_connection": a.streams,
+        "frames_received": dict(received),
+        "closed_by_server": sum(1 for p in peers if p.closed),
+        "goaways": dict(collections.Counter(f'{p.goaway["error"]}:{p.goaway["debug"]}'
+                                           for p in peers if p.goaway)),
+        "peer_settings": {str(k): v for k, v in peers[0].peer_settings.items()},
+    })
+    for p in peers:
+        p.close("done")
 
 
 # ------------------------------------------------------ many connections
@@ -787,6 +840,14 @@ def main(argv=None):
         sp.add_argument("--batch", type=int, default=100, help="frames queued per write")
         sp.add_argument("--no-read", action="store_true", help="never read the server's answers")
         sp.set_defaults(func=func)
+
+    sp = add("hold", "K connections x N streams opened and held (never ended, never reset)", 30)
+    sp.add_argument("--path", default="/Contact/getTask", choices=paths)
+    sp.add_argument("--data", action="store_true", help="send the (empty) request message")
+    sp.add_argument("--client-id")
+    sp.add_argument("--connections", type=int, default=1)
+    sp.add_argument("--streams", type=int, default=100, help="streams per connection")
+    sp.set_defaults(func=cmd_hold)
 
     sp = add("idle", "K connections that never open a stream", 30)
     sp.add_argument("--connections", type=int, default=100)
