@@ -291,29 +291,26 @@ fn rapid_reset_keeps_memory_bounded_and_the_agent_served() {
     let rss = RssProbe::start(rig.server.pid());
     let before = rss_kib(rig.server.pid()).unwrap();
     let since = Instant::now();
-    // 10 s of HEADERS + DATA + RST_STREAM at full speed, reconnecting whenever
-    // the server closes the connection.
-    let mut streams = 0;
-    let mut goaways = 0;
-    while since.elapsed() < Duration::from_secs(10) {
-        let left = 10.0 - since.elapsed().as_secs_f64();
+    // HEADERS + DATA + RST_STREAM at full speed, 10 s on getTask and 5 s on
+    // tellResult, reconnecting at once whenever the server closes the
+    // connection (C-core, patched: GOAWAY after 200 unanswered resets).
+    for (path, secs) in [("/Contact/getTask", "10"), ("/Contact/tellResult", "5")] {
         let r = h2peer(&[
-            "rapid-reset",
-            "--target",
-            &rig.target(),
-            "--seconds",
-            &format!("{left:.2}"),
-            "--path",
-            "/Contact/getTask",
-            "--data",
+            "rapid-reset", "--target", &rig.target(), "--seconds", secs, "--path", path, "--data",
+            "--reconnect",
         ]);
-        streams += r["streams_opened"].as_u64().unwrap();
-        goaways += u64::from(!r["goaway"].is_null());
+        eprintln!(
+            "rapid reset on {path} for {secs} s: {} streams on {} connections, {} closed by the server ({:?}), at most {} streams on one",
+            r["streams_opened"], r["connections"], r["closed_by_server"], r["goaway_errors"],
+            r["streams_per_connection_max"]
+        );
+        assert!(
+            r["goaway_errors"].as_object().is_some_and(|g| g.keys().any(|k| k.contains("too_many_rst_stream"))),
+            "the server never cut the attacker off: {r}"
+        );
     }
     let peak = rss.peak_kib();
-    eprintln!(
-        "rapid reset: {streams} streams reset on {goaways} connections closed by the server; RSS {before} KiB before, peak {peak} KiB"
-    );
+    eprintln!("rapid reset: RSS {before} KiB before, peak {peak} KiB");
     assert!(peak < MAX_RSS_KIB, "peak RSS {peak} KiB");
     rig.assert_agent_served(since);
     rig.finish();
@@ -405,6 +402,31 @@ fn connections_beyond_the_open_file_limit_do_not_lock_agents_out() {
 }
 
 #[test]
+fn a_message_declared_huge_is_refused_before_it_is_buffered() {
+    let rig = Rig::start(&[]);
+    let rss = RssProbe::start(rig.server.pid());
+    let since = Instant::now();
+    // 4 GB declared, 64 MiB sent as fast as the server lets it in.
+    let r = h2peer(&[
+        "oversized", "--target", &rig.target(), "--length", "4000000000", "--body", "67108864",
+        "--seconds", "10",
+    ]);
+    eprintln!("oversized 4 GB: {r}; server peak RSS {} KiB", rss.peak_kib());
+    assert!(
+        !r["stream_reset"].is_null() || r["grpc_status"] == "8",
+        "the oversized message was not refused: {r}"
+    );
+    assert!(
+        r["stream_bytes_sent"].as_u64().unwrap() < 16 << 20,
+        "the server let {} bytes of it in",
+        r["stream_bytes_sent"]
+    );
+    assert!(rss.peak_kib() < MAX_RSS_KIB, "peak RSS {} KiB", rss.peak_kib());
+    rig.assert_agent_served(since);
+    rig.finish();
+}
+
+#[test]
 fn oversized_and_malformed_messages_are_refused_alone() {
     let rig = Rig::start(&[]);
     let since = Instant::now();
@@ -424,13 +446,15 @@ fn oversized_and_malformed_messages_are_refused_alone() {
             assert_eq!(r["grpc_status"], "3", "{r}");
             assert!(r["grpc_message"].as_str().unwrap().contains("could not be decoded"), "{r}");
         }
-        // Bytes that are not a gRPC message at all, or one cut short by the
-        // end of the stream, never reach us: C-core drops them, and the call
-        // ends as if empty. Nothing is recorded for them (checked in finish).
-        for kind in ["garbage", "truncated"] {
-            let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", kind, "--path", path]);
-            eprintln!("malformed {kind} on {path}: {r}");
-        }
+        // Bytes that are not gRPC framing end the stream (patched C-core).
+        let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", "garbage", "--path", path]);
+        eprintln!("malformed garbage on {path}: {r}");
+        assert!(r["grpc_status"] != "0" || !r["stream_reset"].is_null(), "{r}");
+        // A message cut short by the end of the stream never reaches us:
+        // C-core drops it and the call ends as if empty. Nothing is recorded
+        // for it (checked in finish).
+        let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", "truncated", "--path", path]);
+        eprintln!("malformed truncated on {path}: {r}");
     }
     rig.assert_agent_served(since);
     rig.finish();

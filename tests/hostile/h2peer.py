@@ -31,8 +31,8 @@ connection was opened.
                   invalid protobuf, non-gRPC garbage, a compressed flag with
                   no encoding, or a truncated message; prints the trailers.
 
-rapid-reset, ping-flood and settings-flood drive the connection frame by
-frame (hyperframe frames, an HPACK block encoded once with literal
+rapid-reset, ping-flood, settings-flood and hold drive the connection frame
+by frame (hyperframe frames, an HPACK block encoded once with literal
 never-indexed fields, so it stays valid for every stream): per-stream h2
 state machines in Python would cap the attack at a rate that measures Python,
 not the server.  The other subcommands use h2.H2Connection.
@@ -76,7 +76,6 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
-    RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
 )
