@@ -305,3 +305,43 @@ fn token_subcommand_checks_its_inputs() {
     let out = run(SERVER, &["token", "web-1", "--auth-secret", "/no/such/secret"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
+
+#[test]
+fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(SERVER);
+    cmd.args(["--listen", "127.0.0.1:0", "--no-state"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped());
+    // Started with a soft limit of 256 under a hard limit of 2048.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 2048,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let raised = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("open file limit"))
+        .expect("a line about the open file limit");
+    assert!(raised.contains("raised from 256 to 2048"), "{raised}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(
+        open_files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["2048", "2048"],
+        "{open_files}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

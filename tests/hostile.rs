@@ -446,10 +446,16 @@ fn oversized_and_malformed_messages_are_refused_alone() {
             assert_eq!(r["grpc_status"], "3", "{r}");
             assert!(r["grpc_message"].as_str().unwrap().contains("could not be decoded"), "{r}");
         }
-        // Bytes that are not gRPC framing end the stream (patched C-core).
+        // Bytes that are not gRPC framing end the stream (patched C-core),
+        // except when C-core has already seen the stream's end: then the call
+        // gets an empty message (a blank status, or a stale result with no
+        // task), which is harmless; finish() checks nothing was accepted.
         let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", "garbage", "--path", path]);
         eprintln!("malformed garbage on {path}: {r}");
-        assert!(r["grpc_status"] != "0" || !r["stream_reset"].is_null(), "{r}");
+        assert!(
+            !r["stream_reset"].is_null() || r["response_data_bytes"].as_u64().unwrap() <= 24,
+            "{r}"
+        );
         // A message cut short by the end of the stream never reaches us:
         // C-core drops it and the call ends as if empty. Nothing is recorded
         // for it (checked in finish).
