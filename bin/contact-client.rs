@@ -100,7 +100,8 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
         Some(path) => Some(token::read_token_file(path)?),
         None => match std::env::var("CONTACT_TOKEN") {
             Ok(t) if !t.trim().is_empty() => Some(
-                token::Token::new(&t).map_err(|e| contact::Error::Usage(format!("CONTACT_TOKEN: {e}")))?,
+                token::Token::new(&t)
+                    .map_err(|e| contact::Error::Usage(format!("CONTACT_TOKEN: {e}")))?,
             ),
             _ => None,
         },
@@ -128,7 +129,8 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
         });
     }
     if let Some(cmd) = flags.exec {
-        c.handler = Handler::exec(&cmd, flags.max_output as usize)?.with_timeout(flags.exec_timeout);
+        c.handler =
+            Handler::exec(&cmd, flags.max_output as usize)?.with_timeout(flags.exec_timeout);
     }
     c.status_every = flags.status_every;
     c.max_tasks = flags.max_tasks;

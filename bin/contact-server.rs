@@ -234,7 +234,8 @@ fn main() {
             },
             max_in_flight: flags.max_in_flight as usize,
             retain: flags.retain as usize,
-            max_known_clients: usize::try_from(flags.security.max_known_clients).unwrap_or(usize::MAX),
+            max_known_clients: usize::try_from(flags.security.max_known_clients)
+                .unwrap_or(usize::MAX),
         },
         results_to: flags.results_to,
         dead_letters: flags.dead_letter,

@@ -109,7 +109,10 @@ impl StaleBudget {
                 map.retain(|_, w| w.started.elapsed() < WINDOW);
                 // Still full within one minute: the oldest window goes (a hard cap).
                 if map.len() >= MAX_ENTRIES {
-                    let oldest = map.iter().min_by_key(|(_, w)| w.started).map(|(k, _)| k.clone());
+                    let oldest = map
+                        .iter()
+                        .min_by_key(|(_, w)| w.started)
+                        .map(|(k, _)| k.clone());
                     if let Some(k) = oldest {
                         map.remove(&k);
                     }

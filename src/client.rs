@@ -13,10 +13,10 @@
 use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::handler::{Handler, Outcome};
+use crate::listen::ListenAddr;
 use crate::logtext::quoted;
 use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
 use crate::shutdown::Shutdown;
-use crate::listen::ListenAddr;
 use crate::tls::ClientTls;
 use crate::token::Token;
 use crate::trust::AUTHORIZATION_KEY;
@@ -308,7 +308,9 @@ fn session(
 ) -> Result<End, Failure> {
     let mut builder = ChannelBuilder::new(env.clone());
     if let Some(tls) = &cfg.tls {
-        let creds = tls.credentials().map_err(|e| Failure::Lost(e.to_string()))?;
+        let creds = tls
+            .credentials()
+            .map_err(|e| Failure::Lost(e.to_string()))?;
         builder = builder.set_credentials(creds);
         if let Some(name) = &tls.server_name {
             builder = builder.override_ssl_target(name.clone());

@@ -346,15 +346,23 @@ mod tests {
         // Gone, or a zombie waiting to be reaped: either way, no longer running.
         let dead = || match std::fs::read_to_string(&stat) {
             Err(_) => true,
-            Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Ok(s) => s
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !dead() {
-            assert!(std::time::Instant::now() < deadline, "the grandchild survived the timeout");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the grandchild survived the timeout"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // A quick command is not affected.
-        let quick = Handler::exec("echo", 100).unwrap().with_timeout(Some(Duration::from_secs(5)));
+        let quick = Handler::exec("echo", 100)
+            .unwrap()
+            .with_timeout(Some(Duration::from_secs(5)));
         assert!(quick.handle("hi").ok);
     }
 
@@ -376,17 +384,28 @@ mod tests {
         let stat = format!("/proc/{}/stat", pid.trim());
         let dead = || match std::fs::read_to_string(&stat) {
             Err(_) => true,
-            Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Ok(s) => s
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !dead() {
-            assert!(std::time::Instant::now() < deadline, "the SIGTERM-proof process survived");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the SIGTERM-proof process survived"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // 50 MB of output: kept to the cap, without holding it all.
-        let chatty = Handler::exec("sh -c 'head -c 50000000 /dev/zero | tr \"\\0\" x' sh", 10).unwrap();
+        let chatty =
+            Handler::exec("sh -c 'head -c 50000000 /dev/zero | tr \"\\0\" x' sh", 10).unwrap();
         let o = chatty.handle("t");
-        assert!(o.ok && o.output.starts_with("xxxxxxxxxx…[truncated"), "{:?}", &o.output[..40.min(o.output.len())]);
+        assert!(
+            o.ok && o.output.starts_with("xxxxxxxxxx…[truncated"),
+            "{:?}",
+            &o.output[..40.min(o.output.len())]
+        );
     }
 
     #[test]

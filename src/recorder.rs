@@ -6,9 +6,9 @@
 //! files can be brought up to date from it: each line carries the sequence
 //! number of its journal record, and `Outputs::catch_up` appends what is missing.
 
-use crate::logtext::quoted;
 use crate::error::Error;
 use crate::journal::{Journal, Record};
+use crate::logtext::quoted;
 use crate::results::{DeadLetter, ResultRecord};
 use crossbeam_channel::Receiver;
 use futures::channel::oneshot;

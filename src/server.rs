@@ -185,8 +185,14 @@ fn warn_refused(peer: &str, why: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let window = WINDOW.load(Ordering::Relaxed);
-    if window != now && WINDOW.compare_exchange(window, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-        let suppressed = COUNT.swap(0, Ordering::Relaxed).saturating_sub(REFUSAL_WARNINGS_PER_SEC);
+    if window != now
+        && WINDOW
+            .compare_exchange(window, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = COUNT
+            .swap(0, Ordering::Relaxed)
+            .saturating_sub(REFUSAL_WARNINGS_PER_SEC);
         if suppressed > 0 {
             log::warn!("{suppressed} more calls were refused in the last second (not logged)");
         }
@@ -264,9 +270,7 @@ impl Contact for ContactService {
         let incarnation = self.dispatcher.incarnation();
         let instance = proto::instance_from(ctx.request_headers());
         let peer = ctx.peer();
-        let attached = self
-            .dispatcher
-            .attach(&client, &peer, ephemeral, &instance);
+        let attached = self.dispatcher.attach(&client, &peer, ephemeral, &instance);
         let (session, mut feed) = match attached {
             Ok(a) => a,
             Err(refused) => {
@@ -378,7 +382,10 @@ impl Contact for ContactService {
                 (Err(grpcio::Error::RpcFailure(status)), _)
                     if status.code() == RpcStatusCode::RESOURCE_EXHAUSTED =>
                 {
-                    warn_refused(&client, &format!("results of {client}: {}", status.message()));
+                    warn_refused(
+                        &client,
+                        &format!("results of {client}: {}", status.message()),
+                    );
                     let _ = sink.fail(status).await;
                 }
                 (Err(grpcio::Error::Codec(e)), _) => {
@@ -516,7 +523,9 @@ impl Server {
             // gRPC shares a busy port by default (SO_REUSEPORT): a second
             // server would silently split the fleet. Make it an error.
             .reuse_port(false)
-            .max_concurrent_stream(i32::try_from(limits.max_streams_per_connection).unwrap_or(i32::MAX))
+            .max_concurrent_stream(
+                i32::try_from(limits.max_streams_per_connection).unwrap_or(i32::MAX),
+            )
             .raw_cfg_int(
                 CString::new("grpc.max_connection_idle_ms").expect("no NUL"),
                 millis(limits.idle_connection),

@@ -70,7 +70,10 @@ impl ServerTls {
         let mut b = ServerCredentialsBuilder::new().add_cert(cert, key);
         if let Some(ca) = &self.client_ca {
             let ca = read_pem(ca, "--client-ca", "CERTIFICATE")?;
-            b = b.root_cert(ca, CertificateRequestType::RequestAndRequireClientCertificateAndVerify);
+            b = b.root_cert(
+                ca,
+                CertificateRequestType::RequestAndRequireClientCertificateAndVerify,
+            );
         }
         Ok(b.build())
     }
@@ -143,15 +146,29 @@ mod tests {
         let e = missing.credentials().err().unwrap().to_string();
         assert!(e.contains("nope.pem"), "{e}");
         let key_as_cert = dir.path().join("key.pem");
-        std::fs::write(&key_as_cert, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &key_as_cert,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         assert!(read_pem(&key_as_cert, "--tls-ca", "CERTIFICATE").is_err());
         assert!(read_pem(&key_as_cert, "--tls-key", "PRIVATE KEY").is_ok());
         let csr = dir.path().join("req.pem");
-        std::fs::write(&csr, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n").unwrap();
+        std::fs::write(
+            &csr,
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        )
+        .unwrap();
         assert!(read_pem(&csr, "--tls-cert", "CERTIFICATE").is_err());
         let enc = dir.path().join("enc.pem");
-        std::fs::write(&enc, "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n").unwrap();
-        let e = read_pem(&enc, "--tls-key", "PRIVATE KEY").unwrap_err().to_string();
+        std::fs::write(
+            &enc,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = read_pem(&enc, "--tls-key", "PRIVATE KEY")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("encrypted"), "{e}");
     }
 }

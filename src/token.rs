@@ -194,8 +194,7 @@ impl fmt::Debug for Token {
 
 /// Reads an agent's token from `--token-file` (surrounding whitespace dropped).
 pub fn read_token_file(path: &Path) -> Result<Token, Error> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error::file(path, "read the token", e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, "read the token", e))?;
     Token::new(&text).map_err(|e| Error::Usage(format!("--token-file {}: {e}", path.display())))
 }
 
@@ -224,10 +223,7 @@ mod tests {
         assert_eq!(s.verify(&forged), Err(TokenError::BadSignature));
         // Another secret's tokens are refused.
         let other = Secret::from_bytes(b"another secret of enough bytes").unwrap();
-        assert_eq!(
-            other.verify(&t),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(other.verify(&t), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -245,16 +241,30 @@ mod tests {
     fn a_held_token_never_shows_in_debug_output() {
         let t = Token::new(&secret().token(TokenKind::Agent, "web-1")).unwrap();
         let shown = format!("{t:?}");
-        assert!(shown.contains("web-1") && !shown.contains(t.expose()), "{shown}");
+        assert!(
+            shown.contains("web-1") && !shown.contains(t.expose()),
+            "{shown}"
+        );
         assert!(Token::new(" has space ").is_err() && Token::new("").is_err());
     }
 
     #[test]
     fn short_secrets_and_malformed_tokens_are_named() {
-        assert!(Secret::from_bytes(b"  short \n").unwrap_err().contains("5 bytes"));
+        assert!(Secret::from_bytes(b"  short \n")
+            .unwrap_err()
+            .contains("5 bytes"));
         let s = secret();
-        for bad in ["", "contact1", "contact1.agent", "contact1.agent.x", "contact1.root.x.AAAA",
-            "contact2.agent.x.AAAA", "contact1.agent..AAAA", "contact1.agent.x.", "contact1.agent.x.!!!"] {
+        for bad in [
+            "",
+            "contact1",
+            "contact1.agent",
+            "contact1.agent.x",
+            "contact1.root.x.AAAA",
+            "contact2.agent.x.AAAA",
+            "contact1.agent..AAAA",
+            "contact1.agent.x.",
+            "contact1.agent.x.!!!",
+        ] {
             assert_eq!(s.verify(bad), Err(TokenError::Malformed), "{bad:?}");
         }
         assert!(!format!("{s:?}").contains("0123"));

@@ -194,7 +194,9 @@ impl Authenticator {
                     .chain(&p.cert_names)
                     .find(|n| self.is_denied(n))
                 {
-                    return Err(Refusal::Denied(format!("client {name:?} is on the deny list")));
+                    return Err(Refusal::Denied(format!(
+                        "client {name:?} is on the deny list"
+                    )));
                 }
                 Ok(Caller {
                     id,
@@ -245,7 +247,11 @@ impl Authenticator {
             d.checked = Some(Instant::now());
             match read_deny_list(path) {
                 Ok(names) if names != d.names => {
-                    log::warn!("deny list {} changed: {} names", path.display(), names.len());
+                    log::warn!(
+                        "deny list {} changed: {} names",
+                        path.display(),
+                        names.len()
+                    );
                     d.names = names;
                 }
                 Ok(_) => {}
@@ -318,7 +324,11 @@ mod tests {
         .unwrap()
     }
 
-    fn call<'a>(claimed: Option<&'a str>, bearer: Option<&'a str>, certs: &[&str]) -> Presented<'a> {
+    fn call<'a>(
+        claimed: Option<&'a str>,
+        bearer: Option<&'a str>,
+        certs: &[&str],
+    ) -> Presented<'a> {
         Presented {
             claimed,
             bearer,
@@ -350,7 +360,11 @@ mod tests {
         assert!(anon.ephemeral && anon.id == "ipv4:127.0.0.1:5");
         assert!(is_unauthenticated(a.agent(&call(None, Some("x"), &[]))));
         // Nobody may pose as a seed peer by claiming its address as an id.
-        assert!(is_denied(a.agent(&call(Some("ipv4:127.0.0.1:5"), None, &[]))));
+        assert!(is_denied(a.agent(&call(
+            Some("ipv4:127.0.0.1:5"),
+            None,
+            &[]
+        ))));
     }
 
     #[test]
@@ -362,7 +376,11 @@ mod tests {
         assert!(is_denied(a.agent(&call(Some("web-2"), Some(&t), &[]))));
         assert!(is_unauthenticated(a.agent(&call(Some("web-1"), None, &[]))));
         assert!(is_unauthenticated(a.agent(&call(None, None, &[]))));
-        assert!(is_unauthenticated(a.agent(&call(None, Some("contact1.agent.web-1.AAAA"), &[]))));
+        assert!(is_unauthenticated(a.agent(&call(
+            None,
+            Some("contact1.agent.web-1.AAAA"),
+            &[]
+        ))));
         let admin = secret().token(TokenKind::Admin, "ops");
         assert!(is_denied(a.agent(&call(None, Some(&admin), &[]))));
         // Anonymous seed peers only when allowed, and never with a claimed id.
@@ -374,9 +392,16 @@ mod tests {
     #[test]
     fn certificates_name_the_caller() {
         let a = auth(false, true, false);
-        assert_eq!(a.agent(&call(None, None, &["web-1", "web-1.example"])), named("web-1"));
         assert_eq!(
-            a.agent(&call(Some("web-1.example"), None, &["web-1", "web-1.example"])),
+            a.agent(&call(None, None, &["web-1", "web-1.example"])),
+            named("web-1")
+        );
+        assert_eq!(
+            a.agent(&call(
+                Some("web-1.example"),
+                None,
+                &["web-1", "web-1.example"]
+            )),
             named("web-1.example")
         );
         assert!(is_denied(a.agent(&call(Some("web-2"), None, &["web-1"]))));
@@ -393,8 +418,14 @@ mod tests {
     fn admin_tokens_are_a_kind_of_their_own() {
         let a = auth(true, false, false);
         let s = secret();
-        assert_eq!(a.admin(Some(&s.token(TokenKind::Admin, "ops"))).unwrap(), "ops");
-        assert!(matches!(a.admin(Some(&s.token(TokenKind::Agent, "ops"))), Err(Refusal::Denied(_))));
+        assert_eq!(
+            a.admin(Some(&s.token(TokenKind::Admin, "ops"))).unwrap(),
+            "ops"
+        );
+        assert!(matches!(
+            a.admin(Some(&s.token(TokenKind::Agent, "ops"))),
+            Err(Refusal::Denied(_))
+        ));
         assert!(matches!(a.admin(None), Err(Refusal::Unauthenticated(_))));
         assert_eq!(auth(false, false, false).admin(None).unwrap(), "local");
     }
@@ -406,11 +437,22 @@ mod tests {
             b.add_str(AUTHORIZATION_KEY, v).unwrap();
             b.build()
         };
-        assert_eq!(bearer_from(&md("Bearer abc")).unwrap().as_deref(), Some("abc"));
-        assert_eq!(bearer_from(&md("bearer  abc ")).unwrap().as_deref(), Some("abc"));
-        assert!(bearer_from(&md("Basic abc")).unwrap_err().contains("Bearer"));
+        assert_eq!(
+            bearer_from(&md("Bearer abc")).unwrap().as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            bearer_from(&md("bearer  abc ")).unwrap().as_deref(),
+            Some("abc")
+        );
+        assert!(bearer_from(&md("Basic abc"))
+            .unwrap_err()
+            .contains("Bearer"));
         assert!(bearer_from(&md("Bearer ")).is_err());
-        assert_eq!(bearer_from(&grpcio::MetadataBuilder::new().build()).unwrap(), None);
+        assert_eq!(
+            bearer_from(&grpcio::MetadataBuilder::new().build()).unwrap(),
+            None
+        );
     }
 
     #[test]

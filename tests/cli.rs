@@ -31,7 +31,11 @@ fn bad_flags_and_values_exit_2_naming_the_flag() {
         (SERVER, vec!["--listen", "127.0.0.1"], "--listen"),
         (SERVER, vec!["--listen", "127.0.0.1:99999"], "--listen"),
         (SERVER, vec!["--listen", "localhost:http"], "--listen"),
-        (SERVER, vec!["--listen", "0.0.0.0:0", "--no-state"], "--insecure"),
+        (
+            SERVER,
+            vec!["--listen", "0.0.0.0:0", "--no-state"],
+            "--insecure",
+        ),
         (SERVER, vec!["--tls-cert", "x.pem"], "--tls-key"),
         (CLIENT, vec!["--exec-timeout", "5"], "--exec"),
     ] {
@@ -232,7 +236,10 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     assert!(made.status.success(), "{}", stderr(&made));
     let cert = |f: &str| certs.join(f).to_str().unwrap().to_string();
     let secret = write_secret(dir.path());
-    let token = run(SERVER, &["token", "web-1", "--auth-secret", secret.to_str().unwrap()]);
+    let token = run(
+        SERVER,
+        &["token", "web-1", "--auth-secret", secret.to_str().unwrap()],
+    );
     assert_eq!(token.status.code(), Some(0), "{}", stderr(&token));
     let token_file = dir.path().join("web-1.token");
     std::fs::write(&token_file, &token.stdout).unwrap();
@@ -241,9 +248,19 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     let mut server = Proc::start(
         SERVER,
         &[
-            "--listen", "127.0.0.1:0", "--no-state", "--generate", "2", "--every", "0.2",
-            "--tls-cert", &cert("server.pem"), "--tls-key", &cert("server.key"),
-            "--auth-secret", secret.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-state",
+            "--generate",
+            "2",
+            "--every",
+            "0.2",
+            "--tls-cert",
+            &cert("server.pem"),
+            "--tls-key",
+            &cert("server.key"),
+            "--auth-secret",
+            secret.to_str().unwrap(),
         ],
     );
     let line = server.wait_line("listening on");
@@ -251,12 +268,24 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     let addr = format!("localhost:{}", port_of_listening_line(&line));
     let agent = run(
         CLIENT,
-        &["--server", &addr, "--tls-ca", &cert("ca.pem"), "--token-file", token_file.to_str().unwrap(), "--max-tasks", "3"],
+        &[
+            "--server",
+            &addr,
+            "--tls-ca",
+            &cert("ca.pem"),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--max-tasks",
+            "3",
+        ],
     );
     assert_eq!(agent.status.code(), Some(0), "{}", stderr(&agent));
     server.wait_line("client web-1 connected");
     let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
-    assert!(!server.seen.iter().any(|l| l.contains(&token)), "the token was logged");
+    assert!(
+        !server.seen.iter().any(|l| l.contains(&token)),
+        "the token was logged"
+    );
     server.signal("TERM");
     assert_eq!(server.wait_exit(), 0);
 
@@ -264,9 +293,19 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     let mut server = Proc::start(
         SERVER,
         &[
-            "--listen", "127.0.0.1:0", "--no-state", "--generate", "2", "--every", "0.2",
-            "--tls-cert", &cert("server.pem"), "--tls-key", &cert("server.key"),
-            "--client-ca", &cert("ca.pem"),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-state",
+            "--generate",
+            "2",
+            "--every",
+            "0.2",
+            "--tls-cert",
+            &cert("server.pem"),
+            "--tls-key",
+            &cert("server.key"),
+            "--client-ca",
+            &cert("ca.pem"),
         ],
     );
     let line = server.wait_line("listening on");
@@ -275,8 +314,18 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     let agent = run(
         CLIENT,
         &[
-            "--server", &addr, "--tls-ca", &cert("ca.pem"), "--tls-cert", &cert("web-1.pem"),
-            "--tls-key", &cert("web-1.key"), "--id", "web-1", "--max-tasks", "2",
+            "--server",
+            &addr,
+            "--tls-ca",
+            &cert("ca.pem"),
+            "--tls-cert",
+            &cert("web-1.pem"),
+            "--tls-key",
+            &cert("web-1.key"),
+            "--id",
+            "web-1",
+            "--max-tasks",
+            "2",
         ],
     );
     assert_eq!(agent.status.code(), Some(0), "{}", stderr(&agent));
@@ -292,17 +341,26 @@ fn token_subcommand_checks_its_inputs() {
     let s = secret.to_str().unwrap();
     let agent = run(SERVER, &["token", "web-1", "--auth-secret", s]);
     let admin = run(SERVER, &["token", "--admin", "web-1", "--auth-secret", s]);
-    assert_eq!((agent.status.code(), admin.status.code()), (Some(0), Some(0)));
+    assert_eq!(
+        (agent.status.code(), admin.status.code()),
+        (Some(0), Some(0))
+    );
     assert_ne!(agent.stdout, admin.stdout);
     assert!(String::from_utf8_lossy(&agent.stdout).starts_with("contact1.agent.web-1."));
     let short = dir.path().join("short");
     std::fs::write(&short, "tiny").unwrap();
-    let out = run(SERVER, &["token", "web-1", "--auth-secret", short.to_str().unwrap()]);
+    let out = run(
+        SERVER,
+        &["token", "web-1", "--auth-secret", short.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("at least 16"), "{}", stderr(&out));
     let out = run(SERVER, &["token", "has space", "--auth-secret", s]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let out = run(SERVER, &["token", "web-1", "--auth-secret", "/no/such/secret"]);
+    let out = run(
+        SERVER,
+        &["token", "web-1", "--auth-secret", "/no/such/secret"],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
@@ -336,9 +394,16 @@ fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
         .expect("a line about the open file limit");
     assert!(raised.contains("raised from 256 to 2048"), "{raised}");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     assert_eq!(
-        open_files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        open_files
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .collect::<Vec<_>>(),
         ["2048", "2048"],
         "{open_files}"
     );

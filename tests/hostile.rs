@@ -86,7 +86,10 @@ impl Logged {
 
     fn find(&self, needle: &str) -> Option<String> {
         let lines = self.lines.lock().unwrap();
-        lines.iter().find(|(_, l)| l.contains(needle)).map(|(_, l)| l.clone())
+        lines
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(_, l)| l.clone())
     }
 
     fn count(&self, needle: &str) -> usize {
@@ -97,12 +100,20 @@ impl Logged {
     /// When each line containing `needle` arrived.
     fn times(&self, needle: &str) -> Vec<Instant> {
         let lines = self.lines.lock().unwrap();
-        lines.iter().filter(|(_, l)| l.contains(needle)).map(|(t, _)| *t).collect()
+        lines
+            .iter()
+            .filter(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     fn all(&self) -> String {
         let lines = self.lines.lock().unwrap();
-        lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+        lines
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// SIGTERM, then the exit status (the process stops gracefully).
@@ -244,7 +255,11 @@ impl Rig {
             .collect();
         times.insert(0, since);
         times.push(Instant::now());
-        times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+        times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
     }
 
     /// The agent kept getting tasks during the attack and was never declared gone.
@@ -256,7 +271,12 @@ impl Rig {
             "the agent went {gap:?} without a task\nserver:\n{}",
             self.server.all()
         );
-        assert_eq!(self.server.count("declared gone"), 0, "{}", self.server.all());
+        assert_eq!(
+            self.server.count("declared gone"),
+            0,
+            "{}",
+            self.server.all()
+        );
     }
 
     /// Stops agent and server gracefully, then checks that every result the
@@ -274,13 +294,15 @@ impl Rig {
         let results = read_results(&self.dir.path().join("results.jsonl"));
         // Only agents' results: nothing from the hostile peers but stale ones.
         assert!(
-            results
-                .iter()
-                .all(|r| r["accepted"] == false || ["legit", "late", "liar"].contains(&r["client"].as_str().unwrap_or_default())),
+            results.iter().all(|r| r["accepted"] == false
+                || ["legit", "late", "liar"].contains(&r["client"].as_str().unwrap_or_default())),
             "a hostile peer's result was accepted"
         );
         let recorded = accepted_ids(&results, "legit").len();
-        assert!(acked > 0 && recorded >= acked, "acknowledged {acked}, recorded {recorded}");
+        assert!(
+            acked > 0 && recorded >= acked,
+            "acknowledged {acked}, recorded {recorded}"
+        );
         eprintln!("test ran {:?}", self.started.elapsed());
     }
 }
@@ -296,7 +318,14 @@ fn rapid_reset_keeps_memory_bounded_and_the_agent_served() {
     // connection (C-core, patched: GOAWAY after 200 unanswered resets).
     for (path, secs) in [("/Contact/getTask", "10"), ("/Contact/tellResult", "5")] {
         let r = h2peer(&[
-            "rapid-reset", "--target", &rig.target(), "--seconds", secs, "--path", path, "--data",
+            "rapid-reset",
+            "--target",
+            &rig.target(),
+            "--seconds",
+            secs,
+            "--path",
+            path,
+            "--data",
             "--reconnect",
         ]);
         eprintln!(
@@ -305,7 +334,9 @@ fn rapid_reset_keeps_memory_bounded_and_the_agent_served() {
             r["streams_per_connection_max"]
         );
         assert!(
-            r["goaway_errors"].as_object().is_some_and(|g| g.keys().any(|k| k.contains("too_many_rst_stream"))),
+            r["goaway_errors"]
+                .as_object()
+                .is_some_and(|g| g.keys().any(|k| k.contains("too_many_rst_stream"))),
             "the server never cut the attacker off: {r}"
         );
     }
@@ -337,7 +368,11 @@ fn ping_and_settings_floods_are_cut_off() {
         let r = h2peer(&args);
         eprintln!("settings-flood (reading: {read}): {r}");
     }
-    assert!(rss.peak_kib() < MAX_RSS_KIB, "peak RSS {} KiB", rss.peak_kib());
+    assert!(
+        rss.peak_kib() < MAX_RSS_KIB,
+        "peak RSS {} KiB",
+        rss.peak_kib()
+    );
     rig.assert_agent_served(since);
     rig.finish();
 }
@@ -349,7 +384,15 @@ fn idle_and_silent_connections_are_closed() {
     // HTTP/2 connections that never call anything, then TCP connections
     // that never even send the preface: all closed within the run.
     for kind in ["idle", "preface-less"] {
-        let r = h2peer(&[kind, "--target", &rig.target(), "--connections", "200", "--seconds", "8"]);
+        let r = h2peer(&[
+            kind,
+            "--target",
+            &rig.target(),
+            "--connections",
+            "200",
+            "--seconds",
+            "8",
+        ]);
         eprintln!("{kind}: {r}");
         assert_eq!(r["still_open"], 0, "{r}");
     }
@@ -360,21 +403,24 @@ fn idle_and_silent_connections_are_closed() {
 #[test]
 fn connections_beyond_the_open_file_limit_do_not_lock_agents_out() {
     // A hard limit of 128 open files, which the server cannot raise.
-    let rig = Rig::start_with(&["--handshake-timeout", "2", "--idle-connection-timeout", "2"], |cmd| {
-        use std::os::unix::process::CommandExt;
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 128,
-                    rlim_max: 128,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let rig = Rig::start_with(
+        &["--handshake-timeout", "2", "--idle-connection-timeout", "2"],
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            unsafe {
+                cmd.pre_exec(|| {
+                    let lim = libc::rlimit {
+                        rlim_cur: 128,
+                        rlim_max: 128,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
     let target = rig.target();
     let attack = std::thread::spawn(move || {
         h2peer(&[
@@ -391,7 +437,9 @@ fn connections_beyond_the_open_file_limit_do_not_lock_agents_out() {
     std::thread::sleep(Duration::from_secs(1));
     let since = Instant::now();
     let mut late = Rig::agent(rig.port, "late");
-    wait_for("the late agent's first task", || late.find(" done: ").is_some());
+    wait_for("the late agent's first task", || {
+        late.find(" done: ").is_some()
+    });
     let waited = since.elapsed();
     eprintln!("a new agent got its first task {waited:?} into the attack");
     let report = attack.join().unwrap();
@@ -408,10 +456,20 @@ fn a_message_declared_huge_is_refused_before_it_is_buffered() {
     let since = Instant::now();
     // 4 GB declared, 64 MiB sent as fast as the server lets it in.
     let r = h2peer(&[
-        "oversized", "--target", &rig.target(), "--length", "4000000000", "--body", "67108864",
-        "--seconds", "10",
+        "oversized",
+        "--target",
+        &rig.target(),
+        "--length",
+        "4000000000",
+        "--body",
+        "67108864",
+        "--seconds",
+        "10",
     ]);
-    eprintln!("oversized 4 GB: {r}; server peak RSS {} KiB", rss.peak_kib());
+    eprintln!(
+        "oversized 4 GB: {r}; server peak RSS {} KiB",
+        rss.peak_kib()
+    );
     assert!(
         !r["stream_reset"].is_null() || r["grpc_status"] == "8",
         "the oversized message was not refused: {r}"
@@ -421,7 +479,11 @@ fn a_message_declared_huge_is_refused_before_it_is_buffered() {
         "the server let {} bytes of it in",
         r["stream_bytes_sent"]
     );
-    assert!(rss.peak_kib() < MAX_RSS_KIB, "peak RSS {} KiB", rss.peak_kib());
+    assert!(
+        rss.peak_kib() < MAX_RSS_KIB,
+        "peak RSS {} KiB",
+        rss.peak_kib()
+    );
     rig.assert_agent_served(since);
     rig.finish();
 }
@@ -430,7 +492,13 @@ fn a_message_declared_huge_is_refused_before_it_is_buffered() {
 fn oversized_and_malformed_messages_are_refused_alone() {
     let rig = Rig::start(&[]);
     let since = Instant::now();
-    let big = h2peer(&["oversized", "--target", &rig.target(), "--length", "2097152"]);
+    let big = h2peer(&[
+        "oversized",
+        "--target",
+        &rig.target(),
+        "--length",
+        "2097152",
+    ]);
     eprintln!("oversized: {big}");
     // Refused with RESOURCE_EXHAUSTED, or (when C-core is still receiving
     // the rest of it) by closing the connection.
@@ -441,16 +509,38 @@ fn oversized_and_malformed_messages_are_refused_alone() {
     // Messages that are not what the proto says: INVALID_ARGUMENT, naming the call.
     for path in ["/Contact/tellResult", "/Contact/sendStatus"] {
         for kind in ["bad-proto", "bad-wire-type"] {
-            let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", kind, "--path", path]);
+            let r = h2peer(&[
+                "malformed",
+                "--target",
+                &rig.target(),
+                "--kind",
+                kind,
+                "--path",
+                path,
+            ]);
             eprintln!("malformed {kind} on {path}: {r}");
             assert_eq!(r["grpc_status"], "3", "{r}");
-            assert!(r["grpc_message"].as_str().unwrap().contains("could not be decoded"), "{r}");
+            assert!(
+                r["grpc_message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("could not be decoded"),
+                "{r}"
+            );
         }
         // Bytes that are not gRPC framing end the stream (patched C-core),
         // except when C-core has already seen the stream's end: then the call
         // gets an empty message (a blank status, or a stale result with no
         // task), which is harmless; finish() checks nothing was accepted.
-        let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", "garbage", "--path", path]);
+        let r = h2peer(&[
+            "malformed",
+            "--target",
+            &rig.target(),
+            "--kind",
+            "garbage",
+            "--path",
+            path,
+        ]);
         eprintln!("malformed garbage on {path}: {r}");
         assert!(
             !r["stream_reset"].is_null() || r["response_data_bytes"].as_u64().unwrap() <= 24,
@@ -459,7 +549,15 @@ fn oversized_and_malformed_messages_are_refused_alone() {
         // A message cut short by the end of the stream never reaches us:
         // C-core drops it and the call ends as if empty. Nothing is recorded
         // for it (checked in finish).
-        let r = h2peer(&["malformed", "--target", &rig.target(), "--kind", "truncated", "--path", path]);
+        let r = h2peer(&[
+            "malformed",
+            "--target",
+            &rig.target(),
+            "--kind",
+            "truncated",
+            "--path",
+            path,
+        ]);
         eprintln!("malformed truncated on {path}: {r}");
     }
     rig.assert_agent_served(since);
@@ -481,7 +579,10 @@ fn peer_text_cannot_forge_log_lines() {
     ]);
     let mut liar = Logged::start(cmd);
     let line = rig.server.wait_line("from liar in ");
-    assert!(line.contains("ok\\n2026-01-01T00:00:00Z ERROR forged line\\u{1b}[2J"), "{line}");
+    assert!(
+        line.contains("ok\\n2026-01-01T00:00:00Z ERROR forged line\\u{1b}[2J"),
+        "{line}"
+    );
     // Every line that mentions the forgery is the escaped result, never a line of its own.
     let all = rig.server.all();
     assert!(

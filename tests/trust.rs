@@ -38,7 +38,8 @@ impl Pki {
         let ca_key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(vec![]).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, "contact test CA");
+        p.distinguished_name
+            .push(DnType::CommonName, "contact test CA");
         let ca = p.self_signed(&ca_key).unwrap();
         let pki = Pki {
             dir: tempfile::tempdir().unwrap(),
@@ -57,15 +58,18 @@ impl Pki {
     /// Writes `<file>.pem` and `<file>.key` for a certificate with this CN and DNS SANs.
     fn issue(&self, file: &str, cn: &str, sans: &[&str], ip: bool) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
+        let mut p =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         if ip {
             p.subject_alt_names
                 .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
         }
         p.distinguished_name.push(DnType::CommonName, cn);
         let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        let (c, k) = (self.path(&format!("{file}.pem")), self.path(&format!("{file}.key")));
+        let (c, k) = (
+            self.path(&format!("{file}.pem")),
+            self.path(&format!("{file}.key")),
+        );
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
@@ -235,14 +239,16 @@ fn mutual_tls_takes_the_agent_id_from_its_certificate() {
     );
     // A seed-style call without an id is known by its certificate, not its address.
     let (_session, _) = {
-        let mut s = with_cert
-            .get_task_opt(&Empty::new(), with(&[]))
-            .unwrap();
+        let mut s = with_cert.get_task_opt(&Empty::new(), with(&[])).unwrap();
         let first = block_on(s.next());
         (s, first)
     };
     wait_for("the certificate's holder to be known as web-1", || {
-        server.dispatcher().clients().iter().any(|c| c.id == "web-1")
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .any(|c| c.id == "web-1")
     });
     assert!(server
         .dispatcher()
@@ -282,10 +288,16 @@ fn tokens_bind_every_call_to_one_agent() {
     let bearer = |t: &str| format!("Bearer {t}");
     let raw = stub(port, None);
     let refused = [
-        (vec![("contact-client-id", "web-1".to_string())], RpcStatusCode::UNAUTHENTICATED),
+        (
+            vec![("contact-client-id", "web-1".to_string())],
+            RpcStatusCode::UNAUTHENTICATED,
+        ),
         (vec![], RpcStatusCode::UNAUTHENTICATED),
         (
-            vec![("contact-client-id", "web-2".into()), ("authorization", bearer(&t1))],
+            vec![
+                ("contact-client-id", "web-2".into()),
+                ("authorization", bearer(&t1)),
+            ],
             RpcStatusCode::PERMISSION_DENIED,
         ),
         (
@@ -300,7 +312,10 @@ fn tokens_bind_every_call_to_one_agent() {
             vec![("authorization", bearer(&s.token(TokenKind::Agent, "web-3")))],
             RpcStatusCode::PERMISSION_DENIED,
         ),
-        (vec![("authorization", "Basic d2ViLTE=".into())], RpcStatusCode::INVALID_ARGUMENT),
+        (
+            vec![("authorization", "Basic d2ViLTE=".into())],
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
     ];
     for (md, code) in refused {
         let pairs: Vec<(&str, &str)> = md.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -323,7 +338,9 @@ fn tokens_bind_every_call_to_one_agent() {
     assert_eq!(run_client(c).acknowledged, 2);
     let recorded = read_results(&results);
     assert_eq!(recorded.len(), 2, "{recorded:?}");
-    assert!(recorded.iter().all(|r| r["client"] == "web-1" && r["output"] != "forged"));
+    assert!(recorded
+        .iter()
+        .all(|r| r["client"] == "web-1" && r["output"] != "forged"));
     server.stop().unwrap();
 }
 
@@ -391,7 +408,9 @@ fn a_second_agent_with_a_live_id_is_refused_and_backs_off() {
     let mut first = client_config(port, "twin");
     first.max_tasks = Some(20);
     let first = spawn_client(first, &stop);
-    wait_for("the first twin", || server.dispatcher().clients().len() == 1);
+    wait_for("the first twin", || {
+        server.dispatcher().clients().len() == 1
+    });
     let holder = server.dispatcher().clients()[0].peer.clone();
 
     let mut second = client_config(port, "twin");
@@ -503,14 +522,22 @@ fn a_revoked_agent_loses_its_open_stream_and_cannot_come_back() {
     c.token = Some(contact::token::Token::new(&s.token(TokenKind::Agent, "web-1")).unwrap());
     let agent = spawn_client(c, &stop);
     wait_for("web-1 to connect", || {
-        server.dispatcher().clients().iter().any(|c| c.id == "web-1")
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .any(|c| c.id == "web-1")
     });
     // Revoke it the way the README says: a new file renamed over the list.
     let next = dir.path().join("deny.new");
     std::fs::write(&next, "web-1\n").unwrap();
     std::fs::rename(&next, &deny).unwrap();
     wait_for("web-1's stream to be ended", || {
-        server.dispatcher().clients().iter().all(|c| c.id != "web-1")
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .all(|c| c.id != "web-1")
     });
     let bearer = format!("Bearer {}", s.token(TokenKind::Agent, "web-1"));
     assert_eq!(

@@ -77,7 +77,9 @@ fn late_clients_get_history_unless_they_start_at_new() {
 #[test]
 fn seed_results_answer_the_oldest_delivery_and_count_as_ok() {
     let d = Dispatcher::new(DispatchConfig::default());
-    let (session, feed) = d.attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true, "").unwrap();
+    let (session, feed) = d
+        .attach("ipv4:1.2.3.4:5", "ipv4:1.2.3.4:5", true, "")
+        .unwrap();
     d.publish(tasks(&["a", "b"]));
     assert_eq!(drain(&feed), vec![1, 2]);
     let seed = Answer {
@@ -476,7 +478,10 @@ fn a_second_owner_of_a_live_id_is_refused_until_the_first_leaves() {
     d.detach("a", first);
     assert!(d.attach("a", "p2", false, "i2").is_ok());
     d.close_all();
-    assert_eq!(d.attach("b", "p", false, "").err(), Some(AttachRefused::Closed));
+    assert_eq!(
+        d.attach("b", "p", false, "").err(),
+        Some(AttachRefused::Closed)
+    );
 }
 
 #[test]
@@ -504,11 +509,18 @@ fn exact_answers_are_required_of_named_clients() {
     assert_eq!(drain(&a), vec![1]);
     let inc = d.incarnation();
     // Wildcards (attempt 0, no incarnation) match nothing.
-    let wild = Answer { attempt: 0, incarnation: inc.clone(), ..ok(1, 1) };
+    let wild = Answer {
+        attempt: 0,
+        incarnation: inc.clone(),
+        ..ok(1, 1)
+    };
     assert!(d.complete_exact("a", wild).unwrap().stale);
     assert!(d.complete_exact("a", ok(1, 1)).unwrap().stale);
     assert_eq!(d.unfinished(), 1);
-    let exact = Answer { incarnation: inc, ..ok(1, 1) };
+    let exact = Answer {
+        incarnation: inc,
+        ..ok(1, 1)
+    };
     let r = d.complete_exact("a", exact).unwrap();
     assert!(r.accepted && !r.stale);
     assert_eq!(d.unfinished(), 0);
