@@ -79,8 +79,12 @@ impl StaleBudget {
 
     /// Why `key`'s calls are refused right now, if they are.
     pub fn exhausted(&self, key: &str) -> Option<String> {
-        let w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let w = w.get(key)?;
+        let map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        self.over(map.get(key)?)
+    }
+
+    /// Why a window is over the limits, if it is and is not over yet.
+    fn over(&self, w: &Window) -> Option<String> {
         let left = WINDOW.saturating_sub(w.started.elapsed());
         if left.is_zero() {
             return None;
@@ -103,37 +107,35 @@ impl StaleBudget {
     /// Counts one stale result of `bytes` from `key`; returns why its calls are
     /// refused from now on if this one went over the budget.
     pub fn charge(&self, key: &str, bytes: usize) -> Option<String> {
-        {
-            let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-            if map.len() >= MAX_ENTRIES && !map.contains_key(key) {
-                map.retain(|_, w| w.started.elapsed() < WINDOW);
-                // Still full within one minute: the oldest window goes (a hard cap).
-                if map.len() >= MAX_ENTRIES {
-                    let oldest = map
-                        .iter()
-                        .min_by_key(|(_, w)| w.started)
-                        .map(|(k, _)| k.clone());
-                    if let Some(k) = oldest {
-                        map.remove(&k);
-                    }
+        let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_ENTRIES && !map.contains_key(key) {
+            map.retain(|_, w| w.started.elapsed() < WINDOW);
+            // Still full within one minute: the oldest window goes (a hard cap).
+            if map.len() >= MAX_ENTRIES {
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, w)| w.started)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    map.remove(&k);
                 }
             }
-            let w = map.entry(key.to_string()).or_insert_with(|| Window {
+        }
+        let w = map.entry(key.to_string()).or_insert_with(|| Window {
+            started: Instant::now(),
+            results: 0,
+            bytes: 0,
+        });
+        if w.started.elapsed() >= WINDOW {
+            *w = Window {
                 started: Instant::now(),
                 results: 0,
                 bytes: 0,
-            });
-            if w.started.elapsed() >= WINDOW {
-                *w = Window {
-                    started: Instant::now(),
-                    results: 0,
-                    bytes: 0,
-                };
-            }
-            w.results += 1;
-            w.bytes += bytes as u64;
+            };
         }
-        self.exhausted(key)
+        w.results += 1;
+        w.bytes += bytes as u64;
+        self.over(w)
     }
 }
 

@@ -328,6 +328,25 @@ mod tests {
         );
     }
 
+    /// Waits up to 10 s for the process whose pid is in `pidfile` to stop
+    /// running (gone, or a zombie waiting to be reaped); fails with `survived`.
+    fn wait_gone(pidfile: &std::path::Path, survived: &str) {
+        let pid = std::fs::read_to_string(pidfile).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let dead = || match std::fs::read_to_string(&stat) {
+            Err(_) => true,
+            Ok(s) => s
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead() {
+            assert!(std::time::Instant::now() < deadline, "{survived}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_command_past_its_timeout_is_killed_with_its_whole_group() {
         let dir = tempfile::tempdir().unwrap();
@@ -341,24 +360,7 @@ mod tests {
         let o = h.handle(&script);
         assert!(!o.ok && !o.retry && o.output.contains("timed out"), "{o:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
-        let pid = std::fs::read_to_string(&pidfile).unwrap();
-        let stat = format!("/proc/{}/stat", pid.trim());
-        // Gone, or a zombie waiting to be reaped: either way, no longer running.
-        let dead = || match std::fs::read_to_string(&stat) {
-            Err(_) => true,
-            Ok(s) => s
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !dead() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the grandchild survived the timeout"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_gone(&pidfile, "the grandchild survived the timeout");
         // A quick command is not affected.
         let quick = Handler::exec("echo", 100)
             .unwrap()
@@ -380,23 +382,7 @@ mod tests {
             .with_timeout(Some(Duration::from_millis(300)));
         let o = h.handle(&script);
         assert!(o.output.contains("timed out"), "{o:?}");
-        let pid = std::fs::read_to_string(&pidfile).unwrap();
-        let stat = format!("/proc/{}/stat", pid.trim());
-        let dead = || match std::fs::read_to_string(&stat) {
-            Err(_) => true,
-            Ok(s) => s
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !dead() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the SIGTERM-proof process survived"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_gone(&pidfile, "the SIGTERM-proof process survived");
         // 50 MB of output: kept to the cap, without holding it all.
         let chatty =
             Handler::exec("sh -c 'head -c 50000000 /dev/zero | tr \"\\0\" x' sh", 10).unwrap();

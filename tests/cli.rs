@@ -245,24 +245,24 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     std::fs::write(&token_file, &token.stdout).unwrap();
 
     // TLS and a token: the agent's id comes from its token.
-    let mut server = Proc::start(
-        SERVER,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--no-state",
-            "--generate",
-            "2",
-            "--every",
-            "0.2",
-            "--tls-cert",
-            &cert("server.pem"),
-            "--tls-key",
-            &cert("server.key"),
-            "--auth-secret",
-            secret.to_str().unwrap(),
-        ],
-    );
+    let tls_server = |credentials: &[&str]| {
+        let mut args = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--no-state".into(),
+            "--generate".into(),
+            "2".into(),
+            "--every".into(),
+            "0.2".into(),
+            "--tls-cert".into(),
+            cert("server.pem"),
+            "--tls-key".into(),
+            cert("server.key"),
+        ];
+        args.extend(credentials.iter().map(|s| s.to_string()));
+        Proc::start(SERVER, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let mut server = tls_server(&["--auth-secret", secret.to_str().unwrap()]);
     let line = server.wait_line("listening on");
     assert!(line.contains("TLS, tokens required"), "{line}");
     let addr = format!("localhost:{}", port_of_listening_line(&line));
@@ -290,24 +290,7 @@ fn the_readme_tls_token_and_mutual_tls_setups_work_end_to_end() {
     assert_eq!(server.wait_exit(), 0);
 
     // Mutual TLS: the agent's id comes from its certificate.
-    let mut server = Proc::start(
-        SERVER,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--no-state",
-            "--generate",
-            "2",
-            "--every",
-            "0.2",
-            "--tls-cert",
-            &cert("server.pem"),
-            "--tls-key",
-            &cert("server.key"),
-            "--client-ca",
-            &cert("ca.pem"),
-        ],
-    );
+    let mut server = tls_server(&["--client-ca", &cert("ca.pem")]);
     let line = server.wait_line("listening on");
     assert!(line.contains("mutual TLS"), "{line}");
     let addr = format!("localhost:{}", port_of_listening_line(&line));
@@ -367,24 +350,12 @@ fn token_subcommand_checks_its_inputs() {
 #[test]
 fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
     use std::io::{BufRead, BufReader};
-    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(SERVER);
     cmd.args(["--listen", "127.0.0.1:0", "--no-state"])
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped());
     // Started with a soft limit of 256 under a hard limit of 2048.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 256,
-                rlim_max: 2048,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_open_file_limit(&mut cmd, 256, 2048);
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let raised = lines

@@ -405,21 +405,7 @@ fn connections_beyond_the_open_file_limit_do_not_lock_agents_out() {
     // A hard limit of 128 open files, which the server cannot raise.
     let rig = Rig::start_with(
         &["--handshake-timeout", "2", "--idle-connection-timeout", "2"],
-        |cmd| {
-            use std::os::unix::process::CommandExt;
-            unsafe {
-                cmd.pre_exec(|| {
-                    let lim = libc::rlimit {
-                        rlim_cur: 128,
-                        rlim_max: 128,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        },
+        |cmd| with_open_file_limit(cmd, 128, 128),
     );
     let target = rig.target();
     let attack = std::thread::spawn(move || {
@@ -488,6 +474,21 @@ fn a_message_declared_huge_is_refused_before_it_is_buffered() {
     rig.finish();
 }
 
+/// Sends one malformed message of `kind` on `path` and returns h2peer's report.
+fn malformed(rig: &Rig, kind: &str, path: &str) -> serde_json::Value {
+    let r = h2peer(&[
+        "malformed",
+        "--target",
+        &rig.target(),
+        "--kind",
+        kind,
+        "--path",
+        path,
+    ]);
+    eprintln!("malformed {kind} on {path}: {r}");
+    r
+}
+
 #[test]
 fn oversized_and_malformed_messages_are_refused_alone() {
     let rig = Rig::start(&[]);
@@ -509,16 +510,7 @@ fn oversized_and_malformed_messages_are_refused_alone() {
     // Messages that are not what the proto says: INVALID_ARGUMENT, naming the call.
     for path in ["/Contact/tellResult", "/Contact/sendStatus"] {
         for kind in ["bad-proto", "bad-wire-type"] {
-            let r = h2peer(&[
-                "malformed",
-                "--target",
-                &rig.target(),
-                "--kind",
-                kind,
-                "--path",
-                path,
-            ]);
-            eprintln!("malformed {kind} on {path}: {r}");
+            let r = malformed(&rig, kind, path);
             assert_eq!(r["grpc_status"], "3", "{r}");
             assert!(
                 r["grpc_message"]
@@ -532,16 +524,7 @@ fn oversized_and_malformed_messages_are_refused_alone() {
         // except when C-core has already seen the stream's end: then the call
         // gets an empty message (a blank status, or a stale result with no
         // task), which is harmless; finish() checks nothing was accepted.
-        let r = h2peer(&[
-            "malformed",
-            "--target",
-            &rig.target(),
-            "--kind",
-            "garbage",
-            "--path",
-            path,
-        ]);
-        eprintln!("malformed garbage on {path}: {r}");
+        let r = malformed(&rig, "garbage", path);
         assert!(
             !r["stream_reset"].is_null() || r["response_data_bytes"].as_u64().unwrap() <= 24,
             "{r}"
@@ -549,16 +532,7 @@ fn oversized_and_malformed_messages_are_refused_alone() {
         // A message cut short by the end of the stream never reaches us:
         // C-core drops it and the call ends as if empty. Nothing is recorded
         // for it (checked in finish).
-        let r = h2peer(&[
-            "malformed",
-            "--target",
-            &rig.target(),
-            "--kind",
-            "truncated",
-            "--path",
-            path,
-        ]);
-        eprintln!("malformed truncated on {path}: {r}");
+        malformed(&rig, "truncated", path);
     }
     rig.assert_agent_served(since);
     rig.finish();

@@ -191,6 +191,24 @@ pub fn test_python(modules: &[&str]) -> std::path::PathBuf {
     py
 }
 
+/// Starts `cmd` with these soft and hard limits on open files.
+pub fn with_open_file_limit(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only setrlimit runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The port in a server's "listening on HOST:PORT (...)" log line.
 pub fn port_of_listening_line(line: &str) -> u16 {
     line.split("listening on ")
