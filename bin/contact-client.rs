@@ -131,6 +131,7 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
     if let Some(cmd) = flags.exec {
         c.handler =
             Handler::exec(&cmd, flags.max_output as usize)?.with_timeout(flags.exec_timeout);
+        c.handler.check_runnable()?;
     }
     c.status_every = flags.status_every;
     c.max_tasks = flags.max_tasks;

@@ -3,8 +3,8 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use contact::budget::StaleLimits;
-use contact::cli::{self, parse_positive, parse_secs};
-use contact::dispatch::{DispatchConfig, Mode, StartAt};
+use contact::cli::{self, parse_positive, parse_secs, parse_secs_range};
+use contact::dispatch::{DispatchConfig, Mode, RetryBackoff, StartAt};
 use contact::listen::ListenAddr;
 use contact::producer::TaskSource;
 use contact::server::{Server, ServerConfig, TransportLimits};
@@ -58,6 +58,16 @@ struct Flags {
     /// Seconds a client has to answer a task before it is delivered again.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "60")]
     ack_timeout: Duration,
+    /// Seconds an agent that reports its work may hold one task in all
+    /// (running, or waiting its turn at the agent); its ack timeout runs from
+    /// its last report that it is working on the task.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "3600")]
+    max_lease: Duration,
+    /// Wait before a refused task (exit 75, or retry) is delivered again:
+    /// MIN seconds after the first refusal, doubling per refusal up to MAX,
+    /// less up to half at random.
+    #[arg(long, value_name = "MIN..MAX", value_parser = parse_secs_range, default_value = "1..60")]
+    retry_backoff: RetryBackoff,
     /// Deliveries of a task before it is given up and dead-lettered.
     #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "5")]
     max_attempts: u64,
@@ -225,6 +235,8 @@ fn main() {
                 Dispatch::Queue => Mode::Queue,
             },
             ack_timeout: flags.ack_timeout,
+            max_lease: flags.max_lease,
+            retry_backoff: flags.retry_backoff,
             max_attempts: u32::try_from(flags.max_attempts).unwrap_or(u32::MAX),
             client_timeout: Some(flags.client_timeout),
             forget_after: flags.forget_after,

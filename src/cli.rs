@@ -2,6 +2,7 @@
 //! parsers, signal handling and the exit-status contract (0 success,
 //! 2 usage error, 1 anything else).
 
+use crate::dispatch::RetryBackoff;
 use crate::error::Error;
 use crate::shutdown::Shutdown;
 use std::time::Duration;
@@ -29,6 +30,18 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be a number of seconds greater than 0"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `MIN..MAX` in seconds (`--retry-backoff 1..60`).
+pub fn parse_secs_range(s: &str) -> Result<RetryBackoff, String> {
+    let (min, max) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not MIN..MAX in seconds (e.g. 1..60)"))?;
+    let (min, max) = (parse_secs(min)?, parse_secs(max)?);
+    if min > max {
+        return Err(format!("{s:?}: MIN is greater than MAX"));
+    }
+    Ok(RetryBackoff { min, max })
 }
 
 /// Parses a count that must be at least 1 (`--generate`, `--max-tasks`...).
@@ -110,5 +123,15 @@ mod tests {
         assert_eq!(parse_positive("3").unwrap(), 3);
         assert!(parse_positive("0").is_err() && parse_positive("-1").is_err());
         assert_eq!(exit_code(&Error::Usage("x".into())), 2);
+        let r = parse_secs_range("0.5..60").unwrap();
+        assert_eq!(
+            (r.min, r.max),
+            (Duration::from_millis(500), Duration::from_secs(60))
+        );
+        assert!(parse_secs_range("5..1")
+            .unwrap_err()
+            .contains("greater than MAX"));
+        assert!(parse_secs_range("5").unwrap_err().contains("MIN..MAX"));
+        assert!(parse_secs_range("0..1").is_err());
     }
 }

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::handler::{Handler, Outcome};
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
-use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
+use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg, Working};
 use crate::shutdown::Shutdown;
 use crate::tls::ClientTls;
 use crate::token::Token;
@@ -119,6 +119,12 @@ struct Progress {
     /// What recent tasks came to, so that a redelivery (after a reconnect,
     /// before the server saw the result) is answered without running it again.
     outcomes: Mutex<RecentOutcomes>,
+    /// The task being handled now, reported with every status message so
+    /// that the server keeps its lease (see `ClientMsg.working`).
+    working: Mutex<Option<Working>>,
+    /// The server's ack timeout, from the last task (0: not told): progress
+    /// is reported well within it.
+    ack_timeout_ms: AtomicU64,
 }
 
 /// Outcomes of the last [`RECENT_OUTCOMES`] tasks, by (incarnation, task id).
@@ -168,6 +174,26 @@ impl Progress {
         self.unacked.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
     }
 
+    /// How often the status sender writes: every `every`, and at least three
+    /// times per ack timeout so that the task in hand keeps its lease.
+    fn status_interval(&self, every: Duration) -> Duration {
+        match self.ack_timeout_ms.load(Ordering::Relaxed) {
+            0 => every,
+            ms => every.min(Duration::from_millis(ms / 3).max(Duration::from_millis(100))),
+        }
+    }
+
+    fn set_working(&self, w: Option<Working>) {
+        *self.working.lock().unwrap_or_else(|e| e.into_inner()) = w;
+    }
+
+    fn working(&self) -> Option<Working> {
+        self.working
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn report(&self) -> ClientReport {
         ClientReport {
             acknowledged: self.acked(),
@@ -213,6 +239,7 @@ fn call_metadata(cfg: &ClientConfig, instance: &str) -> Result<Metadata, grpcio:
     let mut b = MetadataBuilder::new();
     b.add_str(proto::CLIENT_ID_KEY, &cfg.id)?;
     b.add_str(proto::INSTANCE_KEY, instance)?;
+    b.add_str(proto::LEASES_KEY, "1")?;
     if let Some(token) = &cfg.token {
         b.add_str(AUTHORIZATION_KEY, &format!("Bearer {}", token.expose()))?;
     }
@@ -424,6 +451,20 @@ fn work(
         } else {
             log::info!("task {}: {}", task.task_id, quoted(&task.task));
         }
+        if task.ack_timeout_ms != 0 {
+            progress
+                .ack_timeout_ms
+                .store(u64::from(task.ack_timeout_ms), Ordering::Relaxed);
+        }
+        // Seed servers send no task ids: there is nothing to report then.
+        if task.task_id != 0 {
+            progress.set_working(Some(Working {
+                task_id: task.task_id,
+                attempt: task.attempt,
+                incarnation: task.incarnation.clone(),
+                ..Default::default()
+            }));
+        }
         let key = (task.incarnation.clone(), task.task_id);
         let known = (task.attempt > 1 && task.task_id != 0)
             .then(|| {
@@ -444,6 +485,7 @@ fn work(
             }
             None => cfg.handler.handle(&task.task),
         };
+        progress.set_working(None);
         // A refusal asked for another try: that one is not remembered.
         if task.task_id != 0 && !outcome.retry {
             progress
@@ -688,8 +730,15 @@ fn send_status(
 ) -> grpcio::Result<()> {
     let (mut tx, mut replies) = client.send_status_opt(opt)?;
     client.spawn(async move {
+        // Progress reports make replies more frequent than `every`: log one per `every`.
+        let mut logged: Option<Instant> = None;
         while let Some(Ok(reply)) = replies.next().await {
-            log::info!("status reply: {}", quoted(&reply.ret));
+            if logged.is_none_or(|t| t.elapsed() >= every) {
+                logged = Some(Instant::now());
+                log::info!("status reply: {}", quoted(&reply.ret));
+            } else {
+                log::debug!("status reply: {}", quoted(&reply.ret));
+            }
         }
     });
     loop {
@@ -698,14 +747,13 @@ fn send_status(
             "alive: handled={} acknowledged={}",
             r.handled, r.acknowledged
         );
-        block_on(tx.send((
-            ClientMsg {
-                msg,
-                ..Default::default()
-            },
-            WriteFlags::default(),
-        )))?;
-        if stop.wait_timeout(every) {
+        let mut status = ClientMsg {
+            msg,
+            ..Default::default()
+        };
+        status.working = progress.working().into_iter().collect();
+        block_on(tx.send((status, WriteFlags::default())))?;
+        if stop.wait_timeout(progress.status_interval(every)) {
             return block_on(tx.close());
         }
     }

@@ -17,7 +17,7 @@ use crate::registry::{ClientInfo, ClientRegistry};
 use crate::results::{DeadLetter, ResultRecord, ResultSink};
 use crate::task::{Task, TaskId, TaskLog};
 use crate::workqueue::WorkQueue;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,8 +48,15 @@ pub struct DispatchConfig {
     pub max_in_flight: usize,
     /// Tasks kept in the log for late clients.
     pub retain: usize,
-    /// A delivery not answered within this time is taken back and redelivered.
+    /// A delivery not answered within this time is taken back and redelivered;
+    /// for a client that reports what it works on, the time runs from when it
+    /// last said it was working on the task (see [`Dispatcher::renew`]).
     pub ack_timeout: Duration,
+    /// The longest a client that reports its work may hold one delivery, in
+    /// all (started or waiting its turn at the client).
+    pub max_lease: Duration,
+    /// How long a refused task waits before it is delivered again.
+    pub retry_backoff: RetryBackoff,
     /// Deliveries of one task (to one client, in broadcast) before it is dead-lettered.
     pub max_attempts: u32,
     /// A client with an id that shows no sign of life (status, result) for
@@ -70,12 +77,55 @@ impl Default for DispatchConfig {
             max_in_flight: 16,
             retain: 100_000,
             ack_timeout: Duration::from_secs(60),
+            max_lease: Duration::from_secs(3600),
+            retry_backoff: RetryBackoff::default(),
             max_attempts: 5,
             client_timeout: Some(Duration::from_secs(30)),
             forget_after: Duration::from_secs(7 * 24 * 3600),
             max_known_clients: 10_000,
         }
     }
+}
+
+/// The wait before a refused task is delivered again: the k-th refusal of a
+/// task waits `min`·2^(k-1), capped at `max`, less up to half of it at random
+/// (so that tasks refused together do not come back together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBackoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        RetryBackoff {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryBackoff {
+    /// The wait after the refusal of attempt `attempt` (1 for the first delivery).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
+        let ceiling = self.min.saturating_mul(factor).min(self.max.max(self.min));
+        ceiling.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+}
+
+/// Who holds a `getTask` stream, as [`Dispatcher::attach_as`] is told.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Holder<'a> {
+    /// The connection's address, for the log.
+    pub peer: &'a str,
+    /// The client process (`contact-client-instance`), "" when unknown.
+    pub instance: &'a str,
+    /// Known by address only (a seed peer): forgotten when its streams end.
+    pub ephemeral: bool,
+    /// It reports the tasks it works on (`contact-leases`), so their ack
+    /// deadlines start when it starts them.
+    pub leases: bool,
 }
 
 /// Identifies one `getTask` stream, so that a stale stream cannot detach a newer one.
@@ -124,6 +174,18 @@ impl Answer {
 struct InFlight {
     delivery: Delivery,
     sent_at: Instant,
+    /// When its client last said it is working on it (`None`: not started).
+    renewed: Option<Instant>,
+}
+
+impl InFlight {
+    fn new(delivery: Delivery) -> InFlight {
+        InFlight {
+            delivery,
+            sent_at: Instant::now(),
+            renewed: None,
+        }
+    }
 }
 
 /// How long a disconnected seed client's late answers are still matched.
@@ -144,6 +206,10 @@ struct ClientState {
     in_flight: VecDeque<InFlight>,
     /// Taken back, to be written again before anything new (broadcast).
     redeliver: VecDeque<Delivery>,
+    /// Refused, to be written again once their retry backoff is over (broadcast).
+    delayed: Vec<(Instant, Delivery)>,
+    /// Its session reports the tasks it works on (see [`Holder::leases`]).
+    leases: bool,
     /// Recently accepted (task, attempt): a resend of one is acknowledged, not recorded.
     recent: VecDeque<(TaskId, u32)>,
     last_seen: Instant,
@@ -161,11 +227,21 @@ impl ClientState {
             cursor,
             in_flight: VecDeque::new(),
             redeliver,
+            delayed: Vec::new(),
+            leases: false,
             recent: VecDeque::new(),
             last_seen: Instant::now(),
             ephemeral,
             draining: false,
         }
+    }
+
+    /// Deliveries it is owed but does not hold: taken back, or refused and
+    /// waiting out their backoff (broadcast).
+    fn owed(&self) -> impl Iterator<Item = &Delivery> {
+        self.redeliver
+            .iter()
+            .chain(self.delayed.iter().map(|(_, d)| d))
     }
 
     fn remember(&mut self, id: TaskId, attempt: u32) {
@@ -276,6 +352,27 @@ impl Dispatcher {
         ephemeral: bool,
         instance: &str,
     ) -> Result<(SessionId, TaskFeed), AttachRefused> {
+        let holder = Holder {
+            peer,
+            instance,
+            ephemeral,
+            leases: false,
+        };
+        self.attach_as(client, holder)
+    }
+
+    /// [`Dispatcher::attach`], saying all that is known of the stream's holder.
+    pub fn attach_as(
+        &self,
+        client: &str,
+        holder: Holder<'_>,
+    ) -> Result<(SessionId, TaskFeed), AttachRefused> {
+        let Holder {
+            peer,
+            instance,
+            ephemeral,
+            leases,
+        } = holder;
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.closed {
@@ -320,6 +417,7 @@ impl Dispatcher {
         let c = st.clients.get_mut(client).expect("inserted above");
         c.session = Some((id, tx));
         c.holder = (instance.to_string(), peer.to_string());
+        c.leases = leases && !ephemeral;
         c.last_seen = Instant::now();
         log::info!(
             "client {client} {} from {peer}",
@@ -518,6 +616,11 @@ impl Dispatcher {
         out
     }
 
+    /// How it was configured.
+    pub fn config(&self) -> &DispatchConfig {
+        &self.config
+    }
+
     /// The identity clients echo with their results (see `Answer::incarnation`).
     pub fn incarnation(&self) -> String {
         self.lock().incarnation.clone()
@@ -571,17 +674,85 @@ impl Dispatcher {
                 // delivery back would shift every later answer.
                 continue;
             }
-            let expired: Vec<TaskId> = c
+            let expired: Vec<(TaskId, &'static str)> = c
                 .in_flight
                 .iter()
-                .filter(|f| now.duration_since(f.sent_at) > self.config.ack_timeout)
-                .map(|f| f.delivery.task.id)
+                .filter_map(|f| {
+                    self.overdue(c.leases, f, now)
+                        .map(|why| (f.delivery.task.id, why))
+                })
                 .collect();
-            for id in expired {
-                self.take_back(st, &name, id, "no answer within the ack timeout");
+            for (id, why) in expired {
+                self.take_back(st, &name, id, why);
             }
         }
+        self.wake_due(st, now);
         self.pump_all(st);
+    }
+
+    /// Why a delivery is to be taken back now, if it is. A client that does
+    /// not report its work (a seed client) has `ack_timeout` from the
+    /// delivery; one that does has `ack_timeout` from its last word that it
+    /// is working on it, and holds it `max_lease` in all, started or not.
+    fn overdue(&self, leases: bool, f: &InFlight, now: Instant) -> Option<&'static str> {
+        let ack = self.config.ack_timeout;
+        if !leases {
+            return (now.duration_since(f.sent_at) > ack)
+                .then_some("no answer within the ack timeout");
+        }
+        if now.duration_since(f.sent_at) > self.config.max_lease.max(ack) {
+            return Some("held longer than --max-lease");
+        }
+        f.renewed
+            .is_some_and(|t| now.duration_since(t) > ack)
+            .then_some("no answer or progress report within the ack timeout")
+    }
+
+    /// Refused tasks whose retry backoff is over become deliverable again.
+    fn wake_due(&self, st: &mut State, now: Instant) {
+        match self.config.mode {
+            Mode::Queue => {
+                st.queue.wake_due(now);
+            }
+            Mode::Broadcast => {
+                for c in st.clients.values_mut() {
+                    if c.delayed.is_empty() {
+                        continue;
+                    }
+                    let (mut due, later): (Vec<_>, Vec<_>) =
+                        c.delayed.drain(..).partition(|(t, _)| *t <= now);
+                    c.delayed = later;
+                    due.sort_by_key(|(_, d)| d.task.id);
+                    c.redeliver.extend(due.into_iter().map(|(_, d)| d));
+                }
+            }
+        }
+    }
+
+    /// `client` says it is working on these deliveries (task, attempt,
+    /// incarnation): their ack deadlines start again now. Deliveries it does
+    /// not hold are ignored.
+    pub fn renew(&self, client: &str, working: &[(TaskId, u32, String)]) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        let now = Instant::now();
+        c.last_seen = now;
+        let named: HashSet<(TaskId, u32)> = working
+            .iter()
+            .filter(|(_, _, incarnation)| *incarnation == st.incarnation)
+            .map(|(task, attempt, _)| (*task, *attempt))
+            .collect();
+        if !c.leases {
+            return;
+        }
+        for f in c.in_flight.iter_mut() {
+            if named.contains(&(f.delivery.task.id, f.delivery.attempt)) {
+                f.renewed = Some(now);
+            }
+        }
     }
 
     /// Dead letters produced since the last call, for the server to record.
@@ -591,13 +762,9 @@ impl Dispatcher {
 
     /// Takes every delivery `client` holds back (see `take_back`).
     fn take_back_all(&self, st: &mut State, client: &str, why: &str) {
-        let mut ids: Vec<TaskId> = st.clients.get(client).map_or(vec![], |c| {
+        let ids: Vec<TaskId> = st.clients.get(client).map_or(vec![], |c| {
             c.in_flight.iter().map(|f| f.delivery.task.id).collect()
         });
-        // Queue mode puts each one back at the front: newest first keeps the order.
-        if self.config.mode == Mode::Queue {
-            ids.reverse();
-        }
         for id in ids {
             self.take_back(st, client, id, why);
         }
@@ -635,7 +802,7 @@ impl Dispatcher {
         log::info!("task {id} taken back from {client} ({why}); it will be delivered again");
         st.counters.redelivered += 1;
         match self.config.mode {
-            Mode::Queue => st.queue.release(id),
+            Mode::Queue => st.queue.release(id, Some(client)),
             Mode::Broadcast => c.redeliver.push_back(Delivery {
                 task: f.delivery.task,
                 attempt: f.delivery.attempt + 1,

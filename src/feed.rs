@@ -39,12 +39,30 @@ pub struct FeedSender {
     waker: Arc<AtomicWaker>,
 }
 
+/// Why a feed did not take a delivery (which it gives back).
+#[derive(Debug)]
+pub enum SendError {
+    /// The stream is not written as fast as tasks come: try again later.
+    Full(Delivery),
+    /// The stream is gone.
+    Closed(Delivery),
+}
+
+impl SendError {
+    pub fn into_delivery(self) -> Delivery {
+        match self {
+            SendError::Full(d) | SendError::Closed(d) => d,
+        }
+    }
+}
+
 impl FeedSender {
     /// Queues a delivery without blocking; gives it back if the feed is full or closed.
-    pub fn send(&self, d: Delivery) -> Result<(), Delivery> {
+    pub fn send(&self, d: Delivery) -> Result<(), SendError> {
         let tx = self.tx.as_ref().expect("sender is only taken in drop");
         let res = tx.try_send(d).map_err(|e| match e {
-            TrySendError::Full(d) | TrySendError::Disconnected(d) => d,
+            TrySendError::Full(d) => SendError::Full(d),
+            TrySendError::Disconnected(d) => SendError::Closed(d),
         });
         self.waker.wake();
         res
@@ -129,8 +147,10 @@ mod tests {
     fn a_full_feed_gives_the_delivery_back() {
         let (tx, feed) = channel(1);
         tx.send(delivery(1)).unwrap();
-        assert_eq!(tx.send(delivery(2)).unwrap_err().task.id, 2);
+        assert!(matches!(tx.send(delivery(2)), Err(SendError::Full(d)) if d.task.id == 2));
         assert_eq!(feed.try_next().unwrap().task.id, 1);
         assert!(feed.try_next().is_none());
+        drop(feed);
+        assert!(matches!(tx.send(delivery(3)), Err(SendError::Closed(d)) if d.task.id == 3));
     }
 }

@@ -62,6 +62,20 @@ impl Handler {
         })
     }
 
+    /// Checks that the program of an `Exec` handler can be run now: a path
+    /// to an executable file, or a name found as one on `PATH`. For a
+    /// client's start-up, so that a typo is a usage error rather than a
+    /// fleet of tasks failing (it may still vanish later: see [`Handler::handle`]).
+    pub fn check_runnable(&self) -> Result<(), Error> {
+        let Handler::Exec { program, .. } = self else {
+            return Ok(());
+        };
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        find_program(program, &path)
+            .map(|_| ())
+            .map_err(|why| Error::Usage(format!("--exec: cannot run {program:?}: {why}")))
+    }
+
     /// The same handler with a time limit for each command (`--exec-timeout`).
     pub fn with_timeout(self, limit: Option<Duration>) -> Handler {
         match self {
@@ -80,7 +94,10 @@ impl Handler {
         }
     }
 
-    /// Handles one task; failures of the command become a failed outcome, never an error.
+    /// Handles one task; failures of the command become a failed outcome,
+    /// never an error. A command that cannot be started at all (its program
+    /// is gone, or no process can be made) is a refusal: the task never ran,
+    /// so it is delivered again, to another agent if there is one.
     pub fn handle(&self, task: &str) -> Outcome {
         match self {
             Handler::Echo => Outcome {
@@ -117,7 +134,14 @@ fn run(
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return failed(format!("cannot run {program}: {e}")),
+        Err(e) => {
+            log::error!("cannot run {program}: {e}; refusing the task so that it goes elsewhere");
+            return Outcome {
+                ok: false,
+                retry: true,
+                output: format!("cannot run {program} on this agent: {e}"),
+            };
+        }
     };
     // Both pipes are read on threads of their own, keeping at most
     // `max_output` (+1, to know it was cut) and draining the rest, so the
@@ -242,6 +266,29 @@ fn exited_unreaped(pid: i32) {
     }
 }
 
+/// Where `program` is, as `execvp` would find it: a name with a slash is a
+/// path; any other name is looked up in the directories of `path`. It must be
+/// a regular file that someone may execute.
+fn find_program(program: &str, path: &std::ffi::OsStr) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = std::path::PathBuf::from(program);
+        return match std::fs::metadata(&p) {
+            Err(e) => Err(e.to_string()),
+            Ok(_) if runnable(&p) => Ok(p),
+            Ok(m) if m.is_dir() => Err("it is a directory".into()),
+            Ok(_) => Err("it is not executable".into()),
+        };
+    }
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+        .ok_or_else(|| "no executable of that name on PATH".into())
+}
+
 fn failed(output: String) -> Outcome {
     Outcome {
         ok: false,
@@ -311,9 +358,10 @@ mod tests {
                 output: "exit status 75: busy".into()
             }
         );
+        // A program that cannot be started: the task never ran, so it is refused.
         let missing = Handler::exec("/no/such/program", 100).unwrap().handle("t");
         assert!(
-            !missing.ok && missing.output.contains("/no/such/program"),
+            !missing.ok && missing.retry && missing.output.contains("/no/such/program"),
             "{missing:?}"
         );
     }
@@ -401,5 +449,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--exec"));
+    }
+
+    #[test]
+    fn the_program_must_be_runnable_at_start() {
+        assert!(Handler::Echo.check_runnable().is_ok());
+        assert!(Handler::exec("sh -c", 10).unwrap().check_runnable().is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, "").unwrap();
+        for (cmd, why) in [
+            ("/no/such/program".to_string(), "No such file"),
+            ("no-such-program-anywhere".to_string(), "PATH"),
+            (plain.display().to_string(), "not executable"),
+            (dir.path().display().to_string(), "directory"),
+        ] {
+            let err = Handler::exec(&format!("'{cmd}' arg"), 10)
+                .unwrap()
+                .check_runnable()
+                .unwrap_err();
+            assert!(matches!(err, Error::Usage(_)));
+            let msg = err.to_string();
+            assert!(
+                msg.contains("--exec") && msg.contains(&cmd) && msg.contains(why),
+                "{msg}"
+            );
+        }
+        // Looked up on PATH as execvp does.
+        let path = std::ffi::OsString::from(format!("/nonexistent:{}", dir.path().display()));
+        assert!(find_program("plain.txt", &path).is_err(), "not executable");
+        assert!(find_program("sh", std::ffi::OsStr::new("/bin:/usr/bin")).is_ok());
     }
 }

@@ -8,7 +8,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 }
 
-pub use generated::contact::{ClientMsg, Empty, Result as ResultMsg, ServerMsg};
+pub use generated::contact::{ClientMsg, Empty, Result as ResultMsg, ServerMsg, Working};
 pub use generated::contact_grpc::{create_contact, Contact, ContactClient};
 
 /// Request metadata key that names the calling client on all three calls.
@@ -27,6 +27,18 @@ pub fn instance_from(headers: &grpcio::Metadata) -> String {
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric()))
         .unwrap_or_default()
         .to_string()
+}
+
+/// Request metadata key with which a client says, on `getTask`, that it
+/// reports the tasks it is working on (`ClientMsg.working`): the ack deadline
+/// of its tasks then starts when it starts them (see `dispatch`).
+pub const LEASES_KEY: &str = "contact-leases";
+
+/// Whether the caller set [`LEASES_KEY`] to `1`.
+pub fn leases_from(headers: &grpcio::Metadata) -> bool {
+    headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case(LEASES_KEY) && v == b"1")
 }
 
 /// Longest client id accepted.

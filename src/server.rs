@@ -8,7 +8,7 @@
 //! threads of ours.
 
 use crate::budget::{budget_key, StaleBudget, StaleLimits};
-use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher};
+use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
 use crate::feed::TaskFeed;
 use crate::journal::Journal;
@@ -173,6 +173,12 @@ impl ContactService {
 /// A status stream is noted (logged, and a sign of life) at most this often.
 const STATUS_NOTE_EVERY: Duration = Duration::from_secs(1);
 
+/// A status stream's progress reports (`working`) are applied at most this often.
+const RENEW_EVERY: Duration = Duration::from_millis(100);
+
+/// Entries of one progress report read at most (a client holds `--max-in-flight`).
+const MAX_WORKING_REPORTED: usize = 1024;
+
 /// Warnings about refused calls, at most this many per second (a flood of
 /// bad calls must not become a flood of log lines).
 const REFUSAL_WARNINGS_PER_SEC: u64 = 10;
@@ -229,8 +235,10 @@ impl Contact for ContactService {
         let dispatcher = self.dispatcher.clone();
         ctx.spawn(async move {
             // Every message is answered; a flood of them is not logged (nor
-            // noted as a sign of life) more than once a second.
+            // noted as a sign of life) more than once a second, nor its
+            // progress report applied more than ten times a second.
             let mut noted: Option<Instant> = None;
+            let mut renewed: Option<Instant> = None;
             let res: grpcio::Result<()> = async {
                 loop {
                     let msg = match stream.try_next().await {
@@ -242,6 +250,17 @@ impl Contact for ContactService {
                         }
                         Err(e) => return Err(e),
                     };
+                    if !msg.working.is_empty() && renewed.is_none_or(|t| t.elapsed() >= RENEW_EVERY)
+                    {
+                        renewed = Some(Instant::now());
+                        let working: Vec<(u64, u32, String)> = msg
+                            .working
+                            .iter()
+                            .take(MAX_WORKING_REPORTED)
+                            .map(|w| (w.task_id, w.attempt, w.incarnation.clone()))
+                            .collect();
+                        dispatcher.renew(&client, &working);
+                    }
                     if noted.is_none_or(|t| t.elapsed() >= STATUS_NOTE_EVERY) {
                         noted = Some(Instant::now());
                         dispatcher.touch(&client);
@@ -268,9 +287,16 @@ impl Contact for ContactService {
             ephemeral,
         } = caller_or_reject!(self, ctx, sink);
         let incarnation = self.dispatcher.incarnation();
-        let instance = proto::instance_from(ctx.request_headers());
+        let headers = ctx.request_headers();
+        let instance = proto::instance_from(headers);
         let peer = ctx.peer();
-        let attached = self.dispatcher.attach(&client, &peer, ephemeral, &instance);
+        let holder = Holder {
+            peer: &peer,
+            instance: &instance,
+            ephemeral,
+            leases: proto::leases_from(headers),
+        };
+        let attached = self.dispatcher.attach_as(&client, holder);
         let (session, mut feed) = match attached {
             Ok(a) => a,
             Err(refused) => {
@@ -297,8 +323,10 @@ impl Contact for ContactService {
             }
         };
         let dispatcher = self.dispatcher.clone();
+        let ack_timeout_ms =
+            u32::try_from(self.dispatcher.config().ack_timeout.as_millis()).unwrap_or(u32::MAX);
         ctx.spawn(async move {
-            let res = forward(&mut feed, &mut sink, &incarnation).await;
+            let res = forward(&mut feed, &mut sink, &incarnation, ack_timeout_ms).await;
             dispatcher.detach(&client, session);
             if let Err(e) = res {
                 log::debug!("task stream of {client} ended: {e}");
@@ -411,6 +439,7 @@ async fn forward(
     feed: &mut TaskFeed,
     sink: &mut ServerStreamingSink<ServerMsg>,
     incarnation: &str,
+    ack_timeout_ms: u32,
 ) -> grpcio::Result<()> {
     loop {
         // Wait for a delivery, but notice a vanished client even when idle:
@@ -437,6 +466,7 @@ async fn forward(
                 task_id: d.task.id,
                 attempt: d.attempt,
                 incarnation: incarnation.to_string(),
+                ack_timeout_ms,
                 ..Default::default()
             };
             // Buffer all but the last write of a batch; the flush sends them together.

@@ -4,8 +4,10 @@
 //! the task's current attempt from the client that attempt was given to.
 
 use crate::task::{Task, TaskId};
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// One unfinished task.
 #[derive(Debug)]
@@ -18,18 +20,23 @@ pub struct QueuedTask {
     /// The client the current attempt was given to (kept after it is taken back,
     /// so that its answer still counts until the task is given to someone else).
     pub last_holder: Option<String>,
-    /// The client that refused it last: another one gets it if there is one.
-    pub refused_by: Option<String>,
+    /// The client that let it go last (refused it, or did not answer in
+    /// time): another one gets it if there is one with room.
+    pub avoid: Option<String>,
 }
 
-/// Unfinished tasks, in arrival order for delivery.
+/// Unfinished tasks. Those waiting are handed out in task order (the order
+/// they arrived in), a task taken back included: it goes back to its place.
 #[derive(Debug, Default)]
 pub struct WorkQueue {
     unfinished: HashMap<TaskId, QueuedTask>,
-    /// Untargeted tasks waiting for any client (ids of finished tasks are skipped lazily).
-    ready: VecDeque<TaskId>,
+    /// Untargeted tasks waiting for any client.
+    ready: BTreeSet<TaskId>,
     /// Targeted tasks waiting for their client.
-    waiting: HashMap<String, VecDeque<TaskId>>,
+    waiting: HashMap<String, BTreeSet<TaskId>>,
+    /// Refused tasks waiting out their retry backoff, soonest first (entries
+    /// of tasks finished meanwhile are skipped when they come due).
+    delayed: BinaryHeap<Reverse<(Instant, TaskId)>>,
 }
 
 impl WorkQueue {
@@ -42,7 +49,6 @@ impl WorkQueue {
     /// made, the last one to `last_holder`, whose answer may still count.
     pub fn restore(&mut self, task: Arc<Task>, attempt: u32, last_holder: Option<String>) {
         let id = task.id;
-        let target = task.target.clone();
         self.unfinished.insert(
             id,
             QueuedTask {
@@ -50,76 +56,106 @@ impl WorkQueue {
                 attempt,
                 holder: None,
                 last_holder,
-                refused_by: None,
+                avoid: None,
             },
         );
-        self.enqueue(id, target, false);
+        self.enqueue(id);
     }
 
-    fn enqueue(&mut self, id: TaskId, target: Option<String>, front: bool) {
-        let q = match target {
-            Some(t) => self.waiting.entry(t).or_default(),
-            None => &mut self.ready,
+    fn enqueue(&mut self, id: TaskId) {
+        let Some(q) = self.unfinished.get(&id) else {
+            return;
         };
-        if front {
-            q.push_front(id);
-        } else {
-            q.push_back(id);
+        match &q.task.target {
+            Some(t) => self.waiting.entry(t.clone()).or_default().insert(id),
+            None => self.ready.insert(id),
+        };
+    }
+
+    /// Removes `id` from the waiting sets (it is finished or handed out).
+    fn dequeue(&mut self, id: TaskId, target: Option<&str>) {
+        match target {
+            Some(t) => {
+                if let Some(set) = self.waiting.get_mut(t) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        self.waiting.remove(t);
+                    }
+                }
+            }
+            None => {
+                self.ready.remove(&id);
+            }
         }
     }
 
     /// Takes the next task for `client` (its targeted tasks first), marking it held.
     /// Returns the task and the attempt number of this delivery.
     pub fn take_for(&mut self, client: &str, targeted_only: bool) -> Option<(Arc<Task>, u32)> {
-        loop {
-            let id = match self.waiting.get_mut(client).and_then(|q| q.pop_front()) {
-                Some(id) => id,
-                None if targeted_only => return None,
-                None => self.ready.pop_front()?,
-            };
-            // Skip ids whose task finished while they waited (answered late).
-            if let Some(q) = self.unfinished.get_mut(&id) {
-                if q.holder.is_some() {
-                    continue;
-                }
-                q.attempt += 1;
-                q.holder = Some(client.to_string());
-                q.last_holder = Some(client.to_string());
-                return Some((q.task.clone(), q.attempt));
-            }
+        let id = match self.waiting.get(client).and_then(|set| set.first()) {
+            Some(id) => *id,
+            None if targeted_only => return None,
+            None => *self.ready.first()?,
+        };
+        let q = self
+            .unfinished
+            .get_mut(&id)
+            .expect("waiting implies unfinished");
+        q.attempt += 1;
+        q.holder = Some(client.to_string());
+        q.last_holder = Some(client.to_string());
+        let (task, attempt) = (q.task.clone(), q.attempt);
+        self.dequeue(id, task.target.as_deref());
+        Some((task, attempt))
+    }
+
+    /// The next untargeted task waiting for any client, if any.
+    pub fn next_ready(&self) -> Option<&QueuedTask> {
+        self.ready.first().and_then(|id| self.unfinished.get(id))
+    }
+
+    /// Puts a held task back in its place (its holder let go of it or is
+    /// gone); with `avoid`, another client gets it if one has room.
+    pub fn release(&mut self, id: TaskId, avoid: Option<&str>) {
+        if self.unhold(id, avoid) {
+            self.enqueue(id);
         }
     }
 
-    /// The next untargeted task waiting for any client, if any (dropping the
-    /// ids of tasks that finished while they waited).
-    pub fn next_ready(&mut self) -> Option<&QueuedTask> {
-        while let Some(id) = self.ready.front() {
-            if self.unfinished.get(id).is_some_and(|q| q.holder.is_none()) {
-                return self.unfinished.get(id);
-            }
-            self.ready.pop_front();
-        }
-        None
-    }
-
-    /// Puts a held task back after `client` refused it, noting who refused.
-    pub fn release_refused(&mut self, id: TaskId, client: &str) {
-        self.release(id);
-        if let Some(q) = self.unfinished.get_mut(&id) {
-            q.refused_by = Some(client.to_string());
+    /// Puts a held task back once `due` has passed (a refusal's retry
+    /// backoff), preferably for a client other than `avoid`.
+    pub fn release_at(&mut self, id: TaskId, avoid: &str, due: Instant) {
+        if self.unhold(id, Some(avoid)) {
+            self.delayed.push(Reverse((due, id)));
         }
     }
 
-    /// Puts a held task back at the front of its queue (its holder let go of it).
-    pub fn release(&mut self, id: TaskId) {
+    fn unhold(&mut self, id: TaskId, avoid: Option<&str>) -> bool {
         let Some(q) = self.unfinished.get_mut(&id) else {
-            return;
+            return false;
         };
         if q.holder.take().is_none() {
-            return;
+            return false;
         }
-        let target = q.task.target.clone();
-        self.enqueue(id, target, true);
+        q.avoid = avoid.map(str::to_string);
+        true
+    }
+
+    /// Makes the tasks whose backoff is over by `now` available again;
+    /// returns whether there were any.
+    pub fn wake_due(&mut self, now: Instant) -> bool {
+        let mut woke = false;
+        while let Some(Reverse((due, id))) = self.delayed.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.delayed.pop();
+            if self.unfinished.get(&id).is_some_and(|q| q.holder.is_none()) {
+                self.enqueue(id);
+                woke = true;
+            }
+        }
+        woke
     }
 
     /// Whether an answer from `client` to `attempt` counts: the task is
@@ -139,7 +175,9 @@ impl WorkQueue {
 
     /// Ends a task (answered or dead-lettered).
     pub fn finish(&mut self, id: TaskId) -> Option<QueuedTask> {
-        self.unfinished.remove(&id)
+        let q = self.unfinished.remove(&id)?;
+        self.dequeue(id, q.task.target.as_deref());
+        Some(q)
     }
 
     /// Unfinished tasks.
@@ -178,7 +216,7 @@ mod tests {
         q.push(task(1, None));
         q.push(task(2, None));
         assert_eq!(q.take_for("a", false).map(|(t, n)| (t.id, n)), Some((1, 1)));
-        q.release(1);
+        q.release(1, None);
         assert!(
             q.is_current(1, "a", 1),
             "a released attempt still counts until redelivered"
@@ -207,9 +245,40 @@ mod tests {
         let mut q = WorkQueue::default();
         q.push(task(1, None));
         q.take_for("a", false);
-        q.release(1);
+        q.release(1, None);
         q.finish(1);
         assert!(q.take_for("b", false).is_none());
         assert!(q.next_ready().is_none());
+    }
+
+    #[test]
+    fn tasks_let_go_return_to_their_place_and_refusals_wait_until_due() {
+        let mut q = WorkQueue::default();
+        for id in 1..=4 {
+            q.push(task(id, None));
+        }
+        let taken: Vec<u64> = (0..3)
+            .map(|_| q.take_for("a", false).unwrap().0.id)
+            .collect();
+        assert_eq!(taken, vec![1, 2, 3]);
+        q.release(3, Some("a"));
+        q.release(1, Some("a"));
+        assert_eq!(
+            q.next_ready().map(|t| (t.task.id, t.avoid.as_deref())),
+            Some((1, Some("a")))
+        );
+        let now = Instant::now();
+        q.release_at(2, "a", now + std::time::Duration::from_secs(60));
+        let order: Vec<u64> =
+            std::iter::from_fn(|| q.take_for("b", false).map(|(t, _)| t.id)).collect();
+        assert_eq!(order, vec![1, 3, 4], "task 2 waits out its backoff");
+        assert!(!q.wake_due(now));
+        assert!(q.wake_due(now + std::time::Duration::from_secs(61)));
+        assert_eq!(q.take_for("b", false).map(|(t, n)| (t.id, n)), Some((2, 2)));
+        // A task finished while it waits is not woken.
+        q.release_at(2, "b", now);
+        q.finish(2);
+        assert!(!q.wake_due(now));
+        assert!(q.take_for("c", false).is_none());
     }
 }

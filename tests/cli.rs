@@ -38,6 +38,19 @@ fn bad_flags_and_values_exit_2_naming_the_flag() {
         ),
         (SERVER, vec!["--tls-cert", "x.pem"], "--tls-key"),
         (CLIENT, vec!["--exec-timeout", "5"], "--exec"),
+        (
+            CLIENT,
+            vec!["--exec", "/no/such/program -x"],
+            "/no/such/program",
+        ),
+        (
+            CLIENT,
+            vec!["--exec", "no-such-program-on-path"],
+            "no-such-program-on-path",
+        ),
+        (SERVER, vec!["--retry-backoff", "5..1"], "--retry-backoff"),
+        (SERVER, vec!["--retry-backoff", "5"], "--retry-backoff"),
+        (SERVER, vec!["--max-lease", "0"], "--max-lease"),
     ] {
         let out = run(bin, &args);
         assert_eq!(
@@ -66,6 +79,8 @@ fn help_describes_every_flag() {
         "--from",
         "--results-to",
         "--max-in-flight",
+        "--max-lease",
+        "--retry-backoff",
     ] {
         assert!(server.contains(flag), "server --help lacks {flag}");
     }

@@ -213,6 +213,10 @@ fn refused_tasks_are_retried_then_dead_lettered_with_the_reason() {
     let mut config = queue_config(&path);
     config.dead_letters = Some(dead.clone());
     config.dispatch.max_attempts = 3;
+    config.dispatch.retry_backoff = contact::dispatch::RetryBackoff {
+        min: Duration::from_millis(300),
+        max: Duration::from_secs(1),
+    };
     let server = start_server(config);
     server.dispatcher().publish(vec![
         (None, "refuse".to_string()),
@@ -243,7 +247,19 @@ fn refused_tasks_are_retried_then_dead_lettered_with_the_reason() {
         "{letter}"
     );
     let results = read_results(&path);
-    assert_eq!(results.iter().filter(|r| r["retry"] == true).count(), 3);
+    let refusals: Vec<f64> = results
+        .iter()
+        .filter(|r| r["retry"] == true)
+        .map(|r| r["received_at"].as_f64().unwrap())
+        .collect();
+    assert_eq!(refusals.len(), 3);
+    // Each refusal waited out its backoff (300 ms, then 600 ms, less up to
+    // half at random) before the next attempt was delivered and refused.
+    let waits: Vec<f64> = refusals.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        waits[0] >= 0.15 && waits[1] >= 0.3,
+        "retried too soon: {waits:?}"
+    );
     assert_eq!(
         accepted_per_task(&results).into_iter().collect::<Vec<_>>(),
         vec![(2, 1)]
@@ -276,4 +292,93 @@ fn targeted_tasks_wait_for_their_client_in_queue_mode() {
         (results[0]["client"].clone(), results[0]["task"].clone()),
         ("late".into(), "only for late".into())
     );
+}
+
+#[test]
+fn a_long_task_keeps_its_lease_while_its_agent_works_and_waiting_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("results.jsonl");
+    let mut config = queue_config(&path);
+    // Each task runs 2.5 ack timeouts, one at a time at the agent.
+    config.dispatch.ack_timeout = Duration::from_secs(1);
+    config.dispatch.max_in_flight = 3;
+    let server = start_server(config);
+    let worker = client_proc(
+        server.port(),
+        "worker",
+        &["--exec", "sh -c 'sleep 2.5; echo done $0'"],
+    );
+    wait_for("the worker to connect", || {
+        server.dispatcher().clients().len() == 1
+    });
+    publish(&server, "long", 2);
+    // An idle agent beside it must not take the waiting task away.
+    let idle = client_proc(server.port(), "idle", &[]);
+    wait_for("both tasks answered", || {
+        accepted_per_task(&read_results(&path)).len() == 2
+    });
+    server.stop().unwrap();
+    drop((worker, idle));
+    let results = read_results(&path);
+    assert_eq!(server_redeliveries(&results), 0, "{results:#?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r["client"] == "worker" && r["accepted"] == true && r["attempt"] == 1),
+        "{results:#?}"
+    );
+}
+
+/// Results that answer a redelivery (attempt > 1), or that came too late.
+fn server_redeliveries(results: &[serde_json::Value]) -> usize {
+    results
+        .iter()
+        .filter(|r| r["attempt"].as_u64() != Some(1) || r["stale"] == true)
+        .count()
+}
+
+#[test]
+fn an_agent_whose_program_vanished_refuses_and_the_others_do_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("results.jsonl");
+    let dead = dir.path().join("dead.jsonl");
+    let program = dir.path().join("work.sh");
+    std::fs::write(&program, "#!/bin/sh\necho worked \"$1\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = queue_config(&path);
+    config.dead_letters = Some(dead.clone());
+    config.dispatch.retry_backoff = contact::dispatch::RetryBackoff {
+        min: Duration::from_millis(100),
+        max: Duration::from_millis(500),
+    };
+    let server = start_server(config);
+    let program_arg = program.display().to_string();
+    let mut broken = client_proc(server.port(), "broken", &["--exec", &program_arg]);
+    wait_for("the agent to connect", || {
+        server.dispatcher().clients().len() == 1
+    });
+    // It checked its program at start; now the program goes away.
+    std::fs::remove_file(&program).unwrap();
+    publish(&server, "job", 4);
+    broken.wait_line("cannot run");
+    wait_for("a refusal from the broken agent", || {
+        read_results(&path)
+            .iter()
+            .any(|r| r["client"] == "broken" && r["retry"] == true)
+    });
+    let healthy = client_proc(server.port(), "healthy", &["--exec", "echo"]);
+    wait_for("every task answered", || {
+        server.dispatcher().unfinished() == 0
+    });
+    server.stop().unwrap();
+    drop((broken, healthy));
+    let results = read_results(&path);
+    assert_eq!(accepted_per_task(&results).len(), 4, "{results:#?}");
+    for r in &results {
+        let refusal = r["retry"] == true && r["ok"] == false && r["accepted"] == false;
+        let done = r["client"] == "healthy" && r["ok"] == true && r["accepted"] == true;
+        assert!(refusal || done, "never a final failure: {r}");
+    }
+    assert!(read_results(&dead).is_empty(), "nothing dead-lettered");
 }

@@ -36,11 +36,14 @@ impl Dispatcher {
                 let resent = c.in_flight.iter().position(|f| superseded(&f.delivery));
                 let later = match resent.and_then(|p| c.in_flight.remove(p)) {
                     Some(f) => Some(f.delivery),
-                    None => c
-                        .redeliver
-                        .iter()
-                        .position(superseded)
-                        .and_then(|p| c.redeliver.remove(p)),
+                    None => match c.redeliver.iter().position(superseded) {
+                        Some(p) => c.redeliver.remove(p),
+                        None => c
+                            .delayed
+                            .iter()
+                            .position(|(_, d)| superseded(d))
+                            .map(|p| c.delayed.remove(p).1),
+                    },
                 };
                 match later {
                     Some(d) => {
@@ -73,10 +76,12 @@ impl Dispatcher {
                     format!("refused: {}", answer.output),
                 );
             } else {
-                c.redeliver.push_back(Delivery {
+                let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
+                let again = Delivery {
                     task: delivery.task,
                     attempt: delivery.attempt + 1,
-                });
+                };
+                c.delayed.push((due, again));
                 st.counters.redelivered += 1;
             }
         } else {
@@ -118,9 +123,10 @@ impl Dispatcher {
                     }
                 }
             };
-            if let Err(d) = tx.send(delivery.clone()) {
-                // The stream is gone; it will detach itself. Keep the task for its return.
-                c.redeliver.push_front(d);
+            if let Err(e) = tx.send(delivery.clone()) {
+                // Full (not read fast enough): later. Closed: the stream is
+                // gone and will detach itself; the task waits for its return.
+                c.redeliver.push_front(e.into_delivery());
                 break;
             }
             log::debug!(
@@ -135,10 +141,7 @@ impl Dispatcher {
                     attempt: delivery.attempt,
                 });
             }
-            c.in_flight.push_back(InFlight {
-                delivery,
-                sent_at: Instant::now(),
-            });
+            c.in_flight.push_back(InFlight::new(delivery));
             st.registry.task_sent(client);
             st.counters.sent += 1;
         }

@@ -2,7 +2,7 @@
 //! credit and the fewest tasks in flight; the `WorkQueue` fences answers.
 
 use super::{bury, record, stale, Answer, Dispatcher, InFlight, State};
-use crate::feed::Delivery;
+use crate::feed::{Delivery, SendError};
 use crate::journal::Record;
 use crate::results::ResultRecord;
 use crate::task::Task;
@@ -69,8 +69,10 @@ impl Dispatcher {
                     format!("refused: {}", answer.output),
                 );
             } else {
-                // Held (or just released): available again, preferably elsewhere.
-                st.queue.release_refused(task_id, client);
+                // Held (or just released): available again after its
+                // backoff, preferably elsewhere.
+                let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
+                st.queue.release_at(task_id, client, due);
                 st.counters.redelivered += 1;
             }
         } else {
@@ -86,57 +88,76 @@ impl Dispatcher {
     /// the connected client with credit and the fewest tasks in flight.
     pub(super) fn pump_queue(&self, st: &mut State) {
         let k = self.config.max_in_flight;
-        let open: Vec<String> = st
+        let mut open: Vec<String> = st
             .clients
             .iter()
             .filter(|(_, c)| c.session.is_some())
             .map(|(n, _)| n.clone())
             .collect();
-        for name in &open {
-            while st
-                .clients
+        let has_room = |st: &State, name: &str| {
+            st.clients
                 .get(name)
                 .is_some_and(|c| c.session.is_some() && c.in_flight.len() < k)
-            {
+        };
+        // Clients whose feed refused a delivery get no more in this round.
+        open.retain(|name| {
+            while has_room(st, name) {
                 let Some((task, attempt)) = st.queue.take_for(name, true) else {
                     break;
                 };
-                self.send_queued(st, name, task, attempt);
+                if !self.send_queued(st, name, task, attempt) {
+                    return false;
+                }
             }
-        }
+            true
+        });
         while let Some(next) = st.queue.next_ready() {
-            let refused_by = next.refused_by.clone();
+            let avoid = next.avoid.clone();
             let best = open
                 .iter()
-                .filter_map(|n| {
+                .enumerate()
+                .filter_map(|(i, n)| {
                     st.clients
                         .get(n)
-                        .filter(|c| c.session.is_some() && c.in_flight.len() < k)
-                        .map(|c| (n, c.in_flight.len()))
+                        .filter(|_| has_room(st, n))
+                        .map(|c| (i, n, c.in_flight.len()))
                 })
-                // Not back to the client that refused it, unless it is the only one.
-                .min_by_key(|(n, held)| (refused_by.as_ref() == Some(*n), *held))
-                .map(|(n, _)| n);
-            let Some(name) = best else { break };
-            let Some((task, attempt)) = st.queue.take_for(name, false) else {
+                // Not back to the client that let it go, unless it is the only one with room.
+                .min_by_key(|(_, n, held)| (avoid.as_ref() == Some(*n), *held))
+                .map(|(i, n, _)| (i, n.clone()));
+            let Some((i, name)) = best else { break };
+            let Some((task, attempt)) = st.queue.take_for(&name, false) else {
                 break;
             };
-            self.send_queued(st, name, task, attempt);
+            if !self.send_queued(st, &name, task, attempt) {
+                open.swap_remove(i);
+            }
         }
     }
 
-    fn send_queued(&self, st: &mut State, client: &str, task: Arc<Task>, attempt: u32) {
+    /// Writes a task into `client`'s feed; false when the feed took it not
+    /// (the task is back in the queue). A full feed (its stream is not
+    /// being read fast enough) only means "no more for now"; a closed one
+    /// ends the session.
+    fn send_queued(&self, st: &mut State, client: &str, task: Arc<Task>, attempt: u32) -> bool {
         let c = st.clients.get_mut(client).expect("open client");
         let delivery = Delivery { task, attempt };
-        let sent = c
-            .session
-            .as_ref()
-            .is_some_and(|(_, tx)| tx.send(delivery.clone()).is_ok());
-        if !sent {
-            // Its stream just went away: back to the queue for someone else.
-            st.queue.release(delivery.task.id);
-            self.end_session(st, client, "task stream closed");
-            return;
+        let Some((_, tx)) = c.session.as_ref() else {
+            st.queue.release(delivery.task.id, None);
+            return false;
+        };
+        match tx.send(delivery.clone()) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                st.queue.release(delivery.task.id, Some(client));
+                return false;
+            }
+            Err(SendError::Closed(_)) => {
+                // Its stream just went away: back to the queue for someone else.
+                st.queue.release(delivery.task.id, None);
+                self.end_session(st, client, "task stream closed");
+                return false;
+            }
         }
         log::debug!(
             "task {} (attempt {attempt}) sent to {client}",
@@ -147,11 +168,9 @@ impl Dispatcher {
             client: client.to_string(),
             attempt,
         });
-        c.in_flight.push_back(InFlight {
-            delivery,
-            sent_at: Instant::now(),
-        });
+        c.in_flight.push_back(InFlight::new(delivery));
         st.registry.task_sent(client);
         st.counters.sent += 1;
+        true
     }
 }

@@ -281,11 +281,7 @@ impl Dispatcher {
             }
             if self.config.mode == Mode::Broadcast {
                 // Tasks it still has to answer, even those past the retained history.
-                let held = c
-                    .in_flight
-                    .iter()
-                    .map(|f| &f.delivery)
-                    .chain(c.redeliver.iter());
+                let held = c.in_flight.iter().map(|f| &f.delivery).chain(c.owed());
                 for d in held.filter(|d| d.task.id < st.log.first_id()) {
                     if written_early.insert(d.task.id) {
                         early.push(task_record(&d.task));
@@ -302,7 +298,7 @@ impl Dispatcher {
                         attempt: f.delivery.attempt,
                     });
                 }
-                for d in &c.redeliver {
+                for d in c.owed() {
                     // Replay turns an unanswered delivery into the next attempt.
                     out.push(Record::Sent {
                         task: d.task.id,

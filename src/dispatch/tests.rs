@@ -32,8 +32,22 @@ fn queue(k: usize) -> Dispatcher {
         mode: Mode::Queue,
         max_in_flight: k,
         max_attempts: 3,
+        retry_backoff: backoff(1, 1),
         ..Default::default()
     })
+}
+
+fn backoff(min_ms: u64, max_ms: u64) -> RetryBackoff {
+    RetryBackoff {
+        min: Duration::from_millis(min_ms),
+        max: Duration::from_millis(max_ms),
+    }
+}
+
+/// Lets refusals' backoff (of at most `ms`) run out, and the clock tick.
+fn after_backoff(d: &Dispatcher, ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms + 1));
+    d.expire();
 }
 
 #[test]
@@ -347,6 +361,7 @@ fn a_refusal_with_retry_goes_to_another_attempt_then_the_dead_letters() {
         assert_eq!(drain_attempts(&a), vec![(1, attempt)]);
         let r = d.complete("a", refuse(attempt)).unwrap();
         assert!(r.retry && !r.accepted && !r.stale);
+        after_backoff(&d, 1);
     }
     assert!(drain(&a).is_empty());
     let dead = d.take_dead_letters();
@@ -457,6 +472,7 @@ fn a_refused_task_goes_to_another_client_when_there_is_one() {
         ..ok(1, 1)
     };
     assert!(d.complete("a", refuse).unwrap().retry);
+    after_backoff(&d, 1);
     assert!(
         drain(&a).is_empty(),
         "not straight back to the client that refused it"
@@ -524,4 +540,194 @@ fn exact_answers_are_required_of_named_clients() {
     let r = d.complete_exact("a", exact).unwrap();
     assert!(r.accepted && !r.stale);
     assert_eq!(d.unfinished(), 0);
+}
+
+#[test]
+fn a_refused_task_waits_out_a_growing_backoff_in_both_modes() {
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            max_attempts: 5,
+            retry_backoff: backoff(200, 400),
+            ..Default::default()
+        });
+        let (_, a) = d.attach("a", "p", false, "").unwrap();
+        d.publish(tasks(&["1"]));
+        assert_eq!(drain_attempts(&a), vec![(1, 1)]);
+        // The k-th refusal waits 200 ms·2^(k-1), capped at 400 ms, less up to half.
+        for (attempt, at_least_ms) in [(1, 100), (2, 200), (3, 200)] {
+            let refusal = Answer {
+                ok: false,
+                retry: true,
+                ..ok(1, attempt)
+            };
+            assert!(d.complete("a", refusal).unwrap().retry);
+            let refused = Instant::now();
+            d.expire();
+            let mut again = drain_attempts(&a);
+            assert!(again.is_empty(), "{mode:?}: redelivered at once");
+            while again.is_empty() {
+                assert!(refused.elapsed() < PATIENCE, "{mode:?}: never redelivered");
+                std::thread::sleep(Duration::from_millis(5));
+                d.expire();
+                again = drain_attempts(&a);
+            }
+            let waited = refused.elapsed();
+            assert!(
+                waited >= Duration::from_millis(at_least_ms),
+                "{mode:?}: attempt {} after {waited:?}",
+                attempt + 1
+            );
+            assert_eq!(again, vec![(1, attempt + 1)], "{mode:?}");
+        }
+        assert_eq!(d.counters().redelivered, 3, "{mode:?}");
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_full_feed_is_not_a_dead_client() {
+    // The stream is not read (its client is slow, or the network is): the
+    // deliveries taken back at the ack timeout are still in the feed.
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        max_in_flight: 2,
+        ack_timeout: Duration::from_millis(1),
+        client_timeout: None,
+        ..Default::default()
+    });
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.publish(tasks(&["1", "2", "3"]));
+    std::thread::sleep(Duration::from_millis(5));
+    d.expire();
+    assert_eq!(d.clients().len(), 1, "the client's session was ended");
+    // Its stream goes on: what is in the feed arrives, then more.
+    assert_eq!(drain_attempts(&a), vec![(1, 1), (2, 1)]);
+    d.expire();
+    assert!(
+        !drain(&a).is_empty(),
+        "nothing delivered after the feed drained"
+    );
+    assert_eq!(d.clients().len(), 1);
+}
+
+#[test]
+fn a_task_taken_back_goes_to_another_client_with_room_in_its_order() {
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        max_in_flight: 4,
+        ack_timeout: Duration::from_millis(1),
+        client_timeout: None,
+        ..Default::default()
+    });
+    let (_, a) = d.attach("a", "p1", false, "").unwrap();
+    d.publish(tasks(&["1", "2", "3", "4"]));
+    assert_eq!(drain(&a), vec![1, 2, 3, 4]);
+    let (_, b) = d.attach("b", "p2", false, "").unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    d.expire();
+    assert_eq!(
+        drain_attempts(&b),
+        vec![(1, 2), (2, 2), (3, 2), (4, 2)],
+        "to the idle client, in their order"
+    );
+    assert!(drain(&a).is_empty(), "not back to the busy client");
+}
+
+fn leased(ack_ms: u64, max_lease_ms: u64) -> (Dispatcher, TaskFeed) {
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        max_in_flight: 4,
+        ack_timeout: Duration::from_millis(ack_ms),
+        max_lease: Duration::from_millis(max_lease_ms),
+        client_timeout: None,
+        ..Default::default()
+    });
+    let holder = Holder {
+        peer: "p",
+        instance: "i",
+        ephemeral: false,
+        leases: true,
+    };
+    let (_, feed) = d.attach_as("a", holder).unwrap();
+    (d, feed)
+}
+
+#[test]
+fn a_leaseholder_keeps_waiting_and_running_tasks_while_it_reports_progress() {
+    let (d, a) = leased(100, 60_000);
+    let inc = d.incarnation();
+    d.publish(tasks(&["1", "2"]));
+    assert_eq!(drain(&a), vec![1, 2]);
+    // Not started yet: held well past the ack timeout.
+    std::thread::sleep(Duration::from_millis(250));
+    d.expire();
+    assert_eq!(d.in_flight(), 2);
+    // Task 1 runs for 5 ack timeouts, reported every third of one.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(500) {
+        d.renew("a", &[(1, 1, inc.clone())]);
+        std::thread::sleep(Duration::from_millis(30));
+        d.expire();
+        assert_eq!(d.in_flight(), 2, "a task was taken back while reported");
+    }
+    // A report naming another incarnation or attempt renews nothing.
+    d.renew("a", &[(1, 1, "other".into()), (1, 7, inc.clone())]);
+    // Reports stop (the client hung): task 1 goes after the ack timeout; task 2 stays.
+    std::thread::sleep(Duration::from_millis(150));
+    d.expire();
+    assert_eq!(
+        drain_attempts(&a),
+        vec![(1, 2)],
+        "task 1 again (the only client)"
+    );
+    assert_eq!(d.counters().redelivered, 1, "task 2 was taken back");
+    let answer = d.complete("a", ok(1, 1)).unwrap();
+    assert!(
+        answer.accepted,
+        "its late answer still counts while nobody else has it"
+    );
+    assert_eq!(d.in_flight(), 1);
+}
+
+#[test]
+fn a_lease_ends_at_max_lease_however_often_it_is_renewed() {
+    let (d, a) = leased(100, 300);
+    let inc = d.incarnation();
+    d.publish(tasks(&["1"]));
+    assert_eq!(drain(&a), vec![1]);
+    let sent = Instant::now();
+    while d.counters().redelivered == 0 {
+        assert!(sent.elapsed() < PATIENCE, "never taken back");
+        d.renew("a", &[(1, 1, inc.clone())]);
+        std::thread::sleep(Duration::from_millis(20));
+        d.expire();
+    }
+    assert!(sent.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        drain_attempts(&a),
+        vec![(1, 2)],
+        "redelivered (to the only client)"
+    );
+}
+
+#[test]
+fn a_seed_style_client_has_its_ack_timeout_from_dispatch() {
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        ack_timeout: Duration::from_millis(50),
+        client_timeout: None,
+        ..Default::default()
+    });
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.publish(tasks(&["1"]));
+    assert_eq!(drain(&a), vec![1]);
+    // Its reports are ignored: it did not say on attaching that it sends them.
+    let inc = d.incarnation();
+    std::thread::sleep(Duration::from_millis(30));
+    d.renew("a", &[(1, 1, inc)]);
+    std::thread::sleep(Duration::from_millis(30));
+    d.expire();
+    assert_eq!(drain_attempts(&a), vec![(1, 2)]);
 }
