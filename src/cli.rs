@@ -110,5 +110,6 @@ mod tests {
         assert_eq!(parse_positive("3").unwrap(), 3);
         assert!(parse_positive("0").is_err() && parse_positive("-1").is_err());
         assert_eq!(exit_code(&Error::Usage("x".into())), 2);
+        assert_eq!(exit_code(&Error::State("damaged".into())), 1);
     }
 }

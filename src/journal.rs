@@ -80,8 +80,8 @@ impl Journal {
             .open(&lock_path)
             .map_err(|e| Error::file(&lock_path, "open", e))?;
         if lock.try_lock().is_err() {
-            return Err(Error::Usage(format!(
-                "state directory {} is in use by another contact-server (choose another --state-dir)",
+            return Err(Error::State(format!(
+                "state directory {} is in use by another contact-server (stop it, or choose another --state-dir)",
                 dir.display()
             )));
         }
@@ -171,7 +171,7 @@ fn encode(r: &Record) -> Vec<u8> {
 /// Reads every frame; drops (with a warning) a torn final frame, refuses damage elsewhere.
 fn decode(bytes: &[u8], path: &Path) -> Result<Vec<Record>, Error> {
     let corrupt = |offset: usize, what: &str| {
-        Error::Usage(format!(
+        Error::State(format!(
             "state file {} is damaged at byte {offset}: {what}. Refusing to start rather than serve bad state; \
              move the state directory away (or restore it from a backup) to start afresh",
             path.display()
@@ -267,10 +267,11 @@ mod tests {
     }
 
     #[test]
-    fn a_second_server_on_the_same_directory_is_refused() {
+    fn a_second_server_on_the_same_directory_is_refused_as_state_not_usage() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Journal::open(dir.path()).unwrap();
         let err = Journal::open(dir.path()).err().unwrap();
+        assert!(matches!(err, Error::State(_)), "{err:?}");
         assert!(err.to_string().contains("in use"), "{err}");
     }
 

@@ -25,58 +25,19 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let (state, results) = (dir.path().join("state"), dir.path().join("results.jsonl"));
     let tasks = dir.path().join("tasks.txt");
-    std::fs::write(
-        &tasks,
-        (0..N).map(|i| format!("job-{i}\n")).collect::<String>(),
-    )
-    .unwrap();
+    write_tasks(&tasks, "job", N as usize);
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let server_args = |tasks: &Path, listen: &str| -> Vec<String> {
-        [
-            "--listen",
-            listen,
-            "--dispatch",
-            "queue",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--tasks-from",
-            tasks.to_str().unwrap(),
-            "--results-to",
-            results.to_str().unwrap(),
-            "--max-in-flight",
-            "8",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |tasks: &Path, listen: &str| {
+        let mut args = server_args(listen, &state, tasks, &results);
+        args.extend(["--max-in-flight", "8"].map(String::from));
+        args
     };
-    let args = server_args(&tasks, "127.0.0.1:0");
-    let mut server = Proc::start(
-        SERVER_BIN,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let line = server.wait_line("listening on");
-    let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
-    let exec = ["--exec", "sh -c 'sleep 0.01; echo done $0'"];
+    let (mut server, addr) = start_server_proc(&args(&tasks, "127.0.0.1:0"));
+    let exec = "sh -c 'sleep 0.01; echo done $0'";
     let mut clients: Vec<Proc> = ["k1", "k2"]
         .iter()
-        .map(|id| {
-            let mut args = vec![
-                "--server",
-                &addr,
-                "--id",
-                id,
-                "--backoff-initial",
-                "0.05",
-                "--backoff-max",
-                "0.2",
-                "--ack-interval",
-                "0.05",
-            ];
-            args.extend_from_slice(&exec);
-            Proc::start(CLIENT_BIN, &args)
-        })
+        .map(|id| agent(&addr, id, exec, None))
         .collect();
     wait_for("some results before the crash", || {
         read_results(&results).len() >= 60
@@ -86,12 +47,7 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
     let before_restart = read_results(&results).len();
     assert!((before_restart as u64) < N, "the crash came mid-run");
 
-    let args = server_args(&empty, &addr);
-    let mut server = Proc::start(
-        SERVER_BIN,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    server.wait_line("listening on");
+    let (mut server, _) = start_server_proc(&args(&empty, &addr));
     server.wait_line("unfinished");
     wait_for("every task answered after the restart", || {
         accepted_per_task(&read_results(&results)).len() as u64 == N
@@ -269,7 +225,11 @@ fn a_damaged_journal_is_refused_and_a_torn_tail_is_trimmed() {
         ])
         .output()
         .unwrap();
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "damaged state, not a usage error"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("damaged"),
         "{}",
@@ -335,4 +295,88 @@ fn a_redelivery_after_a_restart_is_answered_without_running_the_task_again() {
             .collect::<Vec<_>>(),
         vec![1, 1]
     );
+}
+
+/// The arguments of a `contact-server` listening on `listen`, with its state
+/// in `state`, in queue mode, reading tasks from `tasks` and writing results to `results`.
+fn server_args(listen: &str, state: &Path, tasks: &Path, results: &Path) -> Vec<String> {
+    [
+        "--listen",
+        listen,
+        "--dispatch",
+        "queue",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--tasks-from",
+        tasks.to_str().unwrap(),
+        "--results-to",
+        results.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts `contact-server` with `args`; returns it once it listens, and its address.
+fn start_server_proc(args: &[String]) -> (Proc, String) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Proc::start(SERVER_BIN, &args);
+    let line = server.wait_line("listening on");
+    let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
+    (server, addr)
+}
+
+/// Runs `contact-server` with `args` to its end: its exit status and stderr.
+fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(SERVER_BIN)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
+}
+
+/// An agent running `exec` on each task, stopping after `max_tasks` if given.
+fn agent(addr: &str, id: &str, exec: &str, max_tasks: Option<&str>) -> Proc {
+    let mut args = vec![
+        "--server",
+        addr,
+        "--id",
+        id,
+        "--backoff-initial",
+        "0.05",
+        "--backoff-max",
+        "0.2",
+        "--ack-interval",
+        "0.05",
+        "--exec",
+        exec,
+    ];
+    if let Some(n) = max_tasks {
+        args.extend_from_slice(&["--max-tasks", n]);
+    }
+    Proc::start(CLIENT_BIN, &args)
+}
+
+fn write_tasks(path: &Path, prefix: &str, n: usize) {
+    let lines: String = (0..n).map(|i| format!("{prefix}-{i}\n")).collect();
+    std::fs::write(path, lines).unwrap();
+}
+
+#[test]
+fn a_state_directory_in_use_exits_1_not_as_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let results = dir.path().join("results.jsonl");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let args = server_args("127.0.0.1:0", &state, &empty, &results);
+    let (mut first, _) = start_server_proc(&args);
+    let (status, stderr) = run_to_exit(&args);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains(state.to_str().unwrap()),
+        "{stderr}"
+    );
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), 0);
 }

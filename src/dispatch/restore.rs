@@ -146,7 +146,7 @@ impl Dispatcher {
         st.log = TaskLog::starting_at(first, self.config.retain);
         for (id, task) in tasks.range(first..) {
             if *id != st.log.next_id() {
-                return Err(Error::Usage(format!(
+                return Err(Error::State(format!(
                     "the state journal lacks task {} (it jumps to {id}); move the state directory away to start afresh",
                     st.log.next_id()
                 )));
