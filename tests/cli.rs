@@ -66,6 +66,7 @@ fn help_describes_every_flag() {
         "--from",
         "--results-to",
         "--max-in-flight",
+        "--repair",
     ] {
         assert!(server.contains(flag), "server --help lacks {flag}");
     }
