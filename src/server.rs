@@ -492,7 +492,7 @@ impl Server {
             durable,
         ));
         if let Some(dir) = &config.state_dir {
-            let r = dispatcher.restore(&records)?;
+            let r = dispatcher.restore(records)?;
             log::info!(
                 "state {}: {} tasks ({} unfinished), {} known clients restored",
                 dir.display(),
@@ -500,10 +500,10 @@ impl Server {
                 r.unfinished,
                 r.clients
             );
-            // Start from a compact journal.
+            // Start from a compact journal (the records are gone by now:
+            // a large state is not held three times, as records, state and snapshot).
             dispatcher.compact();
         }
-        drop(records);
         let env = Arc::new(Environment::new(2));
         let service = ContactService {
             dispatcher: dispatcher.clone(),
