@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use contact::budget::StaleLimits;
 use contact::cli::{self, parse_positive, parse_secs, parse_secs_range};
 use contact::dispatch::{DispatchConfig, Mode, RetryBackoff, StartAt};
+use contact::journal::OnDamage;
 use contact::listen::ListenAddr;
 use contact::producer::TaskSource;
 use contact::server::{Server, ServerConfig, TransportLimits};
@@ -86,6 +87,11 @@ struct Flags {
     /// Keep all state in memory only (lost when the server stops).
     #[arg(long)]
     no_state: bool,
+    /// If the journal in --state-dir is damaged (not just torn at its end by
+    /// a crash), keep it up to the last complete commit before the damage,
+    /// move the rest aside to journal.damaged-<UTC time> there, and start.
+    #[arg(long, conflicts_with = "no_state")]
+    repair: bool,
     /// Seconds without a status message or result after which a client is declared gone.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
     client_timeout: Duration,
@@ -252,6 +258,11 @@ fn main() {
         results_to: flags.results_to,
         dead_letters: flags.dead_letter,
         state_dir: (!flags.no_state).then_some(flags.state_dir),
+        on_damage: if flags.repair {
+            OnDamage::Repair
+        } else {
+            OnDamage::Refuse
+        },
         compact_bytes: 64 << 20,
         stats_every: flags.stats_every,
         grace: flags.grace,

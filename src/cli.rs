@@ -133,5 +133,6 @@ mod tests {
             .contains("greater than MAX"));
         assert!(parse_secs_range("5").unwrap_err().contains("MIN..MAX"));
         assert!(parse_secs_range("0..1").is_err());
+        assert_eq!(exit_code(&Error::State("damaged".into())), 1);
     }
 }

@@ -18,6 +18,9 @@ pub enum Error {
     },
     /// A flag's value is unusable (caught after parsing, e.g. an empty `--exec`).
     Usage(String),
+    /// The state directory cannot be used as it is: another server holds it,
+    /// its journal is damaged, or it was written by a newer release.
+    State(String),
     /// gRPC failed in a way that is not a plain "server unreachable".
     Grpc(grpcio::Error),
     /// A thread of ours could not be started.
@@ -45,7 +48,7 @@ impl fmt::Display for Error {
             Error::File { path, action, source } => {
                 write!(f, "cannot {action} {}: {source}", path.display())
             }
-            Error::Usage(msg) => write!(f, "{msg}"),
+            Error::Usage(msg) | Error::State(msg) => write!(f, "{msg}"),
             Error::Grpc(e) => write!(f, "gRPC error: {e}"),
             Error::Thread(e) => write!(f, "cannot start a thread: {e}"),
         }

@@ -11,7 +11,7 @@ use crate::budget::{budget_key, StaleBudget, StaleLimits};
 use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
 use crate::feed::TaskFeed;
-use crate::journal::Journal;
+use crate::journal::{Journal, OnDamage};
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
 use crate::producer::{Producer, TaskSource};
@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub dead_letters: Option<PathBuf>,
     /// Keep the durable state (journal) here; `None` keeps state in memory only.
     pub state_dir: Option<PathBuf>,
+    /// What to do with a journal damaged before its last complete commit.
+    pub on_damage: OnDamage,
     /// Journal size from which it is compacted (it also waits for it to double).
     pub compact_bytes: u64,
     /// How often the stats line is logged.
@@ -117,6 +119,7 @@ impl Default for ServerConfig {
             results_to: None,
             dead_letters: None,
             state_dir: None,
+            on_damage: OnDamage::Refuse,
             compact_bytes: 64 << 20,
             stats_every: Duration::from_secs(5),
             grace: Duration::from_secs(5),
@@ -501,7 +504,7 @@ impl Server {
         };
         let (journal, records) = match &config.state_dir {
             Some(dir) => {
-                let (j, r) = Journal::open(dir)?;
+                let (j, r) = Journal::open_with(dir, config.on_damage)?;
                 (Some(j), r)
             }
             None => (None, vec![]),
@@ -519,7 +522,7 @@ impl Server {
             durable,
         ));
         if let Some(dir) = &config.state_dir {
-            let r = dispatcher.restore(&records)?;
+            let r = dispatcher.restore(records)?;
             log::info!(
                 "state {}: {} tasks ({} unfinished), {} known clients restored",
                 dir.display(),
@@ -527,10 +530,10 @@ impl Server {
                 r.unfinished,
                 r.clients
             );
-            // Start from a compact journal: it also drops a torn tail for good.
+            // Start from a compact journal (the records are gone by now:
+            // a large state is not held three times, as records, state and snapshot).
             dispatcher.compact();
         }
-        drop(records);
         let env = Arc::new(Environment::new(2));
         let service = ContactService {
             dispatcher: dispatcher.clone(),

@@ -81,6 +81,7 @@ fn help_describes_every_flag() {
         "--max-in-flight",
         "--max-lease",
         "--retry-backoff",
+        "--repair",
     ] {
         assert!(server.contains(flag), "server --help lacks {flag}");
     }

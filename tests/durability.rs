@@ -1,6 +1,7 @@
 //! Durable state (`--state-dir`): a server killed with -9 and restarted on
 //! the same directory loses nothing it accepted and repeats nothing that was
-//! acknowledged; damaged state is refused or, for a torn tail, trimmed.
+//! acknowledged; a tail torn by a crash or power loss is trimmed, and damaged
+//! state is refused (exit 1) unless `--repair` moves the damage aside.
 
 mod common;
 
@@ -25,58 +26,19 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let (state, results) = (dir.path().join("state"), dir.path().join("results.jsonl"));
     let tasks = dir.path().join("tasks.txt");
-    std::fs::write(
-        &tasks,
-        (0..N).map(|i| format!("job-{i}\n")).collect::<String>(),
-    )
-    .unwrap();
+    write_tasks(&tasks, "job", N as usize);
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let server_args = |tasks: &Path, listen: &str| -> Vec<String> {
-        [
-            "--listen",
-            listen,
-            "--dispatch",
-            "queue",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--tasks-from",
-            tasks.to_str().unwrap(),
-            "--results-to",
-            results.to_str().unwrap(),
-            "--max-in-flight",
-            "8",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |tasks: &Path, listen: &str| {
+        let mut args = server_args(listen, &state, tasks, &results);
+        args.extend(["--max-in-flight", "8"].map(String::from));
+        args
     };
-    let args = server_args(&tasks, "127.0.0.1:0");
-    let mut server = Proc::start(
-        SERVER_BIN,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let line = server.wait_line("listening on");
-    let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
-    let exec = ["--exec", "sh -c 'sleep 0.01; echo done $0'"];
+    let (mut server, addr) = start_server_proc(&args(&tasks, "127.0.0.1:0"));
+    let exec = "sh -c 'sleep 0.01; echo done $0'";
     let mut clients: Vec<Proc> = ["k1", "k2"]
         .iter()
-        .map(|id| {
-            let mut args = vec![
-                "--server",
-                &addr,
-                "--id",
-                id,
-                "--backoff-initial",
-                "0.05",
-                "--backoff-max",
-                "0.2",
-                "--ack-interval",
-                "0.05",
-            ];
-            args.extend_from_slice(&exec);
-            Proc::start(CLIENT_BIN, &args)
-        })
+        .map(|id| agent(&addr, id, exec, None))
         .collect();
     wait_for("some results before the crash", || {
         read_results(&results).len() >= 60
@@ -86,12 +48,7 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
     let before_restart = read_results(&results).len();
     assert!((before_restart as u64) < N, "the crash came mid-run");
 
-    let args = server_args(&empty, &addr);
-    let mut server = Proc::start(
-        SERVER_BIN,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    server.wait_line("listening on");
+    let (mut server, _) = start_server_proc(&args(&empty, &addr));
     server.wait_line("unfinished");
     wait_for("every task answered after the restart", || {
         accepted_per_task(&read_results(&results)).len() as u64 == N
@@ -241,14 +198,16 @@ fn a_damaged_journal_is_refused_and_a_torn_tail_is_trimmed() {
     let state = dir.path().join("state");
     let results = dir.path().join("results.jsonl");
     let server = start_server(durable_config(&state, &results, Mode::Queue));
-    publish(&server, "t", 3);
+    // Two commits: tasks 1 and 2, then task 3.
+    publish(&server, "t", 2);
+    publish(&server, "u", 1);
     server.stop().unwrap();
     let journal = state.join("journal");
     let good = std::fs::read(&journal).unwrap();
 
     // A flipped byte in the middle: refuse to start, saying where and what to do.
     let mut bad = good.clone();
-    bad[12] ^= 0x55;
+    bad[good.len() / 2] ^= 0x55;
     std::fs::write(&journal, &bad).unwrap();
     let err = Server::start(durable_config(&state, &results, Mode::Queue))
         .err()
@@ -258,31 +217,19 @@ fn a_damaged_journal_is_refused_and_a_torn_tail_is_trimmed() {
         msg.contains("damaged") && msg.contains(journal.to_str().unwrap()),
         "{msg}"
     );
-    let out = std::process::Command::new(SERVER_BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--tasks-from",
-            "/dev/null",
-        ])
-        .output()
-        .unwrap();
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("damaged"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let (status, stderr) = run_to_exit(&server_args("127.0.0.1:0", &state, &empty, &results));
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("damaged"), "{stderr}");
 
-    // The last record cut short: the intact prefix is served, with a warning.
+    // The last commit cut short: the commits before it are served, with a warning.
     std::fs::write(&journal, &good[..good.len() - 5]).unwrap();
     let server = start_server(durable_config(&state, &results, Mode::Queue));
     assert_eq!(
         server.dispatcher().unfinished(),
         2,
-        "tasks 1 and 2 survive; the torn third is dropped"
+        "tasks 1 and 2 survive; the torn commit of the third is dropped"
     );
     server.stop().unwrap();
 }
@@ -335,4 +282,261 @@ fn a_redelivery_after_a_restart_is_answered_without_running_the_task_again() {
             .collect::<Vec<_>>(),
         vec![1, 1]
     );
+}
+
+/// The arguments of a `contact-server` listening on `listen`, with its state
+/// in `state`, in queue mode, reading tasks from `tasks` and writing results to `results`.
+fn server_args(listen: &str, state: &Path, tasks: &Path, results: &Path) -> Vec<String> {
+    [
+        "--listen",
+        listen,
+        "--dispatch",
+        "queue",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--tasks-from",
+        tasks.to_str().unwrap(),
+        "--results-to",
+        results.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts `contact-server` with `args`; returns it once it listens, and its address.
+fn start_server_proc(args: &[String]) -> (Proc, String) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Proc::start(SERVER_BIN, &args);
+    let line = server.wait_line("listening on");
+    let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
+    (server, addr)
+}
+
+/// Runs `contact-server` with `args` to its end: its exit status and stderr.
+fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(SERVER_BIN)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
+}
+
+/// An agent running `exec` on each task, stopping after `max_tasks` if given.
+fn agent(addr: &str, id: &str, exec: &str, max_tasks: Option<&str>) -> Proc {
+    let mut args = vec![
+        "--server",
+        addr,
+        "--id",
+        id,
+        "--backoff-initial",
+        "0.05",
+        "--backoff-max",
+        "0.2",
+        "--ack-interval",
+        "0.05",
+        "--exec",
+        exec,
+    ];
+    if let Some(n) = max_tasks {
+        args.extend_from_slice(&["--max-tasks", n]);
+    }
+    Proc::start(CLIENT_BIN, &args)
+}
+
+fn write_tasks(path: &Path, prefix: &str, n: usize) {
+    let lines: String = (0..n).map(|i| format!("{prefix}-{i}\n")).collect();
+    std::fs::write(path, lines).unwrap();
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The number in `line` after `before` (e.g. "trimmed 4096 bytes").
+fn number_after(line: &str, before: &str) -> u64 {
+    line.split(before)
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {before:?} in {line:?}"))
+}
+
+/// What a power loss leaves at the end of a file whose size reached the disk
+/// before its data: zeros, or part of a frame and then zeros.
+#[derive(Clone, Copy, Debug)]
+enum PowerLossTail {
+    Zeros,
+    HalfAFrameThenZeros,
+}
+
+#[test]
+fn a_tail_left_by_a_power_loss_is_trimmed_and_everything_acknowledged_is_served() {
+    const N: usize = 10;
+    for tail in [PowerLossTail::Zeros, PowerLossTail::HalfAFrameThenZeros] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let results = dir.path().join("results.jsonl");
+        let (tasks, empty) = (dir.path().join("tasks.txt"), dir.path().join("empty"));
+        write_tasks(&tasks, "job", N);
+        std::fs::write(&empty, "").unwrap();
+
+        let (mut server, addr) =
+            start_server_proc(&server_args("127.0.0.1:0", &state, &tasks, &results));
+        server.wait_line(&format!("all {N} tasks"));
+        let mut first = agent(&addr, "first", "echo done", Some("4"));
+        assert_eq!(first.wait_exit(), 0, "the agent got 4 results acknowledged");
+        let acknowledged = accepted_per_task(&read_results(&results));
+        assert!(acknowledged.len() >= 4, "{acknowledged:?}");
+        server.signal("KILL");
+        server.wait_exit();
+
+        let journal = state.join("journal");
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let mut appended = vec![];
+        if let PowerLossTail::HalfAFrameThenZeros = tail {
+            // A frame is its length (u32), checksum (u32), kind byte, then
+            // the JSON: take the first half of the first task's frame.
+            let json = find(&bytes, br#"{"k":"task""#).expect("a task record");
+            let start = json - 9;
+            let len = u32::from_le_bytes(bytes[start..start + 4].try_into().unwrap()) as usize;
+            appended.extend_from_slice(&bytes[start..start + (8 + len) / 2]);
+        }
+        appended.resize(4096, 0);
+        bytes.extend_from_slice(&appended);
+        std::fs::write(&journal, &bytes).unwrap();
+
+        let (mut server, addr) =
+            start_server_proc(&server_args("127.0.0.1:0", &state, &empty, &results));
+        let warning = server.wait_line("trimmed");
+        assert!(
+            warning.contains(journal.to_str().unwrap()),
+            "{tail:?}: {warning}"
+        );
+        assert!(
+            number_after(&warning, "trimmed ") >= 4096,
+            "{tail:?}: {warning}"
+        );
+        let mut second = agent(&addr, "second", "echo done", None);
+        wait_for("every task answered after the restart", || {
+            accepted_per_task(&read_results(&results)).len() == N
+        });
+        server.signal("TERM");
+        assert_eq!(server.wait_exit(), 0);
+        second.signal("TERM");
+        second.wait_exit();
+        let per_task = accepted_per_task(&read_results(&results));
+        assert!(
+            per_task.values().all(|&n| n == 1),
+            "{tail:?}: what was acknowledged before the power loss is not done again: {per_task:?}"
+        );
+    }
+}
+
+#[test]
+fn damage_before_a_commit_exits_1_and_repair_keeps_what_came_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let results = dir.path().join("results.jsonl");
+    let (early, late, empty) = (
+        dir.path().join("early.txt"),
+        dir.path().join("late.txt"),
+        dir.path().join("empty"),
+    );
+    write_tasks(&early, "early", 5);
+    write_tasks(&late, "late", 5);
+    std::fs::write(&empty, "").unwrap();
+    // Two runs: the second starts from a snapshot holding the early tasks,
+    // then commits the late ones after it.
+    for tasks in [&early, &late] {
+        let (mut server, _) =
+            start_server_proc(&server_args("127.0.0.1:0", &state, tasks, &results));
+        server.wait_line("all 5 tasks");
+        server.signal("TERM");
+        assert_eq!(server.wait_exit(), 0);
+    }
+    let journal = state.join("journal");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let late_0 = find(&bytes, b"late-0").expect("the late tasks are in the journal");
+    bytes[late_0] ^= 0x20;
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let mut args = server_args("127.0.0.1:0", &state, &empty, &results);
+    let (status, stderr) = run_to_exit(&args);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains(journal.to_str().unwrap()), "{stderr}");
+    let at = number_after(&stderr, "damaged at byte ") as usize;
+    assert!(
+        at < late_0 && late_0 - at < 64,
+        "the offset of the damaged record's frame: {stderr}"
+    );
+    assert!(stderr.contains("--repair"), "{stderr}");
+    assert_eq!(std::fs::read(&journal).unwrap(), bytes, "nothing changed");
+
+    args.push("--repair".into());
+    let (mut server, addr) = start_server_proc(&args);
+    let line = server.wait_line("moved");
+    let aside = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("journal.damaged-")
+        })
+        .expect("the damaged part is moved aside in the state directory");
+    assert!(line.contains(aside.to_str().unwrap()), "{line}");
+    let moved = std::fs::read(&aside).unwrap();
+    assert!(
+        bytes.ends_with(&moved) && find(&moved, b"late-4").is_some(),
+        "the moved bytes are the journal's tail from before the damage"
+    );
+    assert_eq!(
+        number_after(&line, "moved ") as usize,
+        moved.len(),
+        "{line}"
+    );
+    assert!(
+        moved.len() < bytes.len() && moved.len() >= bytes.len() - at,
+        "kept up to the last commit before the damage"
+    );
+    let mut worker = agent(&addr, "worker", "echo done", None);
+    wait_for("the early tasks answered", || {
+        accepted_per_task(&read_results(&results)).len() == 5
+    });
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(), 0);
+    worker.signal("TERM");
+    worker.wait_exit();
+    let answered: BTreeSet<String> = read_results(&results)
+        .iter()
+        .map(|r| r["task"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        answered,
+        (0..5).map(|i| format!("early-{i}")).collect(),
+        "what was before the damage is served; what was moved aside is not"
+    );
+}
+
+#[test]
+fn a_state_directory_in_use_exits_1_not_as_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let results = dir.path().join("results.jsonl");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let args = server_args("127.0.0.1:0", &state, &empty, &results);
+    let (mut first, _) = start_server_proc(&args);
+    let (status, stderr) = run_to_exit(&args);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains(state.to_str().unwrap()),
+        "{stderr}"
+    );
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), 0);
 }

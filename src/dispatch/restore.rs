@@ -65,8 +65,9 @@ fn is_peer_address(client: &str) -> bool {
 }
 
 impl Dispatcher {
-    /// Replays journal records into an empty dispatcher (before it serves).
-    pub fn restore(&self, records: &[Record]) -> Result<Restored, Error> {
+    /// Replays journal records into an empty dispatcher (before it serves),
+    /// consuming them: their texts move into the tasks, not copied.
+    pub fn restore(&self, records: Vec<Record>) -> Result<Restored, Error> {
         let queue_mode = self.config.mode == Mode::Queue;
         let (mut first, mut next) = (1, 1);
         let mut tasks: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
@@ -80,37 +81,37 @@ impl Dispatcher {
             match r {
                 Record::Task { id, text, target } => {
                     let task = Task {
-                        id: *id,
-                        text: text.clone(),
-                        target: target.clone(),
+                        id,
+                        text,
+                        target,
                         produced_at: SystemTime::now(),
                     };
-                    tasks.insert(*id, Arc::new(task));
+                    tasks.insert(id, Arc::new(task));
                     next = next.max(id + 1);
                 }
                 Record::Window { first: f, next: n } => {
-                    first = *f;
-                    next = next.max(*n);
+                    first = f;
+                    next = next.max(n);
                 }
                 Record::Sent {
                     task,
                     client,
                     attempt,
                 } if queue_mode => {
-                    last_sent.insert(*task, (client.clone(), *attempt));
+                    last_sent.insert(task, (client, attempt));
                 }
                 Record::Sent {
                     task,
                     client,
                     attempt,
                 } => {
-                    let p = seen.progress.entry(client.clone()).or_default();
-                    p.pending.insert(*task, *attempt);
+                    let p = seen.progress.entry(client).or_default();
+                    p.pending.insert(task, attempt);
                     p.cursor = p.cursor.max(task + 1);
                 }
                 Record::Cursor { client, next } => {
-                    let p = seen.progress.entry(client.clone()).or_default();
-                    p.cursor = p.cursor.max(*next);
+                    let p = seen.progress.entry(client).or_default();
+                    p.cursor = p.cursor.max(next);
                 }
                 Record::Result(r) => {
                     if let (true, Some(task)) = (r.accepted, r.task_id) {
@@ -121,9 +122,9 @@ impl Dispatcher {
                     task,
                     client,
                     attempt,
-                } => answered(&mut seen, *task, client, *attempt),
+                } => answered(&mut seen, task, &client, attempt),
                 Record::Finished { task } => {
-                    seen.finished.insert(*task);
+                    seen.finished.insert(task);
                 }
                 Record::Dead(d) if queue_mode => {
                     seen.finished.insert(d.task_id);
@@ -134,7 +135,7 @@ impl Dispatcher {
                     }
                 }
                 Record::Seq { .. } => {}
-                Record::Incarnation { id } => incarnation = Some(id.clone()),
+                Record::Incarnation { id } => incarnation = Some(id),
             }
         }
 
@@ -146,7 +147,7 @@ impl Dispatcher {
         st.log = TaskLog::starting_at(first, self.config.retain);
         for (id, task) in tasks.range(first..) {
             if *id != st.log.next_id() {
-                return Err(Error::Usage(format!(
+                return Err(Error::State(format!(
                     "the state journal lacks task {} (it jumps to {id}); move the state directory away to start afresh",
                     st.log.next_id()
                 )));
