@@ -58,25 +58,10 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
     );
     let line = server.wait_line("listening on");
     let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
-    let exec = ["--exec", "sh -c 'sleep 0.01; echo done $0'"];
+    let exec = "sh -c 'sleep 0.01; echo done $0'";
     let mut clients: Vec<Proc> = ["k1", "k2"]
         .iter()
-        .map(|id| {
-            let mut args = vec![
-                "--server",
-                &addr,
-                "--id",
-                id,
-                "--backoff-initial",
-                "0.05",
-                "--backoff-max",
-                "0.2",
-                "--ack-interval",
-                "0.05",
-            ];
-            args.extend_from_slice(&exec);
-            Proc::start(CLIENT_BIN, &args)
-        })
+        .map(|id| agent_process(&addr, id, exec))
         .collect();
     wait_for("some results before the crash", || {
         read_results(&results).len() >= 60
