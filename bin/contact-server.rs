@@ -198,6 +198,7 @@ fn main() {
         std::process::exit(print_token(name, *admin, auth_secret));
     }
     cli::raise_open_file_limit();
+    cli::ignore_file_size_signal();
     let security = match security(&flags.security) {
         Ok(s) => s,
         Err(e) => {
