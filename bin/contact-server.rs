@@ -1,5 +1,6 @@
 //! `contact-server`: parses flags into a `ServerConfig`, runs the server until
-//! SIGINT/SIGTERM, then stops it gracefully.
+//! SIGINT/SIGTERM, then stops it gracefully; or until its disk fails, then
+//! stops at once and exits 1 (for a supervisor to restart it).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use contact::budget::StaleLimits;
@@ -214,6 +215,7 @@ fn main() {
         std::process::exit(print_token(name, *admin, auth_secret));
     }
     cli::raise_open_file_limit();
+    cli::ignore_file_size_signal();
     let security = match security(&flags.security) {
         Ok(s) => s,
         Err(e) => {
@@ -284,11 +286,8 @@ fn main() {
         },
     };
     let shutdown = Shutdown::new();
-    let result = cli::stop_on_signals(&shutdown).and_then(|()| {
-        let server = Server::start(config)?;
-        let _ = shutdown.receiver().recv();
-        server.stop()
-    });
+    let result =
+        cli::stop_on_signals(&shutdown).and_then(|()| Server::start(config)?.run_until(&shutdown));
     if let Err(e) = result {
         eprintln!("contact-server: {e}");
         std::process::exit(cli::exit_code(&e));

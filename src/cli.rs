@@ -76,6 +76,19 @@ pub fn stop_on_signals(shutdown: &Shutdown) -> Result<(), Error> {
     Ok(())
 }
 
+/// Ignores SIGXFSZ, whose default action kills the process: a write past
+/// a file-size limit (`ulimit -f`) then fails with EFBIG ("File too large"),
+/// an error the server handles like any other failed write.
+pub fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal to SIG_IGN installs no handler code.
+    unsafe {
+        if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+            log::warn!("cannot ignore SIGXFSZ: a file-size limit would kill the server");
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit, so that idle or
 /// hostile connections cannot use up the few (often 1,024) a process starts with.
 pub fn raise_open_file_limit() {

@@ -529,7 +529,7 @@ impl Dispatcher {
                     target: target.clone(),
                 });
             }
-            if futures::executor::block_on(sink.flushed()).is_err() {
+            if futures::executor::block_on(sink.journaled()).is_err() {
                 log::error!(
                     "{} tasks could not be written to the state journal and were not accepted",
                     tasks.len()

@@ -25,6 +25,9 @@ pub enum Error {
     Grpc(grpcio::Error),
     /// A thread of ours could not be started.
     Thread(io::Error),
+    /// The recording thread could not write (a full disk, an I/O error), so
+    /// the server stopped; the cause was logged when it happened.
+    Recording(Box<Error>),
 }
 
 impl Error {
@@ -51,6 +54,11 @@ impl fmt::Display for Error {
             Error::Usage(msg) | Error::State(msg) => write!(f, "{msg}"),
             Error::Grpc(e) => write!(f, "gRPC error: {e}"),
             Error::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            // The cause (`source`) was logged when it happened; not repeated.
+            Error::Recording(_) => write!(
+                f,
+                "stopped because results could not be recorded (the error is logged above)"
+            ),
         }
     }
 }
@@ -61,6 +69,7 @@ impl std::error::Error for Error {
             Error::File { source, .. } => Some(source),
             Error::Grpc(e) => Some(e),
             Error::Thread(e) => Some(e),
+            Error::Recording(e) => Some(e.as_ref()),
             _ => None,
         }
     }

@@ -5,11 +5,17 @@
 //! producer's tasks). The journal is written first, so after a crash the
 //! files can be brought up to date from it: each line carries the sequence
 //! number of its journal record, and `Outputs::catch_up` appends what is missing.
+//!
+//! A write or fsync that fails (a full disk, a file-size limit, an I/O error)
+//! ends the thread: it logs the error once, fires the server's stop signal
+//! with it as the cause (so that the server stops taking work and exits), and
+//! whoever waits for a flush is told it failed, never that it is recorded.
 
 use crate::error::Error;
 use crate::journal::{Journal, Record};
 use crate::logtext::quoted;
 use crate::results::{DeadLetter, ResultRecord};
+use crate::shutdown::Shutdown;
 use crossbeam_channel::Receiver;
 use futures::channel::oneshot;
 use serde::Serialize;
@@ -24,7 +30,11 @@ pub enum Entry {
     Dead(DeadLetter),
     Journal(Record),
     Compact(Vec<Record>),
+    /// Answered once everything before it is written and fsync'd.
     Flush(oneshot::Sender<()>),
+    /// Answered once everything before it is in the journal (for records
+    /// only the journal holds, such as tasks).
+    JournalFlush(oneshot::Sender<()>),
     Close,
 }
 
@@ -60,7 +70,13 @@ impl LinesFile {
     fn sync(&mut self) -> Result<(), Error> {
         let err = |e: std::io::Error| Error::file(&self.path, "write", e);
         if !self.pending.is_empty() {
-            self.out.write_all(&self.pending).map_err(err)?;
+            let len = self.out.metadata().map_err(err)?.len();
+            if let Err(e) = self.out.write_all(&self.pending) {
+                // A full disk takes part of the lines: take them back, so that
+                // readers of the file never see a torn line.
+                let _ = self.out.set_len(len);
+                return Err(err(e));
+            }
             self.pending.clear();
             self.out.sync_data().map_err(err)?;
         }
@@ -182,17 +198,57 @@ fn catch_up_file<'a, T: Serialize + 'a>(
     f.sync()
 }
 
-/// The thread's loop: see the module documentation. Returns how many results it recorded.
+/// Who waits for the current burst of entries to be durable.
+#[derive(Default)]
+struct Waiters {
+    /// In the journal.
+    journal: Vec<oneshot::Sender<()>>,
+    /// In the journal and the files.
+    all: Vec<oneshot::Sender<()>>,
+}
+
+/// The thread's loop: see the module documentation. Returns how many results
+/// it recorded; on a failed write, fires `stop` with the error first.
 pub fn run(
     rx: Receiver<Entry>,
+    outputs: Outputs,
+    journal: Option<Journal>,
+    next_seq: u64,
+    compact_bytes: u64,
+    compaction_due: &AtomicBool,
+    stop: &Shutdown,
+) -> Result<u64, Error> {
+    let mut waiters = Waiters::default();
+    let res = record(
+        &rx,
+        outputs,
+        journal,
+        next_seq,
+        compact_bytes,
+        compaction_due,
+        &mut waiters,
+    );
+    if let Err(e) = &res {
+        log::error!("{e}: the server stops taking work and exits; nothing acknowledged is lost");
+        stop.fail(e.to_string());
+    }
+    // Only now, with the failure known to all: the waiters learn that their
+    // flush failed, and records still queued or sent later are dropped quietly.
+    drop(waiters);
+    drop(rx);
+    res
+}
+
+fn record(
+    rx: &Receiver<Entry>,
     mut outputs: Outputs,
     mut journal: Option<Journal>,
     mut next_seq: u64,
     compact_bytes: u64,
     compaction_due: &AtomicBool,
+    waiters: &mut Waiters,
 ) -> Result<u64, Error> {
     let mut count = 0u64;
-    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     // Compaction is due when the journal doubles past its last snapshot.
     let mut threshold = compact_bytes.max(journal.as_ref().map_or(0, |j| j.size * 2));
     let mut closed = false;
@@ -246,7 +302,8 @@ pub fn run(
                         );
                     }
                 }
-                Entry::Flush(w) => waiters.push(w),
+                Entry::Flush(w) => waiters.all.push(w),
+                Entry::JournalFlush(w) => waiters.journal.push(w),
             }
         }
         // Journal first: whatever reached a file is in the journal too.
@@ -256,8 +313,11 @@ pub fn run(
                 compaction_due.store(true, Ordering::SeqCst);
             }
         }
+        for w in waiters.journal.drain(..) {
+            let _ = w.send(());
+        }
         outputs.sync()?;
-        for w in waiters.drain(..) {
+        for w in waiters.all.drain(..) {
             let _ = w.send(());
         }
     }

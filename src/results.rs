@@ -2,11 +2,13 @@
 //! `ResultSink`, the handle through which everyone hands them to the one
 //! recording thread (see `recorder`), so that file I/O never runs on a gRPC
 //! thread. A `tellResult` call is only answered once everything it carried is
-//! on disk: see [`ResultSink::flushed`].
+//! on disk: see [`ResultSink::flushed`]. When the disk fails, the sink says so
+//! ([`ResultSink::failure`]) and nothing more is recorded.
 
 use crate::error::Error;
 use crate::journal::{Journal, Record};
 use crate::recorder::{self, Entry, Outputs};
+use crate::shutdown::Shutdown;
 use crate::task::TaskId;
 use crossbeam_channel::Sender;
 use futures::channel::oneshot;
@@ -70,6 +72,8 @@ pub struct DeadLetter {
 pub struct ResultSink {
     tx: Sender<Entry>,
     compaction_due: Arc<AtomicBool>,
+    /// Fired, with the error as its cause, when the recorder cannot write.
+    stop: Shutdown,
 }
 
 /// Owns the recording thread; `finish` drains and flushes everything.
@@ -90,6 +94,9 @@ pub struct SinkConfig<'a> {
     pub journal: Option<(Journal, &'a [Record])>,
     /// Journal size that makes a compaction due (it grows with the state too).
     pub compact_bytes: u64,
+    /// Fired, with the error as its failure cause, when a write or fsync
+    /// fails: the owner must stop taking work (see `recorder`).
+    pub stop: Shutdown,
 }
 
 impl ResultSink {
@@ -106,24 +113,38 @@ impl ResultSink {
         let compaction_due = Arc::new(AtomicBool::new(false));
         let due = compaction_due.clone();
         let compact_bytes = config.compact_bytes;
+        let stop = config.stop.clone();
         let handle = std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || recorder::run(rx, outputs, journal, next_seq, compact_bytes, &due))
+            .spawn(move || {
+                recorder::run(rx, outputs, journal, next_seq, compact_bytes, &due, &stop)
+            })
             .map_err(Error::Thread)?;
         Ok((
             ResultSink {
                 tx: tx.clone(),
                 compaction_due,
+                stop: config.stop,
             },
             ResultWriter { tx, handle },
         ))
     }
 
     fn send(&self, e: Entry, what: &str) {
-        // Fails only after `finish`, when nothing can be recorded any more.
+        // Fails only after `finish` or a failed write, when nothing can be
+        // recorded any more; the failure was reported once, when it happened.
         if self.tx.send(e).is_err() {
-            log::error!("{what} arrived after shutdown and was dropped");
+            if self.failure().is_some() {
+                log::debug!("{what} was dropped: the recorder has failed");
+            } else {
+                log::error!("{what} arrived after shutdown and was dropped");
+            }
         }
+    }
+
+    /// Why nothing can be recorded any more, once a write or fsync has failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.stop.failure()
     }
 
     /// Queues a result for recording.
@@ -152,10 +173,20 @@ impl ResultSink {
         self.compaction_due.load(Ordering::SeqCst)
     }
 
-    /// Resolves once everything queued before this call is written and fsync'd.
+    /// Resolves once everything queued before this call is written and
+    /// fsync'd; fails (is cancelled) if that cannot be done.
     pub fn flushed(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let _ = self.tx.send(Entry::Flush(tx));
+        rx
+    }
+
+    /// Like [`ResultSink::flushed`], for records only the journal holds
+    /// (tasks): resolves once the journal has everything queued before this
+    /// call, even if the results files cannot be written afterwards.
+    pub fn journaled(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Entry::JournalFlush(tx));
         rx
     }
 }
@@ -164,11 +195,13 @@ impl ResultWriter {
     /// Records everything queued so far, flushes and stops the thread; returns
     /// how many results were recorded. Sink handles still alive (a gRPC call
     /// that outlived shutdown) can no longer record: they log an error instead.
+    /// After a failed write it returns at once with that failure.
     pub fn finish(self) -> Result<u64, Error> {
         let _ = self.tx.send(Entry::Close);
         self.handle
             .join()
             .unwrap_or_else(|_| Err(Error::Usage("the recording thread panicked".into())))
+            .map_err(|e| Error::Recording(Box::new(e)))
     }
 }
 
@@ -248,6 +281,37 @@ mod tests {
             err.to_string().contains("/nonexistent-dir/r.jsonl"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_once_and_stops_everything_waiting_on_it() {
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        let full = Path::new("/dev/full");
+        let stop = Shutdown::new();
+        let (sink, writer) = ResultSink::start(SinkConfig {
+            results: Some(full),
+            stop: stop.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        sink.record(record(1));
+        let flushed = futures::executor::block_on(sink.flushed());
+        assert!(
+            flushed.is_err(),
+            "a failed write is never reported as recorded"
+        );
+        assert!(stop.is_triggered(), "the owner is told to stop");
+        let why = sink.failure().expect("the failure is kept");
+        assert!(
+            why.contains("/dev/full") && why.contains("No space left on device"),
+            "{why}"
+        );
+        // Later records and flushes fail at once, quietly; finishing does not hang.
+        sink.record(record(2));
+        assert!(futures::executor::block_on(sink.flushed()).is_err());
+        let err = writer.finish().unwrap_err();
+        assert!(matches!(err, Error::Recording(_)), "{err}");
+        assert_eq!(crate::cli::exit_code(&err), 1);
     }
 
     /// A sink on the journal in `state`, writing results to `path`.

@@ -1,6 +1,8 @@
 //! The server: the `Contact` gRPC service on grpcio's thread pools, and
 //! `Server`, which wires it to the dispatcher, the producers, the result
 //! sink and the stats line, and shuts it all down without losing a result.
+//! When the disk fails under the recorder, it stops taking work at once
+//! (calls are answered UNAVAILABLE, so agents keep their results) and stops.
 //!
 //! Handlers never block a completion-queue thread: each call becomes a
 //! future on grpcio's executor (`ctx.spawn`) that only touches the
@@ -289,6 +291,12 @@ impl Contact for ContactService {
             id: client,
             ephemeral,
         } = caller_or_reject!(self, ctx, sink);
+        if self.results.failure().is_some() {
+            ctx.spawn(async move {
+                let _ = sink.fail(cannot_record()).await;
+            });
+            return;
+        }
         let incarnation = self.dispatcher.incarnation();
         let headers = ctx.request_headers();
         let instance = proto::instance_from(headers);
@@ -328,8 +336,16 @@ impl Contact for ContactService {
         let dispatcher = self.dispatcher.clone();
         let ack_timeout_ms =
             u32::try_from(self.dispatcher.config().ack_timeout.as_millis()).unwrap_or(u32::MAX);
+        let results = self.results.clone();
         ctx.spawn(async move {
-            let res = forward(&mut feed, &mut sink, &incarnation, ack_timeout_ms).await;
+            let mut res = forward(&mut feed, &mut sink, &incarnation, ack_timeout_ms).await;
+            if res.is_ok() {
+                // The dispatcher ended the feed: a stop, or a failed disk.
+                res = match results.failure() {
+                    Some(_) => sink.fail(cannot_record()).await,
+                    None => sink.close().await,
+                };
+            }
             dispatcher.detach(&client, session);
             if let Err(e) = res {
                 log::debug!("task stream of {client} ended: {e}");
@@ -347,6 +363,12 @@ impl Contact for ContactService {
             id: client,
             ephemeral,
         } = caller_or_reject!(self, ctx, sink);
+        if self.results.failure().is_some() {
+            ctx.spawn(async move {
+                let _ = sink.fail(cannot_record()).await;
+            });
+            return;
+        }
         let budget_key = budget_key(&client, ephemeral);
         if let Some(why) = self.stale.exhausted(&budget_key) {
             warn_refused(&ctx.peer(), &format!("results of {client}: {why}"));
@@ -404,10 +426,15 @@ impl Contact for ContactService {
                     let _ = sink.success(Empty::default()).await;
                 }
                 (Ok(()), false) => {
-                    let status = RpcStatus::with_message(
-                        RpcStatusCode::INTERNAL,
-                        "results could not be recorded".into(),
-                    );
+                    // Not recorded: UNAVAILABLE, so that the client keeps
+                    // these results and sends them again later.
+                    let status = match results.failure() {
+                        Some(_) => cannot_record(),
+                        None => RpcStatus::with_message(
+                            RpcStatusCode::UNAVAILABLE,
+                            "the server is shutting down".into(),
+                        ),
+                    };
                     let _ = sink.fail(status).await;
                 }
                 (Err(grpcio::Error::RpcFailure(status)), _)
@@ -436,8 +463,18 @@ fn undecodable(client: &str, what: &str, e: &dyn std::fmt::Display) -> RpcStatus
     RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)
 }
 
+/// The answer to every call once the recorder has failed: UNAVAILABLE, which
+/// clients treat as "keep your results and try again later".
+fn cannot_record() -> RpcStatus {
+    RpcStatus::with_message(
+        RpcStatusCode::UNAVAILABLE,
+        "the server cannot record results (disk error) and is stopping; keep them and send them again later".into(),
+    )
+}
+
 /// Writes the feed's deliveries into the stream, a batch per flush, until the
-/// dispatcher ends the feed (clean end) or the client goes away (error).
+/// dispatcher ends the feed (`Ok`; the caller ends the call) or the client
+/// goes away (error).
 async fn forward(
     feed: &mut TaskFeed,
     sink: &mut ServerStreamingSink<ServerMsg>,
@@ -478,7 +515,7 @@ async fn forward(
         }
         sink.flush().await?;
     }
-    sink.close().await
+    Ok(())
 }
 
 /// A running server. Dropping it without [`Server::stop`] cancels every call.
@@ -510,11 +547,14 @@ impl Server {
             None => (None, vec![]),
         };
         let durable = journal.is_some();
+        // Fired by `stop`, or by the recorder when the disk fails.
+        let shutdown = Shutdown::new();
         let (results, writer) = ResultSink::start(SinkConfig {
             results: config.results_to.as_deref(),
             dead_letters: config.dead_letters.as_deref(),
             journal: journal.map(|j| (j, &records[..])),
             compact_bytes: config.compact_bytes,
+            stop: shutdown.clone(),
         })?;
         let dispatcher = Arc::new(Dispatcher::recording(
             config.dispatch.clone(),
@@ -585,7 +625,6 @@ impl Server {
             protection(&config)
         );
 
-        let shutdown = Shutdown::new();
         let mut server = Server {
             grpc,
             port,
@@ -623,24 +662,52 @@ impl Server {
         &self.dispatcher
     }
 
+    /// Serves until `stop` fires (a signal) or the disk fails under the
+    /// recorder, then stops (see [`Server::stop`]).
+    pub fn run_until(self, stop: &Shutdown) -> Result<u64, Error> {
+        crossbeam_channel::select! {
+            recv(stop.receiver()) -> _ => {}
+            recv(self.shutdown.receiver()) -> _ => {}
+        }
+        self.stop()
+    }
+
+    /// Why the server stopped taking work, once the disk failed under it.
+    pub fn failure(&self) -> Option<&str> {
+        self.shutdown.failure()
+    }
+
     /// Graceful stop: end every task stream, give clients up to `grace` to
     /// report the tasks in their hands (their result calls are still served),
     /// then refuse new calls, cancel what remains and flush the results.
-    /// Returns how many results were recorded.
+    /// Returns how many results were recorded. After the disk failed there
+    /// is no grace period (no result could be recorded): open calls get a
+    /// bounded drain, and the recorder's error is returned.
     pub fn stop(mut self) -> Result<u64, Error> {
-        log::info!(
-            "shutting down: task streams end; waiting up to {:?} for clients to report",
-            self.grace
-        );
+        let failed = self.shutdown.failure().is_some();
+        if failed {
+            log::info!("shutting down at once: results cannot be recorded any more");
+        } else {
+            log::info!(
+                "shutting down: task streams end; waiting up to {:?} for clients to report",
+                self.grace
+            );
+        }
         self.shutdown.trigger();
         self.dispatcher.close_all();
-        let deadline = Instant::now() + self.grace;
-        while self.dispatcher.in_flight() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let unanswered = self.dispatcher.in_flight();
-        if unanswered > 0 {
-            log::warn!("{unanswered} tasks were still unanswered when the grace period ended");
+        if !failed {
+            let deadline = Instant::now() + self.grace;
+            // A disk failing meanwhile ends the wait: nothing can be recorded.
+            while self.dispatcher.in_flight() > 0
+                && self.failure().is_none()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let unanswered = self.dispatcher.in_flight();
+            if unanswered > 0 {
+                log::warn!("{unanswered} tasks were still unanswered when the grace period ended");
+            }
         }
         // Calls already open (a client's last result call) may complete; new ones are refused.
         let done = self.grpc.shutdown();
@@ -744,6 +811,12 @@ fn clock_loop(
     let mut revocations_checked = Instant::now();
     loop {
         let stopping = shutdown.wait_timeout(TICK);
+        if shutdown.failure().is_some() {
+            // Nothing can be recorded: stop taking work now (task streams
+            // end, no more deliveries); whoever owns the server stops the rest.
+            dispatcher.close_all();
+            return;
+        }
         dispatcher.expire();
         // Revocation reaches streams already open, not only new calls.
         if auth.has_deny_list() && revocations_checked.elapsed() >= REVOCATION_CHECK {

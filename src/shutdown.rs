@@ -1,9 +1,11 @@
 //! The shutdown signal passed down to every long-running part (producer,
 //! result writer, client loops), instead of a global flag: triggering it once
 //! wakes every waiter, including those blocked in a `crossbeam_channel::select!`.
+//! A part that cannot go on (the recorder, when the disk fails) fires it with
+//! a cause, which the others read to say why they stop.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// A one-shot, cloneable "stop now" signal.
@@ -14,6 +16,8 @@ use std::time::Duration;
 pub struct Shutdown {
     sender: Arc<Mutex<Option<Sender<()>>>>,
     receiver: Receiver<()>,
+    /// Why it fired, when it fired because something failed (the first cause).
+    failure: Arc<OnceLock<String>>,
 }
 
 impl Default for Shutdown {
@@ -29,12 +33,25 @@ impl Shutdown {
         Shutdown {
             sender: Arc::new(Mutex::new(Some(tx))),
             receiver: rx,
+            failure: Arc::new(OnceLock::new()),
         }
     }
 
     /// Fires the signal; later calls do nothing.
     pub fn trigger(&self) {
         self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Fires the signal because something failed; the first cause is kept
+    /// (even if the signal had already fired for an ordinary stop).
+    pub fn fail(&self, cause: String) {
+        let _ = self.failure.set(cause);
+        self.trigger();
+    }
+
+    /// The cause given to [`Shutdown::fail`], if it was called.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 
     /// Whether the signal has fired.
@@ -78,5 +95,16 @@ mod tests {
         assert!(s.is_triggered());
         s.trigger();
         assert!(s.is_triggered());
+        assert_eq!(s.failure(), None, "an ordinary stop has no cause");
+    }
+
+    #[test]
+    fn a_failure_fires_the_signal_and_keeps_the_first_cause() {
+        let s = Shutdown::new();
+        let seen_by = s.clone();
+        s.fail("disk full".into());
+        s.fail("later".into());
+        assert!(seen_by.is_triggered());
+        assert_eq!(seen_by.failure(), Some("disk full"));
     }
 }

@@ -4,23 +4,10 @@
 mod common;
 
 use common::*;
-use contact::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg};
+use contact::proto::{self, ClientMsg, Empty, ResultMsg};
 use futures::executor::block_on;
 use futures::{SinkExt, StreamExt};
-use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode, WriteFlags};
-use std::sync::Arc;
-
-fn raw_client(port: u16) -> ContactClient {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let ch = ChannelBuilder::new(env)
-        .max_send_message_len(8 << 20)
-        .connect(&format!("127.0.0.1:{port}"));
-    ContactClient::new(ch)
-}
-
-fn as_client(id: &str) -> CallOption {
-    CallOption::default().headers(proto::client_id_metadata(id).unwrap())
-}
+use grpcio::{CallOption, RpcStatusCode, WriteFlags};
 
 #[test]
 fn get_task_streams_every_task_in_order_with_ids() {

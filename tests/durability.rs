@@ -38,7 +38,7 @@ fn kill_9_the_server_mid_run_and_restart_it_on_the_same_state() {
     let exec = "sh -c 'sleep 0.01; echo done $0'";
     let mut clients: Vec<Proc> = ["k1", "k2"]
         .iter()
-        .map(|id| agent(&addr, id, exec, None))
+        .map(|id| agent_process(&addr, id, exec, &[]))
         .collect();
     wait_for("some results before the crash", || {
         read_results(&results).len() >= 60
@@ -322,28 +322,6 @@ fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
     (out.status.code(), stderr)
 }
 
-/// An agent running `exec` on each task, stopping after `max_tasks` if given.
-fn agent(addr: &str, id: &str, exec: &str, max_tasks: Option<&str>) -> Proc {
-    let mut args = vec![
-        "--server",
-        addr,
-        "--id",
-        id,
-        "--backoff-initial",
-        "0.05",
-        "--backoff-max",
-        "0.2",
-        "--ack-interval",
-        "0.05",
-        "--exec",
-        exec,
-    ];
-    if let Some(n) = max_tasks {
-        args.extend_from_slice(&["--max-tasks", n]);
-    }
-    Proc::start(CLIENT_BIN, &args)
-}
-
 fn write_tasks(path: &Path, prefix: &str, n: usize) {
     let lines: String = (0..n).map(|i| format!("{prefix}-{i}\n")).collect();
     std::fs::write(path, lines).unwrap();
@@ -385,7 +363,7 @@ fn a_tail_left_by_a_power_loss_is_trimmed_and_everything_acknowledged_is_served(
         let (mut server, addr) =
             start_server_proc(&server_args("127.0.0.1:0", &state, &tasks, &results));
         server.wait_line(&format!("all {N} tasks"));
-        let mut first = agent(&addr, "first", "echo done", Some("4"));
+        let mut first = agent_process(&addr, "first", "echo done", &["--max-tasks", "4"]);
         assert_eq!(first.wait_exit(), 0, "the agent got 4 results acknowledged");
         let acknowledged = accepted_per_task(&read_results(&results));
         assert!(acknowledged.len() >= 4, "{acknowledged:?}");
@@ -418,7 +396,7 @@ fn a_tail_left_by_a_power_loss_is_trimmed_and_everything_acknowledged_is_served(
             number_after(&warning, "trimmed ") >= 4096,
             "{tail:?}: {warning}"
         );
-        let mut second = agent(&addr, "second", "echo done", None);
+        let mut second = agent_process(&addr, "second", "echo done", &[]);
         wait_for("every task answered after the restart", || {
             accepted_per_task(&read_results(&results)).len() == N
         });
@@ -503,7 +481,7 @@ fn damage_before_a_commit_exits_1_and_repair_keeps_what_came_before_it() {
         moved.len() < bytes.len() && moved.len() >= bytes.len() - at,
         "kept up to the last commit before the damage"
     );
-    let mut worker = agent(&addr, "worker", "echo done", None);
+    let mut worker = agent_process(&addr, "worker", "echo done", &[]);
     wait_for("the early tasks answered", || {
         accepted_per_task(&read_results(&results)).len() == 5
     });

@@ -24,6 +24,21 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A grpcio client of the `Contact` service on a local port, to drive the
+/// calls by hand (what goes over the wire, not what our client does).
+pub fn raw_client(port: u16) -> contact::proto::ContactClient {
+    let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+    let ch = grpcio::ChannelBuilder::new(env)
+        .max_send_message_len(8 << 20)
+        .connect(&format!("127.0.0.1:{port}"));
+    contact::proto::ContactClient::new(ch)
+}
+
+/// The options of a call made as agent `id`.
+pub fn as_client(id: &str) -> grpcio::CallOption {
+    grpcio::CallOption::default().headers(contact::proto::client_id_metadata(id).unwrap())
+}
+
 /// A server config on an ephemeral loopback port with quick shutdown.
 pub fn server_config() -> ServerConfig {
     ServerConfig {
@@ -103,8 +118,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(bin: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Proc::spawn(cmd)
+    }
+
+    /// Starts a prepared command (e.g. with limits set in `pre_exec`),
+    /// logging at info to a piped stderr.
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -130,16 +152,32 @@ impl Proc {
         if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
             return l.clone();
         }
+        let deadline = Instant::now() + PATIENCE;
         loop {
             let line = self
                 .lines
-                .recv_timeout(PATIENCE)
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| panic!("no line with {needle:?}; saw {:#?}", self.seen));
             self.seen.push(line.clone());
             if line.contains(needle) {
                 return line;
             }
         }
+    }
+
+    /// Every stderr line so far, without waiting for more.
+    pub fn lines_so_far(&mut self) -> &[String] {
+        self.seen.extend(self.lines.try_iter());
+        &self.seen
+    }
+
+    /// Every stderr line up to the end of the output (the process has exited
+    /// or is about to), including those already seen.
+    pub fn whole_log(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.recv_timeout(PATIENCE) {
+            self.seen.push(line);
+        }
+        &self.seen
     }
 
     pub fn signal(&self, sig: &str) {
@@ -193,6 +231,16 @@ pub fn test_python(modules: &[&str]) -> std::path::PathBuf {
 
 /// Starts `cmd` with these soft and hard limits on open files.
 pub fn with_open_file_limit(cmd: &mut Command, soft: u64, hard: u64) {
+    with_limit(cmd, libc::RLIMIT_NOFILE, soft, hard);
+}
+
+/// Starts `cmd` with a limit of `bytes` on the size of the files it writes
+/// (`ulimit -f`, exact to the byte).
+pub fn with_file_size_limit(cmd: &mut Command, bytes: u64) {
+    with_limit(cmd, libc::RLIMIT_FSIZE, bytes, bytes);
+}
+
+fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, soft: u64, hard: u64) {
     use std::os::unix::process::CommandExt;
     // SAFETY: only setrlimit runs between fork and exec.
     unsafe {
@@ -201,12 +249,33 @@ pub fn with_open_file_limit(cmd: &mut Command, soft: u64, hard: u64) {
                 rlim_cur: soft,
                 rlim_max: hard,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            if libc::setrlimit(resource, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
+}
+
+/// An agent process that reconnects fast and acknowledges quickly, running
+/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`).
+pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--server",
+        addr,
+        "--id",
+        id,
+        "--backoff-initial",
+        "0.05",
+        "--backoff-max",
+        "0.2",
+        "--ack-interval",
+        "0.05",
+        "--exec",
+        exec,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(CLIENT_BIN, &args)
 }
 
 /// The port in a server's "listening on HOST:PORT (...)" log line.
