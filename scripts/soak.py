@@ -19,7 +19,8 @@ current port. The number of tasks follows the fault window (120 a second of
 it in queue mode, 16 a second in broadcast, where each client does each), so
 that the work lasts about as long as the faults on two busy cores. Timeouts
 are short, so that faults turn into redeliveries within seconds:
---ack-timeout 4, --client-timeout 5, keepalive 2 s with 2 s to answer,
+--ack-timeout 4, --client-timeout 5, --retry-backoff 0.1..2 (a task may be
+refused by each of the 8 clients in turn), keepalive 2 s with 2 s to answer,
 clients reconnecting after 0.05-1 s; --max-attempts 50, so that faults alone
 do not dead-letter tasks (a dead letter still counts as an outcome).
 
@@ -107,6 +108,10 @@ CLIENTS = [f"soak-{i}" for i in range(1, 9)]
 ACK_TIMEOUT = 4
 CLIENT_TIMEOUT = 5
 MAX_ATTEMPTS = 50
+# A task marked to be refused is refused once by each client that runs it,
+# up to 8 times in a row: the default backoff (1..60 s, doubling) would make
+# its last tries minutes apart, past the drain. Short, and still growing.
+RETRY_BACKOFF = "0.1..2"
 GRACE = 1
 WARM_UP = 3.0
 
@@ -437,6 +442,7 @@ class Phase:
             "--ack-timeout", str(ACK_TIMEOUT),
             "--client-timeout", str(CLIENT_TIMEOUT),
             "--max-attempts", str(MAX_ATTEMPTS),
+            "--retry-backoff", RETRY_BACKOFF,
             "--grace", str(GRACE),
             "--keepalive", "2",
             "--keepalive-timeout", "2",

@@ -195,6 +195,9 @@ const EPHEMERAL_LINGER: Duration = Duration::from_secs(30);
 /// recognise a result it sends again after a lost acknowledgement.
 const RECENT_ACCEPTED: usize = 4096;
 
+/// How many recent refusals a client remembers (in memory only), likewise.
+const RECENT_REFUSED: usize = 256;
+
 struct ClientState {
     /// The open `getTask` stream, if any.
     session: Option<(SessionId, FeedSender)>,
@@ -212,6 +215,9 @@ struct ClientState {
     leases: bool,
     /// Recently accepted (task, attempt): a resend of one is acknowledged, not recorded.
     recent: VecDeque<(TaskId, u32)>,
+    /// Recently refused (task, attempt): a resend of one (after a lost
+    /// acknowledgement) is acknowledged, not counted as another refusal.
+    refused: VecDeque<(TaskId, u32)>,
     last_seen: Instant,
     /// Known by peer address (a seed client): forgotten when its streams end.
     ephemeral: bool,
@@ -230,6 +236,7 @@ impl ClientState {
             delayed: Vec::new(),
             leases: false,
             recent: VecDeque::new(),
+            refused: VecDeque::new(),
             last_seen: Instant::now(),
             ephemeral,
             draining: false,
@@ -242,6 +249,19 @@ impl ClientState {
         self.redeliver
             .iter()
             .chain(self.delayed.iter().map(|(_, d)| d))
+    }
+
+    /// Whether it answered this attempt already (accepted or refused): an
+    /// answer to it now is a resend.
+    fn answered(&self, id: TaskId, attempt: u32) -> bool {
+        id != 0 && (self.recent.contains(&(id, attempt)) || self.refused.contains(&(id, attempt)))
+    }
+
+    fn remember_refusal(&mut self, id: TaskId, attempt: u32) {
+        if self.refused.len() == RECENT_REFUSED {
+            self.refused.pop_front();
+        }
+        self.refused.push_back((id, attempt));
     }
 
     fn remember(&mut self, id: TaskId, attempt: u32) {

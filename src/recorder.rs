@@ -143,17 +143,21 @@ impl Outputs {
             });
         }
         if let Some(f) = self.results.as_mut() {
-            catch_up_file(f, records, |r| match r {
+            let last = catch_up_file(f, records, |r| match r {
                 Record::Result(x) => Some((x, x.seq)),
                 _ => None,
             })?;
+            next = next.max(last.map_or(0, |s| s + 1));
         }
         if let Some(f) = self.dead.as_mut() {
-            catch_up_file(f, records, |r| match r {
+            let last = catch_up_file(f, records, |r| match r {
                 Record::Dead(x) => Some((x, x.seq)),
                 _ => None,
             })?;
+            next = next.max(last.map_or(0, |s| s + 1));
         }
+        // A file may be ahead of the journal (one repaired with --repair
+        // lost its tail): numbers go on after the file's, never repeat.
         Ok(next)
     }
 
@@ -169,14 +173,15 @@ impl Outputs {
 }
 
 /// Appends to `f` the journal's lines (chosen by `pick`, with their sequence
-/// numbers) that come after its last line.
+/// numbers) that come after its last line; returns the sequence number of
+/// that line (`None` when it has none).
 fn catch_up_file<'a, T: Serialize + 'a>(
     f: &mut LinesFile,
     records: &'a [Record],
     pick: impl Fn(&'a Record) -> Option<(&'a T, Option<u64>)>,
-) -> Result<(), Error> {
+) -> Result<Option<u64>, Error> {
     let Some(last) = f.last_seq()? else {
-        return Ok(());
+        return Ok(None);
     };
     let missing: Vec<&T> = records
         .iter()
@@ -185,7 +190,7 @@ fn catch_up_file<'a, T: Serialize + 'a>(
         .map(|(x, _)| x)
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(Some(last));
     }
     log::warn!(
         "{}: restoring {} lines from the journal that a crash kept out of it",
@@ -195,7 +200,7 @@ fn catch_up_file<'a, T: Serialize + 'a>(
     for m in missing {
         f.append(m);
     }
-    f.sync()
+    f.sync().map(|()| Some(last))
 }
 
 /// Who waits for the current burst of entries to be durable.

@@ -361,4 +361,34 @@ mod tests {
         writer.finish().unwrap();
         assert_eq!(lines(&fresh).len(), 4);
     }
+
+    #[test]
+    fn a_results_file_ahead_of_its_journal_keeps_its_numbers_increasing() {
+        // As after --repair moved the journal's tail aside: the file has lines
+        // the journal no longer knows.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let state = dir.path().join("state");
+        {
+            let (sink, writer) = journaled_sink(&state, &path);
+            sink.record(record(1));
+            writer.finish().unwrap();
+        }
+        let ahead = ResultRecord {
+            seq: Some(9),
+            ..record(2)
+        };
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&serde_json::to_string(&ahead).unwrap());
+        text.push('\n');
+        std::fs::write(&path, text).unwrap();
+        let (sink, writer) = journaled_sink(&state, &path);
+        sink.record(record(3));
+        writer.finish().unwrap();
+        let seqs: Vec<u64> = lines(&path)
+            .iter()
+            .map(|l| l["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![1, 9, 10]);
+    }
 }

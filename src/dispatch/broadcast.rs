@@ -30,6 +30,7 @@ impl Dispatcher {
         };
         let (delivery, latency) = match pos.and_then(|p| c.in_flight.remove(p)) {
             Some(f) => (f.delivery, Some(f.sent_at.elapsed())),
+            None if c.answered(answer.task_id, answer.attempt) => return None,
             None => {
                 // An earlier attempt's answer, while this client holds (or is
                 // about to be sent) the task again, still counts.
@@ -57,7 +58,6 @@ impl Dispatcher {
                             None,
                         )
                     }
-                    None if c.recent.contains(&(answer.task_id, answer.attempt)) => return None,
                     None => return stale(&st.log, client, answer),
                 }
             }
@@ -76,6 +76,7 @@ impl Dispatcher {
                     format!("refused: {}", answer.output),
                 );
             } else {
+                c.remember_refusal(delivery.task.id, delivery.attempt);
                 let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
                 let again = Delivery {
                     task: delivery.task,

@@ -24,16 +24,16 @@ impl Dispatcher {
             },
             _ => (answer.task_id, answer.attempt),
         };
+        if st
+            .clients
+            .get(client)
+            .is_some_and(|c| c.answered(task_id, attempt))
+        {
+            // A resend of an answer already counted (its acknowledgement was lost).
+            return None;
+        }
         if !st.queue.is_current(task_id, client, attempt) {
-            let resent = st
-                .clients
-                .get(client)
-                .is_some_and(|c| c.recent.contains(&(task_id, attempt)));
-            return if resent {
-                None
-            } else {
-                stale(&st.log, client, answer)
-            };
+            return stale(&st.log, client, answer);
         }
         let q = st.queue.get(task_id).expect("current implies unfinished");
         let current = q.attempt;
@@ -69,6 +69,9 @@ impl Dispatcher {
                     format!("refused: {}", answer.output),
                 );
             } else {
+                if let Some(c) = st.clients.get_mut(client) {
+                    c.remember_refusal(task_id, delivery.attempt);
+                }
                 // Held (or just released): available again after its
                 // backoff, preferably elsewhere.
                 let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);

@@ -731,3 +731,31 @@ fn a_seed_style_client_has_its_ack_timeout_from_dispatch() {
     d.expire();
     assert_eq!(drain_attempts(&a), vec![(1, 2)]);
 }
+
+#[test]
+fn a_resent_refusal_is_acknowledged_not_counted_again() {
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            retry_backoff: backoff(1, 1),
+            ..Default::default()
+        });
+        let (_, a) = d.attach("a", "p", false, "").unwrap();
+        d.publish(tasks(&["1"]));
+        assert_eq!(drain_attempts(&a), vec![(1, 1)]);
+        let refusal = Answer {
+            ok: false,
+            retry: true,
+            ..ok(1, 1)
+        };
+        assert!(d.complete("a", refusal.clone()).unwrap().retry);
+        after_backoff(&d, 1);
+        assert_eq!(drain_attempts(&a), vec![(1, 2)], "{mode:?}");
+        // Its acknowledgement was lost: the client sends the refusal again.
+        assert_eq!(d.complete("a", refusal), None, "{mode:?}: counted twice");
+        after_backoff(&d, 1);
+        assert!(drain(&a).is_empty(), "{mode:?}: a third attempt");
+        assert_eq!(d.counters().redelivered, 1, "{mode:?}");
+        assert!(d.complete("a", ok(1, 2)).unwrap().accepted, "{mode:?}");
+    }
+}
