@@ -125,6 +125,22 @@ struct Progress {
     /// The server's ack timeout, from the last task (0: not told): progress
     /// is reported well within it.
     ack_timeout_ms: AtomicU64,
+    /// Wakes the status sender when the ack timeout changes, so that its
+    /// next report does not wait out an interval chosen without it.
+    ack_timeout_changed: Nudge,
+}
+
+/// A wake-up for one waiting thread; nudges while one is pending merge.
+struct Nudge {
+    tx: Sender<()>,
+    rx: Receiver<()>,
+}
+
+impl Default for Nudge {
+    fn default() -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        Nudge { tx, rx }
+    }
 }
 
 /// Outcomes of the last [`RECENT_OUTCOMES`] tasks, by (incarnation, task id).
@@ -180,6 +196,14 @@ impl Progress {
         match self.ack_timeout_ms.load(Ordering::Relaxed) {
             0 => every,
             ms => every.min(Duration::from_millis(ms / 3).max(Duration::from_millis(100))),
+        }
+    }
+
+    /// Notes the ack timeout a task came with (0: the server did not say).
+    fn learn_ack_timeout(&self, ms: u32) {
+        let ms = u64::from(ms);
+        if ms != 0 && self.ack_timeout_ms.swap(ms, Ordering::Relaxed) != ms {
+            let _ = self.ack_timeout_changed.tx.try_send(());
         }
     }
 
@@ -451,11 +475,7 @@ fn work(
         } else {
             log::info!("task {}: {}", task.task_id, quoted(&task.task));
         }
-        if task.ack_timeout_ms != 0 {
-            progress
-                .ack_timeout_ms
-                .store(u64::from(task.ack_timeout_ms), Ordering::Relaxed);
-        }
+        progress.learn_ack_timeout(task.ack_timeout_ms);
         // Seed servers send no task ids: there is nothing to report then.
         if task.task_id != 0 {
             progress.set_working(Some(Working {
@@ -753,8 +773,10 @@ fn send_status(
         };
         status.working = progress.working().into_iter().collect();
         block_on(tx.send((status, WriteFlags::default())))?;
-        if stop.wait_timeout(progress.status_interval(every)) {
-            return block_on(tx.close());
+        select! {
+            recv(stop.receiver()) -> _ => return block_on(tx.close()),
+            recv(progress.ack_timeout_changed.rx) -> _ => {}
+            default(progress.status_interval(every)) => {}
         }
     }
 }

@@ -213,6 +213,8 @@ struct ClientState {
     delayed: Vec<(Instant, Delivery)>,
     /// Its session reports the tasks it works on (see [`Holder::leases`]).
     leases: bool,
+    /// When it last showed progress: a report naming a task it holds, or an answer.
+    progress_at: Instant,
     /// Recently accepted (task, attempt): a resend of one is acknowledged, not recorded.
     recent: VecDeque<(TaskId, u32)>,
     /// Recently refused (task, attempt): a resend of one (after a lost
@@ -235,6 +237,7 @@ impl ClientState {
             redeliver,
             delayed: Vec::new(),
             leases: false,
+            progress_at: Instant::now(),
             recent: VecDeque::new(),
             refused: VecDeque::new(),
             last_seen: Instant::now(),
@@ -586,6 +589,7 @@ impl Dispatcher {
         st.counters.results += 1;
         if let Some(c) = st.clients.get_mut(client) {
             c.last_seen = Instant::now();
+            c.progress_at = c.last_seen;
         }
         let outcome = if !answer.incarnation.is_empty() && answer.incarnation != st.incarnation {
             // A task id of another life of the server (restarted without its
@@ -697,10 +701,7 @@ impl Dispatcher {
             let expired: Vec<(TaskId, &'static str)> = c
                 .in_flight
                 .iter()
-                .filter_map(|f| {
-                    self.overdue(c.leases, f, now)
-                        .map(|why| (f.delivery.task.id, why))
-                })
+                .filter_map(|f| self.overdue(c, f, now).map(|why| (f.delivery.task.id, why)))
                 .collect();
             for (id, why) in expired {
                 self.take_back(st, &name, id, why);
@@ -712,20 +713,26 @@ impl Dispatcher {
 
     /// Why a delivery is to be taken back now, if it is. A client that does
     /// not report its work (a seed client) has `ack_timeout` from the
-    /// delivery; one that does has `ack_timeout` from its last word that it
-    /// is working on it, and holds it `max_lease` in all, started or not.
-    fn overdue(&self, leases: bool, f: &InFlight, now: Instant) -> Option<&'static str> {
+    /// delivery. One that does has `ack_timeout` from its last word that it
+    /// is working on the task; a task still waiting its turn at it stays as
+    /// long as the client makes progress (reports work or answers) at least
+    /// once an ack timeout, so a client stuck with a queue of tasks loses
+    /// them. Either way it holds one delivery `max_lease` in all.
+    fn overdue(&self, c: &ClientState, f: &InFlight, now: Instant) -> Option<&'static str> {
         let ack = self.config.ack_timeout;
-        if !leases {
+        if !c.leases {
             return (now.duration_since(f.sent_at) > ack)
                 .then_some("no answer within the ack timeout");
         }
         if now.duration_since(f.sent_at) > self.config.max_lease.max(ack) {
             return Some("held longer than --max-lease");
         }
-        f.renewed
-            .is_some_and(|t| now.duration_since(t) > ack)
-            .then_some("no answer or progress report within the ack timeout")
+        match f.renewed {
+            Some(t) => (now.duration_since(t) > ack)
+                .then_some("no answer or progress report within the ack timeout"),
+            None => (now.duration_since(f.sent_at.max(c.progress_at)) > ack)
+                .then_some("not started, and its client made no progress within the ack timeout"),
+        }
     }
 
     /// Refused tasks whose retry backoff is over become deliverable again.
@@ -771,6 +778,7 @@ impl Dispatcher {
         for f in c.in_flight.iter_mut() {
             if named.contains(&(f.delivery.task.id, f.delivery.attempt)) {
                 f.renewed = Some(now);
+                c.progress_at = now;
             }
         }
     }

@@ -303,10 +303,14 @@ fn a_long_task_keeps_its_lease_while_its_agent_works_and_waiting_ones_stay() {
     config.dispatch.ack_timeout = Duration::from_secs(1);
     config.dispatch.max_in_flight = 3;
     let server = start_server(config);
-    let worker = client_proc(
-        server.port(),
+    // Status every 30 s: its progress reports follow the server's ack
+    // timeout (sent with each task), not the status interval.
+    let addr = format!("127.0.0.1:{}", server.port());
+    let worker = agent_process(
+        &addr,
         "worker",
-        &["--exec", "sh -c 'sleep 2.5; echo done $0'"],
+        "sh -c 'sleep 2.5; echo done $0'",
+        &["--status-every", "30"],
     );
     wait_for("the worker to connect", || {
         server.dispatcher().clients().len() == 1

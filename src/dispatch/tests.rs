@@ -655,40 +655,60 @@ fn leased(ack_ms: u64, max_lease_ms: u64) -> (Dispatcher, TaskFeed) {
 }
 
 #[test]
-fn a_leaseholder_keeps_waiting_and_running_tasks_while_it_reports_progress() {
+fn a_leaseholder_keeps_running_and_waiting_tasks_while_it_makes_progress() {
     let (d, a) = leased(100, 60_000);
     let inc = d.incarnation();
+    let report = |task| d.renew("a", &[(task, 1, inc.clone())]);
     d.publish(tasks(&["1", "2"]));
     assert_eq!(drain(&a), vec![1, 2]);
-    // Not started yet: held well past the ack timeout.
-    std::thread::sleep(Duration::from_millis(250));
-    d.expire();
-    assert_eq!(d.in_flight(), 2);
-    // Task 1 runs for 5 ack timeouts, reported every third of one.
+    // Task 1 runs for 5 ack timeouts, reported every third of one; task 2 waits its turn.
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(500) {
-        d.renew("a", &[(1, 1, inc.clone())]);
+        report(1);
         std::thread::sleep(Duration::from_millis(30));
         d.expire();
-        assert_eq!(d.in_flight(), 2, "a task was taken back while reported");
+        assert_eq!(
+            d.in_flight(),
+            2,
+            "a task was taken back while its client worked"
+        );
     }
-    // A report naming another incarnation or attempt renews nothing.
-    d.renew("a", &[(1, 1, "other".into()), (1, 7, inc.clone())]);
-    // Reports stop (the client hung): task 1 goes after the ack timeout; task 2 stays.
+    assert!(d.complete("a", ok(1, 1)).unwrap().accepted);
+    // Then task 2 runs as long.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(500) {
+        report(2);
+        std::thread::sleep(Duration::from_millis(30));
+        d.expire();
+        assert_eq!(d.in_flight(), 1, "task 2 was taken back while reported");
+    }
+    // A report naming another incarnation or attempt renews nothing: task 2
+    // goes an ack timeout after the last good report (the client hung).
+    d.renew("a", &[(2, 1, "other".into()), (2, 7, inc.clone())]);
     std::thread::sleep(Duration::from_millis(150));
     d.expire();
     assert_eq!(
         drain_attempts(&a),
-        vec![(1, 2)],
-        "task 1 again (the only client)"
+        vec![(2, 2)],
+        "again, to the only client"
     );
-    assert_eq!(d.counters().redelivered, 1, "task 2 was taken back");
-    let answer = d.complete("a", ok(1, 1)).unwrap();
-    assert!(
-        answer.accepted,
-        "its late answer still counts while nobody else has it"
-    );
-    assert_eq!(d.in_flight(), 1);
+    assert_eq!(d.counters().redelivered, 1);
+}
+
+#[test]
+fn a_leaseholder_that_makes_no_progress_loses_the_tasks_waiting_at_it() {
+    let (d, a) = leased(100, 60_000);
+    d.publish(tasks(&["1", "2", "3"]));
+    assert_eq!(drain(&a), vec![1, 2, 3]);
+    // It reports nothing and answers nothing (stuck, though connected).
+    let sent = Instant::now();
+    while d.counters().redelivered == 0 {
+        assert!(sent.elapsed() < PATIENCE, "never taken back");
+        std::thread::sleep(Duration::from_millis(10));
+        d.expire();
+    }
+    assert!(sent.elapsed() >= Duration::from_millis(100));
+    assert_eq!(drain_attempts(&a), vec![(1, 2), (2, 2), (3, 2)]);
 }
 
 #[test]
