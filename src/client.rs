@@ -276,6 +276,8 @@ enum End {
     Finished,
     /// The server ended the task stream (e.g. it is shutting down): dial again.
     StreamClosed,
+    /// The `--exec` program cannot be run: take no tasks until it can.
+    CannotWork(String),
 }
 
 /// Runs the client until `shutdown` fires or `max_tasks` results are acknowledged.
@@ -315,6 +317,22 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
         match session(&env, config, &instance, shutdown, &progress) {
             Ok(End::Finished) => break,
             Ok(End::StreamClosed) => log::info!("the server ended the task stream"),
+            Ok(End::CannotWork(why)) => {
+                // Disconnected, so that the tasks it held go to other agents.
+                log::error!(
+                    "{why}: this agent takes no tasks until it can run it (checked every {:.1}s)",
+                    config.backoff_max.as_secs_f64()
+                );
+                while config.handler.check_runnable().is_err() {
+                    if shutdown.wait_timeout(config.backoff_max) {
+                        break;
+                    }
+                }
+                if !shutdown.is_triggered() {
+                    log::info!("the --exec program can be run again: taking tasks");
+                }
+                continue;
+            }
             Err(Failure::Lost(e)) => log::warn!("{e}"),
             Err(Failure::Refused(e)) => {
                 log::error!("{e}");
@@ -438,6 +456,7 @@ fn session(
             .map_err(|e| lost("the task stream", e))
             .map(|()| End::StreamClosed),
         End::Finished => Ok(End::Finished),
+        End::CannotWork(why) => Ok(End::CannotWork(why)),
     }
 }
 
@@ -520,6 +539,7 @@ fn work(
             if outcome.ok { "done" } else { "failed" },
             quoted(&outcome.output)
         );
+        let outcome_retry = outcome.retry;
         let result = ResultMsg {
             ret: outcome.output,
             task_id: task.task_id,
@@ -536,6 +556,13 @@ fn work(
         }
         handled += 1;
         progress.handled.fetch_add(1, Ordering::SeqCst);
+        // A refusal because the program could not be started (it was removed,
+        // or lost its execute bit): stop taking tasks rather than refuse them all.
+        if outcome_retry {
+            if let Err(why) = cfg.handler.check_runnable() {
+                return End::CannotWork(why.to_string());
+            }
+        }
     }
 }
 

@@ -198,6 +198,37 @@ const RECENT_ACCEPTED: usize = 4096;
 /// How many recent refusals a client remembers (in memory only), likewise.
 const RECENT_REFUSED: usize = 256;
 
+/// The last `N` (task, attempt) pairs a client answered, oldest forgotten
+/// first; looked up in constant time.
+#[derive(Default)]
+pub(crate) struct RecentAnswers<const N: usize> {
+    order: VecDeque<(TaskId, u32)>,
+    set: HashSet<(TaskId, u32)>,
+}
+
+impl<const N: usize> RecentAnswers<N> {
+    fn insert(&mut self, id: TaskId, attempt: u32) {
+        if !self.set.insert((id, attempt)) {
+            return;
+        }
+        self.order.push_back((id, attempt));
+        if self.order.len() > N {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: TaskId, attempt: u32) -> bool {
+        self.set.contains(&(id, attempt))
+    }
+
+    /// Oldest first.
+    fn iter(&self) -> impl Iterator<Item = &(TaskId, u32)> {
+        self.order.iter()
+    }
+}
+
 struct ClientState {
     /// The open `getTask` stream, if any.
     session: Option<(SessionId, FeedSender)>,
@@ -216,10 +247,10 @@ struct ClientState {
     /// When it last showed progress: a report naming a task it holds, or an answer.
     progress_at: Instant,
     /// Recently accepted (task, attempt): a resend of one is acknowledged, not recorded.
-    recent: VecDeque<(TaskId, u32)>,
+    recent: RecentAnswers<RECENT_ACCEPTED>,
     /// Recently refused (task, attempt): a resend of one (after a lost
     /// acknowledgement) is acknowledged, not counted as another refusal.
-    refused: VecDeque<(TaskId, u32)>,
+    refused: RecentAnswers<RECENT_REFUSED>,
     last_seen: Instant,
     /// Known by peer address (a seed client): forgotten when its streams end.
     ephemeral: bool,
@@ -238,8 +269,8 @@ impl ClientState {
             delayed: Vec::new(),
             leases: false,
             progress_at: Instant::now(),
-            recent: VecDeque::new(),
-            refused: VecDeque::new(),
+            recent: RecentAnswers::default(),
+            refused: RecentAnswers::default(),
             last_seen: Instant::now(),
             ephemeral,
             draining: false,
@@ -257,21 +288,15 @@ impl ClientState {
     /// Whether it answered this attempt already (accepted or refused): an
     /// answer to it now is a resend.
     fn answered(&self, id: TaskId, attempt: u32) -> bool {
-        id != 0 && (self.recent.contains(&(id, attempt)) || self.refused.contains(&(id, attempt)))
+        id != 0 && (self.recent.contains(id, attempt) || self.refused.contains(id, attempt))
     }
 
     fn remember_refusal(&mut self, id: TaskId, attempt: u32) {
-        if self.refused.len() == RECENT_REFUSED {
-            self.refused.pop_front();
-        }
-        self.refused.push_back((id, attempt));
+        self.refused.insert(id, attempt);
     }
 
     fn remember(&mut self, id: TaskId, attempt: u32) {
-        if self.recent.len() == RECENT_ACCEPTED {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((id, attempt));
+        self.recent.insert(id, attempt);
     }
 }
 

@@ -69,6 +69,14 @@ impl FeedSender {
     }
 }
 
+impl FeedSender {
+    /// Whether a delivery sent now would be refused as [`SendError::Full`]
+    /// (only the dispatcher sends, so this holds until it sends).
+    pub fn is_full(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.is_full())
+    }
+}
+
 impl Drop for FeedSender {
     fn drop(&mut self) {
         // Disconnect first, then wake, so that the stream sees the end.

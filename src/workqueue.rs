@@ -124,10 +124,15 @@ impl WorkQueue {
 
     /// Puts a held task back once `due` has passed (a refusal's retry
     /// backoff), preferably for a client other than `avoid`.
+    /// A task already let go (taken back, waiting) waits out `due` too.
     pub fn release_at(&mut self, id: TaskId, avoid: &str, due: Instant) {
-        if self.unhold(id, Some(avoid)) {
-            self.delayed.push(Reverse((due, id)));
+        let Some(target) = self.unfinished.get(&id).map(|q| q.task.target.clone()) else {
+            return;
+        };
+        if !self.unhold(id, Some(avoid)) {
+            self.dequeue(id, target.as_deref());
         }
+        self.delayed.push(Reverse((due, id)));
     }
 
     fn unhold(&mut self, id: TaskId, avoid: Option<&str>) -> bool {

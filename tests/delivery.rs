@@ -342,20 +342,20 @@ fn server_redeliveries(results: &[serde_json::Value]) -> usize {
 }
 
 #[test]
-fn an_agent_whose_program_vanished_refuses_and_the_others_do_the_work() {
+fn an_agent_whose_program_vanished_refuses_steps_aside_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("results.jsonl");
     let dead = dir.path().join("dead.jsonl");
     let program = dir.path().join("work.sh");
-    std::fs::write(&program, "#!/bin/sh\necho worked \"$1\"\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let install = || {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&program, "#!/bin/sh\necho worked \"$1\"\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    install();
     let mut config = queue_config(&path);
     config.dead_letters = Some(dead.clone());
-    config.dispatch.retry_backoff = contact::dispatch::RetryBackoff {
-        min: Duration::from_millis(100),
-        max: Duration::from_millis(500),
-    };
+    config.dispatch.max_attempts = 2;
     let server = start_server(config);
     let program_arg = program.display().to_string();
     let mut broken = client_proc(server.port(), "broken", &["--exec", &program_arg]);
@@ -365,24 +365,38 @@ fn an_agent_whose_program_vanished_refuses_and_the_others_do_the_work() {
     // It checked its program at start; now the program goes away.
     std::fs::remove_file(&program).unwrap();
     publish(&server, "job", 4);
-    broken.wait_line("cannot run");
-    wait_for("a refusal from the broken agent", || {
-        read_results(&path)
-            .iter()
-            .any(|r| r["client"] == "broken" && r["retry"] == true)
+    broken.wait_line("takes no tasks until it can run it");
+    wait_for("the broken agent to step aside", || {
+        server.dispatcher().clients().is_empty()
     });
+    // Everything waits for an agent that can work, none of it failed or dead.
     let healthy = client_proc(server.port(), "healthy", &["--exec", "echo"]);
     wait_for("every task answered", || {
         server.dispatcher().unfinished() == 0
+    });
+    // With its program back, it takes tasks again.
+    install();
+    broken.wait_line("can be run again");
+    wait_for("the agent back", || {
+        server.dispatcher().clients().len() == 2
     });
     server.stop().unwrap();
     drop((broken, healthy));
     let results = read_results(&path);
     assert_eq!(accepted_per_task(&results).len(), 4, "{results:#?}");
-    for r in &results {
-        let refusal = r["retry"] == true && r["ok"] == false && r["accepted"] == false;
-        let done = r["client"] == "healthy" && r["ok"] == true && r["accepted"] == true;
-        assert!(refusal || done, "never a final failure: {r}");
-    }
+    let refusals: Vec<_> = results.iter().filter(|r| r["retry"] == true).collect();
+    assert_eq!(
+        refusals.len(),
+        1,
+        "one refusal, then it stepped aside: {results:#?}"
+    );
+    assert_eq!(refusals[0]["client"], "broken");
+    assert!(
+        results
+            .iter()
+            .filter(|r| r["accepted"] == true)
+            .all(|r| r["client"] == "healthy" && r["ok"] == true),
+        "{results:#?}"
+    );
     assert!(read_results(&dead).is_empty(), "nothing dead-lettered");
 }

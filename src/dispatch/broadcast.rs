@@ -31,6 +31,9 @@ impl Dispatcher {
         let (delivery, latency) = match pos.and_then(|p| c.in_flight.remove(p)) {
             Some(f) => (f.delivery, Some(f.sent_at.elapsed())),
             None if c.answered(answer.task_id, answer.attempt) => return None,
+            // A refusal of an attempt superseded by one it holds (or is owed)
+            // now: the newer attempt is untouched.
+            None if answer.is_refusal() => return stale(&st.log, client, answer),
             None => {
                 // An earlier attempt's answer, while this client holds (or is
                 // about to be sent) the task again, still counts.

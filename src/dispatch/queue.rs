@@ -37,6 +37,11 @@ impl Dispatcher {
         }
         let q = st.queue.get(task_id).expect("current implies unfinished");
         let current = q.attempt;
+        if answer.is_refusal() && attempt < current {
+            // It refused an attempt it holds again by now (the refusal was
+            // resent after a reconnect): the newer attempt is untouched.
+            return stale(&st.log, client, answer);
+        }
         let delivery = Delivery {
             task: q.task.clone(),
             attempt: if attempt == 0 { current } else { attempt },
@@ -97,10 +102,13 @@ impl Dispatcher {
             .filter(|(_, c)| c.session.is_some())
             .map(|(n, _)| n.clone())
             .collect();
+        // Credit, and room in its feed: a feed still holding deliveries taken
+        // back from it (its stream is not read) takes nothing now, so that no
+        // attempt is spent on a delivery that cannot be made.
         let has_room = |st: &State, name: &str| {
-            st.clients
-                .get(name)
-                .is_some_and(|c| c.session.is_some() && c.in_flight.len() < k)
+            st.clients.get(name).is_some_and(|c| {
+                c.in_flight.len() < k && c.session.as_ref().is_some_and(|(_, tx)| !tx.is_full())
+            })
         };
         // Clients whose feed refused a delivery get no more in this round.
         open.retain(|name| {

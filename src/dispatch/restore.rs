@@ -2,12 +2,12 @@
 //! state back as a compact snapshot. The two are inverses: a snapshot replays
 //! to the state it was taken from (modulo open streams, which never survive).
 
-use super::{ClientState, Dispatcher, Mode, State, RECENT_ACCEPTED};
+use super::{ClientState, Dispatcher, Mode, RecentAnswers, State, RECENT_ACCEPTED};
 use crate::error::Error;
 use crate::feed::Delivery;
 use crate::journal::Record;
 use crate::task::{Task, TaskId, TaskLog};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -37,7 +37,7 @@ struct Seen {
     /// Broadcast mode: each client's progress.
     progress: HashMap<String, Progress>,
     /// Each client's recently accepted answers.
-    recent: HashMap<String, VecDeque<(TaskId, u32)>>,
+    recent: HashMap<String, RecentAnswers<RECENT_ACCEPTED>>,
 }
 
 /// `client` answered `task` (attempt `attempt`) and the answer was accepted.
@@ -48,11 +48,10 @@ fn answered(seen: &mut Seen, task: TaskId, client: &str, attempt: u32) {
         p.pending.remove(&task);
     }
     if !is_peer_address(client) {
-        let r = seen.recent.entry(client.to_string()).or_default();
-        if r.len() == RECENT_ACCEPTED {
-            r.pop_front();
-        }
-        r.push_back((task, attempt));
+        seen.recent
+            .entry(client.to_string())
+            .or_default()
+            .insert(task, attempt);
     }
 }
 
@@ -273,7 +272,9 @@ impl Dispatcher {
         names.sort();
         for name in names {
             let c = &st.clients[name];
-            for (task, attempt) in &c.recent {
+            // Never "done" for a task still unfinished (an answer to an
+            // earlier attempt of its holder is remembered so).
+            for (task, attempt) in c.recent.iter().filter(|(t, _)| st.queue.get(*t).is_none()) {
                 out.push(Record::Done {
                     task: *task,
                     client: name.clone(),

@@ -604,11 +604,9 @@ fn a_full_feed_is_not_a_dead_client() {
     assert_eq!(d.clients().len(), 1, "the client's session was ended");
     // Its stream goes on: what is in the feed arrives, then more.
     assert_eq!(drain_attempts(&a), vec![(1, 1), (2, 1)]);
+    // No attempt was spent while the feed was full.
     d.expire();
-    assert!(
-        !drain(&a).is_empty(),
-        "nothing delivered after the feed drained"
-    );
+    assert_eq!(drain_attempts(&a), vec![(1, 2), (2, 2)]);
     assert_eq!(d.clients().len(), 1);
 }
 
@@ -777,5 +775,37 @@ fn a_resent_refusal_is_acknowledged_not_counted_again() {
         assert!(drain(&a).is_empty(), "{mode:?}: a third attempt");
         assert_eq!(d.counters().redelivered, 1, "{mode:?}");
         assert!(d.complete("a", ok(1, 2)).unwrap().accepted, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_refusal_of_an_attempt_superseded_at_the_same_client_leaves_the_newer_one_alone() {
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            retry_backoff: backoff(1, 1),
+            ..Default::default()
+        });
+        let (_, a) = d.attach("a", "p", false, "i1").unwrap();
+        d.publish(tasks(&["1"]));
+        assert_eq!(drain_attempts(&a), vec![(1, 1)]);
+        // The connection broke; the same process is back and gets the task again.
+        let (_, a) = d.attach("a", "p", false, "i1").unwrap();
+        assert_eq!(drain_attempts(&a), vec![(1, 2)], "{mode:?}");
+        // Its old session's worker refused attempt 1; the refusal arrives now.
+        let refusal = Answer {
+            ok: false,
+            retry: true,
+            ..ok(1, 1)
+        };
+        assert!(d.complete("a", refusal).unwrap().stale, "{mode:?}");
+        after_backoff(&d, 1);
+        assert!(drain(&a).is_empty(), "{mode:?}: attempt 3");
+        let answer = d.complete("a", ok(1, 2));
+        assert!(
+            answer.is_some_and(|r| r.accepted),
+            "{mode:?}: the answer to attempt 2 was dropped"
+        );
+        assert_eq!(d.in_flight(), 0, "{mode:?}");
     }
 }
