@@ -9,7 +9,11 @@
 //! commit was never acknowledged, so a tail torn by a crash or a power loss
 //! (zeros, a partial or garbled frame, records whose marker never reached the
 //! disk) is trimmed off the file with a warning, and appends continue after
-//! the last commit. A bad frame with a complete commit after it is damage:
+//! the last commit. So is a last batch with a bad frame before its intact
+//! marker: a power loss can write a batch's pages out of order, and only the
+//! last batch can be torn (the next is written after its fsync). A bad frame
+//! is damage when a complete commit follows the first marker after it (a
+//! later batch was written, so its own had been synced):
 //! the server refuses to start, naming the file and the byte, unless told to
 //! repair ([`OnDamage::Repair`], `--repair`): then the journal keeps every
 //! commit completed before the damage, and the rest is moved aside to
@@ -193,11 +197,29 @@ fn open_to_append(path: &Path) -> Result<File, Error> {
 
 /// Writes `records` as one commit to a new journal file with a fresh salt
 /// and renames it over `dir/journal`; returns the salt and the file's size.
+/// When that fails the new file is removed (best effort): on a full disk it
+/// would only take space.
 fn write_file(dir: &Path, records: &[Record]) -> Result<(u32, u64), Error> {
     let tmp = dir.join("journal.new");
-    let err = |e| Error::file(&tmp, "write the journal snapshot", e);
     let salt = fastrand::u32(..);
-    let mut out = BufWriter::new(File::create(&tmp).map_err(err)?);
+    let size = write_snapshot(&tmp, salt, records)
+        .and_then(|size| {
+            let path = dir.join("journal");
+            fs::rename(&tmp, &path).map_err(|e| Error::file(&path, "replace the journal", e))?;
+            Ok(size)
+        })
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+    sync_dir(dir)?;
+    Ok((salt, size))
+}
+
+/// Writes `records` as one commit to a new journal file at `tmp`, durably;
+/// returns its size.
+fn write_snapshot(tmp: &Path, salt: u32, records: &[Record]) -> Result<u64, Error> {
+    let err = |e| Error::file(tmp, "write the journal snapshot", e);
+    let mut out = BufWriter::new(File::create(tmp).map_err(err)?);
     out.write_all(&format::header(salt)).map_err(err)?;
     let mut size = format::HEADER_LEN;
     for r in records {
@@ -212,10 +234,7 @@ fn write_file(dir: &Path, records: &[Record]) -> Result<(u32, u64), Error> {
     }
     out.flush().map_err(err)?;
     out.get_ref().sync_all().map_err(err)?;
-    let path = dir.join("journal");
-    fs::rename(&tmp, &path).map_err(|e| Error::file(&path, "replace the journal", e))?;
-    sync_dir(dir)?;
-    Ok((salt, size))
+    Ok(size)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
@@ -249,13 +268,26 @@ fn recover(
                 aside.display()
             );
         }
-        (None, _) if tail > 0 => log::warn!(
-            "state file {}: trimmed {tail} bytes after byte {}, the end of the last complete commit: \
-             a torn tail left by a crash or power loss, never acknowledged; {} records kept",
-            path.display(),
-            scan.kept,
-            scan.records.len()
-        ),
+        (None, _) if tail > 0 => match &scan.torn_batch {
+            Some(bad) => log::warn!(
+                "state file {}: trimmed {tail} bytes after byte {}, the end of the last complete \
+                 commit: a power loss tore the last batch (its pages reached the disk out of order: \
+                 a bad frame at byte {} ({}) before its commit marker). That batch was never \
+                 acknowledged, unless the disk lost data it had confirmed as written; {} records kept",
+                path.display(),
+                scan.kept,
+                bad.at,
+                bad.what,
+                scan.records.len()
+            ),
+            None => log::warn!(
+                "state file {}: trimmed {tail} bytes after byte {}, the end of the last complete commit: \
+                 a torn tail left by a crash or power loss, never acknowledged; {} records kept",
+                path.display(),
+                scan.kept,
+                scan.records.len()
+            ),
+        },
         (None, _) => {}
     }
     match scan.format {
@@ -283,7 +315,8 @@ fn recover(
 fn damaged(path: &Path, scan: &Scan, damage: &Damage) -> Error {
     let why = match scan.format {
         Format::Current { .. } => {
-            "a complete commit follows it, so it is not a tail torn by a crash"
+            "a complete commit follows the batch it is in, so it is not a tail torn by a crash \
+             or power loss"
         }
         Format::Legacy => "data follows it, so it is not a tail torn by a crash",
         Format::Unreadable => "nothing in the file can be checked without it",
@@ -495,6 +528,24 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_that_cannot_be_written_leaves_no_new_file_and_the_journal_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &[task(1), task(2)]);
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        // Writes to /dev/full fail as on a full disk (ENOSPC).
+        let new = dir.path().join("journal.new");
+        std::os::unix::fs::symlink("/dev/full", &new).unwrap();
+        let err = j.compact(&[task(2)]).err().unwrap().to_string();
+        assert!(
+            err.contains("journal.new") && err.contains("space"),
+            "{err}"
+        );
+        assert!(new.symlink_metadata().is_err(), "journal.new removed");
+        drop(j);
+        assert_eq!(Journal::open(dir.path()).unwrap().1, vec![task(1), task(2)]);
+    }
+
+    #[test]
     fn a_second_server_on_the_same_directory_is_refused_as_state_not_usage() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Journal::open(dir.path()).unwrap();
@@ -567,11 +618,12 @@ mod tests {
     }
 
     #[test]
-    fn damage_before_a_commit_is_refused_with_the_offset_and_the_file_left_alone() {
+    fn damage_before_a_complete_commit_is_refused_with_the_offset_and_the_file_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
-        let (mut bytes, starts, _) = journal_bytes(&[vec![task(1)], vec![task(2), task(3)]]);
-        // In the frame of task 2, followed by a good marker.
+        let batches = [vec![task(1)], vec![task(2), task(3)], vec![task(4)]];
+        let (mut bytes, starts, _) = journal_bytes(&batches);
+        // In the frame of task 2, followed by its batch's marker and a complete batch.
         let frame = starts[2];
         bytes[frame + 12] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
@@ -587,6 +639,91 @@ mod tests {
         );
         assert_eq!(fs::read(&path).unwrap(), bytes, "left as it was");
         assert!(moved_aside(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_last_batch_whose_pages_reached_the_disk_out_of_order_is_trimmed_unless_a_batch_follows() {
+        const PAGE: usize = 4096;
+        let big = |id| Record::Task {
+            id,
+            text: "x".repeat(300),
+            target: None,
+        };
+        for another_batch in [false, true] {
+            for damage in ["zeroed page", "stale page", "garbled page"] {
+                let case = format!("{damage}, another batch after it: {another_batch}");
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("journal");
+                let (mut j, _) = Journal::open(dir.path()).unwrap();
+                j.append(&task(1)).unwrap();
+                j.append(&task(2)).unwrap();
+                j.sync().unwrap();
+                let first_end = j.size as usize;
+                // A batch of several pages, ending in its marker.
+                let mut frames = vec![];
+                for id in 10..50 {
+                    frames.push(j.size as usize);
+                    j.append(&big(id)).unwrap();
+                }
+                j.sync().unwrap();
+                let marker_page = (j.size as usize - format::COMMIT_LEN) / PAGE;
+                if another_batch {
+                    j.append(&task(3)).unwrap();
+                    j.sync().unwrap();
+                }
+                drop(j);
+                let mut bytes = fs::read(&path).unwrap();
+                // The batch's first page also holds the end of the one before
+                // it; the next page holds only its records.
+                let (shared, own) = (first_end / PAGE * PAGE, (first_end / PAGE + 1) * PAGE);
+                assert!(own / PAGE < marker_page && first_end > shared, "{case}");
+                let damaged_from = match damage {
+                    "zeroed page" => {
+                        bytes[own..own + PAGE].fill(0);
+                        own
+                    }
+                    "stale page" => {
+                        // As it was when the first batch's fsync returned.
+                        bytes[first_end..own].fill(0);
+                        first_end
+                    }
+                    _ => {
+                        let junk = (0..PAGE).map(|i| (i * 7 + 3) as u8);
+                        bytes[own..own + PAGE]
+                            .iter_mut()
+                            .zip(junk)
+                            .for_each(|(b, j)| *b = j);
+                        own
+                    }
+                };
+                let frame = *frames.iter().rev().find(|&&s| s <= damaged_from).unwrap();
+                fs::write(&path, &bytes).unwrap();
+                if another_batch {
+                    let err = Journal::open(dir.path()).err().unwrap().to_string();
+                    let at = format!("{} is damaged at byte {frame}:", path.display());
+                    assert!(
+                        err.contains(&at) && err.contains("--repair"),
+                        "{case}: {err}"
+                    );
+                    assert_eq!(fs::read(&path).unwrap(), bytes, "{case}: left as it was");
+                    let (_, got) = Journal::open_with(dir.path(), OnDamage::Repair).unwrap();
+                    assert_eq!(got, vec![task(1), task(2)], "{case}");
+                    assert_eq!(fs::read(&path).unwrap(), &bytes[..first_end], "{case}");
+                    let aside = fs::read(&moved_aside(dir.path())[0]).unwrap();
+                    assert_eq!(aside, &bytes[first_end..], "{case}");
+                } else {
+                    let (mut j, got) = Journal::open(dir.path()).unwrap();
+                    assert_eq!(got, vec![task(1), task(2)], "{case}");
+                    assert_eq!(file_len(&path), first_end, "{case}: trimmed");
+                    assert!(moved_aside(dir.path()).is_empty(), "{case}");
+                    j.append(&task(4)).unwrap();
+                    j.sync().unwrap();
+                    drop(j);
+                    let (_, got) = Journal::open(dir.path()).unwrap();
+                    assert_eq!(got, vec![task(1), task(2), task(4)], "{case}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -843,6 +980,65 @@ mod properties {
         fs::metadata(path).unwrap().len()
     }
 
+    /// A journal of `bytes` (damaged as `what` says) opens as `kept`,
+    /// trimmed to its first `kept_len` bytes, and records appended next are
+    /// read back after them.
+    fn trimmed_and_appendable(
+        bytes: &[u8],
+        what: &str,
+        kept: &[Record],
+        kept_len: usize,
+        after: &[Record],
+    ) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        fs::write(&path, bytes).unwrap();
+        let (mut j, got) =
+            Journal::open(dir.path()).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+        prop_assert_eq!(&got, kept, "{}", what);
+        prop_assert_eq!(fs::read(&path).unwrap(), &bytes[..kept_len], "{}", what);
+        for r in after {
+            j.append(r).unwrap();
+        }
+        j.sync().unwrap();
+        drop(j);
+        let reopened = Journal::open(dir.path())
+            .map(|(_, got)| got)
+            .map_err(|e| e.to_string());
+        prop_assert_eq!(reopened, Ok([kept, after].concat()), "{}", what);
+        Ok(())
+    }
+
+    /// A journal of `bytes` (damaged as `what` says) is refused as damaged
+    /// at byte `frame`, and `--repair` keeps `kept` (its first `kept_len`
+    /// bytes) and moves the rest aside.
+    fn refused_and_repairable(
+        bytes: &[u8],
+        what: &str,
+        frame: usize,
+        kept: &[Record],
+        kept_len: usize,
+    ) -> Result<(), TestCaseError> {
+        let err = read(bytes)
+            .err()
+            .unwrap_or_else(|| format!("{what}: not refused"));
+        prop_assert!(
+            err.contains(&format!("damaged at byte {frame}:")),
+            "{}: {}",
+            what,
+            err
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        fs::write(&path, bytes).unwrap();
+        let (_, got) = Journal::open_with(dir.path(), OnDamage::Repair).unwrap();
+        prop_assert_eq!(&got, kept, "{}", what);
+        prop_assert_eq!(fs::read(&path).unwrap(), &bytes[..kept_len], "{}", what);
+        let aside = fs::read(&moved_aside(dir.path())[0]).unwrap();
+        prop_assert_eq!(aside, &bytes[kept_len..], "{}", what);
+        Ok(())
+    }
+
     /// What a power loss may leave after the last write that reached the disk.
     fn tail() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
@@ -936,15 +1132,18 @@ mod properties {
             prop_assert_eq!(reopened, Ok([&kept[..], &after[..]].concat()), "cut at {}", cut);
         }
 
-        /// A damaged byte with a good commit marker after it (its own
-        /// commit's, or a later one) is refused, naming the frame it is in,
+        /// A damaged byte is refused, naming the frame it is in, when a
+        /// complete commit follows the first good marker after that frame
+        /// (a later batch was written, so the damaged one had been synced),
         /// and `--repair` keeps the commits before it and moves the rest
-        /// aside; in the last marker it is a torn tail.
+        /// aside. Otherwise (in the last batch, or in the marker of the one
+        /// before it) it is a torn last batch: trimmed, and appends after it survive.
         #[test]
-        fn a_damaged_byte_is_refused_and_repairable_unless_it_is_in_the_last_marker(
+        fn a_damaged_byte_is_refused_and_repairable_when_a_complete_batch_follows_its_own(
             batches in vec(vec(record(), 1..4), 1..5),
             at in any::<prop::sample::Index>(),
             flip in 1..=255u8,
+            after in vec(record(), 1..3),
         ) {
             let (mut bytes, starts, ends) = journal_bytes(&batches);
             let header = format::HEADER_LEN as usize;
@@ -953,21 +1152,60 @@ mod properties {
             let k = ends.iter().filter(|&&e| e <= i).count();
             let kept_len = if k == 0 { header } else { ends[k - 1] };
             let kept: Vec<Record> = batches[..k].concat();
-            let got = read(&bytes);
-            if i >= bytes.len() - format::COMMIT_LEN {
-                prop_assert_eq!(got, Ok(kept), "byte {} of {}", i, bytes.len());
-                return Ok(());
+            // The first good marker after the damage is batch k's own, or
+            // the next batch's when the damage is in batch k's marker.
+            let in_marker = i >= ends[k] - format::COMMIT_LEN;
+            let refused = k + 1 + usize::from(in_marker) < batches.len();
+            let frame = *starts.iter().rev().find(|&&s| s <= i).unwrap();
+            let what = format!("byte {i} of {} flipped", bytes.len());
+            if refused {
+                refused_and_repairable(&bytes, &what, frame, &kept, kept_len)?;
+            } else {
+                trimmed_and_appendable(&bytes, &what, &kept, kept_len, &after)?;
             }
-            let frame = starts.iter().rev().find(|&&s| s <= i).unwrap();
-            let err = got.unwrap_err();
-            prop_assert!(err.contains(&format!("damaged at byte {frame}:")), "byte {}: {}", i, err);
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("journal");
-            fs::write(&path, &bytes).unwrap();
-            let (_, got) = Journal::open_with(dir.path(), OnDamage::Repair).unwrap();
-            prop_assert_eq!(got, kept);
-            prop_assert_eq!(fs::read(&path).unwrap(), &bytes[..kept_len]);
-            prop_assert_eq!(fs::read(&moved_aside(dir.path())[0]).unwrap(), &bytes[kept_len..]);
+        }
+
+        /// A power loss can write the last batch's pages out of order: its
+        /// marker reaches the disk, an earlier page of it does not (zeros,
+        /// or stale or arbitrary bytes). Never acknowledged, it is trimmed
+        /// and appends after it survive; but with a complete batch after
+        /// it, the same bytes are damage, refused and repairable.
+        #[test]
+        fn a_last_batch_torn_before_its_marker_is_trimmed_unless_a_complete_batch_follows(
+            earlier in vec(vec(record(), 1..3), 0..3),
+            last in vec(record(), 1..6),
+            later in proptest::option::of(vec(record(), 1..3)),
+            range in (any::<prop::sample::Index>(), any::<prop::sample::Index>()),
+            junk in proptest::option::of(vec(any::<u8>(), 1..300)),
+            after in vec(record(), 1..3),
+        ) {
+            let mut batches = earlier.clone();
+            batches.push(last);
+            batches.extend(later.clone());
+            let (mut bytes, starts, ends) = journal_bytes(&batches);
+            let header = format::HEADER_LEN as usize;
+            let k = earlier.len();
+            let kept_len = if k == 0 { header } else { ends[k - 1] };
+            // Somewhere in the last batch's records, before its marker.
+            let records_end = ends[k] - format::COMMIT_LEN;
+            let from = kept_len + range.0.index(records_end - kept_len);
+            let to = from + 1 + range.1.index(records_end - from);
+            let original = bytes.clone();
+            for (n, b) in bytes[from..to].iter_mut().enumerate() {
+                *b = junk.as_ref().map_or(0, |j| j[n % j.len()]);
+            }
+            let Some(first) = (from..to).find(|&n| bytes[n] != original[n]) else {
+                prop_assert_eq!(read(&bytes), Ok(batches.concat()));
+                return Ok(());
+            };
+            let frame = *starts.iter().rev().find(|&&s| s <= first).unwrap();
+            let kept = earlier.concat();
+            let what = format!("bytes {from}..{to} of {} overwritten", bytes.len());
+            if later.is_some() {
+                refused_and_repairable(&bytes, &what, frame, &kept, kept_len)?;
+            } else {
+                trimmed_and_appendable(&bytes, &what, &kept, kept_len, &after)?;
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use contact::journal::{self, Record};
 use contact::server::{Server, ServerConfig};
 use contact::shutdown::Shutdown;
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn durable_config(state: &Path, results: &Path, mode: Mode) -> ServerConfig {
     let mut c = server_config().with_results(results);
@@ -412,28 +412,49 @@ fn a_tail_left_by_a_power_loss_is_trimmed_and_everything_acknowledged_is_served(
     }
 }
 
-#[test]
-fn damage_before_a_commit_exits_1_and_repair_keeps_what_came_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let results = dir.path().join("results.jsonl");
-    let (early, late, empty) = (
-        dir.path().join("early.txt"),
-        dir.path().join("late.txt"),
-        dir.path().join("empty"),
-    );
-    write_tasks(&early, "early", 5);
-    write_tasks(&late, "late", 5);
+/// The state directory, results file and empty tasks file in `dir` after a
+/// server run that published, per `(prefix, n)`, `n` tasks named `prefix-i`
+/// in a commit of their own, and stopped.
+fn state_after_commits(dir: &Path, commits: &[(&str, usize)]) -> (PathBuf, PathBuf, PathBuf) {
+    let state = dir.join("state");
+    let results = dir.join("results.jsonl");
+    let empty = dir.join("empty");
     std::fs::write(&empty, "").unwrap();
-    // Two runs: the second starts from a snapshot holding the early tasks,
-    // then commits the late ones after it.
-    for tasks in [&early, &late] {
-        let (mut server, _) =
-            start_server_proc(&server_args("127.0.0.1:0", &state, tasks, &results));
-        server.wait_line("all 5 tasks");
-        server.signal("TERM");
-        assert_eq!(server.wait_exit(), 0);
+    let server = start_server(durable_config(&state, &results, Mode::Queue));
+    for &(prefix, n) in commits {
+        publish(&server, prefix, n);
     }
+    server.stop().unwrap();
+    (state, results, empty)
+}
+
+/// Answers the tasks of `server` (at `addr`, writing `results`) with an
+/// agent until `n` are answered, stops both, and returns the tasks answered.
+fn answer_all(mut server: Proc, addr: &str, results: &Path, n: usize) -> BTreeSet<String> {
+    let mut worker = agent_process(addr, "worker", "echo done", &[]);
+    wait_for("every task answered", || {
+        accepted_per_task(&read_results(results)).len() == n
+    });
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(), 0);
+    worker.signal("TERM");
+    worker.wait_exit();
+    read_results(results)
+        .iter()
+        .map(|r| r["task"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn early_tasks() -> BTreeSet<String> {
+    (0..5).map(|i| format!("early-{i}")).collect()
+}
+
+#[test]
+fn damage_before_a_complete_commit_exits_1_and_repair_keeps_what_came_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The late tasks are committed after the early ones, and another batch after them.
+    let commits = [("early", 5), ("late", 5), ("later", 2)];
+    let (state, results, empty) = state_after_commits(dir.path(), &commits);
     let journal = state.join("journal");
     let mut bytes = std::fs::read(&journal).unwrap();
     let late_0 = find(&bytes, b"late-0").expect("the late tasks are in the journal");
@@ -481,22 +502,43 @@ fn damage_before_a_commit_exits_1_and_repair_keeps_what_came_before_it() {
         moved.len() < bytes.len() && moved.len() >= bytes.len() - at,
         "kept up to the last commit before the damage"
     );
-    let mut worker = agent_process(&addr, "worker", "echo done", &[]);
-    wait_for("the early tasks answered", || {
-        accepted_per_task(&read_results(&results)).len() == 5
-    });
-    server.signal("TERM");
-    assert_eq!(server.wait_exit(), 0);
-    worker.signal("TERM");
-    worker.wait_exit();
-    let answered: BTreeSet<String> = read_results(&results)
-        .iter()
-        .map(|r| r["task"].as_str().unwrap().to_string())
-        .collect();
     assert_eq!(
-        answered,
-        (0..5).map(|i| format!("early-{i}")).collect(),
+        answer_all(server, &addr, &results, 5),
+        early_tasks(),
         "what was before the damage is served; what was moved aside is not"
+    );
+}
+
+#[test]
+fn a_last_batch_torn_by_a_power_loss_before_its_marker_is_trimmed_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, results, empty) = state_after_commits(dir.path(), &[("early", 5), ("late", 5)]);
+    let journal = state.join("journal");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    // The page holding the start of the last batch never reached the disk,
+    // its marker did: the late tasks' frames are zeros.
+    let late_0 = find(&bytes, b"late-0").expect("the late tasks are in the journal");
+    let late_4 = find(&bytes, b"late-4").unwrap();
+    bytes[late_0 - 30..late_4].fill(0);
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let (mut server, addr) =
+        start_server_proc(&server_args("127.0.0.1:0", &state, &empty, &results));
+    let warning = server.wait_line("tore the last batch");
+    assert!(warning.contains(journal.to_str().unwrap()), "{warning}");
+    assert!(warning.contains("never acknowledged"), "{warning}");
+    // (The file itself is compacted right after.)
+    let trimmed = number_after(&warning, "trimmed ") as usize;
+    let kept = number_after(&warning, "after byte ") as usize;
+    assert_eq!(kept + trimmed, bytes.len(), "{warning}");
+    assert!(
+        kept <= late_0 - 30,
+        "trimmed from before the torn batch: {warning}"
+    );
+    assert_eq!(
+        answer_all(server, &addr, &results, 5),
+        early_tasks(),
+        "the commits before the torn batch are served"
     );
 }
 

@@ -14,8 +14,13 @@
 //!
 //! Reading keeps the records of complete commits only. What follows the last
 //! complete commit (zeros, a frame cut short or failing its checksum, frames
-//! whose marker never came) is a torn tail; a bad frame with a good marker
-//! somewhere after it is damage.
+//! whose marker never came) is a torn tail. So is a bad frame before the
+//! last marker when no complete commit follows that marker: a batch is only
+//! written once the one before it is synced, so only the last can be torn,
+//! and a power loss may have written its marker's page but not an earlier
+//! one. A bad frame is damage when, after the first valid marker following
+//! it, a complete commit (valid frames ending in a valid marker) follows:
+//! a later batch was written, so the bad frame's batch had been synced.
 //!
 //! Files of the previous release (no header, no markers: `u32` length, `u32`
 //! CRC-32 of the JSON, the JSON) are still read: there a frame cut short by
@@ -111,6 +116,9 @@ pub(super) struct Scan {
     /// Bytes in the file: `kept..len` is a torn tail, or holds `damage`.
     pub len: u64,
     pub damage: Option<Damage>,
+    /// The first bad frame of a tail whose last batch was torn with its
+    /// marker intact (its pages reached the disk out of order), if it was.
+    pub torn_batch: Option<Damage>,
 }
 
 /// Reads a journal of `len` bytes from `r`, one frame at a time; `path`
@@ -136,6 +144,7 @@ pub(super) fn scan<R: Read + Seek>(mut r: R, len: u64, path: &Path) -> Result<Sc
             at: 0,
             what: what.into(),
         }),
+        torn_batch: None,
     };
     if head.len() < HEADER_LEN as usize {
         return Ok(unreadable("header cut short"));
@@ -170,6 +179,7 @@ fn scan_current<R: Read + Seek>(mut r: R, len: u64, salt: u32) -> io::Result<Sca
         kept: HEADER_LEN,
         len,
         damage: None,
+        torn_batch: None,
     };
     let mut batch = vec![];
     let mut at = HEADER_LEN;
@@ -184,9 +194,17 @@ fn scan_current<R: Read + Seek>(mut r: R, len: u64, salt: u32) -> io::Result<Sca
                 scan.kept = at;
             }
             Frame::Bad(what) => {
-                let bad = at - size;
-                if commit_after(&mut r, bad + 1, salt)? {
-                    scan.damage = Some(Damage { at: bad, what });
+                let bad = Damage {
+                    at: at - size,
+                    what,
+                };
+                if let Some(marker) = commit_after(&mut r, bad.at + 1, salt)? {
+                    let from = marker + COMMIT_LEN as u64;
+                    if complete_commit_from(&mut r, from, len, salt, &mut body)? {
+                        scan.damage = Some(bad);
+                    } else {
+                        scan.torn_batch = Some(bad);
+                    }
                 }
                 break;
             }
@@ -238,23 +256,51 @@ fn read_frame<R: Read>(
     Ok((frame, size))
 }
 
-/// Whether a valid commit marker starts anywhere from byte `from` on.
-fn commit_after<R: Read + Seek>(r: &mut R, from: u64, salt: u32) -> io::Result<bool> {
+/// Whether a complete commit (valid frames from the end of a marker through
+/// the next marker) starts at byte `at`, the end of a valid marker, or after
+/// any valid marker further on.
+fn complete_commit_from<R: Read + Seek>(
+    r: &mut R,
+    mut at: u64,
+    len: u64,
+    salt: u32,
+    body: &mut Vec<u8>,
+) -> io::Result<bool> {
+    r.seek(SeekFrom::Start(at))?;
+    while at < len {
+        let (frame, size) = read_frame(r, at, len, salt, body)?;
+        match frame {
+            Frame::Record(_) => at += size,
+            Frame::Commit => return Ok(true),
+            Frame::Bad(_) => match commit_after(r, at + 1, salt)? {
+                Some(marker) => {
+                    at = marker + COMMIT_LEN as u64;
+                    r.seek(SeekFrom::Start(at))?;
+                }
+                None => return Ok(false),
+            },
+        }
+    }
+    Ok(false)
+}
+
+/// Where the first valid commit marker from byte `from` on starts, if any.
+fn commit_after<R: Read + Seek>(r: &mut R, from: u64, salt: u32) -> io::Result<Option<u64>> {
     r.seek(SeekFrom::Start(from))?;
     // `window[i]` is byte `base + i` of the file; it keeps the last bytes of
     // one chunk, too few for a marker, to be searched with the next.
     let (mut window, mut base) = (Vec::with_capacity(CHUNK + COMMIT_LEN), from);
     loop {
         if r.take(CHUNK as u64).read_to_end(&mut window)? == 0 {
-            return Ok(false);
+            return Ok(None);
         }
-        let found = window.windows(COMMIT_LEN).enumerate().any(|(i, w)| {
-            w[..4] == [9, 0, 0, 0]
-                && w[8] == KIND_COMMIT
-                && *w == commit_frame(salt, base + i as u64)
+        let found = window.windows(COMMIT_LEN).enumerate().find_map(|(i, w)| {
+            let at = base + i as u64;
+            (w[..4] == [9, 0, 0, 0] && w[8] == KIND_COMMIT && *w == commit_frame(salt, at))
+                .then_some(at)
         });
-        if found {
-            return Ok(true);
+        if found.is_some() {
+            return Ok(found);
         }
         let searched = window.len().saturating_sub(COMMIT_LEN - 1);
         window.drain(..searched);
@@ -270,6 +316,7 @@ fn scan_legacy<R: Read + Seek>(mut r: R, len: u64) -> io::Result<Scan> {
         kept: 0,
         len,
         damage: None,
+        torn_batch: None,
     };
     let mut payload = vec![];
     while scan.kept < len {
