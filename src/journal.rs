@@ -179,14 +179,26 @@ fn lock(dir: &Path) -> Result<File, Error> {
         .write(true)
         .open(&path)
         .map_err(|e| Error::file(&path, "open", e))?;
-    if lock.try_lock().is_err() {
-        return Err(Error::State(format!(
-            "state directory {} is in use by another contact-server (stop it, or choose another --state-dir)",
-            dir.display()
-        )));
+    // A lock is released only when every copy of its descriptor is closed:
+    // a server that just stopped may still have one in a child between fork
+    // and exec (its descriptors close on exec), and a supervisor may restart
+    // it while the old process is exiting. So wait a moment before saying
+    // the directory is in use.
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    while lock.try_lock().is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::State(format!(
+                "state directory {} is in use by another contact-server (stop it, or choose another --state-dir)",
+                dir.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(lock)
 }
+
+/// How long opening waits for a state directory's lock to be released.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn open_to_append(path: &Path) -> Result<File, Error> {
     OpenOptions::new()
