@@ -237,7 +237,15 @@ fn mutual_tls_takes_the_agent_id_from_its_certificate() {
         first_task(&with_cert, with(&[("contact-client-id", "web-2")])).unwrap_err(),
         RpcStatusCode::PERMISSION_DENIED
     );
-    // A seed-style call without an id is known by its certificate, not its address.
+    // A seed-style call without an id is known by its certificate, not its
+    // address (once the agent's own session above is over: one owner per id).
+    wait_for("the agent's own session to end", || {
+        server
+            .dispatcher()
+            .clients()
+            .iter()
+            .all(|c| c.id != "web-1")
+    });
     let (_session, _) = {
         let mut s = with_cert.get_task_opt(&Empty::new(), with(&[])).unwrap();
         let first = block_on(s.next());
