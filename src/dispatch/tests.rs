@@ -27,6 +27,15 @@ fn ok(task_id: TaskId, attempt: u32) -> Answer {
     }
 }
 
+/// A refusal asking for another try (exit 75).
+fn refusal(task_id: TaskId, attempt: u32) -> Answer {
+    Answer {
+        ok: false,
+        retry: true,
+        ..ok(task_id, attempt)
+    }
+}
+
 fn queue(k: usize) -> Dispatcher {
     Dispatcher::new(DispatchConfig {
         mode: Mode::Queue,
@@ -466,11 +475,7 @@ fn a_refused_task_goes_to_another_client_when_there_is_one() {
     d.publish(tasks(&["1"]));
     assert_eq!(drain(&a), vec![1]);
     let (_, b) = d.attach("b", "p2", false, "").unwrap();
-    let refuse = Answer {
-        retry: true,
-        ok: false,
-        ..ok(1, 1)
-    };
+    let refuse = refusal(1, 1);
     assert!(d.complete("a", refuse).unwrap().retry);
     after_backoff(&d, 1);
     assert!(
@@ -556,12 +561,8 @@ fn a_refused_task_waits_out_a_growing_backoff_in_both_modes() {
         assert_eq!(drain_attempts(&a), vec![(1, 1)]);
         // The k-th refusal waits 200 ms·2^(k-1), capped at 400 ms, less up to half.
         for (attempt, at_least_ms) in [(1, 100), (2, 200), (3, 200)] {
-            let refusal = Answer {
-                ok: false,
-                retry: true,
-                ..ok(1, attempt)
-            };
-            assert!(d.complete("a", refusal).unwrap().retry);
+            let refused = refusal(1, attempt);
+            assert!(d.complete("a", refused).unwrap().retry);
             let refused = Instant::now();
             d.expire();
             let mut again = drain_attempts(&a);
@@ -762,16 +763,12 @@ fn a_resent_refusal_is_acknowledged_not_counted_again() {
         let (_, a) = d.attach("a", "p", false, "").unwrap();
         d.publish(tasks(&["1"]));
         assert_eq!(drain_attempts(&a), vec![(1, 1)]);
-        let refusal = Answer {
-            ok: false,
-            retry: true,
-            ..ok(1, 1)
-        };
-        assert!(d.complete("a", refusal.clone()).unwrap().retry);
+        let refused = refusal(1, 1);
+        assert!(d.complete("a", refused.clone()).unwrap().retry);
         after_backoff(&d, 1);
         assert_eq!(drain_attempts(&a), vec![(1, 2)], "{mode:?}");
         // Its acknowledgement was lost: the client sends the refusal again.
-        assert_eq!(d.complete("a", refusal), None, "{mode:?}: counted twice");
+        assert_eq!(d.complete("a", refused), None, "{mode:?}: counted twice");
         after_backoff(&d, 1);
         assert!(drain(&a).is_empty(), "{mode:?}: a third attempt");
         assert_eq!(d.counters().redelivered, 1, "{mode:?}");
@@ -794,12 +791,8 @@ fn a_refusal_of_an_attempt_superseded_at_the_same_client_leaves_the_newer_one_al
         let (_, a) = d.attach("a", "p", false, "i1").unwrap();
         assert_eq!(drain_attempts(&a), vec![(1, 2)], "{mode:?}");
         // Its old session's worker refused attempt 1; the refusal arrives now.
-        let refusal = Answer {
-            ok: false,
-            retry: true,
-            ..ok(1, 1)
-        };
-        assert!(d.complete("a", refusal).unwrap().stale, "{mode:?}");
+        let refused = refusal(1, 1);
+        assert!(d.complete("a", refused).unwrap().stale, "{mode:?}");
         after_backoff(&d, 1);
         assert!(drain(&a).is_empty(), "{mode:?}: attempt 3");
         let answer = d.complete("a", ok(1, 2));
