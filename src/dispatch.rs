@@ -9,16 +9,26 @@
 //! Delivery is at least once, with fencing: every delivery carries an attempt
 //! number, and a result counts only if it answers the current attempt from
 //! the client that holds it. Anything else is recorded as stale.
+//!
+//! No event costs work in proportion to the number of clients (except a
+//! broadcast task, which goes to each of them): the dispatcher keeps indexes
+//! instead of looking — the clients that take tasks now, ordered by how many
+//! they hold (queue mode); the clients that took everything there was, for a
+//! new task to wake (broadcast); the disconnected clients by when they were
+//! last seen; and every deadline in one heap (see `deadlines`), so a clock
+//! tick costs what is due. What a client answered is known from its cursor
+//! (broadcast) or from the task (queue), not from a per-client list.
 
 use crate::feed::{self, Delivery, FeedSender, TaskFeed};
 use crate::journal::Record;
 use crate::logtext::quoted;
-use crate::registry::{ClientInfo, ClientRegistry};
+use crate::registry::{ClientId, ClientInfo, ClientRegistry};
 use crate::results::{DeadLetter, ResultRecord, ResultSink};
-use crate::task::{Task, TaskId, TaskLog};
+use crate::task::{Settled, Task, TaskId, TaskLog};
 use crate::workqueue::WorkQueue;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use deadlines::{Deadlines, Due};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How tasks are spread over clients.
@@ -191,112 +201,159 @@ impl InFlight {
 /// How long a disconnected seed client's late answers are still matched.
 const EPHEMERAL_LINGER: Duration = Duration::from_secs(30);
 
-/// How many recently accepted (task, attempt) pairs a client remembers, to
-/// recognise a result it sends again after a lost acknowledgement.
-const RECENT_ACCEPTED: usize = 4096;
+/// How many of the tasks dead-lettered at a client it remembers (broadcast):
+/// a late answer to one is recorded as stale rather than taken for a resend.
+const RECENT_BURIED: usize = 64;
 
-/// How many recent refusals a client remembers (in memory only), likewise.
-const RECENT_REFUSED: usize = 256;
+/// Where the dispatcher's log lines go (as if logged from this module).
+const LOG_TARGET: &str = module_path!();
 
-/// The last `N` (task, attempt) pairs a client answered, oldest forgotten
-/// first; looked up in constant time.
-#[derive(Default)]
-pub(crate) struct RecentAnswers<const N: usize> {
-    order: VecDeque<(TaskId, u32)>,
-    set: HashSet<(TaskId, u32)>,
-}
-
-impl<const N: usize> RecentAnswers<N> {
-    fn insert(&mut self, id: TaskId, attempt: u32) {
-        if !self.set.insert((id, attempt)) {
-            return;
-        }
-        self.order.push_back((id, attempt));
-        if self.order.len() > N {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-    }
-
-    fn contains(&self, id: TaskId, attempt: u32) -> bool {
-        self.set.contains(&(id, attempt))
-    }
-
-    /// Oldest first.
-    fn iter(&self) -> impl Iterator<Item = &(TaskId, u32)> {
-        self.order.iter()
-    }
-}
+/// Indexes of `State::gone`: disconnected clients known by id, and seed peers.
+const NAMED: usize = 0;
+const EPHEMERAL: usize = 1;
 
 struct ClientState {
+    /// Its id, shared with the indexes that name it.
+    name: ClientId,
     /// The open `getTask` stream, if any.
     session: Option<(SessionId, FeedSender)>,
     /// Which process holds the session (its `contact-client-instance`), and from where.
     holder: (String, String),
-    /// Next log id this client has not been offered (broadcast).
+    /// Next log id this client has not been offered (broadcast). Below it,
+    /// whatever it neither holds nor is owed it has answered: the watermark
+    /// that recognises a resent answer.
     cursor: TaskId,
+    /// The first log id it could have been offered (broadcast).
+    since: TaskId,
     /// Written, not yet answered; oldest first.
     in_flight: VecDeque<InFlight>,
     /// Taken back, to be written again before anything new (broadcast).
     redeliver: VecDeque<Delivery>,
     /// Refused, to be written again once their retry backoff is over (broadcast).
-    delayed: Vec<(Instant, Delivery)>,
+    delayed: BTreeMap<(Instant, TaskId), Delivery>,
+    /// Tasks it is refusing (broadcast), with the attempts `first..=last` it
+    /// refused in a row: a refusal of one sent again is not another refusal.
+    refusing: HashMap<TaskId, (u32, u32)>,
+    /// The last tasks dead-lettered at it (broadcast), see [`RECENT_BURIED`].
+    buried: VecDeque<TaskId>,
     /// Its session reports the tasks it works on (see [`Holder::leases`]).
     leases: bool,
     /// When it last showed progress: a report naming a task it holds, or an answer.
     progress_at: Instant,
-    /// Recently accepted (task, attempt): a resend of one is acknowledged, not recorded.
-    recent: RecentAnswers<RECENT_ACCEPTED>,
-    /// Recently refused (task, attempt): a resend of one (after a lost
-    /// acknowledgement) is acknowledged, not counted as another refusal.
-    refused: RecentAnswers<RECENT_REFUSED>,
     last_seen: Instant,
     /// Known by peer address (a seed client): forgotten when its streams end.
     ephemeral: bool,
     /// Connected when shutdown began: its answers are still awaited.
     draining: bool,
+    /// It takes tasks until it holds `max_in_flight`: set when a useful
+    /// share of its credit is free (or it holds nothing), so that tasks are
+    /// written in batches rather than one per answer.
+    filling: bool,
+    /// Its feed refused a delivery (full): tried again on the clock tick.
+    blocked: bool,
+    /// Its key in `State::ready` (queue mode), while it is there.
+    ready_key: Option<usize>,
+    /// Its key in `State::gone`, while it is there.
+    gone_key: Option<Instant>,
+    /// The token of its ack deadline in `State::deadlines`, while armed.
+    ack_timer: Option<u64>,
+    /// The token and time of its retry deadline (broadcast), while armed.
+    retry_timer: Option<(u64, Instant)>,
 }
 
 impl ClientState {
-    fn new(cursor: TaskId, redeliver: VecDeque<Delivery>, ephemeral: bool) -> ClientState {
+    fn new(
+        name: ClientId,
+        cursor: TaskId,
+        redeliver: VecDeque<Delivery>,
+        ephemeral: bool,
+    ) -> ClientState {
+        let since = redeliver.front().map_or(cursor, |d| d.task.id.min(cursor));
         ClientState {
+            name,
             session: None,
             holder: (String::new(), String::new()),
             cursor,
+            since,
             in_flight: VecDeque::new(),
             redeliver,
-            delayed: Vec::new(),
+            delayed: BTreeMap::new(),
+            refusing: HashMap::new(),
+            buried: VecDeque::new(),
             leases: false,
             progress_at: Instant::now(),
-            recent: RecentAnswers::default(),
-            refused: RecentAnswers::default(),
             last_seen: Instant::now(),
             ephemeral,
             draining: false,
+            filling: true,
+            blocked: false,
+            ready_key: None,
+            gone_key: None,
+            ack_timer: None,
+            retry_timer: None,
         }
     }
 
     /// Deliveries it is owed but does not hold: taken back, or refused and
     /// waiting out their backoff (broadcast).
     fn owed(&self) -> impl Iterator<Item = &Delivery> {
-        self.redeliver
+        self.redeliver.iter().chain(self.delayed.values())
+    }
+
+    /// The attempt of task `id` it holds or is owed, if any.
+    fn holds(&self, id: TaskId) -> Option<u32> {
+        self.in_flight
             .iter()
-            .chain(self.delayed.iter().map(|(_, d)| d))
+            .map(|f| &f.delivery)
+            .chain(self.owed())
+            .find(|d| d.task.id == id)
+            .map(|d| d.attempt)
     }
 
-    /// Whether it answered this attempt already (accepted or refused): an
-    /// answer to it now is a resend.
-    fn answered(&self, id: TaskId, attempt: u32) -> bool {
-        id != 0 && (self.recent.contains(id, attempt) || self.refused.contains(id, attempt))
+    /// Takes the delivery of task `id` it holds or is owed; says whether it was in flight.
+    fn take_held(&mut self, id: TaskId) -> Option<(Delivery, bool)> {
+        if let Some(p) = self.in_flight.iter().position(|f| f.delivery.task.id == id) {
+            return self.in_flight.remove(p).map(|f| (f.delivery, true));
+        }
+        if let Some(p) = self.redeliver.iter().position(|d| d.task.id == id) {
+            return self.redeliver.remove(p).map(|d| (d, false));
+        }
+        let key = *self.delayed.iter().find(|(_, d)| d.task.id == id)?.0;
+        self.delayed.remove(&key).map(|d| (d, false))
     }
 
-    fn remember_refusal(&mut self, id: TaskId, attempt: u32) {
-        self.refused.insert(id, attempt);
+    /// Whether an answer to attempt `attempt` of task `id`, which it neither
+    /// holds nor is owed, repeats one it gave: the task is behind its cursor
+    /// (so it was offered and is settled for it), was for it, was not
+    /// dead-lettered at it, and the attempt is one that can have been made.
+    fn answered_before(&self, log: &TaskLog, id: TaskId, attempt: u32, max_attempts: u32) -> bool {
+        (1..=max_attempts).contains(&attempt)
+            && (self.since..self.cursor).contains(&id)
+            && !self.buried.contains(&id)
+            && log.get(id).is_none_or(|t| t.is_for(&self.name))
     }
 
-    fn remember(&mut self, id: TaskId, attempt: u32) {
-        self.recent.insert(id, attempt);
+    /// Notes that task `id` was dead-lettered at it.
+    fn buried(&mut self, id: TaskId) {
+        self.refusing.remove(&id);
+        if self.buried.len() == RECENT_BURIED {
+            self.buried.pop_front();
+        }
+        self.buried.push_back(id);
+    }
+
+    /// Opens its credit when a useful share of it is free, closes it when full.
+    fn refresh_filling(&mut self, max: usize, share: usize) {
+        let held = self.in_flight.len();
+        if held >= max {
+            self.filling = false;
+        } else if held == 0 || max - held >= share {
+            self.filling = true;
+        }
+    }
+
+    fn feed_full(&self) -> bool {
+        self.session.as_ref().is_some_and(|(_, tx)| tx.is_full())
     }
 }
 
@@ -304,7 +361,21 @@ struct State {
     log: TaskLog,
     queue: WorkQueue,
     registry: ClientRegistry,
-    clients: HashMap<String, ClientState>,
+    clients: HashMap<ClientId, ClientState>,
+    /// Queue mode: the connected clients taking tasks now (credit open, feed
+    /// not full), by (deliveries in flight, id): the first takes the next task.
+    ready: BTreeSet<(usize, ClientId)>,
+    /// Broadcast: connected clients that took everything there was for them;
+    /// a new task wakes these, no others.
+    caught_up: HashSet<ClientId>,
+    /// Clients whose feed was full, tried again on the clock tick.
+    blocked: HashSet<ClientId>,
+    /// Disconnected clients by when they were last seen (at most: a client
+    /// seen since is filed again when it comes up): `[NAMED]`, `[EPHEMERAL]`.
+    gone: [BTreeSet<(Instant, ClientId)>; 2],
+    /// Ack deadlines, silence deadlines and retry backoffs.
+    deadlines: Deadlines,
+    next_token: u64,
     counters: Counters,
     next_session: SessionId,
     /// Set at shutdown: no new streams, no new deliveries.
@@ -313,6 +384,50 @@ struct State {
     dead: Vec<DeadLetter>,
     /// This state's identity: task ids are only meaningful within it.
     incarnation: String,
+    /// Log lines to emit once the lock is released.
+    notes: Vec<(log::Level, String)>,
+    /// Clients and deadlines looked at, for tests that check that an
+    /// operation does not scan the fleet.
+    visits: u64,
+}
+
+/// Queues a log line for after the lock, formatting it only if it will be logged.
+fn note(notes: &mut Vec<(log::Level, String)>, level: log::Level, text: impl FnOnce() -> String) {
+    if log::log_enabled!(target: LOG_TARGET, level) {
+        notes.push((level, text()));
+    }
+}
+
+/// The state, locked; on release it logs what was noted meanwhile.
+struct Locked<'a> {
+    guard: Option<MutexGuard<'a, State>>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let notes = self
+            .guard
+            .as_mut()
+            .map(|st| std::mem::take(&mut st.notes))
+            .unwrap_or_default();
+        drop(self.guard.take());
+        for (level, text) in notes {
+            log::log!(target: LOG_TARGET, level, "{text}");
+        }
+    }
 }
 
 /// Shared by the producer, every gRPC handler and the clock thread.
@@ -328,6 +443,7 @@ pub struct Dispatcher {
 }
 
 mod broadcast;
+mod deadlines;
 mod queue;
 mod restore;
 
@@ -356,11 +472,19 @@ impl Dispatcher {
             queue: WorkQueue::default(),
             registry: ClientRegistry::default(),
             clients: HashMap::new(),
+            ready: BTreeSet::new(),
+            caught_up: HashSet::new(),
+            blocked: HashSet::new(),
+            gone: [BTreeSet::new(), BTreeSet::new()],
+            deadlines: Deadlines::default(),
+            next_token: 0,
             counters: Counters::default(),
             next_session: 1,
             closed: false,
             dead: vec![],
             incarnation: format!("{:016x}", fastrand::u64(..)),
+            notes: vec![],
+            visits: 0,
         };
         Dispatcher {
             config,
@@ -378,9 +502,15 @@ impl Dispatcher {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_> {
         // A panic elsewhere must not take every client down with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Locked { guard: Some(guard) }
+    }
+
+    /// The free credit at which a client is written to again (see `ClientState::filling`).
+    fn batch_share(&self) -> usize {
+        (self.config.max_in_flight / 4).max(1)
     }
 
     /// Registers a `getTask` stream for `client` and returns the feed to forward.
@@ -437,18 +567,17 @@ impl Dispatcher {
         let id = st.next_session;
         st.next_session += 1;
         let (tx, rx) = feed::channel(self.config.max_in_flight);
-        let cursor = match self.config.start_at {
-            StartAt::Oldest => st.log.first_id(),
-            StartAt::New => st.log.next_id(),
-        };
         let known = st.clients.contains_key(client);
         if !known {
+            let cursor = match self.config.start_at {
+                StartAt::Oldest => st.log.first_id(),
+                StartAt::New => st.log.next_id(),
+            };
             // A targeted task waits for its client, even one that starts at `New`.
             let waiting: VecDeque<Delivery> = match self.config.mode {
                 Mode::Broadcast => st
                     .log
-                    .iter()
-                    .filter(|t| t.id < cursor && t.target.as_deref() == Some(client))
+                    .targeted_before(client, cursor)
                     .map(|t| Delivery {
                         task: t.clone(),
                         attempt: 1,
@@ -457,24 +586,37 @@ impl Dispatcher {
                 Mode::Queue => VecDeque::new(),
             };
             self.make_room(st, ephemeral);
-            st.clients.insert(
-                client.to_string(),
-                ClientState::new(cursor, waiting, ephemeral),
-            );
+            let name = ClientId::from(client);
+            let state = ClientState::new(name.clone(), cursor, waiting, ephemeral);
+            st.clients.insert(name, state);
         }
+        let now = Instant::now();
         let c = st.clients.get_mut(client).expect("inserted above");
+        let name = c.name.clone();
+        if let Some(key) = c.gone_key.take() {
+            st.gone[c.ephemeral as usize].remove(&(key, name.clone()));
+        }
+        // A stream it replaces ends here (its sender is dropped).
         c.session = Some((id, tx));
         c.holder = (instance.to_string(), peer.to_string());
         c.leases = leases && !ephemeral;
-        c.last_seen = Instant::now();
-        log::info!(
-            "client {client} {} from {peer}",
-            if known { "reconnected" } else { "connected" }
-        );
+        c.last_seen = now;
+        c.blocked = false;
+        st.blocked.remove(client);
+        note(&mut st.notes, log::Level::Info, || {
+            format!(
+                "client {client} {} from {peer}",
+                if known { "reconnected" } else { "connected" }
+            )
+        });
         st.registry.connect(client, peer);
+        if let (Some(t), false) = (self.config.client_timeout, ephemeral) {
+            st.deadlines.push(now + t, Due::Silence, name, id);
+        }
         // What the previous stream left unanswered is taken back now.
         self.take_back_all(st, client, "client reconnected");
-        self.pump_all(st);
+        self.refile(st, client);
+        self.pump_after(st, Some(client));
         Ok((id, rx))
     }
 
@@ -484,21 +626,56 @@ impl Dispatcher {
     /// peers are forgotten anyway once their connection ends).
     fn make_room(&self, st: &mut State, for_ephemeral: bool) {
         while st.clients.len() >= self.config.max_known_clients.max(1) {
-            let oldest = st
-                .clients
-                .iter()
-                .filter(|(_, c)| c.session.is_none() && !c.draining)
-                .filter(|(_, c)| c.ephemeral || !for_ephemeral)
-                .min_by_key(|(_, c)| c.last_seen)
-                .map(|(name, _)| name.clone());
-            let Some(name) = oldest else { return };
-            log::warn!(
-                "client {name} forgotten: more than {} clients are known (--max-known-clients)",
-                self.config.max_known_clients
-            );
-            self.take_back_all(st, &name, "client forgotten");
-            st.clients.remove(&name);
+            let Some(name) = self.longest_gone(st, for_ephemeral) else {
+                return;
+            };
+            note(&mut st.notes, log::Level::Warn, || {
+                format!(
+                    "client {name} forgotten: more than {} clients are known (--max-known-clients)",
+                    self.config.max_known_clients
+                )
+            });
+            self.forget(st, &name, "client forgotten");
         }
+    }
+
+    /// The disconnected client seen longest ago (a seed peer, with `ephemeral_only`).
+    fn longest_gone(&self, st: &mut State, ephemeral_only: bool) -> Option<ClientId> {
+        loop {
+            let eph = st.gone[EPHEMERAL].first();
+            let named = st.gone[NAMED].first().filter(|_| !ephemeral_only);
+            let (i, (key, name)) = match (named, eph) {
+                (Some(n), Some(e)) if e < n => (EPHEMERAL, e.clone()),
+                (Some(n), _) => (NAMED, n.clone()),
+                (None, Some(e)) => (EPHEMERAL, e.clone()),
+                (None, None) => return None,
+            };
+            st.visits += 1;
+            let c = st.clients.get_mut(&name).expect("gone clients are known");
+            if c.last_seen <= key {
+                return Some(name);
+            }
+            // Seen since it was filed: filed again under when it was.
+            st.gone[i].remove(&(key, name.clone()));
+            st.gone[i].insert((c.last_seen, name));
+            c.gone_key = Some(c.last_seen);
+        }
+    }
+
+    /// Forgets a disconnected client, taking back what it holds.
+    fn forget(&self, st: &mut State, client: &str, why: &str) {
+        self.take_back_all(st, client, why);
+        let Some(c) = st.clients.remove(client) else {
+            return;
+        };
+        if let Some(key) = c.gone_key {
+            st.gone[c.ephemeral as usize].remove(&(key, c.name.clone()));
+        }
+        if let Some(held) = c.ready_key {
+            st.ready.remove(&(held, c.name.clone()));
+        }
+        st.caught_up.remove(client);
+        st.blocked.remove(client);
     }
 
     /// Ends `session` (its stream finished or broke) unless a newer one replaced it.
@@ -512,7 +689,7 @@ impl Dispatcher {
             return;
         }
         self.end_session(st, client, "client disconnected");
-        self.pump_all(st);
+        self.pump_after(st, None);
     }
 
     /// Ends `client`'s task stream now (its credentials were revoked): its
@@ -521,9 +698,11 @@ impl Dispatcher {
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.clients.get(client).is_some_and(|c| c.session.is_some()) {
-            log::warn!("client {client} disconnected: {why}");
+            note(&mut st.notes, log::Level::Warn, || {
+                format!("client {client} disconnected: {why}")
+            });
             self.end_session(st, client, why);
-            self.pump_all(st);
+            self.pump_after(st, None);
         }
     }
 
@@ -534,28 +713,42 @@ impl Dispatcher {
         let Some(c) = st.clients.get_mut(client) else {
             return;
         };
+        let now = Instant::now();
         c.session = None;
-        c.last_seen = Instant::now();
+        c.last_seen = now;
+        c.blocked = false;
+        if !c.draining {
+            let i = c.ephemeral as usize;
+            if let Some(key) = c.gone_key.replace(now) {
+                st.gone[i].remove(&(key, c.name.clone()));
+            }
+            st.gone[i].insert((now, c.name.clone()));
+        }
+        st.caught_up.remove(client);
+        st.blocked.remove(client);
         st.registry.disconnect(client);
-        log::info!("client {client}: {why}");
+        note(&mut st.notes, log::Level::Info, || {
+            format!("client {client}: {why}")
+        });
         if self.config.mode == Mode::Queue {
             self.take_back_all(st, client, why);
         }
+        self.refile(st, client);
         self.forget_if_done(st, client);
     }
 
     /// A result stream of `client` ended: forget a seed client that has no
     /// task stream any more, whatever it left unanswered.
     pub fn results_ended(&self, client: &str) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st
             .clients
             .get(client)
             .is_some_and(|c| c.ephemeral && c.session.is_none())
         {
-            self.take_back_all(&mut st, client, "client disconnected");
-            st.clients.remove(client);
-            self.pump_all(&mut st);
+            self.forget(st, client, "client disconnected");
+            self.pump_after(st, None);
         }
     }
 
@@ -587,17 +780,49 @@ impl Dispatcher {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let mut added = vec![];
+        let mut added = Vec::with_capacity(tasks.len());
+        let mut targets: Vec<String> = vec![];
+        let mut for_all = false;
         for (target, text) in tasks {
             let task = st.log.push(text, target);
-            log::info!("task {} produced: {}", task.id, quoted(&task.text));
+            log::debug!("task {} produced: {}", task.id, quoted(&task.text));
             if self.config.mode == Mode::Queue {
                 st.queue.push(task.clone());
+            }
+            match &task.target {
+                Some(t) if !targets.contains(t) => targets.push(t.clone()),
+                Some(_) => {}
+                None => for_all = true,
             }
             added.push(task);
         }
         st.counters.produced += added.len() as u64;
-        self.pump_all(st);
+        if st.closed {
+            return added;
+        }
+        match self.config.mode {
+            Mode::Broadcast => {
+                // Only clients that took everything can take a new task now
+                // (the others are out of credit, and get it with their next).
+                let woken: Vec<ClientId> = if for_all {
+                    st.caught_up.iter().cloned().collect()
+                } else {
+                    targets
+                        .iter()
+                        .filter_map(|t| st.caught_up.get(t.as_str()).cloned())
+                        .collect()
+                };
+                for name in woken {
+                    self.pump_broadcast(st, &name);
+                }
+            }
+            Mode::Queue => {
+                for t in &targets {
+                    self.pump_queue_client(st, t);
+                }
+                self.pump_queue_ready(st);
+            }
+        }
         added
     }
 
@@ -609,42 +834,9 @@ impl Dispatcher {
     /// earlier attempt of the client that holds the current one (its answer
     /// crossed a redelivery to itself, e.g. a resend after a reconnect).
     pub fn complete(&self, client: &str, answer: Answer) -> Option<ResultRecord> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.counters.results += 1;
-        if let Some(c) = st.clients.get_mut(client) {
-            c.last_seen = Instant::now();
-            c.progress_at = c.last_seen;
-        }
-        let outcome = if !answer.incarnation.is_empty() && answer.incarnation != st.incarnation {
-            // A task id of another life of the server (restarted without its
-            // state): the same number may name a different task now.
-            stale(
-                &st.log,
-                client,
-                Answer {
-                    task_id: 0,
-                    ..answer
-                },
-            )
-        } else {
-            match self.config.mode {
-                Mode::Broadcast => self.complete_broadcast(st, client, answer),
-                Mode::Queue => self.complete_queue(st, client, answer),
-            }
-        };
-        // Recorded under the lock, so that a snapshot never runs ahead of a
-        // result it already counts as answered.
-        if let (Some(sink), Some(r)) = (&self.sink, &outcome) {
-            sink.record(r.clone());
-        }
-        self.forget_if_done(st, client);
-        // Only this client got credit back (in broadcast, only it can use it).
-        match self.config.mode {
-            Mode::Broadcast => self.pump_broadcast(st, client),
-            Mode::Queue => self.pump_queue(st),
-        }
-        outcome
+        self.complete_many(client, vec![answer], false)
+            .pop()
+            .flatten()
     }
 
     /// [`Dispatcher::complete`] for an agent known by its id: its answer must
@@ -653,16 +845,77 @@ impl Dispatcher {
     /// nothing and is recorded as stale. The wildcards of `complete` are for
     /// seed peers, which cannot send them.
     pub fn complete_exact(&self, client: &str, answer: Answer) -> Option<ResultRecord> {
-        if answer.task_id != 0 && answer.attempt != 0 && !answer.incarnation.is_empty() {
-            return self.complete(client, answer);
+        self.complete_many(client, vec![answer], true)
+            .pop()
+            .flatten()
+    }
+
+    /// Judges a batch of `client`'s answers under one acquisition of the
+    /// lock (with `exact`, as [`Dispatcher::complete_exact`] does; without,
+    /// as [`Dispatcher::complete`]), hands the records to the sink as one
+    /// batch, tops up the client's feed once, and returns the judgements in order.
+    pub fn complete_many(
+        &self,
+        client: &str,
+        answers: Vec<Answer>,
+        exact: bool,
+    ) -> Vec<Option<ResultRecord>> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut out = Vec::with_capacity(answers.len());
+        let mut records = Vec::with_capacity(if self.sink.is_some() {
+            answers.len()
+        } else {
+            0
+        });
+        let mut judged = false;
+        for answer in answers {
+            st.counters.results += 1;
+            let named =
+                answer.task_id != 0 && answer.attempt != 0 && !answer.incarnation.is_empty();
+            let outcome = if exact && !named {
+                stale(&st.log, client, answer)
+            } else {
+                judged = true;
+                self.judge(st, client, answer)
+            };
+            if let (Some(_), Some(r)) = (&self.sink, &outcome) {
+                records.push(r.clone());
+            }
+            out.push(outcome);
         }
-        let mut st = self.lock();
-        st.counters.results += 1;
-        let out = stale(&st.log, client, answer);
-        if let (Some(sink), Some(r)) = (&self.sink, &out) {
-            sink.record(r.clone());
+        // Recorded under the lock, so that a snapshot never runs ahead of a
+        // result it already counts as answered.
+        if let (Some(sink), false) = (&self.sink, records.is_empty()) {
+            sink.record_many(records);
+        }
+        if judged {
+            self.refile(st, client);
+            self.forget_if_done(st, client);
+            // Only this client got credit back (in broadcast, only it can use it).
+            self.pump_after(st, Some(client));
         }
         out
+    }
+
+    fn judge(&self, st: &mut State, client: &str, answer: Answer) -> Option<ResultRecord> {
+        if let Some(c) = st.clients.get_mut(client) {
+            c.last_seen = Instant::now();
+            c.progress_at = c.last_seen;
+        }
+        if !answer.incarnation.is_empty() && answer.incarnation != st.incarnation {
+            // A task id of another life of the server (restarted without its
+            // state): the same number may name a different task now.
+            let answer = Answer {
+                task_id: 0,
+                ..answer
+            };
+            return stale(&st.log, client, answer);
+        }
+        match self.config.mode {
+            Mode::Broadcast => self.complete_broadcast(st, client, answer),
+            Mode::Queue => self.complete_queue(st, client, answer),
+        }
     }
 
     /// How it was configured.
@@ -684,56 +937,219 @@ impl Dispatcher {
         st.registry.touch(client);
     }
 
-    /// The clock: takes back deliveries past the ack deadline and declares
-    /// silent clients gone.
+    /// The clock: takes back deliveries past the ack deadline, declares
+    /// silent clients gone, forgets clients gone too long, and redelivers
+    /// refused tasks whose backoff is over. It looks only at what is due.
     pub fn expire(&self) {
         let mut guard = self.lock();
         let st = &mut *guard;
         let now = Instant::now();
-        let names: Vec<String> = st.clients.keys().cloned().collect();
-        for name in names {
-            let c = &st.clients[&name];
-            let idle = now.duration_since(c.last_seen);
-            if c.session.is_none() {
-                // Gone for good? A seed client cannot come back (its address
-                // changes); a named one is forgotten after `forget_after`.
-                if idle
-                    > if c.ephemeral {
-                        EPHEMERAL_LINGER
-                    } else {
-                        self.config.forget_after
-                    }
-                {
-                    self.take_back_all(st, &name, "client forgotten");
-                    st.clients.remove(&name);
-                }
-                continue;
-            }
-            if self
-                .config
-                .client_timeout
-                .is_some_and(|t| !c.ephemeral && idle > t)
-            {
-                log::warn!("client {name} silent for {idle:?}: declared gone");
-                self.end_session(st, &name, "declared gone");
-                continue;
-            }
-            if c.ephemeral {
-                // A seed client's answers are matched by order: taking one
-                // delivery back would shift every later answer.
-                continue;
-            }
-            let expired: Vec<(TaskId, &'static str)> = c
-                .in_flight
-                .iter()
-                .filter_map(|f| self.overdue(c, f, now).map(|why| (f.delivery.task.id, why)))
-                .collect();
-            for (id, why) in expired {
-                self.take_back(st, &name, id, why);
+        let mut touched: Vec<ClientId> = vec![];
+        while let Some((due, name, tag)) = st.deadlines.pop_due(now) {
+            st.visits += 1;
+            match due {
+                Due::Ack => self.ack_due(st, &name, tag, now, &mut touched),
+                Due::Silence => self.silence_due(st, &name, tag, now),
+                Due::Retry => self.retry_due(st, &name, tag, now, &mut touched),
             }
         }
-        self.wake_due(st, now);
-        self.pump_all(st);
+        self.forget_gone(st, now);
+        for task in st.queue.wake_due(now) {
+            if let Some((name, _)) = task
+                .target
+                .as_deref()
+                .and_then(|t| st.clients.get_key_value(t))
+            {
+                touched.push(name.clone());
+            }
+        }
+        // Feeds that were full may have room now.
+        let blocked: Vec<ClientId> = st.blocked.drain().collect();
+        for name in blocked {
+            st.visits += 1;
+            let Some(c) = st.clients.get_mut(&name) else {
+                continue;
+            };
+            if c.feed_full() {
+                st.blocked.insert(name);
+                continue;
+            }
+            c.blocked = false;
+            self.refile(st, &name);
+            touched.push(name);
+        }
+        if st.closed {
+            return;
+        }
+        for name in touched {
+            match self.config.mode {
+                Mode::Broadcast => self.pump_broadcast(st, &name),
+                Mode::Queue => self.pump_queue_client(st, &name),
+            }
+        }
+        if self.config.mode == Mode::Queue {
+            self.pump_queue_ready(st);
+        }
+    }
+
+    /// A client's ack deadline came: takes back what is overdue, and arms the next.
+    fn ack_due(
+        &self,
+        st: &mut State,
+        name: &ClientId,
+        token: u64,
+        now: Instant,
+        touched: &mut Vec<ClientId>,
+    ) {
+        let Some(c) = st.clients.get_mut(name) else {
+            return;
+        };
+        if c.ack_timer != Some(token) {
+            return;
+        }
+        c.ack_timer = None;
+        // A disconnected client's deliveries wait for it (they are taken
+        // back when it returns or is forgotten); a seed client's answers are
+        // matched by order, so taking one back would shift every later answer.
+        if c.session.is_none() || c.ephemeral {
+            return;
+        }
+        let expired: Vec<(TaskId, &'static str)> = c
+            .in_flight
+            .iter()
+            .filter_map(|f| self.overdue(c, f, now).map(|why| (f.delivery.task.id, why)))
+            .collect();
+        if !expired.is_empty() {
+            for (id, why) in expired {
+                self.take_back(st, name, id, why);
+            }
+            touched.push(name.clone());
+        }
+        self.arm_ack(st, name);
+    }
+
+    /// Arms `client`'s ack deadline at the earliest of its deliveries', unless armed.
+    fn arm_ack(&self, st: &mut State, client: &str) {
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        if c.ack_timer.is_some() || c.ephemeral || c.session.is_none() {
+            return;
+        }
+        let Some(at) = c.in_flight.iter().map(|f| self.ack_deadline(c, f)).min() else {
+            return;
+        };
+        st.next_token += 1;
+        c.ack_timer = Some(st.next_token);
+        st.deadlines
+            .push(at, Due::Ack, c.name.clone(), st.next_token);
+    }
+
+    /// A client's silence deadline came: declares it gone if it was silent
+    /// that long, or sets the deadline again from when it was last heard.
+    fn silence_due(&self, st: &mut State, name: &ClientId, session: SessionId, now: Instant) {
+        let (Some(c), Some(limit)) = (st.clients.get(name), self.config.client_timeout) else {
+            return;
+        };
+        if c.session.as_ref().map(|(id, _)| *id) != Some(session) || c.ephemeral {
+            return;
+        }
+        let idle = now.duration_since(c.last_seen);
+        if idle > limit {
+            note(&mut st.notes, log::Level::Warn, || {
+                format!("client {name} silent for {idle:?}: declared gone")
+            });
+            self.end_session(st, name, "declared gone");
+        } else {
+            let at = c.last_seen + limit;
+            st.deadlines.push(at, Due::Silence, name.clone(), session);
+        }
+    }
+
+    /// A client's retry deadline came (broadcast): the refused tasks whose
+    /// backoff is over become deliverable again.
+    fn retry_due(
+        &self,
+        st: &mut State,
+        name: &ClientId,
+        token: u64,
+        now: Instant,
+        touched: &mut Vec<ClientId>,
+    ) {
+        let Some(c) = st.clients.get_mut(name) else {
+            return;
+        };
+        if c.retry_timer.map(|(t, _)| t) != Some(token) {
+            return;
+        }
+        c.retry_timer = None;
+        let later = c.delayed.split_off(&(now, TaskId::MAX));
+        let due = std::mem::replace(&mut c.delayed, later);
+        if !due.is_empty() {
+            let mut due: Vec<Delivery> = due.into_values().collect();
+            due.sort_by_key(|d| d.task.id);
+            c.redeliver.extend(due);
+            touched.push(name.clone());
+        }
+        self.arm_retry(st, name);
+    }
+
+    /// Arms `client`'s retry deadline at its earliest refused task's, unless armed as early.
+    fn arm_retry(&self, st: &mut State, client: &str) {
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        let Some(&(at, _)) = c.delayed.first_key_value().map(|(k, _)| k) else {
+            return;
+        };
+        if c.retry_timer.is_some_and(|(_, armed)| armed <= at) {
+            return;
+        }
+        st.next_token += 1;
+        c.retry_timer = Some((st.next_token, at));
+        st.deadlines
+            .push(at, Due::Retry, c.name.clone(), st.next_token);
+    }
+
+    /// Forgets the clients disconnected for longer than they are remembered.
+    fn forget_gone(&self, st: &mut State, now: Instant) {
+        for (i, linger) in [
+            (NAMED, self.config.forget_after),
+            (EPHEMERAL, EPHEMERAL_LINGER),
+        ] {
+            while let Some((key, name)) = st.gone[i].first().cloned() {
+                if now.saturating_duration_since(key) <= linger {
+                    break;
+                }
+                st.visits += 1;
+                st.gone[i].pop_first();
+                let Some(c) = st.clients.get_mut(&name) else {
+                    continue;
+                };
+                c.gone_key = None;
+                if now.saturating_duration_since(c.last_seen) <= linger {
+                    // Heard from since (a late answer): filed again.
+                    c.gone_key = Some(c.last_seen);
+                    st.gone[i].insert((c.last_seen, name));
+                    continue;
+                }
+                self.forget(st, &name, "client forgotten");
+            }
+        }
+    }
+
+    /// When a delivery is to be taken back (see [`Dispatcher::overdue`]).
+    fn ack_deadline(&self, c: &ClientState, f: &InFlight) -> Instant {
+        let ack = self.config.ack_timeout;
+        if !c.leases {
+            return f.sent_at + ack;
+        }
+        let lease_end = f.sent_at + self.config.max_lease.max(ack);
+        let idle_end = match f.renewed {
+            Some(t) => t + ack,
+            None => f.sent_at.max(c.progress_at) + ack,
+        };
+        lease_end.min(idle_end)
     }
 
     /// Why a delivery is to be taken back now, if it is. A client that does
@@ -760,27 +1176,6 @@ impl Dispatcher {
         }
     }
 
-    /// Refused tasks whose retry backoff is over become deliverable again.
-    fn wake_due(&self, st: &mut State, now: Instant) {
-        match self.config.mode {
-            Mode::Queue => {
-                st.queue.wake_due(now);
-            }
-            Mode::Broadcast => {
-                for c in st.clients.values_mut() {
-                    if c.delayed.is_empty() {
-                        continue;
-                    }
-                    let (mut due, later): (Vec<_>, Vec<_>) =
-                        c.delayed.drain(..).partition(|(t, _)| *t <= now);
-                    c.delayed = later;
-                    due.sort_by_key(|(_, d)| d.task.id);
-                    c.redeliver.extend(due.into_iter().map(|(_, d)| d));
-                }
-            }
-        }
-    }
-
     /// `client` says it is working on these deliveries (task, attempt,
     /// incarnation): their ack deadlines start again now. Deliveries it does
     /// not hold are ignored.
@@ -792,14 +1187,14 @@ impl Dispatcher {
         };
         let now = Instant::now();
         c.last_seen = now;
+        if !c.leases {
+            return;
+        }
         let named: HashSet<(TaskId, u32)> = working
             .iter()
             .filter(|(_, _, incarnation)| *incarnation == st.incarnation)
             .map(|(task, attempt, _)| (*task, *attempt))
             .collect();
-        if !c.leases {
-            return;
-        }
         for f in c.in_flight.iter_mut() {
             if named.contains(&(f.delivery.task.id, f.delivery.attempt)) {
                 f.renewed = Some(now);
@@ -813,19 +1208,22 @@ impl Dispatcher {
         std::mem::take(&mut self.lock().dead)
     }
 
-    /// Takes every delivery `client` holds back (see `take_back`).
+    /// Takes every delivery `client` holds back (see `give_back`).
     fn take_back_all(&self, st: &mut State, client: &str, why: &str) {
-        let ids: Vec<TaskId> = st.clients.get(client).map_or(vec![], |c| {
-            c.in_flight.iter().map(|f| f.delivery.task.id).collect()
-        });
-        for id in ids {
-            self.take_back(st, client, id, why);
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        if c.in_flight.is_empty() {
+            return;
         }
+        let held: Vec<InFlight> = c.in_flight.drain(..).collect();
+        for f in held {
+            self.give_back(st, client, f, why);
+        }
+        self.refile(st, client);
     }
 
-    /// Takes one delivery back from `client`: it is delivered again (to anyone
-    /// in queue mode, to the same client in broadcast), or dead-lettered when
-    /// it has had `max_attempts`.
+    /// Takes `client`'s delivery of task `id` back (see `give_back`).
     fn take_back(&self, st: &mut State, client: &str, id: TaskId, why: &str) {
         let Some(c) = st.clients.get_mut(client) else {
             return;
@@ -838,28 +1236,98 @@ impl Dispatcher {
         else {
             return;
         };
+        self.give_back(st, client, f, why);
+        self.refile(st, client);
+    }
+
+    /// A delivery taken from `client`: it is delivered again (to anyone in
+    /// queue mode, to the same client in broadcast), or dead-lettered when it
+    /// has had `max_attempts`.
+    fn give_back(&self, st: &mut State, client: &str, f: InFlight, why: &str) {
         st.registry.released(client);
+        let id = f.delivery.task.id;
         if f.delivery.attempt >= self.config.max_attempts {
-            if self.config.mode == Mode::Queue {
-                st.queue.finish(id);
+            match self.config.mode {
+                Mode::Queue => {
+                    st.queue.finish(id);
+                    st.log.settle(id, Settled::Dead);
+                }
+                Mode::Broadcast => {
+                    if let Some(c) = st.clients.get_mut(client) {
+                        c.buried(id);
+                    }
+                }
             }
-            bury(
-                st,
-                self.sink.as_ref(),
-                &f.delivery,
-                client,
-                format!("{why} (attempt {})", f.delivery.attempt),
-            );
+            let reason = format!("{why} (attempt {})", f.delivery.attempt);
+            bury(st, self.sink.as_ref(), &f.delivery, client, reason);
             return;
         }
-        log::info!("task {id} taken back from {client} ({why}); it will be delivered again");
+        log::debug!("task {id} taken back from {client} ({why}); it will be delivered again");
         st.counters.redelivered += 1;
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
         match self.config.mode {
-            Mode::Queue => st.queue.release(id, Some(client)),
+            Mode::Queue => st.queue.release(id, Some(&c.name)),
             Mode::Broadcast => c.redeliver.push_back(Delivery {
                 task: f.delivery.task,
                 attempt: f.delivery.attempt + 1,
             }),
+        }
+    }
+
+    /// Files `client` where its state says: opens or closes its credit, and
+    /// (queue mode) puts it in, moves it within, or takes it out of `ready`.
+    fn refile(&self, st: &mut State, client: &str) {
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        c.refresh_filling(self.config.max_in_flight, self.batch_share());
+        if self.config.mode != Mode::Queue {
+            return;
+        }
+        let want = (!st.closed && c.session.is_some() && !c.blocked && c.filling)
+            .then_some(c.in_flight.len());
+        if want != c.ready_key {
+            if let Some(held) = c.ready_key {
+                st.ready.remove(&(held, c.name.clone()));
+            }
+            if let Some(held) = want {
+                st.ready.insert((held, c.name.clone()));
+            }
+            c.ready_key = want;
+        }
+    }
+
+    /// Notes that `client`'s feed is full: it gets nothing until the clock finds room in it.
+    fn block(&self, st: &mut State, client: &str) {
+        let Some(c) = st.clients.get_mut(client) else {
+            return;
+        };
+        c.blocked = true;
+        st.blocked.insert(c.name.clone());
+        self.refile(st, client);
+    }
+
+    /// Tops up feeds after an event: `client`'s (in broadcast, only it can
+    /// use what it freed), and in queue mode whoever is first in line for
+    /// the tasks waiting.
+    fn pump_after(&self, st: &mut State, client: Option<&str>) {
+        if st.closed {
+            return;
+        }
+        match self.config.mode {
+            Mode::Broadcast => {
+                if let Some(client) = client {
+                    self.pump_broadcast(st, client);
+                }
+            }
+            Mode::Queue => {
+                if let Some(client) = client {
+                    self.pump_queue_client(st, client);
+                }
+                self.pump_queue_ready(st);
+            }
         }
     }
 
@@ -870,18 +1338,24 @@ impl Dispatcher {
             .get(client)
             .is_some_and(|c| c.ephemeral && c.session.is_none() && c.in_flight.is_empty())
         {
-            st.clients.remove(client);
+            self.forget(st, client, "client disconnected");
         }
     }
 
     /// Ends every client's stream (cleanly) and stops offering tasks: for
     /// shutdown. Results for deliveries in flight are still judged.
     pub fn close_all(&self) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.closed = true;
         for c in st.clients.values_mut() {
             c.draining = c.session.take().is_some();
+            c.ready_key = None;
+            c.blocked = false;
         }
+        st.ready.clear();
+        st.caught_up.clear();
+        st.blocked.clear();
     }
 
     /// Deliveries not answered yet by the clients still connected (or, after
@@ -905,24 +1379,14 @@ impl Dispatcher {
         self.lock().registry.snapshot()
     }
 
+    /// How many clients are connected (without listing them, for the stats line).
+    pub fn connected(&self) -> usize {
+        self.lock().registry.len()
+    }
+
     /// Totals since start.
     pub fn counters(&self) -> Counters {
         self.lock().counters
-    }
-
-    fn pump_all(&self, st: &mut State) {
-        if st.closed {
-            return;
-        }
-        match self.config.mode {
-            Mode::Broadcast => {
-                let names: Vec<String> = st.clients.keys().cloned().collect();
-                for name in names {
-                    self.pump_broadcast(st, &name);
-                }
-            }
-            Mode::Queue => self.pump_queue(st),
-        }
     }
 }
 
@@ -973,12 +1437,14 @@ fn stale(log: &TaskLog, client: &str, answer: Answer) -> Option<ResultRecord> {
 /// Gives up on a delivery: its dead letter goes to the sink (journaled, in
 /// event order, since this runs under the state lock) or to the outbox.
 fn bury(st: &mut State, sink: Option<&ResultSink>, d: &Delivery, client: &str, reason: String) {
-    log::warn!(
-        "task {} dead-lettered after {} attempts at {client}: {}",
-        d.task.id,
-        d.attempt,
-        quoted(&reason)
-    );
+    note(&mut st.notes, log::Level::Warn, || {
+        format!(
+            "task {} dead-lettered after {} attempts at {client}: {}",
+            d.task.id,
+            d.attempt,
+            quoted(&reason)
+        )
+    });
     st.counters.dead += 1;
     let letter = DeadLetter {
         task_id: d.task.id,

@@ -4,7 +4,11 @@
 //! dispatcher updates it under its own lock so the two never disagree.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
+
+/// A client's id, shared by the dispatcher's indexes that name it.
+pub type ClientId = Arc<str>;
 
 /// A point-in-time view of one client, for logs, stats and tests.
 #[derive(Debug, Clone, PartialEq)]

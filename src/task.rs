@@ -1,9 +1,12 @@
 //! Tasks and the `TaskLog`: the retained, numbered history of every task the
 //! server has produced. Broadcast clients read it through their own cursor, so
 //! a late client can be given the history; its length is capped (`--retain`)
-//! so that memory stays bounded however long the server runs.
+//! so that memory stays bounded however long the server runs. The log indexes
+//! its tasks by target, so that a client finds the next task for it without
+//! walking past other clients' targeted tasks, and it keeps how each queue
+//! task was settled while the task is retained (to recognise a resent answer).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -45,10 +48,34 @@ pub fn parse_line(line: &str) -> (Option<String>, String) {
     (None, line.to_string())
 }
 
+/// How a queue task was settled, remembered while it is retained: a result
+/// sent again after its acknowledgement was lost is recognised by it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Settled {
+    /// Not settled (or not a queue task).
+    #[default]
+    Open,
+    /// `client` answered it, and its answer to any attempt in `first..=last`
+    /// is that same answer (it answered an earlier attempt while it held a later one).
+    Answered {
+        client: Arc<str>,
+        first: u32,
+        last: u32,
+    },
+    /// Dead-lettered.
+    Dead,
+}
+
 /// The retained history of tasks, oldest first, with consecutive ids.
 #[derive(Debug)]
 pub struct TaskLog {
     tasks: VecDeque<Arc<Task>>,
+    /// Beside `tasks`: how each was settled (queue mode).
+    settled: VecDeque<Settled>,
+    /// Ids of the retained tasks for every client, ascending.
+    untargeted: VecDeque<TaskId>,
+    /// Ids of the retained tasks for one client, ascending, by client.
+    targeted: HashMap<String, VecDeque<TaskId>>,
     next_id: TaskId,
     retain: usize,
 }
@@ -63,6 +90,9 @@ impl TaskLog {
     pub fn starting_at(first: TaskId, retain: usize) -> TaskLog {
         TaskLog {
             tasks: VecDeque::new(),
+            settled: VecDeque::new(),
+            untargeted: VecDeque::new(),
+            targeted: HashMap::new(),
             next_id: first.max(1),
             retain: retain.max(1),
         }
@@ -83,10 +113,87 @@ impl TaskLog {
         });
         self.next_id += 1;
         if self.tasks.len() == self.retain {
-            self.tasks.pop_front();
+            self.forget_oldest();
+        }
+        match &task.target {
+            Some(t) => match self.targeted.get_mut(t.as_str()) {
+                Some(ids) => ids.push_back(task.id),
+                None => {
+                    self.targeted.insert(t.clone(), VecDeque::from([task.id]));
+                }
+            },
+            None => self.untargeted.push_back(task.id),
         }
         self.tasks.push_back(task.clone());
+        self.settled.push_back(Settled::Open);
         task
+    }
+
+    fn forget_oldest(&mut self) {
+        let Some(old) = self.tasks.pop_front() else {
+            return;
+        };
+        self.settled.pop_front();
+        match &old.target {
+            Some(t) => {
+                if let Some(ids) = self.targeted.get_mut(t.as_str()) {
+                    ids.pop_front();
+                    if ids.is_empty() {
+                        self.targeted.remove(t.as_str());
+                    }
+                }
+            }
+            None => {
+                self.untargeted.pop_front();
+            }
+        }
+    }
+
+    /// The first retained task at or after `from` that `client` may be given.
+    pub fn next_for(&self, client: &str, from: TaskId) -> Option<&Arc<Task>> {
+        let after = |ids: &VecDeque<TaskId>| {
+            let i = ids.partition_point(|id| *id < from);
+            ids.get(i).copied()
+        };
+        let any = after(&self.untargeted);
+        let own = self.targeted.get(client).and_then(after);
+        let id = match (any, own) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        self.get(id)
+    }
+
+    /// The retained tasks targeted at `client` with ids below `before`, oldest first.
+    pub fn targeted_before<'a>(
+        &'a self,
+        client: &str,
+        before: TaskId,
+    ) -> impl Iterator<Item = &'a Arc<Task>> + 'a {
+        self.targeted
+            .get(client)
+            .into_iter()
+            .flat_map(|ids| ids.iter())
+            .take_while(move |id| **id < before)
+            .filter_map(|id| self.get(*id))
+    }
+
+    /// Notes how the retained task `id` was settled (ignored once it is not retained).
+    pub fn settle(&mut self, id: TaskId, how: Settled) {
+        let first = self.first_id();
+        if let Some(s) = id
+            .checked_sub(first)
+            .and_then(|i| self.settled.get_mut(i as usize))
+        {
+            *s = how;
+        }
+    }
+
+    /// How the retained task `id` was settled.
+    pub fn settled(&self, id: TaskId) -> Option<&Settled> {
+        let first = self.first_id();
+        id.checked_sub(first)
+            .and_then(|i| self.settled.get(i as usize))
     }
 
     /// The id the next pushed task will get; also "one past the newest task".

@@ -16,13 +16,17 @@ pub struct QueuedTask {
     /// Deliveries made so far; the current attempt (0 = never delivered).
     pub attempt: u32,
     /// The client holding the current attempt, while it is in flight.
-    pub holder: Option<String>,
+    pub holder: Option<Arc<str>>,
     /// The client the current attempt was given to (kept after it is taken back,
     /// so that its answer still counts until the task is given to someone else).
-    pub last_holder: Option<String>,
+    pub last_holder: Option<Arc<str>>,
     /// The client that let it go last (refused it, or did not answer in
     /// time): another one gets it if there is one with room.
-    pub avoid: Option<String>,
+    pub avoid: Option<Arc<str>>,
+    /// The client that refused it last, and the attempts `first..=last` it
+    /// refused in a row: a refusal of one of them sent again (after a lost
+    /// acknowledgement) is not another refusal.
+    pub refused: Option<(Arc<str>, u32, u32)>,
 }
 
 /// Unfinished tasks. Those waiting are handed out in task order (the order
@@ -47,7 +51,7 @@ impl WorkQueue {
 
     /// Puts back a task restored from the journal: `attempt` deliveries were
     /// made, the last one to `last_holder`, whose answer may still count.
-    pub fn restore(&mut self, task: Arc<Task>, attempt: u32, last_holder: Option<String>) {
+    pub fn restore(&mut self, task: Arc<Task>, attempt: u32, last_holder: Option<Arc<str>>) {
         let id = task.id;
         self.unfinished.insert(
             id,
@@ -57,6 +61,7 @@ impl WorkQueue {
                 holder: None,
                 last_holder,
                 avoid: None,
+                refused: None,
             },
         );
         self.enqueue(id);
@@ -91,8 +96,8 @@ impl WorkQueue {
 
     /// Takes the next task for `client` (its targeted tasks first), marking it held.
     /// Returns the task and the attempt number of this delivery.
-    pub fn take_for(&mut self, client: &str, targeted_only: bool) -> Option<(Arc<Task>, u32)> {
-        let id = match self.waiting.get(client).and_then(|set| set.first()) {
+    pub fn take_for(&mut self, client: &Arc<str>, targeted_only: bool) -> Option<(Arc<Task>, u32)> {
+        let id = match self.waiting.get(&**client).and_then(|set| set.first()) {
             Some(id) => *id,
             None if targeted_only => return None,
             None => *self.ready.first()?,
@@ -102,8 +107,8 @@ impl WorkQueue {
             .get_mut(&id)
             .expect("waiting implies unfinished");
         q.attempt += 1;
-        q.holder = Some(client.to_string());
-        q.last_holder = Some(client.to_string());
+        q.holder = Some(client.clone());
+        q.last_holder = Some(client.clone());
         let (task, attempt) = (q.task.clone(), q.attempt);
         self.dequeue(id, task.target.as_deref());
         Some((task, attempt))
@@ -116,7 +121,7 @@ impl WorkQueue {
 
     /// Puts a held task back in its place (its holder let go of it or is
     /// gone); with `avoid`, another client gets it if one has room.
-    pub fn release(&mut self, id: TaskId, avoid: Option<&str>) {
+    pub fn release(&mut self, id: TaskId, avoid: Option<&Arc<str>>) {
         if self.unhold(id, avoid) {
             self.enqueue(id);
         }
@@ -125,7 +130,7 @@ impl WorkQueue {
     /// Puts a held task back once `due` has passed (a refusal's retry
     /// backoff), preferably for a client other than `avoid`.
     /// A task already let go (taken back, waiting) waits out `due` too.
-    pub fn release_at(&mut self, id: TaskId, avoid: &str, due: Instant) {
+    pub fn release_at(&mut self, id: TaskId, avoid: &Arc<str>, due: Instant) {
         let Some(target) = self.unfinished.get(&id).map(|q| q.task.target.clone()) else {
             return;
         };
@@ -135,32 +140,47 @@ impl WorkQueue {
         self.delayed.push(Reverse((due, id)));
     }
 
-    fn unhold(&mut self, id: TaskId, avoid: Option<&str>) -> bool {
+    fn unhold(&mut self, id: TaskId, avoid: Option<&Arc<str>>) -> bool {
         let Some(q) = self.unfinished.get_mut(&id) else {
             return false;
         };
         if q.holder.take().is_none() {
             return false;
         }
-        q.avoid = avoid.map(str::to_string);
+        q.avoid = avoid.cloned();
         true
     }
 
     /// Makes the tasks whose backoff is over by `now` available again;
-    /// returns whether there were any.
-    pub fn wake_due(&mut self, now: Instant) -> bool {
-        let mut woke = false;
+    /// returns them.
+    pub fn wake_due(&mut self, now: Instant) -> Vec<Arc<Task>> {
+        let mut woken = vec![];
         while let Some(Reverse((due, id))) = self.delayed.peek().copied() {
             if due > now {
                 break;
             }
             self.delayed.pop();
-            if self.unfinished.get(&id).is_some_and(|q| q.holder.is_none()) {
+            if let Some(q) = self.unfinished.get(&id).filter(|q| q.holder.is_none()) {
+                woken.push(q.task.clone());
                 self.enqueue(id);
-                woke = true;
             }
         }
-        woke
+        woken
+    }
+
+    /// Notes that `client` refused attempt `attempt` of the unfinished task `id`.
+    pub fn refused(&mut self, id: TaskId, client: &Arc<str>, attempt: u32) {
+        if let Some(q) = self.unfinished.get_mut(&id) {
+            q.refused = match q.refused.take() {
+                Some((who, first, _)) if who == *client => Some((who, first, attempt)),
+                _ => Some((client.clone(), attempt, attempt)),
+            };
+        }
+    }
+
+    /// Whether a targeted task waits for `client`.
+    pub fn has_waiting_for(&self, client: &str) -> bool {
+        self.waiting.contains_key(client)
     }
 
     /// Whether an answer from `client` to `attempt` counts: the task is
@@ -220,16 +240,22 @@ mod tests {
         let mut q = WorkQueue::default();
         q.push(task(1, None));
         q.push(task(2, None));
-        assert_eq!(q.take_for("a", false).map(|(t, n)| (t.id, n)), Some((1, 1)));
+        assert_eq!(
+            q.take_for(&"a".into(), false).map(|(t, n)| (t.id, n)),
+            Some((1, 1))
+        );
         q.release(1, None);
         assert!(
             q.is_current(1, "a", 1),
             "a released attempt still counts until redelivered"
         );
-        assert_eq!(q.take_for("b", false).map(|(t, n)| (t.id, n)), Some((1, 2)));
+        assert_eq!(
+            q.take_for(&"b".into(), false).map(|(t, n)| (t.id, n)),
+            Some((1, 2))
+        );
         assert!(!q.is_current(1, "a", 1) && q.is_current(1, "b", 2));
-        assert_eq!(q.take_for("a", false).map(|(t, _)| t.id), Some(2));
-        assert!(q.take_for("a", false).is_none());
+        assert_eq!(q.take_for(&"a".into(), false).map(|(t, _)| t.id), Some(2));
+        assert!(q.take_for(&"a".into(), false).is_none());
         assert!(q.finish(1).is_some() && !q.is_current(1, "b", 2));
         assert_eq!(q.len(), 1);
     }
@@ -239,20 +265,20 @@ mod tests {
         let mut q = WorkQueue::default();
         q.push(task(1, Some("b")));
         q.push(task(2, None));
-        assert!(q.take_for("a", true).is_none());
-        assert_eq!(q.take_for("a", false).map(|(t, _)| t.id), Some(2));
-        assert!(q.take_for("a", false).is_none());
-        assert_eq!(q.take_for("b", true).map(|(t, _)| t.id), Some(1));
+        assert!(q.take_for(&"a".into(), true).is_none());
+        assert_eq!(q.take_for(&"a".into(), false).map(|(t, _)| t.id), Some(2));
+        assert!(q.take_for(&"a".into(), false).is_none());
+        assert_eq!(q.take_for(&"b".into(), true).map(|(t, _)| t.id), Some(1));
     }
 
     #[test]
     fn a_task_answered_while_waiting_is_not_delivered_again() {
         let mut q = WorkQueue::default();
         q.push(task(1, None));
-        q.take_for("a", false);
+        q.take_for(&"a".into(), false);
         q.release(1, None);
         q.finish(1);
-        assert!(q.take_for("b", false).is_none());
+        assert!(q.take_for(&"b".into(), false).is_none());
         assert!(q.next_ready().is_none());
     }
 
@@ -263,27 +289,33 @@ mod tests {
             q.push(task(id, None));
         }
         let taken: Vec<u64> = (0..3)
-            .map(|_| q.take_for("a", false).unwrap().0.id)
+            .map(|_| q.take_for(&"a".into(), false).unwrap().0.id)
             .collect();
         assert_eq!(taken, vec![1, 2, 3]);
-        q.release(3, Some("a"));
-        q.release(1, Some("a"));
+        q.release(3, Some(&"a".into()));
+        q.release(1, Some(&"a".into()));
         assert_eq!(
             q.next_ready().map(|t| (t.task.id, t.avoid.as_deref())),
             Some((1, Some("a")))
         );
         let now = Instant::now();
-        q.release_at(2, "a", now + std::time::Duration::from_secs(60));
+        q.release_at(2, &"a".into(), now + std::time::Duration::from_secs(60));
         let order: Vec<u64> =
-            std::iter::from_fn(|| q.take_for("b", false).map(|(t, _)| t.id)).collect();
+            std::iter::from_fn(|| q.take_for(&"b".into(), false).map(|(t, _)| t.id)).collect();
         assert_eq!(order, vec![1, 3, 4], "task 2 waits out its backoff");
-        assert!(!q.wake_due(now));
-        assert!(q.wake_due(now + std::time::Duration::from_secs(61)));
-        assert_eq!(q.take_for("b", false).map(|(t, n)| (t.id, n)), Some((2, 2)));
+        assert!(q.wake_due(now).is_empty());
+        assert_eq!(
+            q.wake_due(now + std::time::Duration::from_secs(61)).len(),
+            1
+        );
+        assert_eq!(
+            q.take_for(&"b".into(), false).map(|(t, n)| (t.id, n)),
+            Some((2, 2))
+        );
         // A task finished while it waits is not woken.
-        q.release_at(2, "b", now);
+        q.release_at(2, &"b".into(), now);
         q.finish(2);
-        assert!(!q.wake_due(now));
-        assert!(q.take_for("c", false).is_none());
+        assert!(q.wake_due(now).is_empty());
+        assert!(q.take_for(&"c".into(), false).is_none());
     }
 }

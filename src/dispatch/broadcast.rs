@@ -1,8 +1,10 @@
 //! Broadcast dispatch: every client reads the task log through its own
-//! cursor; what it left unanswered is delivered to it again first.
+//! cursor; what it left unanswered is delivered to it again first. Its
+//! cursor is also what tells a resent answer: a task behind it that the
+//! client neither holds nor is owed was answered by it already.
 
-use super::{bury, record, stale, Answer, Dispatcher, InFlight, State};
-use crate::feed::Delivery;
+use super::{bury, note, record, stale, Answer, Dispatcher, InFlight, State};
+use crate::feed::{Delivery, SendError};
 use crate::journal::Record;
 use crate::results::ResultRecord;
 use std::time::Instant;
@@ -17,120 +19,142 @@ impl Dispatcher {
         let Some(c) = st.clients.get_mut(client) else {
             return stale(&st.log, client, answer);
         };
-        let pos = if answer.task_id == 0 {
+        let (id, attempt) = (answer.task_id, answer.attempt);
+        let pos = if id == 0 {
             (!c.in_flight.is_empty()).then_some(0)
         } else {
             c.in_flight.iter().position(|f| {
-                f.delivery.task.id == answer.task_id
-                    && (answer.attempt == 0 || f.delivery.attempt == answer.attempt)
+                f.delivery.task.id == id && (attempt == 0 || f.delivery.attempt == attempt)
             })
         };
-        let superseded = |d: &Delivery| {
-            d.task.id == answer.task_id && answer.attempt != 0 && d.attempt > answer.attempt
-        };
-        let (delivery, latency) = match pos.and_then(|p| c.in_flight.remove(p)) {
-            Some(f) => (f.delivery, Some(f.sent_at.elapsed())),
-            None if c.answered(answer.task_id, answer.attempt) => return None,
-            // A refusal of an attempt superseded by one it holds (or is owed)
-            // now: the newer attempt is untouched.
-            None if answer.is_refusal() => return stale(&st.log, client, answer),
-            None => {
-                // An earlier attempt's answer, while this client holds (or is
-                // about to be sent) the task again, still counts.
-                let resent = c.in_flight.iter().position(|f| superseded(&f.delivery));
-                let later = match resent.and_then(|p| c.in_flight.remove(p)) {
-                    Some(f) => Some(f.delivery),
-                    None => match c.redeliver.iter().position(superseded) {
-                        Some(p) => c.redeliver.remove(p),
-                        None => c
-                            .delayed
-                            .iter()
-                            .position(|(_, d)| superseded(d))
-                            .map(|p| c.delayed.remove(p).1),
-                    },
-                };
-                match later {
-                    Some(d) => {
-                        // Its answer to the later attempt will be a resend.
-                        c.remember(d.task.id, d.attempt);
-                        (
-                            Delivery {
-                                task: d.task,
-                                attempt: answer.attempt,
-                            },
-                            None,
-                        )
-                    }
-                    None => return stale(&st.log, client, answer),
+        let (delivery, latency, answered_held) = match pos.and_then(|p| c.in_flight.remove(p)) {
+            Some(f) => (f.delivery, Some(f.sent_at.elapsed()), true),
+            None => match c.holds(id) {
+                // Settled for it already: an answer it sends again.
+                None if c.answered_before(&st.log, id, attempt, self.config.max_attempts) => {
+                    return None
                 }
-            }
+                None => return stale(&st.log, client, answer),
+                // A refusal it sent again (its acknowledgement was lost) while
+                // the next attempt waits or is out: not another refusal.
+                Some(_)
+                    if answer.is_refusal()
+                        && c.refusing
+                            .get(&id)
+                            .is_some_and(|(first, last)| (*first..=*last).contains(&attempt)) =>
+                {
+                    return None
+                }
+                // A refusal of an attempt superseded by one it holds (or is
+                // owed) now: the newer attempt is untouched.
+                Some(_) if answer.is_refusal() => return stale(&st.log, client, answer),
+                // An earlier attempt's answer, while this client holds (or is
+                // about to be sent) the task again, still counts; its answer
+                // to the later attempt will then be a resend.
+                Some(later) if attempt != 0 && later > attempt => {
+                    let (d, in_flight) = c.take_held(id).expect("held, as just seen");
+                    let d = Delivery {
+                        task: d.task,
+                        attempt,
+                    };
+                    (d, None, in_flight)
+                }
+                Some(_) => return stale(&st.log, client, answer),
+            },
         };
-        st.registry.result_received(client, latency.is_some());
-        let c = st.clients.get_mut(client).expect("looked up above");
+        st.registry.result_received(client, answered_held);
         let retry = answer.is_refusal();
         let out = record(client, &delivery, &answer, latency, retry);
-        if retry {
-            if delivery.attempt >= self.config.max_attempts {
-                bury(
-                    st,
-                    self.sink.as_ref(),
-                    &delivery,
-                    client,
-                    format!("refused: {}", answer.output),
-                );
-            } else {
-                c.remember_refusal(delivery.task.id, delivery.attempt);
-                let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
-                let again = Delivery {
-                    task: delivery.task,
-                    attempt: delivery.attempt + 1,
-                };
-                c.delayed.push((due, again));
-                st.counters.redelivered += 1;
-            }
+        let c = st.clients.get_mut(client).expect("looked up above");
+        let id = delivery.task.id;
+        if !retry {
+            c.refusing.remove(&id);
+        } else if delivery.attempt >= self.config.max_attempts {
+            c.buried(id);
+            let reason = format!("refused: {}", answer.output);
+            bury(st, self.sink.as_ref(), &delivery, client, reason);
         } else {
-            c.remember(delivery.task.id, delivery.attempt);
+            let run = c
+                .refusing
+                .entry(id)
+                .or_insert((delivery.attempt, delivery.attempt));
+            run.1 = delivery.attempt;
+            let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
+            let again = Delivery {
+                task: delivery.task,
+                attempt: delivery.attempt + 1,
+            };
+            c.delayed.insert((due, id), again);
+            st.counters.redelivered += 1;
+            self.arm_retry(st, client);
         }
         Some(out)
     }
 
-    /// Offers `client` what it must get again, then the tasks it has not seen, up to its credit.
+    /// Offers `client` what it must get again, then the tasks it has not
+    /// seen, up to its credit — when its credit is open (see
+    /// `ClientState::filling`). A client that took everything there was is
+    /// filed in `caught_up`, for the next task to wake.
     pub(super) fn pump_broadcast(&self, st: &mut State, client: &str) {
-        let Some(c) = st.clients.get_mut(client) else {
-            return;
-        };
-        let Some((_, tx)) = c.session.as_ref() else {
-            return;
-        };
-        while c.in_flight.len() < self.config.max_in_flight {
+        let k = self.config.max_in_flight;
+        st.visits += 1;
+        st.caught_up.remove(client);
+        loop {
+            let Some(c) = st.clients.get_mut(client) else {
+                return;
+            };
+            let Some((_, tx)) = c.session.as_ref() else {
+                return;
+            };
+            if c.blocked {
+                if tx.is_full() {
+                    return;
+                }
+                c.blocked = false;
+                st.blocked.remove(client);
+            }
+            if !c.filling || c.in_flight.len() >= k {
+                break;
+            }
             let delivery = match c.redeliver.pop_front() {
                 Some(d) => d,
                 None => {
-                    if c.cursor < st.log.first_id() {
-                        log::warn!(
-                            "client {client} fell behind the retained history; tasks {}..{} were dropped for it (raise --retain)",
-                            c.cursor,
-                            st.log.first_id() - 1
-                        );
-                        c.cursor = st.log.first_id();
+                    let first = st.log.first_id();
+                    if c.cursor < first {
+                        let behind = c.cursor;
+                        note(&mut st.notes, log::Level::Warn, || {
+                            format!(
+                                "client {client} fell behind the retained history; tasks {behind}..{} were dropped for it (raise --retain)",
+                                first - 1
+                            )
+                        });
+                        c.cursor = first;
                     }
-                    let Some(task) = st.log.get(c.cursor) else {
-                        break;
-                    };
-                    c.cursor += 1;
-                    if !task.is_for(client) {
-                        continue;
-                    }
-                    Delivery {
-                        task: task.clone(),
-                        attempt: 1,
+                    match st.log.next_for(client, c.cursor) {
+                        Some(task) => {
+                            c.cursor = task.id + 1;
+                            Delivery {
+                                task: task.clone(),
+                                attempt: 1,
+                            }
+                        }
+                        None => {
+                            c.cursor = st.log.next_id();
+                            st.caught_up.insert(c.name.clone());
+                            break;
+                        }
                     }
                 }
             };
             if let Err(e) = tx.send(delivery.clone()) {
                 // Full (not read fast enough): later. Closed: the stream is
                 // gone and will detach itself; the task waits for its return.
+                let full = matches!(e, SendError::Full(_));
                 c.redeliver.push_front(e.into_delivery());
+                if full {
+                    c.blocked = true;
+                    st.blocked.insert(c.name.clone());
+                }
                 break;
             }
             log::debug!(
@@ -146,8 +170,13 @@ impl Dispatcher {
                 });
             }
             c.in_flight.push_back(InFlight::new(delivery));
+            let unarmed = c.ack_timer.is_none();
             st.registry.task_sent(client);
             st.counters.sent += 1;
+            if unarmed {
+                self.arm_ack(st, client);
+            }
         }
+        self.refile(st, client);
     }
 }

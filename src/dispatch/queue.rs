@@ -1,11 +1,14 @@
 //! Queue dispatch: each task goes to one connected client, the one with
-//! credit and the fewest tasks in flight; the `WorkQueue` fences answers.
+//! credit and the fewest tasks in flight (first in `State::ready`); the
+//! `WorkQueue` fences answers, and the task log keeps who answered a task
+//! while it is retained, so that a resent answer is recognised.
 
 use super::{bury, record, stale, Answer, Dispatcher, InFlight, State};
 use crate::feed::{Delivery, SendError};
 use crate::journal::Record;
+use crate::registry::ClientId;
 use crate::results::ResultRecord;
-use crate::task::Task;
+use crate::task::{Settled, Task};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,12 +27,24 @@ impl Dispatcher {
             },
             _ => (answer.task_id, answer.attempt),
         };
-        if st
-            .clients
-            .get(client)
-            .is_some_and(|c| c.answered(task_id, attempt))
+        let Some(q) = st.queue.get(task_id) else {
+            // Settled: by this very answer, sent again after its
+            // acknowledgement was lost, or it is stale.
+            return match st.log.settled(task_id) {
+                Some(Settled::Answered {
+                    client: who,
+                    first,
+                    last,
+                }) if **who == *client && (*first..=*last).contains(&attempt) => None,
+                _ => stale(&st.log, client, answer),
+            };
+        };
+        if answer.is_refusal()
+            && q.refused.as_ref().is_some_and(|(who, first, last)| {
+                **who == *client && (*first..=*last).contains(&attempt)
+            })
         {
-            // A resend of an answer already counted (its acknowledgement was lost).
+            // A refusal it sent again: not another refusal.
             return None;
         }
         if !st.queue.is_current(task_id, client, attempt) {
@@ -47,7 +62,9 @@ impl Dispatcher {
             attempt: if attempt == 0 { current } else { attempt },
         };
         let mut latency = None;
+        let mut name: ClientId = ClientId::from(client);
         if let Some(c) = st.clients.get_mut(client) {
+            name = c.name.clone();
             if let Some(p) = c
                 .in_flight
                 .iter()
@@ -55,94 +72,82 @@ impl Dispatcher {
             {
                 latency = c.in_flight.remove(p).map(|f| f.sent_at.elapsed());
             }
-            if delivery.attempt != current {
-                // Its answer to the current attempt will be a resend.
-                c.remember(task_id, current);
-            }
         }
         st.registry.result_received(client, latency.is_some());
         let retry = answer.is_refusal();
         let out = record(client, &delivery, &answer, latency, retry);
-        if retry {
-            if delivery.attempt >= self.config.max_attempts {
-                st.queue.finish(task_id);
-                bury(
-                    st,
-                    self.sink.as_ref(),
-                    &delivery,
-                    client,
-                    format!("refused: {}", answer.output),
-                );
-            } else {
-                if let Some(c) = st.clients.get_mut(client) {
-                    c.remember_refusal(task_id, delivery.attempt);
-                }
-                // Held (or just released): available again after its
-                // backoff, preferably elsewhere.
-                let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
-                st.queue.release_at(task_id, client, due);
-                st.counters.redelivered += 1;
-            }
-        } else {
+        if !retry {
             st.queue.finish(task_id);
-            if let Some(c) = st.clients.get_mut(client) {
-                c.remember(task_id, attempt);
-            }
+            // Its answer to any attempt up to the current one is this one.
+            let answered = Settled::Answered {
+                client: name,
+                first: delivery.attempt,
+                last: current,
+            };
+            st.log.settle(task_id, answered);
+        } else if delivery.attempt >= self.config.max_attempts {
+            st.queue.finish(task_id);
+            st.log.settle(task_id, Settled::Dead);
+            let reason = format!("refused: {}", answer.output);
+            bury(st, self.sink.as_ref(), &delivery, client, reason);
+        } else {
+            st.queue.refused(task_id, &name, delivery.attempt);
+            // Held (or just released): available again after its
+            // backoff, preferably elsewhere.
+            let due = Instant::now() + self.config.retry_backoff.delay(delivery.attempt);
+            st.queue.release_at(task_id, &name, due);
+            st.counters.redelivered += 1;
         }
         Some(out)
     }
 
-    /// Hands waiting tasks out: targeted ones to their client, the others to
-    /// the connected client with credit and the fewest tasks in flight.
-    pub(super) fn pump_queue(&self, st: &mut State) {
-        let k = self.config.max_in_flight;
-        let mut open: Vec<String> = st
-            .clients
-            .iter()
-            .filter(|(_, c)| c.session.is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
-        // Credit, and room in its feed: a feed still holding deliveries taken
-        // back from it (its stream is not read) takes nothing now, so that no
-        // attempt is spent on a delivery that cannot be made.
-        let has_room = |st: &State, name: &str| {
-            st.clients.get(name).is_some_and(|c| {
-                c.in_flight.len() < k && c.session.as_ref().is_some_and(|(_, tx)| !tx.is_full())
-            })
-        };
-        // Clients whose feed refused a delivery get no more in this round.
-        open.retain(|name| {
-            while has_room(st, name) {
-                let Some((task, attempt)) = st.queue.take_for(name, true) else {
-                    break;
-                };
-                if !self.send_queued(st, name, task, attempt) {
-                    return false;
-                }
+    /// Hands `client` the targeted tasks waiting for it, while it takes tasks.
+    pub(super) fn pump_queue_client(&self, st: &mut State, client: &str) {
+        st.visits += 1;
+        loop {
+            let Some(c) = st.clients.get(client) else {
+                return;
+            };
+            if c.ready_key.is_none() || !st.queue.has_waiting_for(client) {
+                return;
             }
-            true
-        });
-        while let Some(next) = st.queue.next_ready() {
-            let avoid = next.avoid.clone();
-            let best = open
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| {
-                    st.clients
-                        .get(n)
-                        .filter(|_| has_room(st, n))
-                        .map(|c| (i, n, c.in_flight.len()))
-                })
-                // Not back to the client that let it go, unless it is the only one with room.
-                .min_by_key(|(_, n, held)| (avoid.as_ref() == Some(*n), *held))
-                .map(|(i, n, _)| (i, n.clone()));
-            let Some((i, name)) = best else { break };
-            let Some((task, attempt)) = st.queue.take_for(&name, false) else {
-                break;
+            if c.feed_full() {
+                self.block(st, client);
+                return;
+            }
+            let name = c.name.clone();
+            let Some((task, attempt)) = st.queue.take_for(&name, true) else {
+                return;
             };
             if !self.send_queued(st, &name, task, attempt) {
-                open.swap_remove(i);
+                return;
             }
+        }
+    }
+
+    /// Hands the waiting untargeted tasks out, each to the first client in
+    /// `ready` (the fewest in flight) — not back to the client that let it
+    /// go, unless it is the only one taking tasks.
+    pub(super) fn pump_queue_ready(&self, st: &mut State) {
+        while let Some(next) = st.queue.next_ready() {
+            let mut first = st.ready.iter().take(2).map(|(_, name)| name);
+            let pick = match (first.next(), first.next()) {
+                (Some(a), Some(b)) if next.avoid.as_ref() == Some(a) => b.clone(),
+                (Some(a), _) => a.clone(),
+                (None, _) => return,
+            };
+            st.visits += 1;
+            // Credit, and room in its feed: a feed still holding deliveries
+            // taken back from it (its stream is not read) takes nothing now,
+            // so that no attempt is spent on a delivery that cannot be made.
+            if st.clients.get(&pick).is_none_or(|c| c.feed_full()) {
+                self.block(st, &pick);
+                continue;
+            }
+            let Some((task, attempt)) = st.queue.take_for(&pick, false) else {
+                return;
+            };
+            self.send_queued(st, &pick, task, attempt);
         }
     }
 
@@ -150,38 +155,48 @@ impl Dispatcher {
     /// (the task is back in the queue). A full feed (its stream is not
     /// being read fast enough) only means "no more for now"; a closed one
     /// ends the session.
-    fn send_queued(&self, st: &mut State, client: &str, task: Arc<Task>, attempt: u32) -> bool {
+    fn send_queued(
+        &self,
+        st: &mut State,
+        client: &ClientId,
+        task: Arc<Task>,
+        attempt: u32,
+    ) -> bool {
         let c = st.clients.get_mut(client).expect("open client");
         let delivery = Delivery { task, attempt };
+        let id = delivery.task.id;
         let Some((_, tx)) = c.session.as_ref() else {
-            st.queue.release(delivery.task.id, None);
+            st.queue.release(id, None);
             return false;
         };
         match tx.send(delivery.clone()) {
             Ok(()) => {}
             Err(SendError::Full(_)) => {
-                st.queue.release(delivery.task.id, Some(client));
+                st.queue.release(id, Some(client));
+                self.block(st, client);
                 return false;
             }
             Err(SendError::Closed(_)) => {
                 // Its stream just went away: back to the queue for someone else.
-                st.queue.release(delivery.task.id, None);
+                st.queue.release(id, None);
                 self.end_session(st, client, "task stream closed");
                 return false;
             }
         }
-        log::debug!(
-            "task {} (attempt {attempt}) sent to {client}",
-            delivery.task.id
-        );
+        log::debug!("task {id} (attempt {attempt}) sent to {client}");
         self.journal(|| Record::Sent {
-            task: delivery.task.id,
+            task: id,
             client: client.to_string(),
             attempt,
         });
         c.in_flight.push_back(InFlight::new(delivery));
+        let unarmed = c.ack_timer.is_none();
         st.registry.task_sent(client);
         st.counters.sent += 1;
+        if unarmed {
+            self.arm_ack(st, client);
+        }
+        self.refile(st, client);
         true
     }
 }

@@ -1,15 +1,20 @@
 //! Rebuilding the dispatcher from the journal at start-up, and writing its
 //! state back as a compact snapshot. The two are inverses: a snapshot replays
 //! to the state it was taken from (modulo open streams, which never survive).
+//! A snapshot holds each broadcast client's cursor and unanswered deliveries
+//! and each retained queue task's state: it grows with clients plus tasks,
+//! never with their product. Journals written before this form (with each
+//! client's recent answers as `Done` records) are read as well.
 
-use super::{ClientState, Dispatcher, Mode, RecentAnswers, State, RECENT_ACCEPTED};
+use super::{ClientState, Dispatcher, Mode, State, EPHEMERAL, NAMED};
 use crate::error::Error;
 use crate::feed::Delivery;
 use crate::journal::Record;
-use crate::task::{Task, TaskId, TaskLog};
+use crate::registry::ClientId;
+use crate::task::{Settled, Task, TaskId, TaskLog};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// What start-up found in the journal, for the log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,26 +37,25 @@ struct Progress {
 #[derive(Default)]
 struct Seen {
     queue_mode: bool,
-    /// Queue mode: tasks answered or dead.
-    finished: HashSet<TaskId>,
+    /// Queue mode: tasks answered (by whom, attempts `first..=last`) or dead (`None`).
+    finished: HashMap<TaskId, Option<(String, u32, u32)>>,
     /// Broadcast mode: each client's progress.
     progress: HashMap<String, Progress>,
-    /// Each client's recently accepted answers.
-    recent: HashMap<String, RecentAnswers<RECENT_ACCEPTED>>,
 }
 
 /// `client` answered `task` (attempt `attempt`) and the answer was accepted.
-fn answered(seen: &mut Seen, task: TaskId, client: &str, attempt: u32) {
+fn answered(seen: &mut Seen, task: TaskId, client: String, attempt: u32) {
     if seen.queue_mode {
-        seen.finished.insert(task);
-    } else if let Some(p) = seen.progress.get_mut(client) {
+        let entry = seen.finished.entry(task).or_insert(None);
+        match entry {
+            Some((who, first, last)) if *who == client => {
+                *first = (*first).min(attempt);
+                *last = (*last).max(attempt);
+            }
+            _ => *entry = Some((client, attempt, attempt)),
+        }
+    } else if let Some(p) = seen.progress.get_mut(&client) {
         p.pending.remove(&task);
-    }
-    if !is_peer_address(client) {
-        seen.recent
-            .entry(client.to_string())
-            .or_default()
-            .insert(task, attempt);
     }
 }
 
@@ -114,19 +118,19 @@ impl Dispatcher {
                 }
                 Record::Result(r) => {
                     if let (true, Some(task)) = (r.accepted, r.task_id) {
-                        answered(&mut seen, task, &r.client, r.attempt);
+                        answered(&mut seen, task, r.client, r.attempt);
                     }
                 }
                 Record::Done {
                     task,
                     client,
                     attempt,
-                } => answered(&mut seen, task, &client, attempt),
+                } => answered(&mut seen, task, client, attempt),
                 Record::Finished { task } => {
-                    seen.finished.insert(task);
+                    seen.finished.entry(task).or_insert(None);
                 }
                 Record::Dead(d) if queue_mode => {
-                    seen.finished.insert(d.task_id);
+                    seen.finished.insert(d.task_id, None);
                 }
                 Record::Dead(d) => {
                     if let Some(p) = seen.progress.get_mut(&d.client) {
@@ -164,28 +168,39 @@ impl Dispatcher {
             tasks: tasks.len(),
             ..Default::default()
         };
+        let Seen {
+            finished,
+            mut progress,
+            ..
+        } = seen;
         if queue_mode {
             for (id, task) in &tasks {
-                if !seen.finished.contains(id) {
-                    let (holder, attempt) = last_sent
-                        .remove(id)
-                        .map_or((None, 0), |(c, a)| (Some(c), a));
-                    st.queue.restore(task.clone(), attempt, holder);
+                match finished.get(id) {
+                    None => {
+                        let (holder, attempt) = last_sent
+                            .remove(id)
+                            .map_or((None, 0), |(c, a)| (Some(ClientId::from(c)), a));
+                        st.queue.restore(task.clone(), attempt, holder);
+                    }
+                    Some(Some((client, first, last))) => {
+                        let answered = Settled::Answered {
+                            client: ClientId::from(client.as_str()),
+                            first: *first,
+                            last: *last,
+                        };
+                        st.log.settle(*id, answered);
+                    }
+                    Some(None) => st.log.settle(*id, Settled::Dead),
                 }
             }
             summary.unfinished = st.queue.len();
         }
-        let Seen {
-            mut progress,
-            mut recent,
-            ..
-        } = seen;
         let names: HashSet<String> = progress
             .keys()
-            .chain(recent.keys())
             .filter(|c| !is_peer_address(c))
             .cloned()
             .collect();
+        let now = Instant::now();
         for name in names {
             let p = progress.remove(&name).unwrap_or_default();
             let redeliver = p
@@ -198,18 +213,21 @@ impl Dispatcher {
                     })
                 })
                 .collect();
-            let mut state = ClientState::new(
-                if p.cursor == 0 {
-                    st.log.next_id()
-                } else {
-                    p.cursor
-                },
-                redeliver,
-                false,
-            );
-            state.recent = recent.remove(&name).unwrap_or_default();
+            let cursor = if p.cursor == 0 {
+                st.log.next_id()
+            } else {
+                p.cursor
+            };
+            let name = ClientId::from(name);
+            let mut state = ClientState::new(name.clone(), cursor, redeliver, false);
+            // Whatever it answered before is behind its cursor.
+            state.since = 0;
+            state.last_seen = now;
+            state.gone_key = Some(now);
+            st.gone[NAMED].insert((now, name.clone()));
             st.clients.insert(name, state);
         }
+        debug_assert!(st.gone[EPHEMERAL].is_empty());
         summary.clients = st.clients.len();
         Ok(summary)
     }
@@ -223,6 +241,11 @@ impl Dispatcher {
         // Not between a producer's journaled tasks and their publication.
         let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let st = self.lock();
+        sink.compact(self.snapshot(&st));
+    }
+
+    /// The records that replay to `st`.
+    pub(super) fn snapshot(&self, st: &State) -> Vec<Record> {
         let mut out = vec![
             Record::Incarnation {
                 id: st.incarnation.clone(),
@@ -247,41 +270,50 @@ impl Dispatcher {
             if let (Some(holder), true) = (&q.last_holder, q.attempt > 0) {
                 out.push(Record::Sent {
                     task: q.task.id,
-                    client: holder.clone(),
+                    client: holder.to_string(),
                     attempt: q.attempt,
                 });
             }
         }
         if self.config.mode == Mode::Queue {
-            out.extend(
-                st.log
-                    .iter()
-                    .filter(|t| st.queue.get(t.id).is_none())
-                    .map(|t| Record::Finished { task: t.id }),
-            );
+            // Each retained task answered: by whom (a resend of that answer
+            // is recognised after a restart too); dead, or answered before
+            // that was known: finished.
+            for t in st.log.iter().filter(|t| st.queue.get(t.id).is_none()) {
+                match st.log.settled(t.id) {
+                    Some(Settled::Answered {
+                        client,
+                        first,
+                        last,
+                    }) => {
+                        for attempt in [*first, *last] {
+                            out.push(Record::Done {
+                                task: t.id,
+                                client: client.to_string(),
+                                attempt,
+                            });
+                            if first == last {
+                                break;
+                            }
+                        }
+                    }
+                    _ => out.push(Record::Finished { task: t.id }),
+                }
+            }
         }
         // Task records must precede the records that name them.
         let mut early: Vec<Record> = vec![];
         let mut written_early: HashSet<TaskId> = HashSet::new();
-        let mut names: Vec<&String> = st
-            .clients
-            .iter()
-            .filter(|(_, c)| !c.ephemeral)
-            .map(|(n, _)| n)
-            .collect();
-        names.sort();
-        for name in names {
-            let c = &st.clients[name];
-            // Never "done" for a task still unfinished (an answer to an
-            // earlier attempt of its holder is remembered so).
-            for (task, attempt) in c.recent.iter().filter(|(t, _)| st.queue.get(*t).is_none()) {
-                out.push(Record::Done {
-                    task: *task,
-                    client: name.clone(),
-                    attempt: *attempt,
-                });
-            }
-            if self.config.mode == Mode::Broadcast {
+        if self.config.mode == Mode::Broadcast {
+            let mut names: Vec<&ClientId> = st
+                .clients
+                .iter()
+                .filter(|(_, c)| !c.ephemeral)
+                .map(|(n, _)| n)
+                .collect();
+            names.sort();
+            for name in names {
+                let c = &st.clients[name];
                 // Tasks it still has to answer, even those past the retained history.
                 let held = c.in_flight.iter().map(|f| &f.delivery).chain(c.owed());
                 for d in held.filter(|d| d.task.id < st.log.first_id()) {
@@ -290,13 +322,13 @@ impl Dispatcher {
                     }
                 }
                 out.push(Record::Cursor {
-                    client: name.clone(),
+                    client: name.to_string(),
                     next: c.cursor,
                 });
                 for f in &c.in_flight {
                     out.push(Record::Sent {
                         task: f.delivery.task.id,
-                        client: name.clone(),
+                        client: name.to_string(),
                         attempt: f.delivery.attempt,
                     });
                 }
@@ -304,13 +336,13 @@ impl Dispatcher {
                     // Replay turns an unanswered delivery into the next attempt.
                     out.push(Record::Sent {
                         task: d.task.id,
-                        client: name.clone(),
+                        client: name.to_string(),
                         attempt: d.attempt - 1,
                     });
                 }
             }
         }
         out.splice(2..2, early);
-        sink.compact(out);
+        out
     }
 }

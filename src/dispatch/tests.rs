@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::BTreeSet;
 
 fn tasks(texts: &[&str]) -> Vec<(Option<String>, String)> {
     texts.iter().map(|t| (None, t.to_string())).collect()
@@ -517,7 +518,7 @@ fn known_clients_are_capped_forgetting_the_longest_gone_first() {
     d.detach("mid", s2);
     let (_s3, _f3) = d.attach("live", "p", false, "").unwrap();
     let st = d.lock();
-    let mut known: Vec<&String> = st.clients.keys().collect();
+    let mut known: Vec<&str> = st.clients.keys().map(|k| &**k).collect();
     known.sort();
     assert_eq!(known, vec!["live", "mid"]);
 }
@@ -802,4 +803,486 @@ fn a_refusal_of_an_attempt_superseded_at_the_same_client_leaves_the_newer_one_al
         );
         assert_eq!(d.in_flight(), 0, "{mode:?}");
     }
+}
+
+impl Dispatcher {
+    /// Checks every index against the state it summarises, panicking at the
+    /// first stale entry, and that no client that can take a task was left
+    /// without one that waits for it (a missed wake-up).
+    fn check_indexes(&self) {
+        let st = self.lock();
+        let k = self.config.max_in_flight;
+        let queue = self.config.mode == Mode::Queue;
+        let mut ready = BTreeSet::new();
+        let mut gone = 0;
+        let deadlines = st.deadlines.entries();
+        let armed = |due, name: &ClientId, token| deadlines.contains(&(due, name.clone(), token));
+        for (name, c) in &st.clients {
+            assert_eq!(&c.name, name);
+            let held = c.in_flight.len();
+            assert!(held <= k, "{name} holds {held}, over its credit");
+            assert!(held < k || !c.filling, "{name}: credit open while full");
+            assert!(held != 0 || c.filling, "{name}: credit closed while empty");
+            let open = !st.closed && c.session.is_some();
+            if queue && open && !c.blocked && c.filling {
+                ready.insert((held, name.clone()));
+            }
+            assert_eq!(
+                c.ready_key.is_some(),
+                ready.contains(&(held, name.clone())),
+                "{name}: ready key"
+            );
+            if let Some(key) = c.ready_key {
+                assert_eq!(key, held, "{name}: filed under a stale count");
+            }
+            let disconnected = c.session.is_none() && !c.draining;
+            assert_eq!(c.gone_key.is_some(), disconnected, "{name}: gone key");
+            if let Some(key) = c.gone_key {
+                gone += 1;
+                assert!(st.gone[c.ephemeral as usize].contains(&(key, name.clone())));
+                assert!(
+                    key <= c.last_seen,
+                    "{name}: filed as gone after it was last seen"
+                );
+            }
+            assert_eq!(c.blocked, st.blocked.contains(name), "{name}: blocked");
+            if c.session.is_some() && !c.ephemeral && !c.in_flight.is_empty() {
+                let token = c
+                    .ack_timer
+                    .unwrap_or_else(|| panic!("{name}: ack deadline not armed"));
+                assert!(armed(Due::Ack, name, token), "{name}: ack deadline lost");
+            }
+            if let Some(((due, _), _)) = c.delayed.first_key_value() {
+                let (token, at) = c
+                    .retry_timer
+                    .unwrap_or_else(|| panic!("{name}: retry not armed"));
+                assert!(at <= *due, "{name}: retry armed too late");
+                assert!(armed(Due::Retry, name, token), "{name}: retry lost");
+            }
+            if let (Some((session, _)), Some(_), false) =
+                (&c.session, self.config.client_timeout, c.ephemeral)
+            {
+                assert!(
+                    armed(Due::Silence, name, *session),
+                    "{name}: silence deadline lost"
+                );
+            }
+            let deliverable = !c.redeliver.is_empty()
+                || st
+                    .log
+                    .next_for(name, c.cursor.max(st.log.first_id()))
+                    .is_some();
+            if st.caught_up.contains(name) {
+                assert!(open && !deliverable, "{name}: caught up, but not");
+            }
+            if !queue && open && !c.blocked && c.filling && held < k {
+                assert!(
+                    !deliverable,
+                    "{name} could take a task but was not given it"
+                );
+                assert!(
+                    st.caught_up.contains(name),
+                    "{name}: a new task would not wake it"
+                );
+            }
+            if queue && c.ready_key.is_some() {
+                assert!(
+                    !st.queue.has_waiting_for(name),
+                    "{name}: its targeted task waits"
+                );
+            }
+        }
+        assert_eq!(st.ready, ready, "the ready index");
+        assert_eq!(
+            st.gone[NAMED].len() + st.gone[EPHEMERAL].len(),
+            gone,
+            "the gone index"
+        );
+        for name in st.caught_up.iter().chain(&st.blocked) {
+            assert!(
+                st.clients.contains_key(name),
+                "{name}: indexed but forgotten"
+            );
+        }
+        if queue && !st.ready.is_empty() {
+            assert!(
+                st.queue.next_ready().is_none(),
+                "a task waits while {:?} takes tasks",
+                st.ready.first()
+            );
+        }
+    }
+
+    /// Clients and deadlines looked at so far.
+    fn visits(&self) -> u64 {
+        self.lock().visits
+    }
+}
+
+/// Random operations by a few clients, named and seed, with short timeouts,
+/// in both modes: every index is checked after each.
+#[test]
+fn the_indexes_never_go_stale() {
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        for seed in 0..6 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let d = Dispatcher::new(DispatchConfig {
+                mode,
+                max_in_flight: 1 + seed as usize % 5,
+                retain: 20,
+                ack_timeout: Duration::from_millis(3),
+                max_attempts: 4,
+                retry_backoff: backoff(1, 2),
+                client_timeout: Some(Duration::from_millis(6)),
+                forget_after: Duration::from_millis(10),
+                max_known_clients: 5,
+                ..Default::default()
+            });
+            let names = ["a", "b", "c", "d", "e", "f", "ipv4:1.2.3.4:5"];
+            let mut feeds: HashMap<&str, (SessionId, TaskFeed)> = HashMap::new();
+            for step in 0..600 {
+                let who = names[rng.usize(..names.len())];
+                let seedy = who.starts_with("ipv4:");
+                match rng.u8(..10) {
+                    0 => {
+                        let target = rng.bool().then(|| names[rng.usize(..6)].to_string());
+                        d.publish(vec![(target, format!("t{step}"))]);
+                    }
+                    1 => {
+                        let holder = Holder {
+                            peer: who,
+                            instance: "i",
+                            ephemeral: seedy,
+                            leases: rng.bool(),
+                        };
+                        if let Ok(f) = d.attach_as(who, holder) {
+                            feeds.insert(who, f);
+                        }
+                    }
+                    2 => {
+                        if let Some((s, _)) = feeds.remove(who) {
+                            d.detach(who, s);
+                        }
+                    }
+                    3 | 4 => {
+                        // Reads some of its feed and answers: ok, refusal, or a resend.
+                        let got: Vec<Delivery> = feeds
+                            .get(who)
+                            .map(|(_, f)| {
+                                std::iter::from_fn(|| f.try_next())
+                                    .take(rng.usize(..4))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let answers = got
+                            .iter()
+                            .map(|g| {
+                                let a = if rng.u8(..4) == 0 {
+                                    refusal(g.task.id, g.attempt)
+                                } else {
+                                    ok(g.task.id, g.attempt)
+                                };
+                                if seedy {
+                                    Answer {
+                                        task_id: 0,
+                                        attempt: 0,
+                                        ..a
+                                    }
+                                } else {
+                                    a
+                                }
+                            })
+                            .collect::<Vec<_>>();
+                        let again = answers.clone();
+                        d.complete_many(who, answers, false);
+                        if rng.bool() {
+                            d.complete_many(who, again, false);
+                        }
+                    }
+                    5 => {
+                        d.complete(who, ok(rng.u64(1..step as u64 + 2), rng.u32(1..4)));
+                    }
+                    6 => d.touch(who),
+                    7 => {
+                        let inc = d.incarnation();
+                        d.renew(who, &[(rng.u64(1..step as u64 + 2), 1, inc)]);
+                    }
+                    8 => d.results_ended(who),
+                    _ => {
+                        if rng.bool() {
+                            std::thread::sleep(Duration::from_millis(rng.u64(1..4)));
+                        }
+                        d.expire();
+                    }
+                }
+                d.check_indexes();
+            }
+            d.close_all();
+            d.check_indexes();
+        }
+    }
+}
+
+/// Attaches `n` named clients (in flight limit 4) and returns their feeds.
+fn fleet(d: &Dispatcher, n: usize) -> Vec<(SessionId, TaskFeed)> {
+    (0..n)
+        .map(|i| d.attach(&format!("agent-{i}"), "p", false, "").unwrap())
+        .collect()
+}
+
+/// The work an operation did, in clients and deadlines looked at.
+fn work(d: &Dispatcher, op: impl FnOnce()) -> u64 {
+    let before = d.visits();
+    op();
+    d.visits() - before
+}
+
+#[test]
+fn with_ten_thousand_clients_no_operation_but_a_broadcast_task_looks_at_them_all() {
+    const N: usize = 10_000;
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            max_in_flight: 4,
+            max_known_clients: 2 * N,
+            ..Default::default()
+        });
+        let mut feeds = fleet(&d, N);
+        assert_eq!(work(&d, || d.expire()), 0, "{mode:?}: an idle tick");
+        let publish = work(&d, || {
+            d.publish(tasks(&["1"]));
+        });
+        match mode {
+            // One task goes to one client; in broadcast it goes to each.
+            Mode::Queue => assert!(publish <= 2, "queue publish looked at {publish}"),
+            Mode::Broadcast => assert_eq!(publish, N as u64, "broadcast publish"),
+        }
+        let holder = (0..N).find(|i| feeds[*i].1.try_next().is_some()).unwrap();
+        let name = format!("agent-{holder}");
+        let complete = work(&d, || {
+            assert!(d.complete(&name, ok(1, 1)).unwrap().accepted);
+        });
+        assert!(complete <= 2, "{mode:?}: a result looked at {complete}");
+        let attach = work(&d, || {
+            feeds.push(d.attach("newcomer", "p", false, "").unwrap());
+        });
+        assert!(attach <= 2, "{mode:?}: a connect looked at {attach}");
+        let detach = work(&d, || d.detach("agent-7", feeds[7].0));
+        assert!(detach <= 2, "{mode:?}: a disconnect looked at {detach}");
+        assert_eq!(
+            work(&d, || d.expire()),
+            0,
+            "{mode:?}: a tick with nothing due"
+        );
+        d.check_indexes();
+    }
+}
+
+#[test]
+fn a_tick_looks_only_at_what_is_due() {
+    let d = Dispatcher::new(DispatchConfig {
+        mode: Mode::Queue,
+        max_in_flight: 1,
+        ack_timeout: Duration::from_millis(30),
+        max_known_clients: 2_000,
+        ..Default::default()
+    });
+    let feeds = fleet(&d, 1_000);
+    d.publish(tasks(&["1", "2", "3"]));
+    std::thread::sleep(Duration::from_millis(40));
+    // Three ack deadlines are due, of three clients; the other 997 are not looked at.
+    let tick = work(&d, || d.expire());
+    assert!((3..=18).contains(&tick), "a tick looked at {tick}");
+    assert_eq!(d.counters().redelivered, 3);
+    drop(feeds);
+}
+
+#[test]
+fn tasks_are_written_in_batches_when_a_quarter_of_the_credit_is_free() {
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            max_in_flight: 16,
+            ..Default::default()
+        });
+        let (_, a) = d.attach("a", "p", false, "").unwrap();
+        let texts: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+        d.publish(texts.iter().map(|t| (None, t.clone())));
+        assert_eq!(drain(&a), (1..=16).collect::<Vec<_>>(), "{mode:?}");
+        for id in 1..=3 {
+            d.complete("a", ok(id, 1));
+            assert!(drain(&a).is_empty(), "{mode:?}: a batch of one after {id}");
+        }
+        d.complete("a", ok(4, 1));
+        assert_eq!(drain(&a), vec![17, 18, 19, 20], "{mode:?}");
+        // Answers in one call free their credit together.
+        let batch: Vec<Answer> = (5..=12).map(|id| ok(id, 1)).collect();
+        d.complete_many("a", batch, false);
+        assert_eq!(drain(&a), (21..=28).collect::<Vec<_>>(), "{mode:?}");
+        // A client that holds nothing is never left waiting.
+        let rest: Vec<Answer> = (13..=28).map(|id| ok(id, 1)).collect();
+        d.complete_many("a", rest, false);
+        assert_eq!(drain(&a), (29..=40).collect::<Vec<_>>(), "{mode:?}");
+        d.complete("a", ok(29, 1));
+        d.publish(tasks(&["41"]));
+        assert_eq!(
+            drain(&a),
+            vec![41],
+            "{mode:?}: credit stays open until full"
+        );
+    }
+}
+
+#[test]
+fn complete_many_judges_in_order_and_records_each() {
+    let d = queue(10);
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.publish(tasks(&["1", "2"]));
+    drain(&a);
+    let out = d.complete_many("a", vec![ok(1, 1), ok(1, 1), ok(9, 1), ok(2, 1)], false);
+    let judged: Vec<Option<(bool, bool)>> = out
+        .iter()
+        .map(|r| r.as_ref().map(|r| (r.accepted, r.stale)))
+        .collect();
+    assert_eq!(
+        judged,
+        vec![
+            Some((true, false)),
+            None,
+            Some((false, true)),
+            Some((true, false))
+        ]
+    );
+    assert_eq!(d.counters().results, 4);
+    let inexact = d.complete_many("a", vec![ok(2, 1)], true);
+    assert!(inexact[0].as_ref().unwrap().stale, "no incarnation: stale");
+}
+
+#[test]
+fn a_broadcast_resend_is_known_by_the_cursor_not_a_list() {
+    let d = Dispatcher::new(DispatchConfig {
+        max_in_flight: 100,
+        ..Default::default()
+    });
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    let texts: Vec<String> = (1..=50).map(|i| i.to_string()).collect();
+    d.publish(texts.iter().map(|t| (None, t.clone())));
+    drain(&a);
+    for id in 1..=50 {
+        assert!(d.complete("a", ok(id, 1)).unwrap().accepted);
+    }
+    for id in 1..=50 {
+        assert_eq!(d.complete("a", ok(id, 1)), None, "resend of {id}");
+    }
+    // Nothing is kept per answer: the client's state is its cursor.
+    let st = d.lock();
+    let c = &st.clients["a"];
+    assert!(c.in_flight.is_empty() && c.refusing.is_empty() && c.buried.is_empty());
+    assert_eq!(c.cursor, 51);
+}
+
+#[test]
+fn a_late_answer_to_a_task_dead_lettered_at_its_client_is_stale_not_a_resend() {
+    let d = Dispatcher::new(DispatchConfig {
+        max_attempts: 1,
+        retry_backoff: backoff(1, 1),
+        ..Default::default()
+    });
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.publish(tasks(&["1"]));
+    drain(&a);
+    assert!(d.complete("a", refusal(1, 1)).unwrap().retry);
+    assert_eq!(d.take_dead_letters().len(), 1);
+    assert!(d.complete("a", ok(1, 1)).unwrap().stale);
+}
+
+#[test]
+fn a_snapshot_grows_with_clients_plus_tasks_not_their_product() {
+    for mode in [Mode::Queue, Mode::Broadcast] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            max_in_flight: 1000,
+            ..Default::default()
+        });
+        let feeds = fleet(&d, 100);
+        let texts: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+        d.publish(texts.iter().map(|t| (None, t.clone())));
+        for (i, (_, f)) in feeds.iter().enumerate() {
+            for got in std::iter::from_fn(|| f.try_next()) {
+                d.complete(&format!("agent-{i}"), ok(got.task.id, got.attempt));
+            }
+        }
+        let records = d.snapshot(&d.lock()).len();
+        // Broadcast: 100 × 100 answers; queue: 100 tasks.
+        assert!(
+            records <= 2 + 100 + 100 + 100,
+            "{mode:?}: {records} records"
+        );
+    }
+}
+
+#[test]
+fn a_journal_with_per_client_answers_still_restores_and_is_written_anew() {
+    let old = |mode| {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            ..Default::default()
+        });
+        let mut records = vec![Record::Window { first: 1, next: 4 }];
+        for id in 1..=3 {
+            records.push(Record::Task {
+                id,
+                text: format!("t{id}"),
+                target: None,
+            });
+        }
+        records.extend([
+            Record::Cursor {
+                client: "a".into(),
+                next: 4,
+            },
+            Record::Sent {
+                task: 3,
+                client: "a".into(),
+                attempt: 1,
+            },
+            Record::Done {
+                task: 1,
+                client: "a".into(),
+                attempt: 1,
+            },
+            Record::Done {
+                task: 2,
+                client: "a".into(),
+                attempt: 1,
+            },
+        ]);
+        d.restore(records).unwrap();
+        d
+    };
+    let d = old(Mode::Queue);
+    assert_eq!(d.unfinished(), 1, "task 3");
+    assert_eq!(d.complete("a", ok(1, 1)), None, "a resend");
+    assert!(d.complete("b", ok(2, 1)).unwrap().stale);
+    let snapshot = d.snapshot(&d.lock());
+    assert!(snapshot.contains(&Record::Done {
+        task: 1,
+        client: "a".into(),
+        attempt: 1
+    }));
+    let d = old(Mode::Broadcast);
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    assert_eq!(drain_attempts(&a), vec![(3, 2)]);
+    assert_eq!(d.complete("a", ok(2, 1)), None, "a resend");
+    let snapshot = d.snapshot(&d.lock());
+    assert!(
+        !snapshot.iter().any(|r| matches!(r, Record::Done { .. })),
+        "{snapshot:?}"
+    );
+    // And the new snapshot restores to the same.
+    let again = Dispatcher::new(DispatchConfig::default());
+    again.restore(snapshot).unwrap();
+    let (_, a) = again.attach("a", "p", false, "").unwrap();
+    assert_eq!(drain_attempts(&a), vec![(3, 3)]);
+    assert_eq!(again.complete("a", ok(1, 1)), None, "a resend");
 }
