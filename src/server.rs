@@ -393,7 +393,6 @@ impl Contact for ContactService {
                 let mut max = MAX_RESULT_BATCH;
                 loop {
                     let (batch, end) = next_results(&mut stream, max).await;
-                    let bytes: Vec<usize> = batch.iter().map(|r| r.ret.len()).collect();
                     let answers: Vec<Answer> = batch.into_iter().map(answer_of).collect();
                     // Recorded by the dispatcher. An agent with an id must name
                     // the delivery exactly; only seed peers get the wildcards.
@@ -403,13 +402,10 @@ impl Contact for ContactService {
                         dispatcher.complete_many(&client, answers, !ephemeral)
                     };
                     // Results that answer nothing are budgeted, not written to disk forever.
-                    for (r, bytes) in judged.iter().zip(bytes) {
-                        let Some(r) = r.as_ref().filter(|r| r.stale) else {
-                            continue;
-                        };
+                    for r in judged.iter().flatten().filter(|r| r.stale) {
                         max = 1;
                         // What is written: the output and the task text it names.
-                        let bytes = bytes + r.task.as_ref().map_or(0, String::len);
+                        let bytes = r.output.len() + r.task.as_ref().map_or(0, String::len);
                         if let Some(why) = budget.charge(&budget_key, bytes) {
                             return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(
                                 RpcStatusCode::RESOURCE_EXHAUSTED,
