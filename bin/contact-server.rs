@@ -54,8 +54,11 @@ struct Flags {
     /// Where a newly connected client starts: the oldest retained task, or only new ones.
     #[arg(long, value_enum, default_value = "oldest")]
     from: From,
-    /// Unanswered tasks allowed per client; a client at this limit gets no more until it answers.
-    #[arg(long, value_name = "K", value_parser = parse_positive, default_value = "16")]
+    /// Unanswered tasks allowed per client; a client at this limit gets no
+    /// more until it answers. Enough for tasks and results to travel in
+    /// batches both ways at full speed; lower it to spread few long tasks
+    /// over many clients.
+    #[arg(long, value_name = "K", value_parser = parse_positive, default_value = "256")]
     max_in_flight: u64,
     /// Seconds a client has to answer a task before it is delivered again.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "60")]

@@ -14,7 +14,8 @@ cargo build --locked --bins
 bin="${CARGO_TARGET_DIR:-target}/debug"
 work="$(mktemp -d)"
 results="$work/results.jsonl"
-export RUST_LOG="${RUST_LOG:-info}"
+# Per-task lines (tasks produced and received, results) are at debug: shown here.
+export RUST_LOG="${RUST_LOG:-info,grpcio=warn,contact=debug}"
 
 prefix() { sed -u "s/^/[$1] /"; }
 pids=()

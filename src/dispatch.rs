@@ -84,7 +84,7 @@ impl Default for DispatchConfig {
         DispatchConfig {
             mode: Mode::Broadcast,
             start_at: StartAt::Oldest,
-            max_in_flight: 16,
+            max_in_flight: 256,
             retain: 100_000,
             ack_timeout: Duration::from_secs(60),
             max_lease: Duration::from_secs(3600),
@@ -442,6 +442,7 @@ pub struct Dispatcher {
     publishing: Mutex<()>,
 }
 
+mod batch;
 mod broadcast;
 mod deadlines;
 mod queue;

@@ -5,7 +5,7 @@
 //! `AtomicWaker`: senders wake the stream, the stream only ever `try_recv`s.
 
 use crate::task::Task;
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use futures::task::AtomicWaker;
 use futures::Stream;
 use std::pin::Pin;
@@ -20,13 +20,16 @@ pub struct Delivery {
     pub attempt: u32,
 }
 
-/// Creates a feed holding at most `capacity` undelivered tasks.
+/// Creates a feed holding at most `capacity` undelivered tasks. Its memory
+/// follows what it holds, not its capacity (an idle client's feed is small
+/// whatever `--max-in-flight` is).
 pub fn channel(capacity: usize) -> (FeedSender, TaskFeed) {
-    let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    let (tx, rx) = crossbeam_channel::unbounded();
     let waker = Arc::new(AtomicWaker::new());
     (
         FeedSender {
             tx: Some(tx),
+            capacity: capacity.max(1),
             waker: waker.clone(),
         },
         TaskFeed { rx, waker },
@@ -34,8 +37,11 @@ pub fn channel(capacity: usize) -> (FeedSender, TaskFeed) {
 }
 
 /// The dispatcher's end. Dropping it ends the client's stream (cleanly).
+/// There is one sender per feed, so what it holds only shrinks between a
+/// look at its length and a send.
 pub struct FeedSender {
     tx: Option<Sender<Delivery>>,
+    capacity: usize,
     waker: Arc<AtomicWaker>,
 }
 
@@ -60,10 +66,10 @@ impl FeedSender {
     /// Queues a delivery without blocking; gives it back if the feed is full or closed.
     pub fn send(&self, d: Delivery) -> Result<(), SendError> {
         let tx = self.tx.as_ref().expect("sender is only taken in drop");
-        let res = tx.try_send(d).map_err(|e| match e {
-            TrySendError::Full(d) => SendError::Full(d),
-            TrySendError::Disconnected(d) => SendError::Closed(d),
-        });
+        if tx.len() >= self.capacity {
+            return Err(SendError::Full(d));
+        }
+        let res = tx.send(d).map_err(|e| SendError::Closed(e.into_inner()));
         self.waker.wake();
         res
     }
@@ -73,7 +79,7 @@ impl FeedSender {
     /// Whether a delivery sent now would be refused as [`SendError::Full`]
     /// (only the dispatcher sends, so this holds until it sends).
     pub fn is_full(&self) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.is_full())
+        self.tx.as_ref().is_some_and(|tx| tx.len() >= self.capacity)
     }
 }
 

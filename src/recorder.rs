@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What the recording thread is asked to do, in order.
 pub enum Entry {
-    Result(ResultRecord),
+    /// Results of one `tellResult` batch (or one result), in order.
+    Results(Vec<ResultRecord>),
     Dead(DeadLetter),
     Journal(Record),
     Compact(Vec<Record>),
@@ -203,6 +204,66 @@ fn catch_up_file<'a, T: Serialize + 'a>(
     f.sync().map(|()| Some(last))
 }
 
+/// A line of the results or dead-letter file, numbered (with a journal) in
+/// one sequence and journaled as its own record.
+trait Numbered: Serialize + Sized {
+    fn set_seq(&mut self, seq: Option<u64>);
+    fn into_record(self) -> Record;
+    /// The line back from the record `into_record` made.
+    fn from_record(r: Record) -> Self;
+}
+
+impl Numbered for ResultRecord {
+    fn set_seq(&mut self, seq: Option<u64>) {
+        self.seq = seq;
+    }
+    fn into_record(self) -> Record {
+        Record::Result(self)
+    }
+    fn from_record(r: Record) -> Self {
+        match r {
+            Record::Result(x) => x,
+            _ => unreachable!("made by into_record"),
+        }
+    }
+}
+
+impl Numbered for DeadLetter {
+    fn set_seq(&mut self, seq: Option<u64>) {
+        self.seq = seq;
+    }
+    fn into_record(self) -> Record {
+        Record::Dead(self)
+    }
+    fn from_record(r: Record) -> Self {
+        match r {
+            Record::Dead(x) => x,
+            _ => unreachable!("made by into_record"),
+        }
+    }
+}
+
+/// Numbers `line`, appends it to the journal (first) and to its file, if any.
+fn write_numbered<T: Numbered>(
+    mut line: T,
+    next_seq: &mut u64,
+    journal: Option<&mut Journal>,
+    file: Option<&mut LinesFile>,
+) -> Result<(), Error> {
+    line.set_seq(journal.is_some().then_some(*next_seq));
+    *next_seq += 1;
+    if let Some(j) = journal {
+        // Moved into the record and back: no copy of the line per result.
+        let record = line.into_record();
+        j.append(&record)?;
+        line = T::from_record(record);
+    }
+    if let Some(f) = file {
+        f.append(&line);
+    }
+    Ok(())
+}
+
 /// Who waits for the current burst of entries to be durable.
 #[derive(Default)]
 struct Waiters {
@@ -265,27 +326,17 @@ fn record(
                     closed = true;
                     break;
                 }
-                Entry::Result(mut r) => {
-                    count += 1;
-                    log_result(&r);
-                    r.seq = journal.is_some().then_some(next_seq);
-                    next_seq += 1;
-                    if let Some(j) = journal.as_mut() {
-                        j.append(&Record::Result(r.clone()))?;
-                    }
-                    if let Some(f) = outputs.results.as_mut() {
-                        f.append(&r);
+                Entry::Results(results) => {
+                    for r in results {
+                        count += 1;
+                        log_result(&r);
+                        let file = outputs.results.as_mut();
+                        write_numbered(r, &mut next_seq, journal.as_mut(), file)?;
                     }
                 }
-                Entry::Dead(mut d) => {
-                    d.seq = journal.is_some().then_some(next_seq);
-                    next_seq += 1;
-                    if let Some(j) = journal.as_mut() {
-                        j.append(&Record::Dead(d.clone()))?;
-                    }
-                    if let Some(f) = outputs.dead.as_mut() {
-                        f.append(&d);
-                    }
+                Entry::Dead(d) => {
+                    let file = outputs.dead.as_mut();
+                    write_numbered(d, &mut next_seq, journal.as_mut(), file)?;
                 }
                 Entry::Journal(r) => {
                     if let Some(j) = journal.as_mut() {
@@ -333,7 +384,24 @@ fn record(
     Ok(count)
 }
 
+/// Whether every result gets a log line (at debug: one per task is too many
+/// for info).
+pub fn logs_every_result() -> bool {
+    log::log_enabled!(log::Level::Debug)
+}
+
+/// Whether `r` is logged even when [`logs_every_result`] is off: a stale or
+/// failed result (a warning) or a refusal (info), not a plain success.
+pub fn has_log_line(r: &ResultRecord) -> bool {
+    r.stale || r.retry || !r.ok
+}
+
+/// Logs one result: successes at debug (formatted only when that is on),
+/// refusals at info, stale and failed results at warn.
 fn log_result(r: &ResultRecord) {
+    if !has_log_line(r) && !logs_every_result() {
+        return;
+    }
     let task = r.task_id.map_or("?".to_string(), |id| id.to_string());
     let latency = r
         .latency_ms
@@ -351,7 +419,7 @@ fn log_result(r: &ResultRecord) {
             quoted(&r.output)
         );
     } else if r.ok {
-        log::info!(
+        log::debug!(
             "result for task {task} from {}{latency}: {}",
             r.client,
             quoted(&r.output)

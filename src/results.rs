@@ -14,7 +14,7 @@ use crossbeam_channel::Sender;
 use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -74,12 +74,18 @@ pub struct ResultSink {
     compaction_due: Arc<AtomicBool>,
     /// Fired, with the error as its cause, when the recorder cannot write.
     stop: Shutdown,
+    /// Whether results are written anywhere (`--results-to` or `--state-dir`).
+    keeps_results: bool,
+    /// Results with nothing to write or log, counted here instead of being
+    /// handed to the recording thread (see [`ResultSink::record_many`]).
+    passed: Arc<AtomicU64>,
 }
 
 /// Owns the recording thread; `finish` drains and flushes everything.
 pub struct ResultWriter {
     tx: Sender<Entry>,
     handle: JoinHandle<Result<u64, Error>>,
+    passed: Arc<AtomicU64>,
 }
 
 /// Where the recording thread writes.
@@ -107,6 +113,8 @@ impl ResultSink {
             Some((j, records)) => (Some(j), outputs.catch_up(records)?),
             None => (None, 1),
         };
+        let keeps_results = journal.is_some() || config.results.is_some();
+        let passed = Arc::new(AtomicU64::new(0));
         // Unbounded: results arrive at most as fast as tasks were handed out,
         // and that is bounded by the per-client in-flight limit.
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -125,8 +133,10 @@ impl ResultSink {
                 tx: tx.clone(),
                 compaction_due,
                 stop: config.stop,
+                keeps_results,
+                passed: passed.clone(),
             },
-            ResultWriter { tx, handle },
+            ResultWriter { tx, handle, passed },
         ))
     }
 
@@ -149,7 +159,23 @@ impl ResultSink {
 
     /// Queues a result for recording.
     pub fn record(&self, r: ResultRecord) {
-        self.send(Entry::Result(r), "a result");
+        self.record_many(vec![r]);
+    }
+
+    /// Queues results for recording, in order, as one entry: the recording
+    /// thread wakes once for them all. When results are written nowhere,
+    /// plain successes are only counted (nothing to write, and their log
+    /// line is at debug): they never reach the thread unless that line is on.
+    pub fn record_many(&self, mut records: Vec<ResultRecord>) {
+        if !self.keeps_results && !recorder::logs_every_result() {
+            let before = records.len();
+            records.retain(recorder::has_log_line);
+            self.passed
+                .fetch_add((before - records.len()) as u64, Ordering::Relaxed);
+        }
+        if !records.is_empty() {
+            self.send(Entry::Results(records), "results");
+        }
     }
 
     /// Queues a dead letter for recording.
@@ -207,10 +233,12 @@ impl ResultWriter {
     /// After a failed write it returns at once with that failure.
     pub fn finish(self) -> Result<u64, Error> {
         let _ = self.tx.send(Entry::Close);
-        self.handle
+        let recorded = self
+            .handle
             .join()
             .unwrap_or_else(|_| Err(Error::Usage("the recording thread panicked".into())))
-            .map_err(|e| Error::Recording(Box::new(e)))
+            .map_err(|e| Error::Recording(Box::new(e)))?;
+        Ok(recorded + self.passed.load(Ordering::Relaxed))
     }
 }
 
@@ -275,6 +303,35 @@ mod tests {
         sink.record(record(3));
         assert_eq!(writer.finish().unwrap(), 3);
         assert_eq!(lines(&path).len(), 3);
+    }
+
+    #[test]
+    fn a_batch_of_results_is_recorded_in_order_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let (sink, writer) = journaled_sink(&dir.path().join("state"), &path);
+        sink.record_many((1..=5).map(record).collect());
+        sink.record(record(6));
+        futures::executor::block_on(sink.flushed()).unwrap();
+        let got: Vec<(u64, u64)> = lines(&path)
+            .iter()
+            .map(|l| (l["task_id"].as_u64().unwrap(), l["seq"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(got, (1..=6).map(|i| (i, i)).collect::<Vec<_>>());
+        assert_eq!(writer.finish().unwrap(), 6);
+    }
+
+    #[test]
+    fn results_written_nowhere_are_still_counted_and_flushes_still_answered() {
+        let (sink, writer) = ResultSink::start(SinkConfig::default()).unwrap();
+        let stale = ResultRecord {
+            stale: true,
+            accepted: false,
+            ..record(3)
+        };
+        sink.record_many(vec![record(1), record(2), stale]);
+        futures::executor::block_on(sink.flushed()).unwrap();
+        assert_eq!(writer.finish().unwrap(), 3);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use crate::budget::{budget_key, StaleBudget, StaleLimits};
 use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
-use crate::feed::TaskFeed;
+use crate::feed::{Delivery, TaskFeed};
 use crate::journal::{Journal, OnDamage};
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
@@ -39,6 +39,10 @@ use std::time::{Duration, Instant};
 /// Deliveries written to a stream before one flush: enough to amortise the
 /// write completion, small enough to keep a fair share between clients.
 const MAX_WRITE_BATCH: usize = 256;
+
+/// Results of one `tellResult` stream judged together at most: those
+/// already received when it is read (see `next_results`).
+const MAX_RESULT_BATCH: usize = 256;
 
 /// How long stopping waits for open calls to complete before cancelling them.
 const CALLS_DRAIN: Duration = Duration::from_secs(2);
@@ -269,7 +273,7 @@ impl Contact for ContactService {
                     if noted.is_none_or(|t| t.elapsed() >= STATUS_NOTE_EVERY) {
                         noted = Some(Instant::now());
                         dispatcher.touch(&client);
-                        log::info!("status from {client}: {}", quoted(&msg.msg));
+                        log::debug!("status from {client}: {}", quoted(&msg.msg));
                     }
                     let reply = ResultMsg {
                         ret: format!("server received: {}", msg.msg),
@@ -383,27 +387,25 @@ impl Contact for ContactService {
         let budget = self.stale.clone();
         ctx.spawn(async move {
             let res: grpcio::Result<()> = async {
-                while let Some(r) = stream.try_next().await? {
-                    let bytes = r.ret.len();
-                    let answer = Answer {
-                        task_id: r.task_id,
-                        attempt: r.attempt,
-                        ok: r.ok,
-                        retry: r.retry,
-                        output: r.ret,
-                        incarnation: r.incarnation,
-                    };
+                // A client that sent a stale result has the rest of its
+                // results judged one at a time, so that its budget cuts it
+                // off at the result that exhausts it.
+                let mut max = MAX_RESULT_BATCH;
+                loop {
+                    let (batch, end) = next_results(&mut stream, max).await;
+                    let answers: Vec<Answer> = batch.into_iter().map(answer_of).collect();
                     // Recorded by the dispatcher. An agent with an id must name
                     // the delivery exactly; only seed peers get the wildcards.
-                    let judged = if ephemeral {
-                        dispatcher.complete(&client, answer)
+                    let judged = if answers.is_empty() {
+                        vec![]
                     } else {
-                        dispatcher.complete_exact(&client, answer)
+                        dispatcher.complete_many(&client, answers, !ephemeral)
                     };
                     // Results that answer nothing are budgeted, not written to disk forever.
-                    if let Some(r) = judged.filter(|r| r.stale) {
+                    for r in judged.iter().flatten().filter(|r| r.stale) {
+                        max = 1;
                         // What is written: the output and the task text it names.
-                        let bytes = bytes + r.task.as_ref().map_or(0, String::len);
+                        let bytes = r.output.len() + r.task.as_ref().map_or(0, String::len);
                         if let Some(why) = budget.charge(&budget_key, bytes) {
                             return Err(grpcio::Error::RpcFailure(RpcStatus::with_message(
                                 RpcStatusCode::RESOURCE_EXHAUSTED,
@@ -411,8 +413,11 @@ impl Contact for ContactService {
                             )));
                         }
                     }
+                    match end {
+                        None => continue,
+                        Some(end) => return end,
+                    }
                 }
-                Ok(())
             }
             .await;
             if ephemeral {
@@ -463,6 +468,46 @@ fn undecodable(client: &str, what: &str, e: &dyn std::fmt::Display) -> RpcStatus
     RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)
 }
 
+/// A result message as the dispatcher judges it.
+fn answer_of(r: ResultMsg) -> Answer {
+    Answer {
+        task_id: r.task_id,
+        attempt: r.attempt,
+        ok: r.ok,
+        retry: r.retry,
+        output: r.ret,
+        incarnation: r.incarnation,
+    }
+}
+
+/// The next results of a `tellResult` stream: the first awaited, then every
+/// one already received, up to `max`; with how the stream ended, if it did
+/// (`Ok` at its end, or the error) — the results before an end are still
+/// returned, to be judged before it. (grpcio reads one message per
+/// completion-queue event, so a batch is mostly one result: nothing waits
+/// for more, since judging a result is what frees the client's credit.)
+async fn next_results(
+    stream: &mut RequestStream<ResultMsg>,
+    max: usize,
+) -> (Vec<ResultMsg>, Option<grpcio::Result<()>>) {
+    let mut batch = Vec::new();
+    poll_fn(|cx| loop {
+        if batch.len() >= max {
+            return Poll::Ready((std::mem::take(&mut batch), None));
+        }
+        match stream.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(r))) => batch.push(r),
+            Poll::Ready(Some(Err(e))) => {
+                return Poll::Ready((std::mem::take(&mut batch), Some(Err(e))))
+            }
+            Poll::Ready(None) => return Poll::Ready((std::mem::take(&mut batch), Some(Ok(())))),
+            Poll::Pending if batch.is_empty() => return Poll::Pending,
+            Poll::Pending => return Poll::Ready((std::mem::take(&mut batch), None)),
+        }
+    })
+    .await
+}
+
 /// The answer to every call once the recorder has failed: UNAVAILABLE, which
 /// clients treat as "keep your results and try again later".
 fn cannot_record() -> RpcStatus {
@@ -472,15 +517,29 @@ fn cannot_record() -> RpcStatus {
     )
 }
 
-/// Writes the feed's deliveries into the stream, a batch per flush, until the
-/// dispatcher ends the feed (`Ok`; the caller ends the call) or the client
-/// goes away (error).
+/// Writes the feed's deliveries into the stream until the dispatcher ends
+/// the feed (`Ok`; the caller ends the call) or the client goes away (error).
+///
+/// Every delivery already in the feed is written with `buffer_hint` (C-core
+/// holds it), the feed looked at again after each write (deliveries keep
+/// coming while the stream is written), and the last one of a batch — when
+/// the feed is empty, or after `MAX_WRITE_BATCH` — is written without the
+/// hint, which sends them all in one go: nothing waits for a timer or for
+/// more tasks once the feed is empty.
 async fn forward(
     feed: &mut TaskFeed,
     sink: &mut ServerStreamingSink<ServerMsg>,
     incarnation: &str,
     ack_timeout_ms: u32,
 ) -> grpcio::Result<()> {
+    let message = |d: Delivery| ServerMsg {
+        task: d.task.text.clone(),
+        task_id: d.task.id,
+        attempt: d.attempt,
+        incarnation: incarnation.to_string(),
+        ack_timeout_ms,
+        ..Default::default()
+    };
     loop {
         // Wait for a delivery, but notice a vanished client even when idle:
         // polling the sink's readiness watches the call's end.
@@ -491,27 +550,23 @@ async fn forward(
             feed.poll_next_unpin(cx).map(Ok)
         })
         .await?;
-        let Some(first) = next else { break };
-        let mut batch = vec![first];
-        while batch.len() < MAX_WRITE_BATCH {
-            match feed.try_next() {
-                Some(d) => batch.push(d),
+        let Some(mut pending) = next else { break };
+        let mut written = 0;
+        loop {
+            written += 1;
+            let next = if written < MAX_WRITE_BATCH {
+                feed.try_next()
+            } else {
+                None
+            };
+            let more = next.is_some();
+            // Buffered while more follow; the last write of the batch sends them all.
+            sink.feed((message(pending), WriteFlags::default().buffer_hint(more)))
+                .await?;
+            match next {
+                Some(d) => pending = d,
                 None => break,
             }
-        }
-        let last = batch.len() - 1;
-        for (i, d) in batch.into_iter().enumerate() {
-            let msg = ServerMsg {
-                task: d.task.text.clone(),
-                task_id: d.task.id,
-                attempt: d.attempt,
-                incarnation: incarnation.to_string(),
-                ack_timeout_ms,
-                ..Default::default()
-            };
-            // Buffer all but the last write of a batch; the flush sends them together.
-            sink.feed((msg, WriteFlags::default().buffer_hint(i < last)))
-                .await?;
         }
         sink.flush().await?;
     }

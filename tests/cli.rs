@@ -10,7 +10,11 @@ const SERVER: &str = SERVER_BIN;
 const CLIENT: &str = CLIENT_BIN;
 
 fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).output().expect("binary runs")
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", TEST_LOG)
+        .output()
+        .expect("binary runs")
 }
 
 fn stderr(o: &Output) -> String {

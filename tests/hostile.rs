@@ -53,7 +53,7 @@ struct Logged {
 impl Logged {
     fn start(mut cmd: Command) -> Logged {
         let mut child = cmd
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", common::TEST_LOG)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -283,7 +283,7 @@ impl Rig {
     /// agent saw acknowledged is in the results file.
     fn finish(mut self) {
         assert_eq!(self.agent.stop(), 0);
-        let line = self.agent.wait_line("results acknowledged");
+        let line = self.agent.wait_line("stopping: ");
         let acked: usize = line
             .split(": ")
             .last()

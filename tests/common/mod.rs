@@ -109,6 +109,12 @@ impl ServerConfigExt for ServerConfig {
     }
 }
 
+/// `RUST_LOG` for the processes tests start: info, and the per-task lines
+/// tests read, which are at debug ("task N produced", "result for task N
+/// from ...", an agent's "task N: ..." and "task N done: ..."); `contact`
+/// covers the library and both binaries (their targets start with it).
+pub const TEST_LOG: &str = "info,grpcio=warn,contact=debug";
+
 /// A child process whose stderr lines are collected on a thread.
 pub struct Proc {
     pub child: Child,
@@ -124,10 +130,12 @@ impl Proc {
     }
 
     /// Starts a prepared command (e.g. with limits set in `pre_exec`),
-    /// logging at info to a piped stderr.
+    /// logging at [`TEST_LOG`] (unless it sets `RUST_LOG`) to a piped stderr.
     pub fn spawn(mut cmd: Command) -> Proc {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", TEST_LOG);
+        }
         let mut child = cmd
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
