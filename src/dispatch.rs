@@ -442,7 +442,6 @@ pub struct Dispatcher {
     publishing: Mutex<()>,
 }
 
-mod batch;
 mod broadcast;
 mod deadlines;
 mod queue;

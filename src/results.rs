@@ -215,15 +215,6 @@ impl ResultSink {
         let _ = self.tx.send(Entry::JournalFlush(tx));
         rx
     }
-    /// Queues a batch of results for recording.
-    // PROVISIONAL (dispatch branch, so that `Dispatcher::complete_many`
-    // compiles): a loop over `record`; the `server` branch's one-message
-    // version replaces it at merge.
-    pub fn record_many(&self, records: Vec<ResultRecord>) {
-        for r in records {
-            self.record(r);
-        }
-    }
 }
 
 impl ResultWriter {
