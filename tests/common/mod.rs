@@ -124,10 +124,13 @@ impl Proc {
     }
 
     /// Starts a prepared command (e.g. with limits set in `pre_exec`),
-    /// logging at info to a piped stderr.
+    /// logging to a piped stderr at info, or as the command's own
+    /// `RUST_LOG` says (e.g. [`CLIENT_TASK_LINES`]).
     pub fn spawn(mut cmd: Command) -> Proc {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         let mut child = cmd
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -257,8 +260,13 @@ fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, soft: u64,
     }
 }
 
+/// The log filter under which a client logs each task it takes and its
+/// answer ("task 3: ...", "task 3 done: ..."), which are debug lines.
+pub const CLIENT_TASK_LINES: &str = "info,contact::client=debug";
+
 /// An agent process that reconnects fast and acknowledges quickly, running
-/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`).
+/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`). It logs
+/// its tasks ([`CLIENT_TASK_LINES`]).
 pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
         "--server",
@@ -275,7 +283,9 @@ pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
         exec,
     ];
     args.extend_from_slice(extra);
-    Proc::start(CLIENT_BIN, &args)
+    let mut cmd = Command::new(CLIENT_BIN);
+    cmd.args(&args).env("RUST_LOG", CLIENT_TASK_LINES);
+    Proc::spawn(cmd)
 }
 
 /// The port in a server's "listening on HOST:PORT (...)" log line.
