@@ -55,6 +55,10 @@ struct Flags {
     /// exit status 0 = ok, its stdout is the result.
     #[arg(long, value_name = "CMD")]
     exec: Option<String>,
+    /// --exec commands run at once at most, each on a task of its own
+    /// (1: one at a time, in the order the tasks came).
+    #[arg(long, value_name = "N", value_parser = parse_positive, default_value = "1", requires = "exec")]
+    jobs: u64,
     /// Bytes of a command's output kept in its result.
     #[arg(long, value_name = "BYTES", value_parser = parse_positive, default_value = "16384")]
     max_output: u64,
@@ -133,6 +137,8 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
             Handler::exec(&cmd, flags.max_output as usize)?.with_timeout(flags.exec_timeout);
         c.handler.check_runnable()?;
     }
+    c.jobs = usize::try_from(flags.jobs)
+        .map_err(|_| contact::Error::Usage(format!("--jobs {}: too many", flags.jobs)))?;
     c.status_every = flags.status_every;
     c.max_tasks = flags.max_tasks;
     c.backoff_initial = flags.backoff_initial;

@@ -3,12 +3,17 @@
 //! status over `sendStatus`, and dials again (capped exponential backoff with
 //! jitter) whenever the server goes away.
 //!
-//! One connection is a *session* of four threads: a receiver that turns the
-//! `getTask` stream into a crossbeam channel, the worker (the caller's thread)
-//! that runs the handler, a result sender and a status sender. Results are
-//! acknowledged by completing the `tellResult` call, so the sender closes its
-//! call every `ack_every` results or `ack_interval` and opens a new one: a
-//! completed call is the server's word that those results are recorded.
+//! One connection is a *session*: its [`pipeline`] runs receive → handle →
+//! report as one future on the client's completion-queue thread (no thread
+//! hop per task); `--exec` programs run on the [`jobs`] pool of `--jobs N`
+//! threads; a status sender reports progress. The session's own thread waits
+//! for the pipeline, stops it on shutdown and wakes it when an
+//! acknowledgement interval is over. Results are acknowledged by completing
+//! the `tellResult` call that carried them: a completed call is the server's
+//! word that those results are recorded.
+
+mod jobs;
+mod pipeline;
 
 use crate::backoff::Backoff;
 use crate::error::Error;
@@ -20,19 +25,17 @@ use crate::shutdown::Shutdown;
 use crate::tls::ClientTls;
 use crate::token::Token;
 use crate::trust::AUTHORIZATION_KEY;
-use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, Sender};
 use futures::executor::block_on;
-use futures::future::{self, Either};
 use futures::{SinkExt, StreamExt};
 use grpcio::{
-    CallOption, Channel, ChannelBuilder, ClientCStreamReceiver, ClientCStreamSender,
-    ClientSStreamReceiver, ConnectivityState, EnvBuilder, Environment, Metadata, MetadataBuilder,
-    RpcStatusCode, WriteFlags,
+    CallOption, Channel, ChannelBuilder, ConnectivityState, EnvBuilder, Environment, Metadata,
+    MetadataBuilder, RpcStatusCode, WriteFlags,
 };
+use pipeline::{Control, Setup};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Everything `contact-client` can be told.
@@ -43,6 +46,9 @@ pub struct ClientConfig {
     /// Sent as `contact-client-id` metadata on every call.
     pub id: String,
     pub handler: Handler,
+    /// `--exec` programs run at once at most (1: one at a time, in the
+    /// order the tasks came). `echo` is answered in-line and ignores it.
+    pub jobs: usize,
     /// Interval between status messages.
     pub status_every: Duration,
     /// Exit once this many results are acknowledged.
@@ -71,6 +77,7 @@ impl ClientConfig {
             server: server.into(),
             id: id.into(),
             handler: Handler::Echo,
+            jobs: 1,
             status_every: Duration::from_secs(5),
             max_tasks: None,
             backoff_initial: Duration::from_millis(200),
@@ -119,9 +126,10 @@ struct Progress {
     /// What recent tasks came to, so that a redelivery (after a reconnect,
     /// before the server saw the result) is answered without running it again.
     outcomes: Mutex<RecentOutcomes>,
-    /// The task being handled now, reported with every status message so
-    /// that the server keeps its lease (see `ClientMsg.working`).
-    working: Mutex<Option<Working>>,
+    /// The tasks being handled now (by `--exec` programs), reported with
+    /// every status message so that the server keeps their leases (see
+    /// `ClientMsg.working`).
+    working: Mutex<Vec<Working>>,
     /// The server's ack timeout, from the last task (0: not told): progress
     /// is reported well within it.
     ack_timeout_ms: AtomicU64,
@@ -207,15 +215,41 @@ impl Progress {
         }
     }
 
-    fn set_working(&self, w: Option<Working>) {
-        *self.working.lock().unwrap_or_else(|e| e.into_inner()) = w;
+    fn start_working(&self, w: Working) {
+        self.working
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(w);
     }
 
-    fn working(&self) -> Option<Working> {
+    fn stop_working(&self, w: &Working) {
+        let mut all = self.working.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = all.iter().position(|x| x == w) {
+            all.swap_remove(i);
+        }
+    }
+
+    fn working(&self) -> Vec<Working> {
         self.working
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Remembers what a task came to, for its redeliveries.
+    fn remember(&self, key: (String, u64), outcome: &Outcome) {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, outcome.clone());
+    }
+
+    /// What a task came to, if it was handled before.
+    fn known(&self, key: &(String, u64)) -> Option<Outcome> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
     }
 
     fn report(&self) -> ClientReport {
@@ -225,6 +259,11 @@ impl Progress {
             connections: self.connections.load(Ordering::SeqCst),
         }
     }
+}
+
+/// What identifies a task across redeliveries: its incarnation and id.
+fn task_key(task: &ServerMsg) -> (String, u64) {
+    (task.incarnation.clone(), task.task_id)
 }
 
 /// How a session failed.
@@ -402,29 +441,10 @@ fn session(
     let md = call_metadata(cfg, instance)
         .map_err(|e| Failure::Lost(format!("client id {:?}: {e}", cfg.id)))?;
     let opt = move || CallOption::default().headers(md.clone());
-    let lost = |what: &str, e: grpcio::Error| Failure::from_call(what, &cfg.server, e);
 
     let tasks = client
         .get_task_opt(&Empty::new(), opt())
-        .map_err(|e| lost("registering", e))?;
-    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-    let (task_tx, task_rx) = crossbeam_channel::bounded(256);
-    let receiver = spawn("task-receiver", move || {
-        receive_tasks(tasks, task_tx, stop_rx)
-    })
-    .map_err(Failure::Lost)?;
-
-    // Counted before the result sender takes the carried results over.
-    let base = progress.acked() + progress.carried();
-    let (result_tx, result_rx) = crossbeam_channel::bounded(4096);
-    let results = {
-        let (client, opt, progress) = (client.clone(), opt.clone(), progress.clone());
-        let policy = (cfg.ack_every.max(1), cfg.ack_interval);
-        spawn("result-sender", move || {
-            send_results(&client, &opt, &result_rx, &progress, policy)
-        })
-        .map_err(Failure::Lost)?
-    };
+        .map_err(|e| Failure::from_call("registering", &cfg.server, e))?;
 
     let status_stop = Shutdown::new();
     {
@@ -439,128 +459,103 @@ fn session(
         })
         .map_err(Failure::Lost)?;
     }
-
-    let end = work(cfg, shutdown, progress, base, &task_rx, &result_tx);
+    let ended = run_pipeline(cfg, &client, Box::new(opt), tasks, shutdown, progress);
     status_stop.trigger();
-    drop(stop_tx);
-    // Unblocks a receiver waiting for room in the channel.
-    drop(task_rx);
-    drop(result_tx);
-    let acked = results
-        .join()
-        .unwrap_or_else(|_| Err(grpcio::Error::RemoteStopped));
-    let received = receiver.join().unwrap_or(Ok(()));
-    acked.map_err(|e| lost("reporting results", e))?;
-    match end {
-        End::StreamClosed => received
-            .map_err(|e| lost("the task stream", e))
-            .map(|()| End::StreamClosed),
-        End::Finished => Ok(End::Finished),
-        End::CannotWork(why) => Ok(End::CannotWork(why)),
-    }
+    ended
 }
 
-/// The worker: handles tasks until the stream ends, the client is told to
-/// stop, or `max_tasks` results are on their way.
-/// `base` counts the results acknowledged or carried over from a broken
-/// connection before this session started.
-fn work(
+/// Runs the session's pipeline on the completion queue and waits for it:
+/// stops it on shutdown, wakes it when an ack interval is over; afterwards
+/// waits for the `--exec` pool and carries over what it finished too late.
+fn run_pipeline(
     cfg: &ClientConfig,
+    client: &ContactClient,
+    opt: Box<dyn Fn() -> CallOption + Send>,
+    tasks: grpcio::ClientSStreamReceiver<ServerMsg>,
     shutdown: &Shutdown,
-    progress: &Progress,
-    base: u64,
-    tasks: &Receiver<ServerMsg>,
-    results: &Sender<ResultMsg>,
-) -> End {
-    let mut handled = 0u64;
-    loop {
-        if cfg.max_tasks.is_some_and(|max| base + handled >= max) {
-            return End::Finished;
+    progress: &Arc<Progress>,
+) -> Result<End, Failure> {
+    // Counted before the pipeline takes the carried results over.
+    let base = progress.acked() + progress.carried();
+    let (jobs, workers) = match cfg.handler {
+        Handler::Echo => (None, None),
+        Handler::Exec { .. } => {
+            let (queue, workers, done) =
+                jobs::start(cfg.jobs, &cfg.handler, progress).map_err(Failure::Lost)?;
+            (Some((queue, done)), Some(workers))
         }
-        let task = select! {
-            recv(tasks) -> t => match t {
-                Ok(t) => t,
-                Err(_) => return End::StreamClosed,
-            },
-            recv(shutdown.receiver()) -> _ => return End::Finished,
-        };
-        if task.attempt > 1 {
-            log::info!(
-                "task {} (attempt {}): {}",
-                task.task_id,
-                task.attempt,
-                quoted(&task.task)
-            );
-        } else {
-            log::info!("task {}: {}", task.task_id, quoted(&task.task));
-        }
-        progress.learn_ack_timeout(task.ack_timeout_ms);
-        // Seed servers send no task ids: there is nothing to report then.
-        if task.task_id != 0 {
-            progress.set_working(Some(Working {
-                task_id: task.task_id,
-                attempt: task.attempt,
-                incarnation: task.incarnation.clone(),
-                ..Default::default()
-            }));
-        }
-        let key = (task.incarnation.clone(), task.task_id);
-        let known = (task.attempt > 1 && task.task_id != 0)
-            .then(|| {
-                progress
-                    .outcomes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&key)
-            })
-            .flatten();
-        let outcome = match known {
-            Some(o) => {
-                log::info!(
-                    "task {} was handled before this redelivery; reporting the same result",
-                    task.task_id
-                );
-                o
+    };
+    let control = Arc::new(Control::default());
+    let (deadline_tx, deadline_rx) = crossbeam_channel::unbounded();
+    let setup = Setup {
+        client: client.clone(),
+        opt,
+        server: cfg.server.clone(),
+        tasks,
+        progress: progress.clone(),
+        control: control.clone(),
+        deadlines: deadline_tx,
+        handler: cfg.handler.clone(),
+        jobs,
+        ack_every: cfg.ack_every,
+        ack_interval: cfg.ack_interval,
+        limit: cfg.max_tasks.map(|max| max.saturating_sub(base)),
+    };
+    let (end_tx, end_rx) = crossbeam_channel::bounded(1);
+    client.spawn(async move {
+        let _ = end_tx.send(pipeline::run(setup).await);
+    });
+    let (ended, done) = wait_for_pipeline(&end_rx, &deadline_rx, &control, shutdown);
+    if let Some(workers) = workers {
+        workers.join();
+    }
+    // Outcomes of tasks that were running when the session failed.
+    if let Some(mut done) = done {
+        while let Ok(d) = done.try_recv() {
+            if let Some(outcome) = d.outcome {
+                progress.carry([pipeline::answer(&d.task, outcome, progress)]);
             }
-            None => cfg.handler.handle(&task.task),
-        };
-        progress.set_working(None);
-        // A refusal asked for another try: that one is not remembered.
-        if task.task_id != 0 && !outcome.retry {
-            progress
-                .outcomes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, outcome.clone());
         }
-        log::info!(
-            "task {} {}: {}",
-            task.task_id,
-            if outcome.ok { "done" } else { "failed" },
-            quoted(&outcome.output)
-        );
-        let outcome_retry = outcome.retry;
-        let result = ResultMsg {
-            ret: outcome.output,
-            task_id: task.task_id,
-            ok: outcome.ok,
-            retry: outcome.retry,
-            attempt: task.attempt,
-            incarnation: task.incarnation.clone(),
-            ..Default::default()
-        };
-        if let Err(unsent) = results.send(result) {
-            // The result sender died (the connection broke); the session is over.
-            progress.carry([unsent.0]);
-            return End::StreamClosed;
-        }
-        handled += 1;
-        progress.handled.fetch_add(1, Ordering::SeqCst);
-        // A refusal because the program could not be started (it was removed,
-        // or lost its execute bit): stop taking tasks rather than refuse them all.
-        if outcome_retry {
-            if let Err(why) = cfg.handler.check_runnable() {
-                return End::CannotWork(why.to_string());
+    }
+    ended
+}
+
+/// The session's thread while the pipeline runs: it wakes the pipeline at
+/// each deadline it was sent, and stops it when `shutdown` fires.
+fn wait_for_pipeline(
+    end: &Receiver<pipeline::Ending>,
+    deadlines: &Receiver<Instant>,
+    control: &Control,
+    shutdown: &Shutdown,
+) -> pipeline::Ending {
+    let mut due: VecDeque<Instant> = VecDeque::new();
+    let mut stop = shutdown.receiver().clone();
+    let mut deadlines = deadlines.clone();
+    loop {
+        let wait = due.front().map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        select! {
+            recv(end) -> ended => {
+                return ended.unwrap_or_else(|_| {
+                    (Err(Failure::Lost("the client's completion queue stopped".into())), None)
+                });
+            }
+            recv(stop) -> _ => {
+                control.stop();
+                stop = crossbeam_channel::never();
+            }
+            recv(deadlines) -> d => match d {
+                // Calls open in order, so their deadlines come in order.
+                Ok(d) => due.push_back(d),
+                Err(_) => deadlines = crossbeam_channel::never(),
+            },
+            default(wait) => {
+                let now = Instant::now();
+                while due.front().is_some_and(|d| *d <= now) {
+                    due.pop_front();
+                }
+                control.wake();
             }
         }
     }
@@ -569,7 +564,7 @@ fn work(
 fn spawn<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
-) -> Result<JoinHandle<T>, String> {
+) -> Result<std::thread::JoinHandle<T>, String> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
@@ -595,176 +590,6 @@ fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
         }
         block_on(channel.wait_for_state_change(state, left));
     }
-}
-
-/// Moves tasks from the `getTask` stream into the worker's channel until the
-/// stream ends or the session stops (which cancels the call).
-fn receive_tasks(
-    mut stream: ClientSStreamReceiver<ServerMsg>,
-    tx: Sender<ServerMsg>,
-    mut stop: futures::channel::oneshot::Receiver<()>,
-) -> grpcio::Result<()> {
-    block_on(async {
-        loop {
-            match future::select(stream.next(), &mut stop).await {
-                Either::Left((Some(Ok(task)), _)) => {
-                    if tx.send(task).is_err() {
-                        return Ok(());
-                    }
-                }
-                Either::Left((Some(Err(e)), _)) => return Err(e),
-                Either::Left((None, _)) | Either::Right(_) => return Ok(()),
-            }
-        }
-    })
-}
-
-struct OpenCall {
-    sender: ClientCStreamSender<ResultMsg>,
-    receiver: ClientCStreamReceiver<Empty>,
-    /// What the call carried, kept until it is acknowledged.
-    sent: Vec<ResultMsg>,
-    opened: Instant,
-}
-
-impl OpenCall {
-    fn open(client: &ContactClient, opt: CallOption) -> grpcio::Result<OpenCall> {
-        let (sender, receiver) = client.tell_result_opt(opt)?;
-        Ok(OpenCall {
-            sender,
-            receiver,
-            sent: vec![],
-            opened: Instant::now(),
-        })
-    }
-
-    /// Writes a batch, buffering all but the last message. The batch counts
-    /// as carried by the call even if writing fails, so it is kept either way.
-    fn send(&mut self, batch: Vec<ResultMsg>) -> grpcio::Result<()> {
-        let start = self.sent.len();
-        self.sent.extend(batch);
-        let (sender, batch) = (&mut self.sender, &self.sent[start..]);
-        let last = batch.len().saturating_sub(1);
-        block_on(async {
-            for (i, r) in batch.iter().enumerate() {
-                sender
-                    .feed((r.clone(), WriteFlags::default().buffer_hint(i < last)))
-                    .await?;
-            }
-            sender.flush().await
-        })
-    }
-
-    /// Completes the call; its answer acknowledges every result it carried.
-    /// On failure the results are kept for the next connection.
-    fn finish(mut self, progress: &Progress) -> grpcio::Result<()> {
-        let done =
-            block_on(self.sender.close()).and_then(|()| block_on(&mut self.receiver).map(|_| ()));
-        match done {
-            Ok(()) => {
-                progress
-                    .acknowledged
-                    .fetch_add(self.sent.len() as u64, Ordering::SeqCst);
-                log::debug!("{} results acknowledged", self.sent.len());
-                Ok(())
-            }
-            Err(e) => {
-                progress.carry(self.sent);
-                Err(e)
-            }
-        }
-    }
-}
-
-/// Streams results over `tellResult`, completing a call every `policy.0`
-/// results or `policy.1` after it was opened; returns once the worker is done
-/// and the last call is acknowledged. Results from an earlier, broken
-/// connection go first. Whatever is not acknowledged when it fails is kept.
-fn send_results(
-    client: &ContactClient,
-    opt: &dyn Fn() -> CallOption,
-    rx: &Receiver<ResultMsg>,
-    progress: &Progress,
-    policy: (u64, Duration),
-) -> grpcio::Result<()> {
-    let mut call: Option<OpenCall> = None;
-    let res = result_loop(client, opt, rx, progress, policy, &mut call);
-    if res.is_err() {
-        if let Some(c) = call.take() {
-            progress.carry(c.sent);
-        }
-        progress.carry(rx.try_iter());
-    }
-    res
-}
-
-fn result_loop(
-    client: &ContactClient,
-    opt: &dyn Fn() -> CallOption,
-    rx: &Receiver<ResultMsg>,
-    progress: &Progress,
-    (ack_every, ack_interval): (u64, Duration),
-    call: &mut Option<OpenCall>,
-) -> grpcio::Result<()> {
-    let carried = progress.take_carried();
-    if !carried.is_empty() {
-        log::info!(
-            "sending {} results again that were not acknowledged",
-            carried.len()
-        );
-        send_batch(client, opt, call, carried, progress)?;
-    }
-    loop {
-        let next = match call.as_ref() {
-            Some(c) => rx.recv_timeout(ack_interval.saturating_sub(c.opened.elapsed())),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        let first = match next {
-            Ok(r) => r,
-            Err(end) => {
-                if let Some(c) = call.take() {
-                    c.finish(progress)?;
-                }
-                match end {
-                    RecvTimeoutError::Timeout => continue,
-                    RecvTimeoutError::Disconnected => return Ok(()),
-                }
-            }
-        };
-        let in_call = call.as_ref().map_or(0, |c| c.sent.len() as u64);
-        let room = ack_every.saturating_sub(in_call).clamp(1, 256) as usize;
-        let batch: Vec<ResultMsg> = std::iter::once(first)
-            .chain(rx.try_iter().take(room - 1))
-            .collect();
-        send_batch(client, opt, call, batch, progress)?;
-        if call
-            .as_ref()
-            .is_some_and(|c| c.sent.len() as u64 >= ack_every)
-        {
-            call.take().expect("open").finish(progress)?;
-        }
-    }
-}
-
-/// Sends a batch on the open call, opening one if needed; on failure nothing
-/// of the batch is lost (it is in the call's `sent`, or carried over).
-fn send_batch(
-    client: &ContactClient,
-    opt: &dyn Fn() -> CallOption,
-    call: &mut Option<OpenCall>,
-    batch: Vec<ResultMsg>,
-    progress: &Progress,
-) -> grpcio::Result<()> {
-    if call.is_none() {
-        match OpenCall::open(client, opt()) {
-            Ok(c) => *call = Some(c),
-            Err(e) => {
-                progress.carry(batch);
-                return Err(e);
-            }
-        }
-    }
-    call.as_mut().expect("opened above").send(batch)
 }
 
 /// Sends a status message every `every` and logs the server's replies.
