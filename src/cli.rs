@@ -13,7 +13,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_FAILURE: i32 = 1;
 
 /// Logs to stderr; `RUST_LOG` overrides the default, which shows connections,
-/// tasks and results (`info`) but not gRPC's own chatter.
+/// errors and the stats line (`info`; each task and result is a `debug` line)
+/// but not gRPC's own chatter.
 pub fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,grpcio=warn"))
         .format_timestamp_millis()
