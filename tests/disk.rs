@@ -93,9 +93,10 @@ fn restored_tasks(line: &str) -> usize {
         .unwrap_or_else(|| panic!("no task count in {line:?}"))
 }
 
-/// The count in an agent's "client ID stopping: N results acknowledged" line.
+/// The count in an agent's last line, "client ID stopping: N results acknowledged"
+/// (its "N results acknowledged" lines per call are at debug).
 fn acknowledged(agent: &mut Proc) -> usize {
-    let line = agent.wait_line("results acknowledged");
+    let line = agent.wait_line("stopping: ");
     line.split("stopping: ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())

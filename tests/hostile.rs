@@ -51,12 +51,9 @@ struct Logged {
 }
 
 impl Logged {
-    /// Logs at info, or as the command's own `RUST_LOG` says.
     fn start(mut cmd: Command) -> Logged {
-        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
-            cmd.env("RUST_LOG", "info");
-        }
         let mut child = cmd
+            .env("RUST_LOG", common::TEST_LOG)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -240,8 +237,7 @@ impl Rig {
             "1",
             "--backoff-max",
             "1",
-        ])
-        .env("RUST_LOG", CLIENT_TASK_LINES);
+        ]);
         Logged::start(cmd)
     }
 
@@ -287,7 +283,7 @@ impl Rig {
     /// agent saw acknowledged is in the results file.
     fn finish(mut self) {
         assert_eq!(self.agent.stop(), 0);
-        let line = self.agent.wait_line("results acknowledged");
+        let line = self.agent.wait_line("stopping: ");
         let acked: usize = line
             .split(": ")
             .last()

@@ -109,6 +109,12 @@ impl ServerConfigExt for ServerConfig {
     }
 }
 
+/// `RUST_LOG` for the processes tests start: info, and the per-task lines
+/// tests read, which are at debug ("task N produced", "result for task N
+/// from ...", an agent's "task N: ..." and "task N done: ..."); `contact`
+/// covers the library and both binaries (their targets start with it).
+pub const TEST_LOG: &str = "info,grpcio=warn,contact=debug";
+
 /// A child process whose stderr lines are collected on a thread.
 pub struct Proc {
     pub child: Child,
@@ -124,11 +130,10 @@ impl Proc {
     }
 
     /// Starts a prepared command (e.g. with limits set in `pre_exec`),
-    /// logging to a piped stderr at info, or as the command's own
-    /// `RUST_LOG` says (e.g. [`CLIENT_TASK_LINES`]).
+    /// logging at [`TEST_LOG`] (unless it sets `RUST_LOG`) to a piped stderr.
     pub fn spawn(mut cmd: Command) -> Proc {
         if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
-            cmd.env("RUST_LOG", "info");
+            cmd.env("RUST_LOG", TEST_LOG);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -260,13 +265,8 @@ fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, soft: u64,
     }
 }
 
-/// The log filter under which a client logs each task it takes and its
-/// answer ("task 3: ...", "task 3 done: ..."), which are debug lines.
-pub const CLIENT_TASK_LINES: &str = "info,contact::client=debug";
-
 /// An agent process that reconnects fast and acknowledges quickly, running
-/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`). It logs
-/// its tasks ([`CLIENT_TASK_LINES`]).
+/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`).
 pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
         "--server",
@@ -283,9 +283,7 @@ pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
         exec,
     ];
     args.extend_from_slice(extra);
-    let mut cmd = Command::new(CLIENT_BIN);
-    cmd.args(&args).env("RUST_LOG", CLIENT_TASK_LINES);
-    Proc::spawn(cmd)
+    Proc::start(CLIENT_BIN, &args)
 }
 
 /// The port in a server's "listening on HOST:PORT (...)" log line.
