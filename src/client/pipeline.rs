@@ -191,7 +191,10 @@ struct Pipeline {
     client: ContactClient,
     opt: Box<dyn Fn() -> CallOption + Send>,
     server: String,
-    /// `None` once the stream ended or was dropped (which cancels the call).
+    /// `None` once the stream ended. Once the pipeline is ending it is not
+    /// read any more, and dropped (which cancels the call) with the pipeline,
+    /// after the last results are recorded: the server sees them before it
+    /// sees this client go.
     tasks: Option<ClientSStreamReceiver<ServerMsg>>,
     progress: Arc<Progress>,
     control: Arc<Control>,
@@ -296,15 +299,14 @@ impl Pipeline {
         Failure::from_call(what, &self.server, e)
     }
 
-    /// Takes no more tasks (dropping the stream cancels the call: the
-    /// server gives what it still sends to other agents). With
-    /// `cancel_queued`, tasks waiting for the pool are not started either.
+    /// Takes no more tasks (what the server still sends goes to other
+    /// agents once this one is gone). With `cancel_queued`, tasks waiting for
+    /// the pool are not started either.
     fn end_with(&mut self, end: End, cancel_queued: bool) {
         if self.ending.is_some() {
             return;
         }
         self.ending = Some(end);
-        self.tasks = None;
         if cancel_queued {
             if let Some((jobs, _)) = &self.jobs {
                 jobs.cancel_queued();
@@ -315,12 +317,15 @@ impl Pipeline {
     /// Takes every task already received.
     fn receive(&mut self, cx: &mut Context) -> Result<(), Failure> {
         for _ in 0..RECEIVE_BUDGET {
-            let Some(stream) = self.tasks.as_mut() else {
+            let Some(stream) = self.tasks.as_mut().filter(|_| self.ending.is_none()) else {
                 return Ok(());
             };
             match stream.poll_next_unpin(cx) {
                 Poll::Pending => return Ok(()),
-                Poll::Ready(None) => self.end_with(End::StreamClosed, false),
+                Poll::Ready(None) => {
+                    self.tasks = None;
+                    self.end_with(End::StreamClosed, false);
+                }
                 Poll::Ready(Some(Err(e))) => return Err(self.lost("the task stream", e)),
                 Poll::Ready(Some(Ok(task))) => self.take(task),
             }
