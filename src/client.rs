@@ -437,7 +437,7 @@ fn session(
         .map_err(|why| Failure::Lost(format!("cannot reach server {}: {why}", cfg.server)))?;
     progress.connections.fetch_add(1, Ordering::SeqCst);
     log::info!("connected to {} as {}", cfg.server, cfg.id);
-    let client = ContactClient::new(channel);
+    let client = ContactClient::new(channel.clone());
     let md = call_metadata(cfg, instance)
         .map_err(|e| Failure::Lost(format!("client id {:?}: {e}", cfg.id)))?;
     let opt = move || CallOption::default().headers(md.clone());
@@ -459,9 +459,22 @@ fn session(
         })
         .map_err(Failure::Lost)?;
     }
-    let ended = run_pipeline(cfg, &client, Box::new(opt), tasks, shutdown, progress);
+    let calls = Calls {
+        client: &client,
+        channel,
+        opt: Box::new(opt),
+    };
+    let ended = run_pipeline(cfg, calls, tasks, shutdown, progress);
     status_stop.trigger();
     ended
+}
+
+/// What a session makes its calls with.
+struct Calls<'a> {
+    client: &'a ContactClient,
+    channel: Channel,
+    /// The options of every call (its metadata).
+    opt: Box<dyn Fn() -> CallOption + Send>,
 }
 
 /// Runs the session's pipeline on the completion queue and waits for it:
@@ -469,8 +482,11 @@ fn session(
 /// waits for the `--exec` pool and carries over what it finished too late.
 fn run_pipeline(
     cfg: &ClientConfig,
-    client: &ContactClient,
-    opt: Box<dyn Fn() -> CallOption + Send>,
+    Calls {
+        client,
+        channel,
+        opt,
+    }: Calls,
     tasks: grpcio::ClientSStreamReceiver<ServerMsg>,
     shutdown: &Shutdown,
     progress: &Arc<Progress>,
@@ -489,6 +505,7 @@ fn run_pipeline(
     let (deadline_tx, deadline_rx) = crossbeam_channel::unbounded();
     let setup = Setup {
         client: client.clone(),
+        channel,
         opt,
         server: cfg.server.clone(),
         tasks,

@@ -158,8 +158,9 @@ fn server_and_clients_as_processes_then_sigterm_flushes_results() {
         &["--server", &addr, "--id", "only-a", "--max-tasks", "2"],
     );
     assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
-    let b = Command::new(CLIENT)
-        .args([
+    let b = run(
+        CLIENT,
+        &[
             "--server",
             &addr,
             "--id",
@@ -168,10 +169,8 @@ fn server_and_clients_as_processes_then_sigterm_flushes_results() {
             "3",
             "--exec",
             "echo handled",
-        ])
-        .env("RUST_LOG", TEST_LOG)
-        .output()
-        .expect("binary runs");
+        ],
+    );
     assert_eq!(b.status.code(), Some(0), "{}", stderr(&b));
     assert!(stderr(&b).contains("task 3: gamma"), "{}", stderr(&b));
 
@@ -199,9 +198,9 @@ fn a_client_retries_an_unreachable_server_then_works_and_stops_on_sigint() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let mut client = Command::new(CLIENT);
-    client
-        .args([
+    let mut client = Proc::start(
+        CLIENT,
+        &[
             "--server",
             &addr,
             "--id",
@@ -210,9 +209,8 @@ fn a_client_retries_an_unreachable_server_then_works_and_stops_on_sigint() {
             "0.3",
             "--status-every",
             "0.2",
-        ])
-        .env("RUST_LOG", TEST_LOG);
-    let mut client = Proc::spawn(client);
+        ],
+    );
     let warn = client.wait_line("cannot reach server");
     assert!(warn.contains("WARN"), "{warn}");
 

@@ -51,12 +51,9 @@ struct Logged {
 }
 
 impl Logged {
-    /// Logs at [`common::TEST_LOG`], or as the command's own `RUST_LOG` says.
     fn start(mut cmd: Command) -> Logged {
-        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
-            cmd.env("RUST_LOG", common::TEST_LOG);
-        }
         let mut child = cmd
+            .env("RUST_LOG", common::TEST_LOG)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -240,8 +237,7 @@ impl Rig {
             "1",
             "--backoff-max",
             "1",
-        ])
-        .env("RUST_LOG", TEST_LOG);
+        ]);
         Logged::start(cmd)
     }
 

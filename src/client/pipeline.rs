@@ -5,19 +5,22 @@
 //!
 //! Each time it is woken it takes every task already received, handles it
 //! (`echo` in-line), and writes the results: with gRPC's buffer hint while
-//! more are coming, so that they leave in batches, and flushed as soon as
-//! nothing more is ready — never held back by a timer. A result written while
-//! the previous write was still in flight says that more are coming; one
-//! written after the pipe went quiet is flushed at once; results buffered
-//! when the pipe goes quiet are flushed by completing their call.
+//! more are ready, so that they leave in batches (of [`FLUSH_EVERY`] at
+//! most), and flushed as soon as nothing more is ready — never held back by
+//! a timer. The newest result is held back until that is known, so that it
+//! can carry the flush: known when the write before it is done and no task
+//! came meanwhile (every completion queued before that write has been seen
+//! then), or else after one pass of the completion queue (a connectivity
+//! watch that completes at once, queued behind whatever is ready) with no
+//! task coming.
 //!
 //! A call is completed every `ack_every` results or `ack_interval` after it
-//! was opened (or when buffered results must go out), and its answer — which
-//! the server gives once the results are on disk — acknowledges them. The
-//! next call is opened at once: acknowledgements are awaited side by side
-//! while results keep flowing. Every result stays here until its call is
-//! answered; when the session fails, all of them are carried over to the
-//! next connection.
+//! was opened, and its answer — which the server gives once the results are
+//! on disk — acknowledges them. The next call is opened at once (after the
+//! last one's half-close went out, so that results leave in order):
+//! acknowledgements are awaited side by side while results keep flowing.
+//! Every result stays here until its call is answered; when the session
+//! fails, all of them are carried over to the next connection.
 
 use super::jobs::{Done, JobQueue};
 use super::{task_key, End, Failure, Progress};
@@ -25,9 +28,10 @@ use crate::handler::{Handler, Outcome};
 use crate::logtext::quoted;
 use crate::proto::{ContactClient, Empty, ResultMsg, ServerMsg};
 use futures::channel::mpsc::UnboundedReceiver;
+use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
-use grpcio::WriteFlags;
 use grpcio::{CallOption, ClientCStreamReceiver, ClientCStreamSender, ClientSStreamReceiver};
+use grpcio::{Channel, ConnectivityState, WriteFlags};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +42,15 @@ use std::time::{Duration, Instant};
 /// coming: small enough that a server's credit (`--max-in-flight`) comes
 /// back in several steps, large enough to make one write of many results.
 pub(super) const FLUSH_EVERY: usize = 64;
+
+/// Calls completed and not answered yet at most: past it no call is opened
+/// (nor results written) until one is answered, which bounds the results
+/// kept in memory by a server that records slowly.
+const MAX_UNANSWERED_CALLS: usize = 64;
+
+/// Longest pass of the completion queue (it ends at once unless the channel
+/// is shut down).
+const PASS_LIMIT: Duration = Duration::from_millis(10);
 
 /// Tasks taken per wake-up at most, so that writes and acknowledgements are
 /// not starved by a stream that is always ready.
@@ -76,6 +89,8 @@ impl Control {
 /// What the pipeline is given to work with.
 pub(super) struct Setup {
     pub client: ContactClient,
+    /// The client's channel (watched for a pass of the completion queue).
+    pub channel: Channel,
     pub opt: Box<dyn Fn() -> CallOption + Send>,
     pub server: String,
     pub tasks: ClientSStreamReceiver<ServerMsg>,
@@ -176,7 +191,10 @@ struct Pipeline {
     client: ContactClient,
     opt: Box<dyn Fn() -> CallOption + Send>,
     server: String,
-    /// `None` once the stream ended or was dropped (which cancels the call).
+    /// `None` once the stream ended. Once the pipeline is ending it is not
+    /// read any more, and dropped (which cancels the call) with the pipeline,
+    /// after the last results are recorded: the server sees them before it
+    /// sees this client go.
     tasks: Option<ClientSStreamReceiver<ServerMsg>>,
     progress: Arc<Progress>,
     control: Arc<Control>,
@@ -194,8 +212,13 @@ struct Pipeline {
     ending: Option<End>,
     /// Results not written yet.
     outbox: VecDeque<ResultMsg>,
-    /// A result was queued while a write was in flight: more are coming.
-    arrived_during_write: bool,
+    /// Results produced so far, and their number when the last write was
+    /// started: equal when that write is done means nothing came meanwhile.
+    arrivals: u64,
+    arrivals_at_write: u64,
+    /// A pass of the completion queue under way, with `arrivals` when it began.
+    pass: Option<(BoxFuture<'static, bool>, u64)>,
+    channel: Channel,
     call: Option<OpenCall>,
     closing: Vec<Closing>,
 }
@@ -219,7 +242,10 @@ impl Pipeline {
             outstanding: 0,
             ending: None,
             outbox: VecDeque::new(),
-            arrived_during_write: false,
+            arrivals: 0,
+            arrivals_at_write: 0,
+            pass: None,
+            channel: s.channel,
             call: None,
             closing: vec![],
         };
@@ -256,6 +282,9 @@ impl Pipeline {
         }
         self.receive(cx)?;
         self.collect_outcomes(cx);
+        // Answers first (one may make room for another call), and again for
+        // the calls just completed, whose answers must have our waker.
+        self.collect_answers(cx)?;
         self.write(cx)?;
         self.close_when_due(cx)?;
         self.collect_answers(cx)?;
@@ -270,15 +299,14 @@ impl Pipeline {
         Failure::from_call(what, &self.server, e)
     }
 
-    /// Takes no more tasks (dropping the stream cancels the call: the
-    /// server gives what it still sends to other agents). With
-    /// `cancel_queued`, tasks waiting for the pool are not started either.
+    /// Takes no more tasks (what the server still sends goes to other
+    /// agents once this one is gone). With `cancel_queued`, tasks waiting for
+    /// the pool are not started either.
     fn end_with(&mut self, end: End, cancel_queued: bool) {
         if self.ending.is_some() {
             return;
         }
         self.ending = Some(end);
-        self.tasks = None;
         if cancel_queued {
             if let Some((jobs, _)) = &self.jobs {
                 jobs.cancel_queued();
@@ -289,12 +317,15 @@ impl Pipeline {
     /// Takes every task already received.
     fn receive(&mut self, cx: &mut Context) -> Result<(), Failure> {
         for _ in 0..RECEIVE_BUDGET {
-            let Some(stream) = self.tasks.as_mut() else {
+            let Some(stream) = self.tasks.as_mut().filter(|_| self.ending.is_none()) else {
                 return Ok(());
             };
             match stream.poll_next_unpin(cx) {
                 Poll::Pending => return Ok(()),
-                Poll::Ready(None) => self.end_with(End::StreamClosed, false),
+                Poll::Ready(None) => {
+                    self.tasks = None;
+                    self.end_with(End::StreamClosed, false);
+                }
                 Poll::Ready(Some(Err(e))) => return Err(self.lost("the task stream", e)),
                 Poll::Ready(Some(Ok(task))) => self.take(task),
             }
@@ -352,9 +383,7 @@ impl Pipeline {
 
     fn push_result(&mut self, task: &ServerMsg, outcome: Outcome) {
         self.outbox.push_back(answer(task, outcome, &self.progress));
-        if self.call.as_ref().is_some_and(|c| c.writing) {
-            self.arrived_during_write = true;
-        }
+        self.arrivals += 1;
     }
 
     /// Takes the pool's outcomes that came back.
@@ -377,7 +406,7 @@ impl Pipeline {
     fn write(&mut self, cx: &mut Context) -> Result<(), Failure> {
         while !self.outbox.is_empty() {
             if self.call.is_none() {
-                if !self.previous_call_closed(cx)? {
+                if self.closing.len() >= MAX_UNANSWERED_CALLS || !self.previous_call_closed(cx)? {
                     return Ok(());
                 }
                 self.open_call()?;
@@ -388,36 +417,66 @@ impl Pipeline {
                 Ok(false) => return Ok(()),
                 Err(e) => return Err(self.lost("reporting results", e)),
             }
+            // Buffered while another one is ready, up to FLUSH_EVERY; the
+            // last one goes out (flushing the rest) once nothing more is.
+            let full = c.unflushed + 1 >= FLUSH_EVERY;
+            let hint = if self.outbox.len() >= 2 {
+                !full
+            } else if full || self.quiet(cx) {
+                false
+            } else {
+                return Ok(());
+            };
+            let c = self.call.as_mut().expect("opened above");
             let r = self.outbox.pop_front().expect("not empty");
-            // Buffered while more are ready or coming, up to FLUSH_EVERY;
-            // the last one ready when the pipe is quiet goes out at once.
-            let more = !self.outbox.is_empty() || self.arrived_during_write;
-            let hint = more && c.unflushed + 1 < FLUSH_EVERY;
-            self.arrived_during_write = false;
-            let flags = WriteFlags::default().buffer_hint(hint);
-            let sent = c.sink.start_send_unpin((r.clone(), flags));
+            let sent = c
+                .sink
+                .start_send_unpin((r.clone(), WriteFlags::default().buffer_hint(hint)));
             c.sent.push(r);
             if let Err(e) = sent {
                 return Err(self.lost("reporting results", e));
             }
             c.writing = true;
             c.unflushed = if hint { c.unflushed + 1 } else { 0 };
+            self.arrivals_at_write = self.arrivals;
             if c.sent.len() as u64 >= self.ack_every {
                 self.close_call(cx)?;
             }
         }
-        // Learn when the last write is done (a result that comes before
-        // then means more are coming). Buffered results and nothing came
-        // while it was in flight: the pipe is quiet, and completing the
-        // call flushes them.
-        if let Some(c) = self.call.as_mut() {
-            match c.write_done(cx) {
-                Ok(true) if c.unflushed > 0 => self.close_call(cx)?,
-                Ok(_) => {}
-                Err(e) => return Err(self.lost("reporting results", e)),
+        Ok(())
+    }
+
+    /// Whether nothing more is ready, with the last write done: true when
+    /// no result came since that write was started; otherwise a pass of the
+    /// completion queue begun after the last result tells (false until then,
+    /// and we are woken when it is over).
+    fn quiet(&mut self, cx: &mut Context) -> bool {
+        if self.arrivals == self.arrivals_at_write {
+            return true;
+        }
+        loop {
+            match &mut self.pass {
+                Some((pass, began)) => match pass.poll_unpin(cx) {
+                    Poll::Pending => return false,
+                    Poll::Ready(_) => {
+                        let quiet = *began == self.arrivals;
+                        self.pass = None;
+                        if quiet {
+                            return true;
+                        }
+                    }
+                },
+                None => {
+                    // The channel is not shut down, so this completes at once
+                    // (or at the deadline, if it is).
+                    let watch = self.channel.wait_for_state_change(
+                        ConnectivityState::GRPC_CHANNEL_SHUTDOWN,
+                        PASS_LIMIT,
+                    );
+                    self.pass = Some((watch.boxed(), self.arrivals));
+                }
             }
         }
-        Ok(())
     }
 
     fn open_call(&mut self) -> Result<(), Failure> {
@@ -490,7 +549,9 @@ impl Pipeline {
                     self.progress
                         .acknowledged
                         .fetch_add(c.sent.len() as u64, Ordering::SeqCst);
+                    // A target of its own: calls can be followed without every task.
                     log::debug!(
+                        target: "contact::client::calls",
                         "a call answered: the server has {} more results",
                         c.sent.len()
                     );

@@ -266,8 +266,7 @@ fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, soft: u64,
 }
 
 /// An agent process that reconnects fast and acknowledges quickly, running
-/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`). It logs
-/// its tasks ([`TEST_LOG`]).
+/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`).
 pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
         "--server",
@@ -284,9 +283,7 @@ pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
         exec,
     ];
     args.extend_from_slice(extra);
-    let mut cmd = Command::new(CLIENT_BIN);
-    cmd.args(&args).env("RUST_LOG", TEST_LOG);
-    Proc::spawn(cmd)
+    Proc::start(CLIENT_BIN, &args)
 }
 
 /// The port in a server's "listening on HOST:PORT (...)" log line.
