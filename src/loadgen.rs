@@ -1,0 +1,1250 @@
+//! The load generator behind `contact-load`: a fleet of agents on few
+//! connections and few threads, to measure what a fleet costs a server.
+//!
+//! Agents are futures on grpcio's completion queues (two by default), not
+//! threads: each holds its own `getTask` stream (and, like a real agent, a
+//! `sendStatus` stream) with its own client id, and answers every task it is
+//! pushed with a `tellResult` call of its own, whose completion is the
+//! server's acknowledgement (the result is durable). Up to
+//! `agents_per_connection` agents share one HTTP/2 connection, within the
+//! server's cap on streams per connection. One coordinating thread (the
+//! caller's) dials, re-dials with backoff, paces status messages and keeps
+//! the tallies; agents only report events to it.
+//!
+//! A run is four phases, each reported as one JSON object ([`PhaseReport`]):
+//! `idle` (the server's memory before anyone attaches), `attach` (a task
+//! published first reaches every agent as it attaches: attached = served),
+//! `broadcast` (a new task reaches all and all results are acknowledged), and
+//! `reconnect` (every connection is dropped at once, a task is published
+//! while they are away, and after `reconnect_after` they all dial again:
+//! back = that task received). Tasks are published by writing lines to the
+//! file the server reads with `--tasks-from` (a FIFO).
+
+use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
+use crossbeam_channel::{Receiver, Sender};
+use futures::channel::mpsc;
+use futures::future::{poll_fn, BoxFuture};
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use grpcio::{
+    CallOption, Channel, ChannelBuilder, ConnectivityState, EnvBuilder, Environment, Metadata,
+    MetadataBuilder, RpcStatusCode, WriteFlags,
+};
+use serde_json::{json, Value};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// Everything `contact-load` can be told.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// Agents to hold, each with its own client id.
+    pub agents: usize,
+    /// Agents sharing one connection; `None`: as many as the server's stream
+    /// cap leaves room for (see [`LoadConfig::per_connection`]).
+    pub agents_per_connection: Option<usize>,
+    /// The server's `--max-streams-per-connection`.
+    pub max_streams_per_connection: usize,
+    /// Client ids are this prefix and the agent's number (`load-00042`).
+    pub id_prefix: String,
+    /// Where tasks are published: the file (a FIFO) the server reads with `--tasks-from`.
+    pub tasks_to: PathBuf,
+    /// The server's process, whose memory and CPU time are reported.
+    pub server_pid: Option<u32>,
+    /// Each agent sends a status message this often (`None`: no status stream).
+    pub status_every: Option<Duration>,
+    /// How long every agent stays away after the mass disconnect.
+    pub reconnect_after: Duration,
+    /// How long a phase may take before it is reported incomplete.
+    pub phase_timeout: Duration,
+    /// How long one dial may take before it counts as failed (as `contact-client`).
+    pub connect_timeout: Duration,
+    /// First and largest delay before a failed dial or call is tried again.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// grpcio completion queues (one thread each) that run every agent.
+    pub completion_queues: usize,
+}
+
+impl LoadConfig {
+    /// Defaults (those of `contact-client` where an agent has one) for all but
+    /// the server and the task file.
+    pub fn new(server: impl Into<String>, tasks_to: impl Into<PathBuf>) -> LoadConfig {
+        LoadConfig {
+            server: server.into(),
+            agents: 1000,
+            agents_per_connection: None,
+            max_streams_per_connection: 100,
+            id_prefix: "load-".into(),
+            tasks_to: tasks_to.into(),
+            server_pid: None,
+            status_every: Some(Duration::from_secs(5)),
+            reconnect_after: Duration::from_secs(10),
+            phase_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            completion_queues: 2,
+        }
+    }
+
+    /// Streams an agent keeps open: `getTask`, and `sendStatus` when it sends status.
+    pub fn long_streams_per_agent(&self) -> usize {
+        1 + usize::from(self.status_every.is_some())
+    }
+
+    /// Agents per connection: as given, or as many as leave each a stream for
+    /// its `tellResult` call within the server's cap (33 of 100, as a real
+    /// agent uses 3 streams).
+    pub fn per_connection(&self) -> usize {
+        self.agents_per_connection.unwrap_or_else(|| {
+            (self.max_streams_per_connection / (self.long_streams_per_agent() + 1)).max(1)
+        })
+    }
+
+    /// Connections the agents need.
+    pub fn connections(&self) -> usize {
+        self.agents.div_ceil(self.per_connection())
+    }
+
+    /// The connection agent `agent` rides on.
+    pub fn connection_of(&self, agent: usize) -> usize {
+        agent / self.per_connection()
+    }
+
+    /// The agents riding on connection `conn`.
+    pub fn agents_of(&self, conn: usize) -> std::ops::Range<usize> {
+        let per = self.per_connection();
+        (conn * per).min(self.agents)..((conn + 1) * per).min(self.agents)
+    }
+
+    /// Agent `agent`'s client id, zero-padded so that ids sort by number.
+    pub fn agent_id(&self, agent: usize) -> String {
+        let width = self.agents.saturating_sub(1).to_string().len();
+        format!("{}{agent:0width$}", self.id_prefix)
+    }
+
+    /// Checks what flags cannot catch one by one.
+    pub fn check(&self) -> Result<(), Error> {
+        let usage = |m: String| Err(Error::Usage(m));
+        if self.agents == 0 {
+            return usage("--agents must be at least 1".into());
+        }
+        if self.completion_queues == 0 {
+            return usage("--completion-queues must be at least 1".into());
+        }
+        let per = self.per_connection();
+        let long = per * self.long_streams_per_agent();
+        if per == 0 || long >= self.max_streams_per_connection {
+            return usage(format!(
+                "--agents-per-connection {per}: its agents keep {long} streams open, which leaves none of the server's {} per connection (--max-streams-per-connection) for their results; use at most {}",
+                self.max_streams_per_connection,
+                (self.max_streams_per_connection - 1) / self.long_streams_per_agent()
+            ));
+        }
+        let id = self.agent_id(self.agents - 1);
+        proto::validate_client_id(&id).map_err(|e| Error::Usage(format!("--id-prefix: {e}")))?;
+        Ok(())
+    }
+}
+
+/// When each agent did something in a phase, and what that adds up to.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    start: Instant,
+    received: Vec<Option<Instant>>,
+    acknowledged: Vec<Option<Instant>>,
+}
+
+/// How long the agents took for one step of a phase, from its start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    /// Agents that got there.
+    pub count: usize,
+    /// Until the last agent got there; `None` unless all did.
+    pub all_secs: Option<f64>,
+    pub p50_secs: Option<f64>,
+    pub p99_secs: Option<f64>,
+}
+
+impl Tally {
+    pub fn new(agents: usize, start: Instant) -> Tally {
+        Tally {
+            start,
+            received: vec![None; agents],
+            acknowledged: vec![None; agents],
+        }
+    }
+
+    /// Agent `agent` received the phase's task at `at` (the first time counts).
+    pub fn received(&mut self, agent: usize, at: Instant) {
+        if let Some(slot @ None) = self.received.get_mut(agent) {
+            *slot = Some(at);
+        }
+    }
+
+    /// The server acknowledged agent `agent`'s result at `at`.
+    pub fn acknowledged(&mut self, agent: usize, at: Instant) {
+        if let Some(slot @ None) = self.acknowledged.get_mut(agent) {
+            *slot = Some(at);
+        }
+    }
+
+    /// Every agent received the task and had its result acknowledged.
+    pub fn complete(&self) -> bool {
+        self.received.iter().all(Option::is_some) && self.acknowledged.iter().all(Option::is_some)
+    }
+
+    pub fn receipts(&self) -> Timing {
+        timing(self.start, &self.received)
+    }
+
+    pub fn acknowledgements(&self) -> Timing {
+        timing(self.start, &self.acknowledged)
+    }
+}
+
+/// Count, time until all, and nearest-rank p50/p99 of `times` since `start`.
+pub fn timing(start: Instant, times: &[Option<Instant>]) -> Timing {
+    let mut secs: Vec<f64> = times
+        .iter()
+        .flatten()
+        .map(|t| t.saturating_duration_since(start).as_secs_f64())
+        .collect();
+    secs.sort_by(f64::total_cmp);
+    let rank = |q: f64| -> Option<f64> {
+        let n = secs.len();
+        (n > 0).then(|| secs[((q * n as f64).ceil() as usize).clamp(1, n) - 1])
+    };
+    Timing {
+        count: secs.len(),
+        all_secs: (secs.len() == times.len()).then(|| rank(1.0)).flatten(),
+        p50_secs: rank(0.5),
+        p99_secs: rank(0.99),
+    }
+}
+
+/// What `/proc` says about a process at one moment (fields it could not read are `None`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcSample {
+    pub rss_kib: Option<u64>,
+    pub threads: Option<u64>,
+    pub cpu_secs: Option<f64>,
+    pub fds: Option<u64>,
+}
+
+impl ProcSample {
+    /// Reads `/proc/<pid>` (`"self"` for this process).
+    pub fn of(pid: &str) -> ProcSample {
+        let dir = Path::new("/proc").join(pid);
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        ProcSample {
+            rss_kib: status_field(&status, "VmRSS:"),
+            threads: status_field(&status, "Threads:"),
+            cpu_secs: cpu_ticks(&stat).map(|t| t as f64 / clock_ticks_per_sec()),
+            fds: std::fs::read_dir(dir.join("fd"))
+                .ok()
+                .map(|d| d.count() as u64),
+        }
+    }
+}
+
+/// The number in a `/proc/<pid>/status` line such as `VmRSS:   1234 kB`.
+pub fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// User plus system CPU time in clock ticks from `/proc/<pid>/stat` (fields
+/// 14 and 15; the command name before them may contain spaces and parentheses).
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state): utime is field 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// One phase's outcome, printed as one JSON object per line.
+#[derive(Debug, Clone)]
+pub struct PhaseReport {
+    pub phase: &'static str,
+    /// The phase did what it measures for every agent within the timeout.
+    pub complete: bool,
+    pub json: Value,
+}
+
+/// What an agent reports to the coordinator.
+#[derive(Debug)]
+enum Event {
+    Dialled {
+        conn: usize,
+        generation: u32,
+        result: Result<(), String>,
+    },
+    Received {
+        agent: usize,
+        generation: u32,
+        text: String,
+        at: Instant,
+    },
+    Acknowledged {
+        agent: usize,
+        generation: u32,
+        text: String,
+        at: Instant,
+    },
+    /// A result call failed (the server will deliver the task again).
+    AnswerFailed { generation: u32, why: String },
+    /// The agent's calls ended or failed; it is gone until dialled again.
+    Ended {
+        agent: usize,
+        generation: u32,
+        why: String,
+        refused: bool,
+    },
+}
+
+/// What the coordinator tells a running agent (dropping its sender stops it).
+#[derive(Debug)]
+enum Command {
+    Status,
+}
+
+/// Something to do later, in the generation it was planned in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Dial(usize),
+    Start(usize),
+}
+
+struct Conn {
+    client: Option<ContactClient>,
+    backoff: Backoff,
+}
+
+struct AgentSlot {
+    commands: Option<mpsc::UnboundedSender<Command>>,
+    backoff: Backoff,
+}
+
+/// The phase being measured: its task's text and who got it.
+struct Measured {
+    text: String,
+    tally: Tally,
+}
+
+/// The coordinator: owns the connections, starts agents, keeps the tallies.
+struct Fleet<'a> {
+    cfg: &'a LoadConfig,
+    env: Arc<Environment>,
+    instance: String,
+    conns: Vec<Conn>,
+    agents: Vec<AgentSlot>,
+    events_tx: Sender<Event>,
+    events: Receiver<Event>,
+    timers: BinaryHeap<Reverse<(Instant, u32, Timer)>>,
+    /// Bumped by a mass disconnect: events and timers of earlier ones are stale.
+    generation: u32,
+    /// Status messages go out round-robin: agent `status_next` is due at
+    /// `status_round + every * status_next / agents`.
+    status_round: Instant,
+    status_next: usize,
+    measured: Option<Measured>,
+    /// Why dials and calls failed in the current phase, with how often.
+    failures: BTreeMap<String, u64>,
+}
+
+impl<'a> Fleet<'a> {
+    fn new(cfg: &'a LoadConfig) -> Fleet<'a> {
+        let env = Arc::new(
+            EnvBuilder::new()
+                .cq_count(cfg.completion_queues)
+                .name_prefix("contact-load")
+                .build(),
+        );
+        let backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        Fleet {
+            cfg,
+            env,
+            instance: format!("{:016x}", fastrand::u64(..)),
+            conns: (0..cfg.connections())
+                .map(|_| Conn {
+                    client: None,
+                    backoff: backoff.clone(),
+                })
+                .collect(),
+            agents: (0..cfg.agents)
+                .map(|_| AgentSlot {
+                    commands: None,
+                    backoff: backoff.clone(),
+                })
+                .collect(),
+            events_tx,
+            events,
+            timers: BinaryHeap::new(),
+            generation: 0,
+            status_round: Instant::now(),
+            status_next: 0,
+            measured: None,
+            failures: BTreeMap::new(),
+        }
+    }
+
+    /// Starts measuring who receives (and answers) the task `text`.
+    fn measure(&mut self, text: &str, start: Instant) {
+        self.failures.clear();
+        self.measured = Some(Measured {
+            text: text.to_string(),
+            tally: Tally::new(self.cfg.agents, start),
+        });
+    }
+
+    fn tally(&self) -> &Tally {
+        &self.measured.as_ref().expect("a phase is measured").tally
+    }
+
+    fn dial_all(&mut self) {
+        for c in 0..self.conns.len() {
+            self.dial(c);
+        }
+    }
+
+    /// Opens connection `c` (a channel of its own: its own TCP connection)
+    /// and reports when it is ready, as `contact-client` waits for it.
+    fn dial(&mut self, c: usize) {
+        let channel = ChannelBuilder::new(self.env.clone())
+            // Channels with equal arguments share a connection by default.
+            .use_local_subchannel_pool(true)
+            .keepalive_time(Duration::from_secs(20))
+            .keepalive_timeout(Duration::from_secs(10))
+            .keepalive_permit_without_calls(true)
+            .http2_max_pings_without_data(0)
+            .max_receive_message_len(1 << 20)
+            .connect(&self.cfg.server);
+        let client = ContactClient::new(channel.clone());
+        let (events, generation, timeout) = (
+            self.events_tx.clone(),
+            self.generation,
+            self.cfg.connect_timeout,
+        );
+        client.spawn(async move {
+            let result = wait_ready(&channel, timeout).await;
+            let _ = events.send(Event::Dialled {
+                conn: c,
+                generation,
+                result,
+            });
+        });
+        self.conns[c].client = Some(client);
+    }
+
+    /// Starts agent `a` on its connection.
+    fn start(&mut self, a: usize) {
+        let conn = self.cfg.connection_of(a);
+        let Some(client) = self.conns[conn].client.clone() else {
+            return;
+        };
+        let metadata = match self.metadata(a) {
+            Ok(m) => m,
+            Err(e) => {
+                self.note_failure(format!("metadata: {e}"));
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded();
+        self.agents[a].commands = Some(tx);
+        let agent = Agent {
+            index: a,
+            generation: self.generation,
+            metadata,
+            status: self.cfg.status_every.is_some(),
+        };
+        client.spawn(agent.run(client.clone(), rx, self.events_tx.clone()));
+    }
+
+    /// What a `contact-client` sends on every call (see `client::call_metadata`).
+    fn metadata(&self, a: usize) -> Result<Metadata, grpcio::Error> {
+        let mut b = MetadataBuilder::new();
+        b.add_str(proto::CLIENT_ID_KEY, &self.cfg.agent_id(a))?;
+        b.add_str(proto::INSTANCE_KEY, &self.instance)?;
+        if self.cfg.status_every.is_some() {
+            b.add_str(proto::LEASES_KEY, "1")?;
+        }
+        Ok(b.build())
+    }
+
+    /// Drops every connection at once: agents stop (their calls are
+    /// cancelled), channels are dropped, and whatever was planned is void.
+    fn disconnect_all(&mut self) {
+        self.generation += 1;
+        for a in &mut self.agents {
+            a.commands = None;
+            a.backoff.reset();
+        }
+        for c in &mut self.conns {
+            c.client = None;
+            c.backoff.reset();
+        }
+        self.timers.clear();
+    }
+
+    fn note_failure(&mut self, why: String) {
+        *self.failures.entry(why).or_default() += 1;
+    }
+
+    fn later(&mut self, delay: Duration, timer: Timer) {
+        self.timers
+            .push(Reverse((Instant::now() + delay, self.generation, timer)));
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Dialled {
+                conn,
+                generation,
+                result,
+            } if generation == self.generation => match result {
+                Ok(()) => {
+                    self.conns[conn].backoff.reset();
+                    for a in self.cfg.agents_of(conn) {
+                        self.start(a);
+                    }
+                }
+                Err(why) => {
+                    self.note_failure(format!("dial: {why}"));
+                    self.conns[conn].client = None;
+                    let delay = self.conns[conn].backoff.next_delay();
+                    self.later(delay, Timer::Dial(conn));
+                }
+            },
+            Event::Received {
+                agent,
+                generation,
+                text,
+                at,
+            } if generation == self.generation => {
+                self.agents[agent].backoff.reset();
+                if let Some(m) = self.measured.as_mut().filter(|m| m.text == text) {
+                    m.tally.received(agent, at);
+                }
+            }
+            Event::Acknowledged {
+                agent,
+                generation,
+                text,
+                at,
+            } if generation == self.generation => {
+                if let Some(m) = self.measured.as_mut().filter(|m| m.text == text) {
+                    m.tally.acknowledged(agent, at);
+                }
+            }
+            Event::AnswerFailed { generation, why } if generation == self.generation => {
+                self.note_failure(format!("result: {why}"));
+            }
+            Event::Ended {
+                agent,
+                generation,
+                why,
+                refused,
+            } if generation == self.generation => {
+                self.note_failure(why);
+                self.agents[agent].commands = None;
+                let b = &mut self.agents[agent].backoff;
+                let delay = if refused {
+                    b.refused_delay()
+                } else {
+                    b.next_delay()
+                };
+                self.later(delay, Timer::Start(agent));
+            }
+            // From before the last mass disconnect.
+            _ => {}
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, generation, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if generation != self.generation {
+                continue;
+            }
+            match timer {
+                Timer::Dial(c) => self.dial(c),
+                Timer::Start(a) => self.start(a),
+            }
+        }
+    }
+
+    /// When the next status message is due (`None`: agents send none).
+    fn next_status(&self) -> Option<Instant> {
+        let every = self.cfg.status_every?;
+        let offset = every.mul_f64(self.status_next as f64 / self.cfg.agents as f64);
+        Some(self.status_round + offset)
+    }
+
+    fn send_statuses(&mut self, now: Instant) {
+        let Some(every) = self.cfg.status_every else {
+            return;
+        };
+        while self.next_status().is_some_and(|due| due <= now) {
+            if let Some(tx) = &self.agents[self.status_next].commands {
+                let _ = tx.unbounded_send(Command::Status);
+            }
+            self.status_next += 1;
+            if self.status_next == self.cfg.agents {
+                self.status_next = 0;
+                self.status_round += every;
+            }
+        }
+    }
+
+    /// Runs the fleet until `done` holds or `deadline` passes; says which.
+    fn run_until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) -> bool {
+        loop {
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            self.fire_timers(now);
+            self.send_statuses(now);
+            let mut wake = deadline.min(now + Duration::from_millis(100));
+            if let Some(Reverse((at, _, _))) = self.timers.peek() {
+                wake = wake.min(*at);
+            }
+            if let Some(at) = self.next_status() {
+                wake = wake.min(at);
+            }
+            match self.events.recv_deadline(wake) {
+                Ok(e) => {
+                    self.handle(e);
+                    while let Ok(e) = self.events.try_recv() {
+                        self.handle(e);
+                    }
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// Waits until `channel` is connected, or says why not within `timeout`.
+async fn wait_ready(channel: &Channel, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = channel.check_connectivity_state(true);
+        match state {
+            ConnectivityState::GRPC_CHANNEL_READY => return Ok(()),
+            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => {
+                return Err("connection failed".into())
+            }
+            ConnectivityState::GRPC_CHANNEL_SHUTDOWN => return Err("channel shut down".into()),
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("not connected after {timeout:?}"));
+        }
+        channel.wait_for_state_change(state, left).await;
+    }
+}
+
+/// One agent: a future on a completion queue.
+struct Agent {
+    index: usize,
+    generation: u32,
+    metadata: Metadata,
+    status: bool,
+}
+
+/// What woke an agent.
+enum Wake {
+    Stop,
+    Status,
+    Task(ServerMsg),
+    Answered(String, grpcio::Result<()>),
+    Lost(grpcio::Error),
+    Ended(&'static str),
+}
+
+impl Agent {
+    fn options(&self) -> CallOption {
+        CallOption::default().headers(self.metadata.clone())
+    }
+
+    /// Registers, answers every task until told to stop (its calls are then
+    /// cancelled) or its calls end, and sends a status message when told to.
+    async fn run(
+        self,
+        client: ContactClient,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        events: Sender<Event>,
+    ) {
+        let (agent, generation) = (self.index, self.generation);
+        let ended = |why: String, refused: bool| {
+            let _ = events.send(Event::Ended {
+                agent,
+                generation,
+                why,
+                refused,
+            });
+        };
+        let mut tasks = match client.get_task_opt(&Empty::new(), self.options()) {
+            Ok(t) => t,
+            Err(e) => return ended(format!("getTask: {e}"), false),
+        };
+        let mut status = if self.status {
+            match client.send_status_opt(self.options()) {
+                Ok(s) => Some(s),
+                Err(e) => return ended(format!("sendStatus: {e}"), false),
+            }
+        } else {
+            None
+        };
+        let mut answers: FuturesUnordered<BoxFuture<'static, (String, grpcio::Result<()>)>> =
+            FuturesUnordered::new();
+        loop {
+            let wake = poll_fn(|cx| {
+                match commands.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Command::Status)) => return Poll::Ready(Wake::Status),
+                    Poll::Ready(None) => return Poll::Ready(Wake::Stop),
+                    Poll::Pending => {}
+                }
+                if let Poll::Ready(Some((text, r))) = answers.poll_next_unpin(cx) {
+                    return Poll::Ready(Wake::Answered(text, r));
+                }
+                if let Some((_, replies)) = &mut status {
+                    // Replies are read (and dropped) so that they never fill the window.
+                    while let Poll::Ready(reply) = replies.poll_next_unpin(cx) {
+                        match reply {
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => return Poll::Ready(Wake::Lost(e)),
+                            None => return Poll::Ready(Wake::Ended("the status stream ended")),
+                        }
+                    }
+                }
+                tasks.poll_next_unpin(cx).map(|t| match t {
+                    Some(Ok(t)) => Wake::Task(t),
+                    Some(Err(e)) => Wake::Lost(e),
+                    None => Wake::Ended("the server ended the task stream"),
+                })
+            })
+            .await;
+            match wake {
+                // Returning drops (cancels) every call.
+                Wake::Stop => return,
+                Wake::Status => {
+                    if let Some((tx, _)) = &mut status {
+                        let msg = ClientMsg {
+                            msg: "alive".into(),
+                            ..Default::default()
+                        };
+                        if let Err(e) = tx.send((msg, WriteFlags::default())).await {
+                            return ended(format!("status: {e}"), false);
+                        }
+                    }
+                }
+                Wake::Task(task) => {
+                    let _ = events.send(Event::Received {
+                        agent,
+                        generation,
+                        text: task.task.clone(),
+                        at: Instant::now(),
+                    });
+                    answers.push(Box::pin(answer(client.clone(), self.options(), task)));
+                }
+                Wake::Answered(text, Ok(())) => {
+                    let _ = events.send(Event::Acknowledged {
+                        agent,
+                        generation,
+                        text,
+                        at: Instant::now(),
+                    });
+                }
+                Wake::Answered(_, Err(e)) => {
+                    let _ = events.send(Event::AnswerFailed {
+                        generation,
+                        why: short_error(&e),
+                    });
+                }
+                Wake::Lost(e) => {
+                    return ended(format!("task stream: {}", short_error(&e)), refused(&e))
+                }
+                Wake::Ended(why) => return ended(why.into(), false),
+            }
+        }
+    }
+}
+
+/// Reports `task` done on a `tellResult` call of its own; the call's
+/// completion is the acknowledgement. Yields the task's text and the outcome.
+async fn answer(
+    client: ContactClient,
+    options: CallOption,
+    task: ServerMsg,
+) -> (String, grpcio::Result<()>) {
+    let result = ResultMsg {
+        ret: "done".into(),
+        task_id: task.task_id,
+        ok: true,
+        attempt: task.attempt,
+        incarnation: task.incarnation,
+        ..Default::default()
+    };
+    let outcome = async {
+        let (mut tx, rx) = client.tell_result_opt(options)?;
+        tx.send((result, WriteFlags::default())).await?;
+        tx.close().await?;
+        rx.await.map(|_| ())
+    }
+    .await;
+    (task.task, outcome)
+}
+
+/// Whether the server refused the agent (trying again soon changes nothing).
+fn refused(e: &grpcio::Error) -> bool {
+    matches!(e, grpcio::Error::RpcFailure(s) if [
+        RpcStatusCode::UNAUTHENTICATED,
+        RpcStatusCode::PERMISSION_DENIED,
+        RpcStatusCode::ALREADY_EXISTS,
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+    ].contains(&s.code()))
+}
+
+/// An error as a short key for counting failures: the status code and message.
+fn short_error(e: &grpcio::Error) -> String {
+    match e {
+        grpcio::Error::RpcFailure(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    }
+}
+
+/// Writes task lines to the server's `--tasks-from` file.
+struct Publisher {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Publisher {
+    fn open(path: &Path) -> Result<Publisher, Error> {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::file(path, "open (for writing tasks)", e))?;
+        Ok(Publisher {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn publish(&mut self, text: &str) -> Result<(), Error> {
+        // One write of less than PIPE_BUF bytes: a FIFO keeps it whole.
+        self.file
+            .write_all(format!("{text}\n").as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|e| Error::file(&self.path, "write a task to", e))
+    }
+}
+
+/// Fails with what to do when this process may not open enough files for
+/// its connections (one each, plus some for grpcio's own).
+fn check_open_files(connections: usize) -> Result<(), Error> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Ok(());
+    }
+    let needed = connections as u64 + 64;
+    if lim.rlim_cur < needed {
+        return Err(Error::Usage(format!(
+            "{connections} connections need about {needed} open files, but this process may open {} (ulimit -n); raise it, or put more agents on each connection (--agents-per-connection)",
+            lim.rlim_cur
+        )));
+    }
+    Ok(())
+}
+
+/// The JSON fields of one task phase: who received the task and who had
+/// their result acknowledged, how fast.
+fn tally_json(tally: &Tally) -> Value {
+    let (r, a) = (tally.receipts(), tally.acknowledgements());
+    json!({
+        "received": r.count,
+        "received_secs": r.all_secs,
+        "received_p50_secs": r.p50_secs,
+        "received_p99_secs": r.p99_secs,
+        "acknowledged": a.count,
+        "acknowledged_secs": a.all_secs,
+        "acknowledged_p50_secs": a.p50_secs,
+        "acknowledged_p99_secs": a.p99_secs,
+    })
+}
+
+/// Adds the fields of `extra` (an object) to `base` (an object).
+fn merged(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    base
+}
+
+/// The server's side of a phase: memory now, CPU time since `before`.
+fn server_json(before: &ProcSample, now: &ProcSample) -> Value {
+    let cpu = match (before.cpu_secs, now.cpu_secs) {
+        (Some(a), Some(b)) => Some(((b - a) * 1000.0).round() / 1000.0),
+        _ => None,
+    };
+    json!({
+        "server_rss_kib": now.rss_kib,
+        "server_fds": now.fds,
+        "server_threads": now.threads,
+        "server_cpu_secs": cpu,
+    })
+}
+
+/// KiB per `n` of the growth from `from` to `to`, to 0.1 KiB.
+fn kib_each(from: Option<u64>, to: Option<u64>, n: usize) -> Option<f64> {
+    let (from, to) = (from?, to?);
+    Some(((to as f64 - from as f64) / n.max(1) as f64 * 10.0).round() / 10.0)
+}
+
+/// Runs the four phases, handing each report to `emit` as soon as it is
+/// known; returns them all. A phase that does not complete within the
+/// timeout is reported incomplete, and the next phases still run.
+pub fn run(
+    cfg: &LoadConfig,
+    emit: &mut dyn FnMut(&PhaseReport),
+) -> Result<Vec<PhaseReport>, Error> {
+    cfg.check()?;
+    check_open_files(cfg.connections())?;
+    let mut publisher = Publisher::open(&cfg.tasks_to)?;
+    let sample = || match cfg.server_pid {
+        Some(pid) => ProcSample::of(&pid.to_string()),
+        None => ProcSample::default(),
+    };
+    let tag = format!("{:08x}", fastrand::u32(..));
+    let task = |phase: &str| format!("contact-load {tag} {phase}");
+    let mut reports = vec![];
+    let mut report = |phase: &'static str, complete: bool, fields: Value| {
+        let json = merged(json!({"phase": phase, "complete": complete}), fields);
+        let r = PhaseReport {
+            phase,
+            complete,
+            json,
+        };
+        emit(&r);
+        reports.push(r);
+    };
+    let mut fleet = Fleet::new(cfg);
+    let all_answered = |f: &Fleet| f.tally().complete();
+
+    let idle = sample();
+    report("idle", true, server_json(&idle, &idle));
+
+    // Attach: the task is published first, so that each agent is served it
+    // as it attaches (the server delivers retained tasks to new clients).
+    let hello = task("attach");
+    publisher.publish(&hello)?;
+    let start = Instant::now();
+    fleet.measure(&hello, start);
+    fleet.status_round = start;
+    fleet.dial_all();
+    let complete = fleet.run_until(start + cfg.phase_timeout, all_answered);
+    let attached = sample();
+    let me = ProcSample::of("self");
+    report(
+        "attach",
+        complete,
+        merged(
+            merged(
+                json!({
+                    "agents": cfg.agents,
+                    "connections": cfg.connections(),
+                    "agents_per_connection": cfg.per_connection(),
+                    "server_rss_per_agent_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.agents),
+                    "server_rss_per_connection_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.connections()),
+                    "loadgen_rss_kib": me.rss_kib,
+                    "loadgen_threads": me.threads,
+                    "failures": fleet.failures,
+                }),
+                tally_json(fleet.tally()),
+            ),
+            server_json(&idle, &attached),
+        ),
+    );
+
+    // Broadcast: one task to every attached agent.
+    let before = sample();
+    let broadcast = task("broadcast");
+    let start = Instant::now();
+    publisher.publish(&broadcast)?;
+    fleet.measure(&broadcast, start);
+    let complete = fleet.run_until(start + cfg.phase_timeout, all_answered);
+    report(
+        "broadcast",
+        complete,
+        merged(
+            merged(
+                tally_json(fleet.tally()),
+                json!({"failures": fleet.failures}),
+            ),
+            server_json(&before, &sample()),
+        ),
+    );
+
+    // Mass disconnect: every connection dropped at once; a task published
+    // while they are away; all dial again after `reconnect_after`.
+    let before = sample();
+    fleet.disconnect_all();
+    let away = task("reconnect");
+    publisher.publish(&away)?;
+    let back_at = Instant::now() + cfg.reconnect_after;
+    fleet.run_until(back_at, |_| false);
+    report(
+        "disconnect",
+        true,
+        merged(
+            json!({"agents": cfg.agents, "away_secs": cfg.reconnect_after.as_secs_f64()}),
+            server_json(&before, &sample()),
+        ),
+    );
+
+    let before = sample();
+    let start = Instant::now();
+    fleet.measure(&away, start);
+    fleet.dial_all();
+    let complete = fleet.run_until(start + cfg.phase_timeout, all_answered);
+    report(
+        "reconnect",
+        complete,
+        merged(
+            merged(
+                tally_json(fleet.tally()),
+                json!({"failures": fleet.failures}),
+            ),
+            server_json(&before, &sample()),
+        ),
+    );
+    fleet.disconnect_all();
+    Ok(reports)
+}
+
+/// A table of the reports for people (the JSON lines are for programs).
+pub fn table(reports: &[PhaseReport]) -> String {
+    let num = |v: &Value, k: &str| -> String {
+        match &v[k] {
+            Value::Null => "-".into(),
+            Value::Number(n) => match n.as_f64() {
+                Some(f) if n.is_f64() => format!("{f:.3}"),
+                _ => n.to_string(),
+            },
+            other => other.to_string(),
+        }
+    };
+    let mut out = format!(
+        "{:<11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>12} {:>9}\n",
+        "phase",
+        "received",
+        "all (s)",
+        "p50 (s)",
+        "acked",
+        "all (s)",
+        "p50 (s)",
+        "server KiB",
+        "CPU (s)"
+    );
+    for r in reports {
+        let j = &r.json;
+        out += &format!(
+            "{:<11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>12} {:>9}{}\n",
+            r.phase,
+            num(j, "received"),
+            num(j, "received_secs"),
+            num(j, "received_p50_secs"),
+            num(j, "acknowledged"),
+            num(j, "acknowledged_secs"),
+            num(j, "acknowledged_p50_secs"),
+            num(j, "server_rss_kib"),
+            num(j, "server_cpu_secs"),
+            if r.complete { "" } else { "  INCOMPLETE" },
+        );
+    }
+    if let Some(a) = reports.iter().find(|r| r.phase == "attach") {
+        out += &format!(
+            "server memory: {} KiB per agent, {} KiB per connection ({} agents on {} connections)\n",
+            num(&a.json, "server_rss_per_agent_kib"),
+            num(&a.json, "server_rss_per_connection_kib"),
+            num(&a.json, "agents"),
+            num(&a.json, "connections"),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(agents: usize) -> LoadConfig {
+        let mut c = LoadConfig::new("127.0.0.1:1", "/nonexistent");
+        c.agents = agents;
+        c
+    }
+
+    #[test]
+    fn agents_are_spread_over_connections_within_the_stream_cap() {
+        let c = config(1000);
+        // getTask + sendStatus each, and a result stream each: 33 of 100.
+        assert_eq!(c.per_connection(), 33);
+        assert_eq!(c.connections(), 31);
+        assert_eq!(c.agents_of(0), 0..33);
+        assert_eq!(c.agents_of(30), 990..1000);
+        assert_eq!(c.connection_of(989), 29);
+        assert_eq!(c.connection_of(990), 30);
+        let covered: usize = (0..c.connections()).map(|i| c.agents_of(i).len()).sum();
+        assert_eq!(covered, 1000);
+        let mut quiet = config(1000);
+        quiet.status_every = None;
+        assert_eq!(quiet.per_connection(), 50);
+        let mut one = config(10);
+        one.agents_per_connection = Some(1);
+        assert_eq!(one.connections(), 10);
+        assert_eq!(one.agents_of(9), 9..10);
+    }
+
+    #[test]
+    fn a_layout_that_leaves_no_stream_for_results_is_a_usage_error() {
+        let mut c = config(100);
+        c.agents_per_connection = Some(50);
+        let e = c.check().unwrap_err();
+        assert!(matches!(e, Error::Usage(_)));
+        let text = e.to_string();
+        assert!(text.contains("--agents-per-connection 50"), "{text}");
+        assert!(text.contains("at most 49"), "{text}");
+        c.agents_per_connection = Some(49);
+        c.check().unwrap();
+        c.agents = 0;
+        assert!(c.check().unwrap_err().to_string().contains("--agents"));
+        let mut bad = config(10);
+        bad.id_prefix = "has space".into();
+        assert!(bad.check().unwrap_err().to_string().contains("--id-prefix"));
+    }
+
+    #[test]
+    fn ids_are_zero_padded_to_the_largest() {
+        assert_eq!(config(10_000).agent_id(42), "load-0042");
+        assert_eq!(config(10_001).agent_id(42), "load-00042");
+        assert_eq!(config(1).agent_id(0), "load-0");
+    }
+
+    #[test]
+    fn timings_count_who_got_there_and_how_fast() {
+        let t0 = Instant::now();
+        let at = |ms| Some(t0 + Duration::from_millis(ms));
+        let mut tally = Tally::new(4, t0);
+        tally.received(0, t0 + Duration::from_millis(400));
+        tally.received(1, t0 + Duration::from_millis(100));
+        tally.received(1, t0 + Duration::from_millis(900)); // the first receipt counts
+        tally.received(9, t0); // no such agent
+        let r = tally.receipts();
+        assert_eq!(r.count, 2);
+        assert_eq!(r.all_secs, None, "not all agents received it");
+        assert_eq!(r.p50_secs, Some(0.1));
+        assert_eq!(r.p99_secs, Some(0.4));
+        assert!(!tally.complete());
+        tally.received(2, t0 + Duration::from_millis(200));
+        tally.received(3, t0 + Duration::from_millis(300));
+        assert_eq!(tally.receipts().all_secs, Some(0.4));
+        assert!(!tally.complete(), "no result is acknowledged yet");
+        for a in 0..4 {
+            tally.acknowledged(a, t0 + Duration::from_millis(500 + a as u64));
+        }
+        assert!(tally.complete());
+        assert_eq!(tally.acknowledgements().all_secs, Some(0.503));
+        let hundred: Vec<Option<Instant>> = (1..=100).map(at).collect();
+        let t = timing(t0, &hundred);
+        assert_eq!((t.p50_secs, t.p99_secs), (Some(0.05), Some(0.099)));
+        assert_eq!(timing(t0, &[None, None]).p50_secs, None);
+    }
+
+    #[test]
+    fn proc_files_are_read_field_by_field() {
+        let status =
+            "Name:\tcontact-server\nVmPeak:\t  9999 kB\nVmRSS:\t   12345 kB\nThreads:\t7\n";
+        assert_eq!(status_field(status, "VmRSS:"), Some(12345));
+        assert_eq!(status_field(status, "Threads:"), Some(7));
+        assert_eq!(status_field(status, "VmSwap:"), None);
+        // A command name with spaces and parentheses does not shift the fields.
+        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(stat), Some(300));
+        assert_eq!(cpu_ticks("garbage"), None);
+        let me = ProcSample::of("self");
+        assert!(me.rss_kib.unwrap() > 0 && me.threads.unwrap() >= 1);
+        assert!(me.cpu_secs.is_some() && me.fds.unwrap() > 0);
+        assert_eq!(ProcSample::of("0"), ProcSample::default());
+    }
+
+    #[test]
+    fn reports_carry_per_agent_memory_and_a_readable_table() {
+        assert_eq!(kib_each(Some(1000), Some(65_000), 1000), Some(64.0));
+        assert_eq!(kib_each(None, Some(1), 1), None);
+        let mut tally = Tally::new(2, Instant::now());
+        tally.received(0, tally.start + Duration::from_millis(250));
+        let j = merged(json!({"phase": "broadcast"}), tally_json(&tally));
+        assert_eq!(j["received"], 1);
+        assert_eq!(j["received_secs"], Value::Null);
+        assert_eq!(j["received_p50_secs"], 0.25);
+        assert_eq!(j["acknowledged"], 0);
+        let reports = [
+            PhaseReport {
+                phase: "attach",
+                complete: true,
+                json: json!({"received": 2, "received_secs": 1.5, "server_rss_kib": 900,
+                    "server_rss_per_agent_kib": 40.5, "server_rss_per_connection_kib": 81.0,
+                    "agents": 2, "connections": 1}),
+            },
+            PhaseReport {
+                phase: "broadcast",
+                complete: false,
+                json: j,
+            },
+        ];
+        let t = table(&reports);
+        assert!(t.contains("1.500"), "{t}");
+        assert!(t.contains("INCOMPLETE"), "{t}");
+        assert!(t.contains("40.500 KiB per agent"), "{t}");
+    }
+}
