@@ -428,6 +428,16 @@ impl<'a> Fleet<'a> {
         &self.measured.as_ref().expect("a phase is measured").tally
     }
 
+    /// The fields of a task phase: the tally, the failures met, and the
+    /// server's memory now and CPU time since `before`.
+    fn phase_json(&self, before: &ProcSample, now: &ProcSample) -> Value {
+        let failures = json!({ "failures": self.failures });
+        merged(
+            merged(tally_json(self.tally()), failures),
+            server_json(before, now),
+        )
+    }
+
     fn dial_all(&mut self) {
         for c in 0..self.conns.len() {
             self.dial(c);
@@ -989,20 +999,16 @@ pub fn run(
         "attach",
         complete,
         merged(
-            merged(
-                json!({
-                    "agents": cfg.agents,
-                    "connections": cfg.connections(),
-                    "agents_per_connection": cfg.per_connection(),
-                    "server_rss_per_agent_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.agents),
-                    "server_rss_per_connection_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.connections()),
-                    "loadgen_rss_kib": me.rss_kib,
-                    "loadgen_threads": me.threads,
-                    "failures": fleet.failures,
-                }),
-                tally_json(fleet.tally()),
-            ),
-            server_json(&idle, &attached),
+            json!({
+                "agents": cfg.agents,
+                "connections": cfg.connections(),
+                "agents_per_connection": cfg.per_connection(),
+                "server_rss_per_agent_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.agents),
+                "server_rss_per_connection_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.connections()),
+                "loadgen_rss_kib": me.rss_kib,
+                "loadgen_threads": me.threads,
+            }),
+            fleet.phase_json(&idle, &attached),
         ),
     );
 
@@ -1013,17 +1019,7 @@ pub fn run(
     publisher.publish(&broadcast)?;
     fleet.measure(&broadcast, start);
     let complete = fleet.run_until(start + cfg.phase_timeout, all_answered);
-    report(
-        "broadcast",
-        complete,
-        merged(
-            merged(
-                tally_json(fleet.tally()),
-                json!({"failures": fleet.failures}),
-            ),
-            server_json(&before, &sample()),
-        ),
-    );
+    report("broadcast", complete, fleet.phase_json(&before, &sample()));
 
     // Mass disconnect: every connection dropped at once; a task published
     // while they are away; all dial again after `reconnect_after`.
@@ -1047,17 +1043,7 @@ pub fn run(
     fleet.measure(&away, start);
     fleet.dial_all();
     let complete = fleet.run_until(start + cfg.phase_timeout, all_answered);
-    report(
-        "reconnect",
-        complete,
-        merged(
-            merged(
-                tally_json(fleet.tally()),
-                json!({"failures": fleet.failures}),
-            ),
-            server_json(&before, &sample()),
-        ),
-    );
+    report("reconnect", complete, fleet.phase_json(&before, &sample()));
     fleet.disconnect_all();
     Ok(reports)
 }
