@@ -636,8 +636,10 @@ impl<'a> Fleet<'a> {
         }
     }
 
-    /// Runs the fleet until `done` holds or `deadline` passes; says which.
+    /// Runs the fleet until `done` holds or `deadline` passes (or the
+    /// server's process is gone); says whether `done` held.
     fn run_until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) -> bool {
+        let mut checked = Instant::now();
         loop {
             if done(self) {
                 return true;
@@ -645,6 +647,16 @@ impl<'a> Fleet<'a> {
             let now = Instant::now();
             if now >= deadline {
                 return false;
+            }
+            if now.duration_since(checked) >= Duration::from_millis(500) {
+                checked = now;
+                if self.cfg.server_pid.is_some_and(|pid| !process_exists(pid)) {
+                    log::error!(
+                        "the server (process {}) is gone",
+                        self.cfg.server_pid.unwrap_or(0)
+                    );
+                    return false;
+                }
             }
             self.fire_timers(now);
             self.send_statuses(now);
@@ -666,6 +678,10 @@ impl<'a> Fleet<'a> {
             }
         }
     }
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// Waits until `channel` is connected, or says why not within `timeout`.
@@ -703,7 +719,7 @@ enum Wake {
     Status,
     Task(ServerMsg),
     Answered(String, grpcio::Result<()>),
-    Lost(grpcio::Error),
+    Lost(&'static str, grpcio::Error),
     Ended(&'static str),
 }
 
@@ -731,12 +747,12 @@ impl Agent {
         };
         let mut tasks = match client.get_task_opt(&Empty::new(), self.options()) {
             Ok(t) => t,
-            Err(e) => return ended(format!("getTask: {e}"), false),
+            Err(e) => return ended(format!("getTask: {}", short_error(&e)), false),
         };
         let mut status = if self.status {
             match client.send_status_opt(self.options()) {
                 Ok(s) => Some(s),
-                Err(e) => return ended(format!("sendStatus: {e}"), false),
+                Err(e) => return ended(format!("sendStatus: {}", short_error(&e)), false),
             }
         } else {
             None
@@ -758,14 +774,14 @@ impl Agent {
                     while let Poll::Ready(reply) = replies.poll_next_unpin(cx) {
                         match reply {
                             Some(Ok(_)) => {}
-                            Some(Err(e)) => return Poll::Ready(Wake::Lost(e)),
+                            Some(Err(e)) => return Poll::Ready(Wake::Lost("status stream", e)),
                             None => return Poll::Ready(Wake::Ended("the status stream ended")),
                         }
                     }
                 }
                 tasks.poll_next_unpin(cx).map(|t| match t {
                     Some(Ok(t)) => Wake::Task(t),
-                    Some(Err(e)) => Wake::Lost(e),
+                    Some(Err(e)) => Wake::Lost("task stream", e),
                     None => Wake::Ended("the server ended the task stream"),
                 })
             })
@@ -780,7 +796,7 @@ impl Agent {
                             ..Default::default()
                         };
                         if let Err(e) = tx.send((msg, WriteFlags::default())).await {
-                            return ended(format!("status: {e}"), false);
+                            return ended(format!("status: {}", short_error(&e)), refused(&e));
                         }
                     }
                 }
@@ -807,8 +823,8 @@ impl Agent {
                         why: short_error(&e),
                     });
                 }
-                Wake::Lost(e) => {
-                    return ended(format!("task stream: {}", short_error(&e)), refused(&e))
+                Wake::Lost(call, e) => {
+                    return ended(format!("{call}: {}", short_error(&e)), refused(&e))
                 }
                 Wake::Ended(why) => return ended(why.into(), false),
             }
@@ -843,7 +859,7 @@ async fn answer(
 
 /// Whether the server refused the agent (trying again soon changes nothing).
 fn refused(e: &grpcio::Error) -> bool {
-    matches!(e, grpcio::Error::RpcFailure(s) if [
+    matches!(e, grpcio::Error::RpcFailure(s) | grpcio::Error::RpcFinished(Some(s)) if [
         RpcStatusCode::UNAUTHENTICATED,
         RpcStatusCode::PERMISSION_DENIED,
         RpcStatusCode::ALREADY_EXISTS,
@@ -851,10 +867,13 @@ fn refused(e: &grpcio::Error) -> bool {
     ].contains(&s.code()))
 }
 
-/// An error as a short key for counting failures: the status code and message.
+/// An error as a short key for counting failures: the status code and
+/// message (without the debug string, which holds a timestamp).
 fn short_error(e: &grpcio::Error) -> String {
     match e {
-        grpcio::Error::RpcFailure(s) => format!("{:?}: {}", s.code(), s.message()),
+        grpcio::Error::RpcFailure(s) | grpcio::Error::RpcFinished(Some(s)) => {
+            format!("{:?}: {}", s.code(), s.message())
+        }
         other => other.to_string(),
     }
 }
@@ -959,6 +978,9 @@ pub fn run(
     emit: &mut dyn FnMut(&PhaseReport),
 ) -> Result<Vec<PhaseReport>, Error> {
     cfg.check()?;
+    if let Some(pid) = cfg.server_pid.filter(|p| !process_exists(*p)) {
+        return Err(Error::Usage(format!("--server-pid {pid}: no such process")));
+    }
     check_open_files(cfg.connections())?;
     let mut publisher = Publisher::open(&cfg.tasks_to)?;
     let sample = || match cfg.server_pid {
