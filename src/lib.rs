@@ -44,6 +44,7 @@ pub mod shutdown;
 pub mod task;
 pub mod tls;
 pub mod token;
+pub mod transport;
 pub mod trust;
 pub mod workqueue;
 

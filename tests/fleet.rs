@@ -220,3 +220,84 @@ fn a_thousand_agents_attach_take_a_broadcast_and_all_come_back_after_a_mass_disc
     server.signal("INT");
     assert_eq!(server.wait_exit(), 0);
 }
+
+/// A peer that streams status messages on many calls of one connection
+/// without ever reading the replies: the server stops reading each call once
+/// its reply is stuck, and what the peer may still send is buffered. It must
+/// stay within each call's fixed window, not grow with the traffic.
+#[test]
+fn status_floods_that_never_read_a_reply_are_buffered_within_fixed_windows() {
+    use futures::SinkExt;
+    let mut server = Proc::start(
+        SERVER_BIN,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--no-state",
+            "--tasks-from",
+            "/dev/null",
+        ],
+    );
+    let port = port_of_listening_line(&server.wait_line("listening on"));
+    let pid = server.child.id().to_string();
+    let rss = || {
+        contact::loadgen::ProcSample::of(&pid)
+            .rss_kib
+            .expect("server RSS")
+    };
+    // A client whose own windows stay small, so that it buffers little of
+    // the replies it does not read.
+    let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+    let channel = grpcio::ChannelBuilder::new(env)
+        .http2_bdp_probe(false)
+        .connect(&format!("127.0.0.1:{port}"));
+    let client = contact::proto::ContactClient::new(channel);
+    const CALLS: usize = 90;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let before = rss();
+    let mut calls = vec![];
+    for i in 0..CALLS {
+        let (mut tx, replies) = client
+            .send_status_opt(as_client(&format!("flood-{i}")))
+            .unwrap();
+        let sent = sent.clone();
+        client.spawn(async move {
+            let msg = contact::proto::ClientMsg {
+                msg: "x".repeat(16 << 10),
+                ..Default::default()
+            };
+            while tx
+                .send((msg.clone(), grpcio::WriteFlags::default()))
+                .await
+                .is_ok()
+            {
+                sent.fetch_add(msg.msg.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        calls.push(replies);
+    }
+    // Until nothing more goes through: every call is stuck on its window.
+    let mut last = u64::MAX;
+    wait_for("the flood to stall", || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+        let stalled = now == last && now > 0;
+        last = now;
+        stalled
+    });
+    let grown = rss().saturating_sub(before);
+    eprintln!(
+        "{CALLS} calls sent {} KiB before stalling; the server grew by {grown} KiB",
+        last >> 10
+    );
+    // 64 KiB of window per call, the replies stuck on their way out, and
+    // room for the allocator: with windows that grow (BDP probing) it was
+    // gigabytes.
+    assert!(
+        grown < (CALLS as u64) * 512,
+        "server grew by {grown} KiB for {CALLS} stalled calls"
+    );
+    drop(calls);
+    server.signal("INT");
+    assert_eq!(server.wait_exit(), 0);
+}
