@@ -428,13 +428,13 @@ impl<'a> Fleet<'a> {
         &self.measured.as_ref().expect("a phase is measured").tally
     }
 
-    /// The fields of a task phase: the tally, the failures met, and the
-    /// server's memory now and CPU time since `before`.
-    fn phase_json(&self, before: &ProcSample, now: &ProcSample) -> Value {
+    /// The fields of a task phase: the tally, the failures met, and both
+    /// processes' memory now and CPU time since `before`.
+    fn phase_json(&self, before: &Samples, now: &Samples) -> Value {
         let failures = json!({ "failures": self.failures });
         merged(
             merged(tally_json(self.tally()), failures),
-            server_json(before, now),
+            procs_json(before, now),
         )
     }
 
@@ -950,17 +950,36 @@ fn merged(mut base: Value, extra: Value) -> Value {
     base
 }
 
-/// The server's side of a phase: memory now, CPU time since `before`.
-fn server_json(before: &ProcSample, now: &ProcSample) -> Value {
-    let cpu = match (before.cpu_secs, now.cpu_secs) {
+/// Both processes at one moment: the server (when its pid is known) and this one.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Samples {
+    pub server: ProcSample,
+    pub loadgen: ProcSample,
+}
+
+impl Samples {
+    fn take(server_pid: Option<u32>) -> Samples {
+        Samples {
+            server: server_pid.map_or_else(ProcSample::default, |p| ProcSample::of(&p.to_string())),
+            loadgen: ProcSample::of("self"),
+        }
+    }
+}
+
+/// Both processes' side of a phase: memory now, CPU time since `before`.
+fn procs_json(before: &Samples, now: &Samples) -> Value {
+    let cpu = |a: &ProcSample, b: &ProcSample| match (a.cpu_secs, b.cpu_secs) {
         (Some(a), Some(b)) => Some(((b - a) * 1000.0).round() / 1000.0),
         _ => None,
     };
     json!({
-        "server_rss_kib": now.rss_kib,
-        "server_fds": now.fds,
-        "server_threads": now.threads,
-        "server_cpu_secs": cpu,
+        "server_rss_kib": now.server.rss_kib,
+        "server_fds": now.server.fds,
+        "server_threads": now.server.threads,
+        "server_cpu_secs": cpu(&before.server, &now.server),
+        "loadgen_rss_kib": now.loadgen.rss_kib,
+        "loadgen_threads": now.loadgen.threads,
+        "loadgen_cpu_secs": cpu(&before.loadgen, &now.loadgen),
     })
 }
 
@@ -983,10 +1002,7 @@ pub fn run(
     }
     check_open_files(cfg.connections())?;
     let mut publisher = Publisher::open(&cfg.tasks_to)?;
-    let sample = || match cfg.server_pid {
-        Some(pid) => ProcSample::of(&pid.to_string()),
-        None => ProcSample::default(),
-    };
+    let sample = || Samples::take(cfg.server_pid);
     let tag = format!("{:08x}", fastrand::u32(..));
     let task = |phase: &str| format!("contact-load {tag} {phase}");
     let mut reports = vec![];
@@ -1004,7 +1020,7 @@ pub fn run(
     let all_answered = |f: &Fleet| f.tally().complete();
 
     let idle = sample();
-    report("idle", true, server_json(&idle, &idle));
+    report("idle", true, procs_json(&idle, &idle));
 
     // Attach: the task is published first, so that each agent is served it
     // as it attaches (the server delivers retained tasks to new clients).
@@ -1016,7 +1032,6 @@ pub fn run(
     fleet.dial_all();
     let complete = fleet.run_until(start + cfg.phase_timeout, all_answered);
     let attached = sample();
-    let me = ProcSample::of("self");
     report(
         "attach",
         complete,
@@ -1025,10 +1040,8 @@ pub fn run(
                 "agents": cfg.agents,
                 "connections": cfg.connections(),
                 "agents_per_connection": cfg.per_connection(),
-                "server_rss_per_agent_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.agents),
-                "server_rss_per_connection_kib": kib_each(idle.rss_kib, attached.rss_kib, cfg.connections()),
-                "loadgen_rss_kib": me.rss_kib,
-                "loadgen_threads": me.threads,
+                "server_rss_per_agent_kib": kib_each(idle.server.rss_kib, attached.server.rss_kib, cfg.agents),
+                "server_rss_per_connection_kib": kib_each(idle.server.rss_kib, attached.server.rss_kib, cfg.connections()),
             }),
             fleet.phase_json(&idle, &attached),
         ),
@@ -1056,7 +1069,7 @@ pub fn run(
         true,
         merged(
             json!({"agents": cfg.agents, "away_secs": cfg.reconnect_after.as_secs_f64()}),
-            server_json(&before, &sample()),
+            procs_json(&before, &sample()),
         ),
     );
 
@@ -1083,7 +1096,7 @@ pub fn table(reports: &[PhaseReport]) -> String {
         }
     };
     let mut out = format!(
-        "{:<11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>12} {:>9}\n",
+        "{:<11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>12} {:>10} {:>10}\n",
         "phase",
         "received",
         "all (s)",
@@ -1092,12 +1105,13 @@ pub fn table(reports: &[PhaseReport]) -> String {
         "all (s)",
         "p50 (s)",
         "server KiB",
-        "CPU (s)"
+        "server CPU",
+        "load CPU"
     );
     for r in reports {
         let j = &r.json;
         out += &format!(
-            "{:<11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>12} {:>9}{}\n",
+            "{:<11} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>12} {:>10} {:>10}{}\n",
             r.phase,
             num(j, "received"),
             num(j, "received_secs"),
@@ -1107,6 +1121,7 @@ pub fn table(reports: &[PhaseReport]) -> String {
             num(j, "acknowledged_p50_secs"),
             num(j, "server_rss_kib"),
             num(j, "server_cpu_secs"),
+            num(j, "loadgen_cpu_secs"),
             if r.complete { "" } else { "  INCOMPLETE" },
         );
     }
