@@ -455,7 +455,7 @@ impl<'a> Fleet<'a> {
             .keepalive_permit_without_calls(true)
             .http2_max_pings_without_data(0)
             .max_receive_message_len(1 << 20)
-            .connect(&self.cfg.server);
+            .connect(&grpc_target(&self.cfg.server));
         let client = ContactClient::new(channel.clone());
         let (events, generation, timeout) = (
             self.events_tx.clone(),
@@ -677,6 +677,17 @@ impl<'a> Fleet<'a> {
                 Err(_) => continue,
             }
         }
+    }
+}
+
+/// The gRPC target for `server`: an IP address is named as such
+/// (`ipv4:`/`ipv6:`), so that thousands of channels do not each resolve it
+/// on C-core's blocking resolver threads; a host name is resolved as usual.
+fn grpc_target(server: &str) -> String {
+    match server.parse::<std::net::SocketAddr>() {
+        Ok(a @ std::net::SocketAddr::V4(_)) => format!("ipv4:{a}"),
+        Ok(a @ std::net::SocketAddr::V6(_)) => format!("ipv6:{a}"),
+        Err(_) => server.to_string(),
     }
 }
 
@@ -1184,6 +1195,13 @@ mod tests {
         let mut bad = config(10);
         bad.id_prefix = "has space".into();
         assert!(bad.check().unwrap_err().to_string().contains("--id-prefix"));
+    }
+
+    #[test]
+    fn ip_addresses_are_dialled_without_a_resolver() {
+        assert_eq!(grpc_target("127.0.0.1:50051"), "ipv4:127.0.0.1:50051");
+        assert_eq!(grpc_target("[::1]:50051"), "ipv6:[::1]:50051");
+        assert_eq!(grpc_target("localhost:50051"), "localhost:50051");
     }
 
     #[test]
