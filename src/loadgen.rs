@@ -11,13 +11,14 @@
 //! caller's) dials, re-dials with backoff, paces status messages and keeps
 //! the tallies; agents only report events to it.
 //!
-//! A run is four phases, each reported as one JSON object ([`PhaseReport`]):
+//! A run is five phases, each reported as one JSON object ([`PhaseReport`]):
 //! `idle` (the server's memory before anyone attaches), `attach` (a task
 //! published first reaches every agent as it attaches: attached = served),
-//! `broadcast` (a new task reaches all and all results are acknowledged), and
-//! `reconnect` (every connection is dropped at once, a task is published
-//! while they are away, and after `reconnect_after` they all dial again:
-//! back = that task received). Tasks are published by writing lines to the
+//! `broadcast` (a new task reaches all and all results are acknowledged),
+//! `disconnect` (every connection is dropped at once and a task published
+//! while they are away: how long until the server has closed them all), and
+//! `reconnect` (after `reconnect_after` they all dial again: back = that
+//! task received). Tasks are published by writing lines to the
 //! file the server reads with `--tasks-from` (a FIFO).
 
 use crate::backoff::Backoff;
@@ -239,6 +240,8 @@ pub struct ProcSample {
     pub threads: Option<u64>,
     pub cpu_secs: Option<f64>,
     pub fds: Option<u64>,
+    /// Open sockets (connections, and the listening socket).
+    pub sockets: Option<u64>,
 }
 
 impl ProcSample {
@@ -254,8 +257,20 @@ impl ProcSample {
             fds: std::fs::read_dir(dir.join("fd"))
                 .ok()
                 .map(|d| d.count() as u64),
+            sockets: open_sockets(&dir),
         }
     }
+}
+
+/// How many of a process's open files are sockets.
+fn open_sockets(proc_dir: &Path) -> Option<u64> {
+    let fds = std::fs::read_dir(proc_dir.join("fd")).ok()?;
+    let sockets = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count();
+    Some(sockets as u64)
 }
 
 /// The number in a `/proc/<pid>/status` line such as `VmRSS:   1234 kB`.
@@ -986,6 +1001,7 @@ fn procs_json(before: &Samples, now: &Samples) -> Value {
     json!({
         "server_rss_kib": now.server.rss_kib,
         "server_fds": now.server.fds,
+        "server_sockets": now.server.sockets,
         "server_threads": now.server.threads,
         "server_cpu_secs": cpu(&before.server, &now.server),
         "loadgen_rss_kib": now.loadgen.rss_kib,
@@ -1073,13 +1089,32 @@ pub fn run(
     fleet.disconnect_all();
     let away = task("reconnect");
     publisher.publish(&away)?;
-    let back_at = Instant::now() + cfg.reconnect_after;
+    let gone_at = Instant::now();
+    let back_at = gone_at + cfg.reconnect_after;
+    // Until the server has closed every connection (as many sockets as when idle).
+    let mut closed_secs = None;
+    while closed_secs.is_none() && Instant::now() < back_at {
+        fleet.run_until(
+            back_at.min(Instant::now() + Duration::from_millis(50)),
+            |_| false,
+        );
+        let now = sample().server.sockets;
+        if now.is_some() && now <= idle.server.sockets {
+            closed_secs = Some(gone_at.elapsed().as_secs_f64());
+        }
+    }
     fleet.run_until(back_at, |_| false);
+    // Complete either way: how long the server takes is what is measured
+    // (`null`: longer than the agents stayed away).
     report(
         "disconnect",
         true,
         merged(
-            json!({"agents": cfg.agents, "away_secs": cfg.reconnect_after.as_secs_f64()}),
+            json!({
+                "agents": cfg.agents,
+                "away_secs": cfg.reconnect_after.as_secs_f64(),
+                "server_closed_all_secs": closed_secs,
+            }),
             procs_json(&before, &sample()),
         ),
     );
@@ -1143,6 +1178,13 @@ pub fn table(reports: &[PhaseReport]) -> String {
             num(&a.json, "server_rss_per_connection_kib"),
             num(&a.json, "agents"),
             num(&a.json, "connections"),
+        );
+    }
+    if let Some(d) = reports.iter().find(|r| r.phase == "disconnect") {
+        out += &format!(
+            "mass disconnect: the server closed every connection in {} s (using {} s of CPU)\n",
+            num(&d.json, "server_closed_all_secs"),
+            num(&d.json, "server_cpu_secs"),
         );
     }
     out
@@ -1255,6 +1297,10 @@ mod tests {
         let me = ProcSample::of("self");
         assert!(me.rss_kib.unwrap() > 0 && me.threads.unwrap() >= 1);
         assert!(me.cpu_secs.is_some() && me.fds.unwrap() > 0);
+        // Other tests open and close sockets meanwhile: only a lower bound holds.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(ProcSample::of("self").sockets.unwrap() >= 1);
+        drop(listener);
         assert_eq!(ProcSample::of("0"), ProcSample::default());
     }
 
@@ -1282,10 +1328,16 @@ mod tests {
                 complete: false,
                 json: j,
             },
+            PhaseReport {
+                phase: "disconnect",
+                complete: true,
+                json: json!({"server_closed_all_secs": 0.75, "server_cpu_secs": 0.5}),
+            },
         ];
         let t = table(&reports);
         assert!(t.contains("1.500"), "{t}");
         assert!(t.contains("INCOMPLETE"), "{t}");
         assert!(t.contains("40.500 KiB per agent"), "{t}");
+        assert!(t.contains("closed every connection in 0.750 s"), "{t}");
     }
 }

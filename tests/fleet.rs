@@ -166,6 +166,11 @@ fn a_thousand_agents_attach_take_a_broadcast_and_all_come_back_after_a_mass_disc
         assert_eq!(p["received"], AGENTS, "{name}: {p}");
         assert_eq!(p["acknowledged"], AGENTS, "{name}: {p}");
     }
+    let disconnect = &load.phases["disconnect"];
+    assert_eq!(
+        disconnect["complete"], true,
+        "the server closed every connection: {disconnect}"
+    );
     let attach = &load.phases["attach"];
     assert_eq!(attach["connections"], AGENTS.div_ceil(33));
     // Sanity only: far above what it takes (tens of KiB per agent).
