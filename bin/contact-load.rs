@@ -1,7 +1,21 @@
 //! `contact-load`: parses flags into a `LoadConfig`, runs the load generator's
 //! phases against a running server, prints one JSON object per phase on
 //! standard output and a table on standard error; exits 1 if a phase did not
-//! complete for every agent.
+//! complete for every agent (2 for a usage error).
+//!
+//! The JSON lines, in order, each with `phase` and `complete`:
+//! - `idle`: `server_rss_kib`, `server_fds`, `server_sockets`, `server_threads`
+//!   (null without `--server-pid`), and the same `loadgen_*` fields for this process;
+//! - `attach`: `agents`, `connections`, `agents_per_connection`,
+//!   `server_rss_per_agent_kib`, `server_rss_per_connection_kib` (growth since idle);
+//! - `attach`, `broadcast` and `reconnect`: `received` and `acknowledged`
+//!   (agents), `received_secs` / `acknowledged_secs` (until the last one; null
+//!   unless all), `*_p50_secs`, `*_p99_secs`, and `failures` (why dials and
+//!   calls failed: count by status code and message);
+//! - `disconnect`: `away_secs` and `server_closed_all_secs` (until the server's
+//!   sockets are back to the idle count; null if longer than `away_secs`);
+//! - every phase but `idle`: `server_cpu_secs` and `loadgen_cpu_secs` spent in
+//!   it, and the memory, files and threads of both processes at its end.
 
 use clap::Parser;
 use contact::cli::{self, parse_positive, parse_secs};
@@ -12,6 +26,8 @@ use std::time::Duration;
 
 /// Hold a fleet of agents on a contact server and measure it: attach, a
 /// broadcast task, a mass disconnect and reconnect, and the server's memory.
+/// Prints one JSON object per phase (idle, attach, broadcast, disconnect,
+/// reconnect) on standard output and a table on standard error.
 ///
 /// The server must read tasks from a FIFO (--tasks-from FIFO, default
 /// --dispatch broadcast and --from oldest), which this program writes its
