@@ -9,8 +9,7 @@
 //! read buffers behind them, grow towards megabytes per connection: grpc-rs
 //! issue 412 saw it at 10,000 connections); and a resource quota over all
 //! connections (half the machine's memory), near which C-core reads in small
-//! chunks, then sends idle connections away and sheds streams, instead of the
-//! process being killed for want of memory.
+//! chunks and sends connections without calls away (GOAWAY) to reclaim memory.
 
 use crate::server::{ServerConfig, MIN_CLIENT_PING};
 use grpcio::{ChannelBuilder, Environment, ResourceQuota};
