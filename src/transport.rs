@@ -5,9 +5,10 @@
 //!
 //! Per connection, C-core's memory is bounded by three settings: at most
 //! `max_streams_per_connection` calls; each call's receive window stays at
-//! its initial 64 KiB because BDP probing is off (with it on, windows, and the
-//! read buffers behind them, grow towards megabytes per connection: grpc-rs
-//! issue 412 saw it at 10,000 connections); and a resource quota over all
+//! its initial 64 KiB because BDP probing is off (with it on, windows grow
+//! with the traffic, to megabytes per call: 90 status streams that never read
+//! their replies held 3 GB of the server, see `tests/fleet.rs`; grpc-rs issue
+//! 412 saw it at 10,000 connections); and a resource quota over all
 //! connections (half the machine's memory), near which C-core reads in small
 //! chunks and sends connections without calls away (GOAWAY) to reclaim memory.
 
