@@ -20,26 +20,32 @@
 //! `reconnect` (after `reconnect_after` they all dial again: back = that
 //! task received). Tasks are published by writing lines to the
 //! file the server reads with `--tasks-from` (a FIFO).
+//!
+//! Here: the configuration, the coordinator and the phases; in `agent` the
+//! agents' futures and dialling, in `tally` what a phase adds up to, in
+//! `procfs` what `/proc` says about the two processes.
+
+mod agent;
+mod procfs;
+mod tally;
+
+pub use procfs::{ProcSample, Samples};
+pub use tally::{Tally, Timing};
 
 use crate::backoff::Backoff;
 use crate::error::Error;
-use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg};
+use crate::proto::{self, ContactClient};
+use agent::{grpc_target, wait_ready, Agent, Command, Event};
 use crossbeam_channel::{Receiver, Sender};
 use futures::channel::mpsc;
-use futures::future::{poll_fn, BoxFuture};
-use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
-use grpcio::{
-    CallOption, Channel, ChannelBuilder, ConnectivityState, EnvBuilder, Environment, Metadata,
-    MetadataBuilder, RpcStatusCode, WriteFlags,
-};
+use grpcio::{ChannelBuilder, EnvBuilder, Environment, Metadata, MetadataBuilder};
+use procfs::process_exists;
 use serde_json::{json, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// Everything `contact-load` can be told.
@@ -157,152 +163,6 @@ impl LoadConfig {
     }
 }
 
-/// When each agent did something in a phase, and what that adds up to.
-#[derive(Debug, Clone)]
-pub struct Tally {
-    start: Instant,
-    received: Vec<Option<Instant>>,
-    acknowledged: Vec<Option<Instant>>,
-}
-
-/// How long the agents took for one step of a phase, from its start.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Timing {
-    /// Agents that got there.
-    pub count: usize,
-    /// Until the last agent got there; `None` unless all did.
-    pub all_secs: Option<f64>,
-    pub p50_secs: Option<f64>,
-    pub p99_secs: Option<f64>,
-}
-
-impl Tally {
-    pub fn new(agents: usize, start: Instant) -> Tally {
-        Tally {
-            start,
-            received: vec![None; agents],
-            acknowledged: vec![None; agents],
-        }
-    }
-
-    /// Agent `agent` received the phase's task at `at` (the first time counts).
-    pub fn received(&mut self, agent: usize, at: Instant) {
-        if let Some(slot @ None) = self.received.get_mut(agent) {
-            *slot = Some(at);
-        }
-    }
-
-    /// The server acknowledged agent `agent`'s result at `at`.
-    pub fn acknowledged(&mut self, agent: usize, at: Instant) {
-        if let Some(slot @ None) = self.acknowledged.get_mut(agent) {
-            *slot = Some(at);
-        }
-    }
-
-    /// Every agent received the task and had its result acknowledged.
-    pub fn complete(&self) -> bool {
-        self.received.iter().all(Option::is_some) && self.acknowledged.iter().all(Option::is_some)
-    }
-
-    pub fn receipts(&self) -> Timing {
-        timing(self.start, &self.received)
-    }
-
-    pub fn acknowledgements(&self) -> Timing {
-        timing(self.start, &self.acknowledged)
-    }
-}
-
-/// Count, time until all, and nearest-rank p50/p99 of `times` since `start`.
-pub fn timing(start: Instant, times: &[Option<Instant>]) -> Timing {
-    let mut secs: Vec<f64> = times
-        .iter()
-        .flatten()
-        .map(|t| t.saturating_duration_since(start).as_secs_f64())
-        .collect();
-    secs.sort_by(f64::total_cmp);
-    let rank = |q: f64| -> Option<f64> {
-        let n = secs.len();
-        (n > 0).then(|| secs[((q * n as f64).ceil() as usize).clamp(1, n) - 1])
-    };
-    Timing {
-        count: secs.len(),
-        all_secs: (secs.len() == times.len()).then(|| rank(1.0)).flatten(),
-        p50_secs: rank(0.5),
-        p99_secs: rank(0.99),
-    }
-}
-
-/// What `/proc` says about a process at one moment (fields it could not read are `None`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcSample {
-    pub rss_kib: Option<u64>,
-    pub threads: Option<u64>,
-    pub cpu_secs: Option<f64>,
-    pub fds: Option<u64>,
-    /// Open sockets (connections, and the listening socket).
-    pub sockets: Option<u64>,
-}
-
-impl ProcSample {
-    /// Reads `/proc/<pid>` (`"self"` for this process).
-    pub fn of(pid: &str) -> ProcSample {
-        let dir = Path::new("/proc").join(pid);
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        ProcSample {
-            rss_kib: status_field(&status, "VmRSS:"),
-            threads: status_field(&status, "Threads:"),
-            cpu_secs: cpu_ticks(&stat).map(|t| t as f64 / clock_ticks_per_sec()),
-            fds: std::fs::read_dir(dir.join("fd"))
-                .ok()
-                .map(|d| d.count() as u64),
-            sockets: open_sockets(&dir),
-        }
-    }
-}
-
-/// How many of a process's open files are sockets.
-fn open_sockets(proc_dir: &Path) -> Option<u64> {
-    let fds = std::fs::read_dir(proc_dir.join("fd")).ok()?;
-    let sockets = fds
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("socket:"))
-        .count();
-    Some(sockets as u64)
-}
-
-/// The number in a `/proc/<pid>/status` line such as `VmRSS:   1234 kB`.
-pub fn status_field(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-}
-
-/// User plus system CPU time in clock ticks from `/proc/<pid>/stat` (fields
-/// 14 and 15; the command name before them may contain spaces and parentheses).
-pub fn cpu_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // after_name starts at field 3 (state): utime is field 14, stime 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    // SAFETY: sysconf only reads a system constant.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 /// One phase's outcome, printed as one JSON object per line.
 #[derive(Debug, Clone)]
 pub struct PhaseReport {
@@ -310,43 +170,6 @@ pub struct PhaseReport {
     /// The phase did what it measures for every agent within the timeout.
     pub complete: bool,
     pub json: Value,
-}
-
-/// What an agent reports to the coordinator.
-#[derive(Debug)]
-enum Event {
-    Dialled {
-        conn: usize,
-        generation: u32,
-        result: Result<(), String>,
-    },
-    Received {
-        agent: usize,
-        generation: u32,
-        text: String,
-        at: Instant,
-    },
-    Acknowledged {
-        agent: usize,
-        generation: u32,
-        text: String,
-        at: Instant,
-    },
-    /// A result call failed (the server will deliver the task again).
-    AnswerFailed { generation: u32, why: String },
-    /// The agent's calls ended or failed; it is gone until dialled again.
-    Ended {
-        agent: usize,
-        generation: u32,
-        why: String,
-        refused: bool,
-    },
-}
-
-/// What the coordinator tells a running agent (dropping its sender stops it).
-#[derive(Debug)]
-enum Command {
-    Status,
 }
 
 /// Something to do later, in the generation it was planned in.
@@ -695,215 +518,6 @@ impl<'a> Fleet<'a> {
     }
 }
 
-/// The gRPC target for `server`: an IP address is named as such
-/// (`ipv4:`/`ipv6:`), so that thousands of channels do not each resolve it
-/// on C-core's blocking resolver threads; a host name is resolved as usual.
-fn grpc_target(server: &str) -> String {
-    match server.parse::<std::net::SocketAddr>() {
-        Ok(a @ std::net::SocketAddr::V4(_)) => format!("ipv4:{a}"),
-        Ok(a @ std::net::SocketAddr::V6(_)) => format!("ipv6:{a}"),
-        Err(_) => server.to_string(),
-    }
-}
-
-fn process_exists(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
-}
-
-/// Waits until `channel` is connected, or says why not within `timeout`.
-async fn wait_ready(channel: &Channel, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let state = channel.check_connectivity_state(true);
-        match state {
-            ConnectivityState::GRPC_CHANNEL_READY => return Ok(()),
-            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => {
-                return Err("connection failed".into())
-            }
-            ConnectivityState::GRPC_CHANNEL_SHUTDOWN => return Err("channel shut down".into()),
-            _ => {}
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("not connected after {timeout:?}"));
-        }
-        channel.wait_for_state_change(state, left).await;
-    }
-}
-
-/// One agent: a future on a completion queue.
-struct Agent {
-    index: usize,
-    generation: u32,
-    metadata: Metadata,
-    status: bool,
-}
-
-/// What woke an agent.
-enum Wake {
-    Stop,
-    Status,
-    Task(ServerMsg),
-    Answered(String, grpcio::Result<()>),
-    Lost(&'static str, grpcio::Error),
-    Ended(&'static str),
-}
-
-impl Agent {
-    fn options(&self) -> CallOption {
-        CallOption::default().headers(self.metadata.clone())
-    }
-
-    /// Registers, answers every task until told to stop (its calls are then
-    /// cancelled) or its calls end, and sends a status message when told to.
-    async fn run(
-        self,
-        client: ContactClient,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-        events: Sender<Event>,
-    ) {
-        let (agent, generation) = (self.index, self.generation);
-        let ended = |why: String, refused: bool| {
-            let _ = events.send(Event::Ended {
-                agent,
-                generation,
-                why,
-                refused,
-            });
-        };
-        let mut tasks = match client.get_task_opt(&Empty::new(), self.options()) {
-            Ok(t) => t,
-            Err(e) => return ended(format!("getTask: {}", short_error(&e)), false),
-        };
-        let mut status = if self.status {
-            match client.send_status_opt(self.options()) {
-                Ok(s) => Some(s),
-                Err(e) => return ended(format!("sendStatus: {}", short_error(&e)), false),
-            }
-        } else {
-            None
-        };
-        let mut answers: FuturesUnordered<BoxFuture<'static, (String, grpcio::Result<()>)>> =
-            FuturesUnordered::new();
-        loop {
-            let wake = poll_fn(|cx| {
-                match commands.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Command::Status)) => return Poll::Ready(Wake::Status),
-                    Poll::Ready(None) => return Poll::Ready(Wake::Stop),
-                    Poll::Pending => {}
-                }
-                if let Poll::Ready(Some((text, r))) = answers.poll_next_unpin(cx) {
-                    return Poll::Ready(Wake::Answered(text, r));
-                }
-                if let Some((_, replies)) = &mut status {
-                    // Replies are read (and dropped) so that they never fill the window.
-                    while let Poll::Ready(reply) = replies.poll_next_unpin(cx) {
-                        match reply {
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => return Poll::Ready(Wake::Lost("status stream", e)),
-                            None => return Poll::Ready(Wake::Ended("the status stream ended")),
-                        }
-                    }
-                }
-                tasks.poll_next_unpin(cx).map(|t| match t {
-                    Some(Ok(t)) => Wake::Task(t),
-                    Some(Err(e)) => Wake::Lost("task stream", e),
-                    None => Wake::Ended("the server ended the task stream"),
-                })
-            })
-            .await;
-            match wake {
-                // Returning drops (cancels) every call.
-                Wake::Stop => return,
-                Wake::Status => {
-                    if let Some((tx, _)) = &mut status {
-                        let msg = ClientMsg {
-                            msg: "alive".into(),
-                            ..Default::default()
-                        };
-                        if let Err(e) = tx.send((msg, WriteFlags::default())).await {
-                            return ended(format!("status: {}", short_error(&e)), refused(&e));
-                        }
-                    }
-                }
-                Wake::Task(task) => {
-                    let _ = events.send(Event::Received {
-                        agent,
-                        generation,
-                        text: task.task.clone(),
-                        at: Instant::now(),
-                    });
-                    answers.push(Box::pin(answer(client.clone(), self.options(), task)));
-                }
-                Wake::Answered(text, Ok(())) => {
-                    let _ = events.send(Event::Acknowledged {
-                        agent,
-                        generation,
-                        text,
-                        at: Instant::now(),
-                    });
-                }
-                Wake::Answered(_, Err(e)) => {
-                    let _ = events.send(Event::AnswerFailed {
-                        generation,
-                        why: short_error(&e),
-                    });
-                }
-                Wake::Lost(call, e) => {
-                    return ended(format!("{call}: {}", short_error(&e)), refused(&e))
-                }
-                Wake::Ended(why) => return ended(why.into(), false),
-            }
-        }
-    }
-}
-
-/// Reports `task` done on a `tellResult` call of its own; the call's
-/// completion is the acknowledgement. Yields the task's text and the outcome.
-async fn answer(
-    client: ContactClient,
-    options: CallOption,
-    task: ServerMsg,
-) -> (String, grpcio::Result<()>) {
-    let result = ResultMsg {
-        ret: "done".into(),
-        task_id: task.task_id,
-        ok: true,
-        attempt: task.attempt,
-        incarnation: task.incarnation,
-        ..Default::default()
-    };
-    let outcome = async {
-        let (mut tx, rx) = client.tell_result_opt(options)?;
-        tx.send((result, WriteFlags::default())).await?;
-        tx.close().await?;
-        rx.await.map(|_| ())
-    }
-    .await;
-    (task.task, outcome)
-}
-
-/// Whether the server refused the agent (trying again soon changes nothing).
-fn refused(e: &grpcio::Error) -> bool {
-    matches!(e, grpcio::Error::RpcFailure(s) | grpcio::Error::RpcFinished(Some(s)) if [
-        RpcStatusCode::UNAUTHENTICATED,
-        RpcStatusCode::PERMISSION_DENIED,
-        RpcStatusCode::ALREADY_EXISTS,
-        RpcStatusCode::RESOURCE_EXHAUSTED,
-    ].contains(&s.code()))
-}
-
-/// An error as a short key for counting failures: the status code and
-/// message (without the debug string, which holds a timestamp).
-fn short_error(e: &grpcio::Error) -> String {
-    match e {
-        grpcio::Error::RpcFailure(s) | grpcio::Error::RpcFinished(Some(s)) => {
-            format!("{:?}: {}", s.code(), s.message())
-        }
-        other => other.to_string(),
-    }
-}
-
 /// Writes task lines to the server's `--tasks-from` file.
 struct Publisher {
     path: PathBuf,
@@ -974,22 +588,6 @@ fn merged(mut base: Value, extra: Value) -> Value {
         b.extend(e);
     }
     base
-}
-
-/// Both processes at one moment: the server (when its pid is known) and this one.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Samples {
-    pub server: ProcSample,
-    pub loadgen: ProcSample,
-}
-
-impl Samples {
-    fn take(server_pid: Option<u32>) -> Samples {
-        Samples {
-            server: server_pid.map_or_else(ProcSample::default, |p| ProcSample::of(&p.to_string())),
-            loadgen: ProcSample::of("self"),
-        }
-    }
 }
 
 /// Both processes' side of a phase: memory now, CPU time since `before`.
@@ -1240,13 +838,6 @@ mod tests {
     }
 
     #[test]
-    fn ip_addresses_are_dialled_without_a_resolver() {
-        assert_eq!(grpc_target("127.0.0.1:50051"), "ipv4:127.0.0.1:50051");
-        assert_eq!(grpc_target("[::1]:50051"), "ipv6:[::1]:50051");
-        assert_eq!(grpc_target("localhost:50051"), "localhost:50051");
-    }
-
-    #[test]
     fn ids_are_zero_padded_to_the_largest() {
         assert_eq!(config(10_000).agent_id(42), "load-0042");
         assert_eq!(config(10_001).agent_id(42), "load-00042");
@@ -1254,62 +845,12 @@ mod tests {
     }
 
     #[test]
-    fn timings_count_who_got_there_and_how_fast() {
-        let t0 = Instant::now();
-        let at = |ms| Some(t0 + Duration::from_millis(ms));
-        let mut tally = Tally::new(4, t0);
-        tally.received(0, t0 + Duration::from_millis(400));
-        tally.received(1, t0 + Duration::from_millis(100));
-        tally.received(1, t0 + Duration::from_millis(900)); // the first receipt counts
-        tally.received(9, t0); // no such agent
-        let r = tally.receipts();
-        assert_eq!(r.count, 2);
-        assert_eq!(r.all_secs, None, "not all agents received it");
-        assert_eq!(r.p50_secs, Some(0.1));
-        assert_eq!(r.p99_secs, Some(0.4));
-        assert!(!tally.complete());
-        tally.received(2, t0 + Duration::from_millis(200));
-        tally.received(3, t0 + Duration::from_millis(300));
-        assert_eq!(tally.receipts().all_secs, Some(0.4));
-        assert!(!tally.complete(), "no result is acknowledged yet");
-        for a in 0..4 {
-            tally.acknowledged(a, t0 + Duration::from_millis(500 + a as u64));
-        }
-        assert!(tally.complete());
-        assert_eq!(tally.acknowledgements().all_secs, Some(0.503));
-        let hundred: Vec<Option<Instant>> = (1..=100).map(at).collect();
-        let t = timing(t0, &hundred);
-        assert_eq!((t.p50_secs, t.p99_secs), (Some(0.05), Some(0.099)));
-        assert_eq!(timing(t0, &[None, None]).p50_secs, None);
-    }
-
-    #[test]
-    fn proc_files_are_read_field_by_field() {
-        let status =
-            "Name:\tcontact-server\nVmPeak:\t  9999 kB\nVmRSS:\t   12345 kB\nThreads:\t7\n";
-        assert_eq!(status_field(status, "VmRSS:"), Some(12345));
-        assert_eq!(status_field(status, "Threads:"), Some(7));
-        assert_eq!(status_field(status, "VmSwap:"), None);
-        // A command name with spaces and parentheses does not shift the fields.
-        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
-        assert_eq!(cpu_ticks(stat), Some(300));
-        assert_eq!(cpu_ticks("garbage"), None);
-        let me = ProcSample::of("self");
-        assert!(me.rss_kib.unwrap() > 0 && me.threads.unwrap() >= 1);
-        assert!(me.cpu_secs.is_some() && me.fds.unwrap() > 0);
-        // Other tests open and close sockets meanwhile: only a lower bound holds.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(ProcSample::of("self").sockets.unwrap() >= 1);
-        drop(listener);
-        assert_eq!(ProcSample::of("0"), ProcSample::default());
-    }
-
-    #[test]
     fn reports_carry_per_agent_memory_and_a_readable_table() {
         assert_eq!(kib_each(Some(1000), Some(65_000), 1000), Some(64.0));
         assert_eq!(kib_each(None, Some(1), 1), None);
-        let mut tally = Tally::new(2, Instant::now());
-        tally.received(0, tally.start + Duration::from_millis(250));
+        let t0 = Instant::now();
+        let mut tally = Tally::new(2, t0);
+        tally.received(0, t0 + Duration::from_millis(250));
         let j = merged(json!({"phase": "broadcast"}), tally_json(&tally));
         assert_eq!(j["received"], 1);
         assert_eq!(j["received_secs"], Value::Null);
