@@ -19,6 +19,8 @@
 //! [`shutdown`] and [`error`]. Trust: [`listen`] (what address, reachable
 //! by whom), [`tls`], [`token`] and [`trust`] (who is calling), [`budget`]
 //! (stale results an agent may send) and [`logtext`] (peer text in logs).
+//! [`loadgen`] is the load generator behind `contact-load` (a fleet of
+//! agents on few connections, for measurements).
 
 pub mod backoff;
 pub mod budget;
@@ -30,6 +32,7 @@ pub mod feed;
 pub mod handler;
 pub mod journal;
 pub mod listen;
+pub mod loadgen;
 pub mod logtext;
 pub mod producer;
 pub mod proto;
@@ -41,6 +44,7 @@ pub mod shutdown;
 pub mod task;
 pub mod tls;
 pub mod token;
+pub mod transport;
 pub mod trust;
 pub mod workqueue;
 

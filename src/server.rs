@@ -21,14 +21,14 @@ use crate::proto::{self, ClientMsg, Contact, Empty, ResultMsg, ServerMsg};
 use crate::results::{ResultSink, ResultWriter, SinkConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, ServerTls};
+use crate::transport;
 use crate::trust::{self, Authenticator, Caller, Presented, Refusal, TrustConfig};
 use futures::future::poll_fn;
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use grpcio::{
-    ChannelBuilder, ClientStreamingSink, DuplexSink, Environment, RequestStream, RpcContext,
-    RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
+    ClientStreamingSink, DuplexSink, Environment, RequestStream, RpcContext, RpcStatus,
+    RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
 };
-use std::ffi::CString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -636,33 +636,7 @@ impl Server {
             auth: auth.clone(),
             stale: Arc::new(StaleBudget::new(config.stale)),
         };
-        let limits = config.transport;
-        let millis = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
-        let max_msg = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
-        let args = ChannelBuilder::new(env.clone())
-            .max_receive_message_len(max_msg)
-            .max_send_message_len(max_msg)
-            .keepalive_time(config.keepalive)
-            .keepalive_timeout(config.keepalive_timeout)
-            .keepalive_permit_without_calls(true)
-            // Accept client pings down to MIN_CLIENT_PING apart, so that a
-            // client's keepalive never earns a GOAWAY "too_many_pings".
-            .http2_min_recv_ping_interval_without_data(MIN_CLIENT_PING)
-            // gRPC shares a busy port by default (SO_REUSEPORT): a second
-            // server would silently split the fleet. Make it an error.
-            .reuse_port(false)
-            .max_concurrent_stream(
-                i32::try_from(limits.max_streams_per_connection).unwrap_or(i32::MAX),
-            )
-            .raw_cfg_int(
-                CString::new("grpc.max_connection_idle_ms").expect("no NUL"),
-                millis(limits.idle_connection),
-            )
-            .raw_cfg_int(
-                CString::new("grpc.server_handshake_timeout_ms").expect("no NUL"),
-                millis(limits.handshake),
-            )
-            .build_args();
+        let args = transport::server_channel(env.clone(), &config).build_args();
         let mut grpc = ServerBuilder::new(env)
             .channel_args(args)
             .register_service(proto::create_contact(service))
