@@ -415,7 +415,7 @@ fn round_trips(b: &Bench, s: &Sizes, r: &mut Results) -> Outcome<()> {
 /// Every table, with its heading, as printed and as written into the report.
 fn tables(r: &Results) -> String {
     format!(
-        "## Targets\n\n{}\n## a, b. Round trip\n\n{}\n## c. Latency at a fixed offered rate\n\n{}\n## d. Fan-out to 10,000 agents\n\n{}\n## e. A client that stops reading\n\n{}\n## f. Growth\n\n{}",
+        "## Targets\n\n{}\n## a, b. Round trip\n\n{}\n## c. Latency at a fixed offered rate\n\n{}\n## d. Fan-out to a fleet\n\n{}\n## e. A client that stops reading\n\n{}\n## f. Growth\n\n{}",
         r.targets(),
         r.round_trip(),
         r.latency_table(),

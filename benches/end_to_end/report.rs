@@ -169,12 +169,15 @@ impl Results {
             Some(Fanout::Measured { phases, .. }) => Some(phases.as_slice()),
             _ => None,
         };
-        for (target, value, limit, unit) in fanout::TARGETS {
-            let got = phases.and_then(|p| fanout::value(p, value));
+        for (target, phase, key, limit, unit) in fanout::TARGETS {
+            let got = phases.and_then(|p| fanout::value(p, phase, key));
             t.check(
                 target,
-                got.map(|v| format!("{} {unit}", short(v))),
-                got.map(|v| v < *limit),
+                got.as_ref().map(|v| match v {
+                    Ok(v) => format!("{} {unit}", short(*v)),
+                    Err(why) => why.clone(),
+                }),
+                got.map(|v| v.is_ok_and(|v| v < *limit)),
             );
         }
         t.check(
@@ -281,14 +284,15 @@ impl Results {
             None => "not run\n".into(),
             Some(Fanout::Skipped(why)) => format!("{why}\n"),
             Some(Fanout::Measured { agents, phases }) => {
-                let mut t = Table::new(&["phase", "measurements"]);
+                let mut t = Table::new(&["phase", "complete", "measurements"]);
                 for p in phases {
                     let v: Vec<String> = p
                         .values
                         .iter()
                         .map(|(k, v)| format!("{k} = {}", short(*v)))
                         .collect();
-                    t.row(vec![p.name.clone(), v.join(", ")]);
+                    let complete = if p.complete { "yes" } else { "NO" };
+                    t.row(vec![p.name.clone(), complete.into(), v.join(", ")]);
                 }
                 format!("{} agents\n\n{}", group(*agents as f64), t.render())
             }
