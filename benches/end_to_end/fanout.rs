@@ -67,6 +67,32 @@ fn parse_phases(output: &str) -> Vec<Phase> {
         .collect()
 }
 
+/// The table's columns: (heading, the number `contact-load` reports).
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("received", "received"),
+    ("all received (s)", "received_secs"),
+    ("p50 (s)", "received_p50_secs"),
+    ("acknowledged", "acknowledged"),
+    ("all acknowledged (s)", "acknowledged_secs"),
+    ("server RSS (KiB)", "server_rss_kib"),
+    ("server CPU (s)", "server_cpu_secs"),
+];
+
+/// The summary under the table: (what, phase, the number reported).
+pub const NOTES: &[(&str, &str, &str)] = &[
+    ("connections", "attach", "connections"),
+    ("server KiB per agent", "attach", "server_rss_per_agent_kib"),
+    (
+        "server KiB per connection",
+        "attach",
+        "server_rss_per_connection_kib",
+    ),
+    ("server peak RSS (KiB)", PEAK, "peak_rss_kib"),
+];
+
+/// The phase the benchmark adds: the server's peak memory, read by itself.
+const PEAK: &str = "server peak";
+
 /// The fan-out targets: (target, the phase and number
 /// `contact-load` reports for it, the bound it must stay under, its unit).
 pub const TARGETS: &[(&str, &str, &str, f64, &str)] = &[
@@ -107,8 +133,18 @@ pub fn value(phases: &[Phase], phase: &str, key: &str) -> Option<Result<f64, Str
     if !p.complete {
         return Some(Err(format!("{phase} incomplete")));
     }
-    let v = p.values.iter().find(|(k, _)| k == key)?.1;
-    Some(Ok(v))
+    p.get(key).map(Ok)
+}
+
+impl Phase {
+    /// Whether `contact-load` reported it (not the benchmark's own reading).
+    pub fn is_load_phase(&self) -> bool {
+        self.name != PEAK
+    }
+
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.values.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
 }
 
 /// Runs `contact-load` with `agents` agents against a fresh server, or says why not.
@@ -157,7 +193,7 @@ pub fn measure(b: &Bench, agents: u64) -> Outcome<Fanout> {
         ));
     }
     phases.push(Phase {
-        name: "server peak (read by the benchmark)".into(),
+        name: PEAK.into(),
         complete: true,
         values: vec![("peak_rss_kib".into(), peak_rss / 1024.0)],
     });

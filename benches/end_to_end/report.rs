@@ -165,17 +165,20 @@ impl Results {
             durable.map(|ms| format!("{ms:.2} ms")),
             durable.map(|ms| ms < 10.0),
         );
-        let phases = match &self.fanout {
-            Some(Fanout::Measured { phases, .. }) => Some(phases.as_slice()),
-            _ => None,
+        let (phases, fleet) = match &self.fanout {
+            Some(Fanout::Measured { phases, agents }) => (
+                Some(phases.as_slice()),
+                format!(" ({} agents)", group(*agents as f64)),
+            ),
+            _ => (None, String::new()),
         };
         for (target, phase, key, limit, unit) in fanout::TARGETS {
             let got = phases.and_then(|p| fanout::value(p, phase, key));
             t.check(
                 target,
                 got.as_ref().map(|v| match v {
-                    Ok(v) => format!("{} {unit}", short(*v)),
-                    Err(why) => why.clone(),
+                    Ok(v) => format!("{} {unit}{fleet}", short(*v)),
+                    Err(why) => format!("{why}{fleet}"),
                 }),
                 got.map(|v| v.is_ok_and(|v| v < *limit)),
             );
@@ -284,17 +287,30 @@ impl Results {
             None => "not run\n".into(),
             Some(Fanout::Skipped(why)) => format!("{why}\n"),
             Some(Fanout::Measured { agents, phases }) => {
-                let mut t = Table::new(&["phase", "complete", "measurements"]);
-                for p in phases {
-                    let v: Vec<String> = p
-                        .values
-                        .iter()
-                        .map(|(k, v)| format!("{k} = {}", short(*v)))
-                        .collect();
-                    let complete = if p.complete { "yes" } else { "NO" };
-                    t.row(vec![p.name.clone(), complete.into(), v.join(", ")]);
+                let mut header = vec!["phase", "complete"];
+                header.extend(fanout::COLUMNS.iter().map(|(h, _)| *h));
+                let mut t = Table::new(&header);
+                for p in phases.iter().filter(|p| p.is_load_phase()) {
+                    let mut row =
+                        vec![p.name.clone(), if p.complete { "yes" } else { "NO" }.into()];
+                    for (_, key) in fanout::COLUMNS {
+                        row.push(p.get(key).map_or(String::new(), short));
+                    }
+                    t.row(row);
                 }
-                format!("{} agents\n\n{}", group(*agents as f64), t.render())
+                let notes: Vec<String> = fanout::NOTES
+                    .iter()
+                    .filter_map(|(what, phase, key)| {
+                        let v = phases.iter().find(|p| p.name == *phase)?.get(key)?;
+                        Some(format!("{what}: {}", short(v)))
+                    })
+                    .collect();
+                format!(
+                    "{} agents\n\n{}\n{}\n",
+                    group(*agents as f64),
+                    t.render(),
+                    notes.join("; ")
+                )
             }
         }
     }
@@ -432,7 +448,7 @@ pub fn group(x: f64) -> String {
 
 /// A number as read: whole ones grouped, small ones with three significant digits.
 fn short(x: f64) -> String {
-    if x.abs() >= 100.0 {
+    if x.abs() >= 100.0 || x.fract() == 0.0 {
         group(x)
     } else {
         format!("{x:.3}")
