@@ -25,7 +25,7 @@ mod stats;
 use clap::{Parser, Subcommand};
 use procs::{server_log, Daemon, Outcome, STARTUP};
 use report::{ContactSeries, Results, Series};
-use roundtrip::{ContactRun, Mode};
+use roundtrip::{ContactRun, Mode, Stall};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -308,18 +308,22 @@ fn measure_all(
         let mut without = Series::new(clients, per_client);
         let mut with = Series::new(clients, per_client);
         for _ in 0..s.reps {
-            for (stalled, series) in [(false, &mut without), (true, &mut with)] {
+            for (stall, series) in [(Stall::Alone, &mut without), (Stall::Beside, &mut with)] {
                 let run = ContactRun {
                     mode: Mode::Broadcast,
                     state: true,
                     clients,
                     per_client,
-                    stalled,
+                    stall,
                 };
                 let t = roundtrip::contact(b, run)?;
                 eprintln!(
                     "bench: {clients} clients {} a stalled one: {}/s",
-                    if stalled { "with" } else { "without" },
+                    if stall == Stall::Beside {
+                        "with"
+                    } else {
+                        "without"
+                    },
                     report::group(t.rate())
                 );
                 series.runs.push(t);
@@ -337,7 +341,7 @@ fn measure_all(
                     state: true,
                     clients,
                     per_client,
-                    stalled: false,
+                    stall: Stall::NotMeasured,
                 };
                 let t = roundtrip::contact(b, run)?;
                 eprintln!("bench: growth {clients} × {per_client}: {:.2} s", t.secs);
@@ -379,7 +383,7 @@ fn round_trips(b: &Bench, s: &Sizes, r: &mut Results) -> Outcome<()> {
                 state: c.state,
                 clients: c.series.clients,
                 per_client: c.series.per_client,
-                stalled: false,
+                stall: Stall::NotMeasured,
             };
             let t = roundtrip::contact(b, run)?;
             eprintln!(

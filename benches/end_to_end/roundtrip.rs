@@ -40,8 +40,18 @@ pub struct ContactRun {
     pub clients: usize,
     /// Tasks each client handles.
     pub per_client: u64,
-    /// A client that connects and then stops reading (SIGSTOP), beside the timed ones.
-    pub stalled: bool,
+    pub stall: Stall,
+}
+
+/// Part e: the timed clients alone or beside one that stopped reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Not part e: default flags.
+    NotMeasured,
+    /// Part e, without the stalled client (but with the same server flags).
+    Alone,
+    /// Part e: a client that connects and then stops reading (SIGSTOP).
+    Beside,
 }
 
 /// The time a run took and the results it got acknowledged.
@@ -78,7 +88,7 @@ pub fn contact(b: &Bench, run: ContactRun) -> Outcome<Timed> {
             Some(dir) => cmd.arg("--state-dir").arg(dir),
             None => cmd.arg("--no-state"),
         };
-        if run.stalled {
+        if run.stall != Stall::NotMeasured {
             // To see the stalled client attach; its tasks are still held at
             // the end, so the server need not wait long for them.
             cmd.args(["--stats-every", "0.1", "--grace", "0.5"]);
@@ -107,7 +117,7 @@ pub fn contact(b: &Bench, run: ContactRun) -> Outcome<Timed> {
     };
     let mut stalled = Group::new();
     let mut stalled_pid = None;
-    if run.stalled {
+    if run.stall == Stall::Beside {
         let pid = stalled.spawn(
             "stalled contact-client".into(),
             client("stalled", None),
