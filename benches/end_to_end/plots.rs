@@ -67,7 +67,7 @@ fn err(e: impl std::fmt::Display) -> String {
 pub fn throughput(r: &Results, path: &Path) -> Outcome<()> {
     let mut lines: Vec<(String, Vec<(f64, f64)>)> = vec![];
     let points = |list: &mut dyn Iterator<Item = &crate::report::Series>| {
-        list.map(|s| (s.clients as f64, s.rate()))
+        list.map(|s| ((s.clients as f64).log2(), s.rate()))
             .collect::<Vec<_>>()
     };
     lines.push((
@@ -94,7 +94,8 @@ pub fn throughput(r: &Results, path: &Path) -> Outcome<()> {
         return Ok(());
     }
     let all: Vec<(f64, f64)> = lines.iter().flat_map(|(_, p)| p.clone()).collect();
-    let max_x = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.5;
+    // x is log2(clients), labelled with the client counts 1, 2, 4, ...
+    let max_x = all.iter().map(|p| p.0).fold(1.0, f64::max).ceil() + 0.3;
     let min_y = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min) / 2.0;
     let max_y = all.iter().map(|p| p.1).fold(0.0, f64::max) * 2.0;
 
@@ -105,13 +106,15 @@ pub fn throughput(r: &Results, path: &Path) -> Outcome<()> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0.8..max_x).log_scale(), (min_y..max_y).log_scale())
+        .build_cartesian_2d(-0.3..max_x, (min_y..max_y).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("clients")
         .y_desc("results/s (median)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(max_x as usize + 1)
+        .y_labels(8)
+        .x_label_formatter(&|x| format!("{:.0}", x.exp2()))
         .y_label_formatter(&|y| crate::report::group(*y))
         .draw()
         .map_err(err)?;
