@@ -118,21 +118,32 @@ pub fn server_main(tasks: u64) -> i32 {
 }
 
 /// `ceiling-client PORT TASKS`: one task stream and one result stream; exits
-/// 0 once all TASKS were answered and the server acknowledged them.
+/// 0 once all TASKS were answered and the server acknowledged them. The
+/// round trip runs on grpcio's completion-queue thread (no hop to another
+/// thread per message); this thread only waits for its outcome.
 pub fn client_main(port: u16, tasks: u64) -> i32 {
-    match futures::executor::block_on(round_trip(port, tasks)) {
-        Ok(()) => 0,
-        Err(e) => {
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let channel = ChannelBuilder::new(env).connect(&format!("127.0.0.1:{port}"));
+    let client = ContactClient::new(channel);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let on_cq = client.clone();
+    client.spawn(async move {
+        let _ = tx.send(round_trip(&on_cq, tasks).await);
+    });
+    match rx.recv() {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
             eprintln!("ceiling-client: {e}");
+            1
+        }
+        Err(_) => {
+            eprintln!("ceiling-client: the round trip ended without an outcome");
             1
         }
     }
 }
 
-async fn round_trip(port: u16, tasks: u64) -> Result<(), String> {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let channel = ChannelBuilder::new(env).connect(&format!("127.0.0.1:{port}"));
-    let client = ContactClient::new(channel);
+async fn round_trip(client: &ContactClient, tasks: u64) -> Result<(), String> {
     let err = |what: &str, e: grpcio::Error| format!("{what}: {e}");
     let mut incoming = client
         .get_task(&Empty::default())
