@@ -467,6 +467,8 @@ fn machine() -> String {
 }
 
 fn write_report(flags: &RunFlags, s: &Sizes, r: &Results, tables: &str, took: f64) -> Outcome<()> {
+    // Before the plots are written: they would make the checkout look modified.
+    let machine = machine();
     std::fs::create_dir_all(&flags.plots).map_err(|e| format!("{}: {e}", flags.plots.display()))?;
     let throughput = flags.plots.join("throughput.png");
     let latency = flags.plots.join("latency.png");
@@ -491,7 +493,7 @@ fn write_report(flags: &RunFlags, s: &Sizes, r: &Results, tables: &str, took: f6
          ![throughput against clients]({tp})\n\n![latency distribution]({lat})\n\n{how}",
         command = flags.command,
         reps = s.reps,
-        machine = machine(),
+        machine = machine,
         tp = rel(&throughput),
         lat = rel(&latency),
         how = HOW,
