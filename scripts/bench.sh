@@ -1,65 +1,44 @@
 #!/usr/bin/env bash
-# Throughput, side by side in one run: N tasks pushed and N results
-# acknowledged, one client, for the seed's Python server and client (the
-# article's program, tests/interop/seed_*.py) and for contact (with and
-# without --state-dir, queue and broadcast), each REPS times; prints medians.
-# Usage: scripts/bench.sh [N] [REPS]   (defaults 20000 and 3). Uses the
-# release build (built here; the first build compiles the gRPC C-core).
+# The end-to-end benchmark (see BENCHMARKS.md, which it rewrites): round-trip
+# throughput with 1/8/64 clients beside the bare grpcio ceiling and the seed's
+# Python pair, open-loop latency, fan-out to 10,000 agents (when contact-load
+# is built), a client that stops reading, and growth with the work. Prints the
+# table (targets with pass/fail marks) and writes BENCHMARKS.md and its plots
+# (benchmarks/*.png). One command on a fresh machine: it installs what is
+# missing, builds the release binaries (the first build compiles the gRPC
+# C-core, ~15-20 minutes) and runs the bench target benches/end_to_end.
+#
+# Usage: scripts/bench.sh [--quick] [--reps N] [--only PARTS] [--keep]
+#   --quick       a smoke run of a couple of minutes (small sizes, one run each)
+#   --reps N      runs of each round-trip configuration (median quoted; default 3)
+#   --only PARTS  comma-separated: roundtrip, latency, fanout, stall, growth
+#   --keep        keep every run's logs, state and results (the path is printed)
+# Exits 1 if a run loses a task or a result (the log to read is named).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n="${1:-20000}"
-reps="${2:-3}"
 scripts/setup.sh --python
-cargo build --release --locked --bins
-bin="${CARGO_TARGET_DIR:-target}/release"
-py="$PWD/.venv/bin/python"
-work="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-"$py" -m grpc_tools.protoc -I tests/interop --python_out="$work" --grpc_python_out="$work" tests/interop/contact.proto
-seq -f "job-%g" 1 "$n" > "$work/tasks.txt"
-export RUST_LOG=warn
 
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do "$py" -c "import socket; socket.create_connection(('127.0.0.1',$1),0.1)" 2>/dev/null && return; sleep 0.05; done; echo "bench: nothing listens on $1" >&2; exit 1; }
-now() { date +%s.%N; }
-
-# One measurement: start a server ($1: seed|contact, rest: contact flags), time one client ($CLIENT) to N acknowledged results.
-measure() {
-    local server="$1"; shift
-    local port; port="$(free_port)"
-    rm -rf "$work/state"
-    if [ "$server" = seed ]; then
-        "$py" tests/interop/seed_server.py "$work" "$n" 1000000 "$port" > /dev/null &
+# The plots' text is drawn from a TrueType font file (no font library needed).
+if ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/dejavu/DejaVuSans.ttf \
+    /usr/share/fonts/TTF/DejaVuSans.ttf >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bench: installing fonts-dejavu-core (the plots' font) with apt-get" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null
     else
-        "$bin/contact-server" --listen "127.0.0.1:$port" --tasks-from "$work/tasks.txt" --stats-every 3600 "$@" 2>/dev/null &
+        echo "bench: no DejaVu Sans font for the plots; install fonts-dejavu-core" >&2
+        exit 1
     fi
-    local srv=$!
-    wait_port "$port"
-    local t0; t0="$(now)"
-    if [ "$CLIENT" = seed ]; then
-        "$py" tests/interop/seed_client.py "$work" "127.0.0.1:$port" "$n" 1 > "$work/client.out"
-        grep -q "^ACKED $n$" "$work/client.out" || { echo "bench: the seed client did not finish" >&2; exit 1; }
-    else
-        "$bin/contact-client" --server "127.0.0.1:$port" --id bench --max-tasks "$n" --status-every 60 2>/dev/null
-    fi
-    local t1; t1="$(now)"
-    kill -INT "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true
-    awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN { print n / (b - a) }'
-}
+fi
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-
-row() {
-    local label="$1"; shift
-    local rates=()
-    for _ in $(seq "$reps"); do rates+=("$(measure "$@")"); done
-    printf '%-58s %10.0f results/s   (runs: %s)\n' "$label" "$(printf '%s\n' "${rates[@]}" | median)" "$(printf '%.0f ' "${rates[@]}")"
-}
-
-echo "bench: $n tasks, one client, $reps runs each, median"
-CLIENT=seed row "seed Python server  + seed Python client" seed
-CLIENT=seed row "contact server      + seed Python client (broadcast, no state)" contact --no-state
-CLIENT=contact row "contact server      + contact client (broadcast, no state)" contact --no-state --max-in-flight 256
-CLIENT=contact row "contact server      + contact client (broadcast, --state-dir)" contact --state-dir "$work/state" --max-in-flight 256
-CLIENT=contact row "contact server      + contact client (queue, --state-dir)" contact --dispatch queue --state-dir "$work/state" --max-in-flight 256
-CLIENT=contact row "contact server      + contact client (queue, --state-dir, K=16)" contact --dispatch queue --state-dir "$work/state"
+# The bench target is built with the release profile too (not cargo bench's
+# own profile), so it shares the release build of the gRPC C-core.
+target="${CARGO_TARGET_DIR:-target}"
+driver="$(cargo build --release --locked --bins --bench end_to_end --message-format=json-render-diagnostics \
+    | sed -n 's/.*"executable":"\([^"]*\/end_to_end-[^"]*\)".*/\1/p' | tail -n 1)"
+if [ -z "$driver" ]; then
+    echo "bench: cargo built no end_to_end benchmark executable" >&2
+    exit 1
+fi
+exec "$driver" run --bin-dir "$target/release" --python "$PWD/.venv/bin/python" \
+    --command "scripts/bench.sh${*:+ $*}" "$@"
