@@ -156,6 +156,8 @@ class Children:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
+                # The soak reads task ids from the server's debug line "task N produced".
+                env={**os.environ, "RUST_LOG": "info,grpcio=warn,contact::dispatch=debug"},
             )
         finally:
             log.close()
