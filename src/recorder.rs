@@ -46,6 +46,9 @@ struct LinesFile {
     path: PathBuf,
     out: File,
     pending: Vec<u8>,
+    /// A pipe, a socket or a device such as /dev/null: written through, but
+    /// it cannot be synced, cut back or read back for catching up.
+    stream: bool,
 }
 
 impl LinesFile {
@@ -56,10 +59,15 @@ impl LinesFile {
             .append(true)
             .open(p)
             .map_err(|e| Error::file(p, what, e))?;
+        let stream = !out
+            .metadata()
+            .map_err(|e| Error::file(p, what, e))?
+            .is_file();
         Ok(Some(LinesFile {
             path: p.to_path_buf(),
             out,
             pending: vec![],
+            stream,
         }))
     }
 
@@ -70,7 +78,10 @@ impl LinesFile {
 
     fn sync(&mut self) -> Result<(), Error> {
         let err = |e: std::io::Error| Error::file(&self.path, "write", e);
-        if !self.pending.is_empty() {
+        if self.stream {
+            self.out.write_all(&self.pending).map_err(err)?;
+            self.pending.clear();
+        } else if !self.pending.is_empty() {
             let len = self.out.metadata().map_err(err)?.len();
             if let Err(e) = self.out.write_all(&self.pending) {
                 // A full disk takes part of the lines: take them back, so that
@@ -88,6 +99,9 @@ impl LinesFile {
     /// after cutting off a torn (unterminated) last line; `None` when that line
     /// has none (written without a journal): then nothing can be matched.
     fn last_seq(&mut self) -> Result<Option<u64>, Error> {
+        if self.stream {
+            return Ok(None);
+        }
         let err = |e: std::io::Error| Error::file(&self.path, "read", e);
         let mut f = File::open(&self.path).map_err(err)?;
         let len = f.metadata().map_err(err)?.len();

@@ -426,3 +426,37 @@ fn a_full_results_disk_stops_the_server_and_a_restart_restores_the_file() {
         results: fs.join("results.jsonl"),
     });
 }
+
+/// `--results-to` may be a pipe (or /dev/null): its lines are written through
+/// as they are recorded — a pipe can be neither synced nor read back, and
+/// asking it to be is no disk error.
+#[test]
+fn results_can_go_to_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("results.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let f = std::io::BufReader::new(std::fs::File::open(&fifo).unwrap());
+            f.lines()
+                .take(20)
+                .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut config = server_config().with_results(&fifo);
+    config.state_dir = Some(dir.path().join("state"));
+    let server = start_server(config);
+    publish(&server, "t", 20);
+    let stop = contact::shutdown::Shutdown::new();
+    let mut c = client_config(server.port(), "a");
+    c.max_tasks = Some(20);
+    assert_eq!(spawn_client(c, &stop).join().unwrap().acknowledged, 20);
+    let mut ids = accepted_ids(&reader.join().unwrap(), "a");
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=20).collect::<Vec<_>>());
+    server.stop().unwrap();
+}
