@@ -434,7 +434,10 @@ fn a_full_results_disk_stops_the_server_and_a_restart_restores_the_file() {
 fn results_can_go_to_a_pipe() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("results.fifo");
-    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
     assert!(made.success(), "mkfifo");
     let reader = {
         let fifo = fifo.clone();

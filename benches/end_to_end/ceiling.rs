@@ -3,26 +3,72 @@
 //! `getTask` stream, the client answers each on a `tellResult` stream, both
 //! sides writing in batches of up to 64 with `buffer_hint` (flushing as soon
 //! as nothing more is ready) — with no dispatcher, no bookkeeping and no
-//! disk. The benchmark runs its server and clients as processes of their own
+//! disk. Like contact's (`--max-in-flight`), the server keeps at most
+//! [`WINDOW`] tasks unanswered per connection: without a window it buffers
+//! all N tasks in C-core at once and runs at half the speed. The benchmark runs its server and clients as processes of their own
 //! (this same program, `ceiling-server` and `ceiling-client`), as it runs
 //! contact's, so the two are timed the same way.
 
 use contact::proto::{self, ClientMsg, Contact, ContactClient, Empty, ResultMsg, ServerMsg};
+use futures::task::AtomicWaker;
 use futures::{FutureExt, SinkExt, StreamExt};
 use grpcio::{
     ChannelBuilder, ClientStreamingSink, DuplexSink, EnvBuilder, Environment, RequestStream,
     RpcContext, RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink,
     WriteFlags,
 };
+use std::collections::HashMap;
+use std::future::poll_fn;
 use std::io::{BufRead, Write};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 /// Messages written before one flush, on both sides.
 const BATCH: usize = 64;
 
+/// Tasks a connection may have unanswered at most (contact's default
+/// `--max-in-flight`).
+const WINDOW: u64 = 256;
+
+/// One connection's answered count, shared by its two calls (matched by the
+/// peer address), and the task stream waiting for it to grow.
+#[derive(Default)]
+struct Window {
+    answered: AtomicU64,
+    waiting: AtomicWaker,
+}
+
+impl Window {
+    async fn reach(&self, answered: u64) {
+        poll_fn(|cx| {
+            self.waiting.register(cx.waker());
+            if self.answered.load(Ordering::Acquire) >= answered {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn answer(&self) {
+        self.answered.fetch_add(1, Ordering::AcqRel);
+        self.waiting.wake();
+    }
+}
+
 #[derive(Clone)]
 struct Pusher {
+    windows: Arc<Mutex<HashMap<String, Arc<Window>>>>,
     tasks: u64,
+}
+
+impl Pusher {
+    fn window(&self, ctx: &RpcContext) -> Arc<Window> {
+        let mut windows = self.windows.lock().unwrap();
+        windows.entry(ctx.peer()).or_default().clone()
+    }
 }
 
 impl Contact for Pusher {
@@ -41,11 +87,13 @@ impl Contact for Pusher {
 
     fn get_task(&mut self, ctx: RpcContext, _req: Empty, mut sink: ServerStreamingSink<ServerMsg>) {
         let n = self.tasks;
+        let window = self.window(&ctx);
         ctx.spawn(async move {
             let res: grpcio::Result<()> = async {
                 let mut i = 0;
                 while i < n {
                     let end = (i + BATCH as u64).min(n);
+                    window.reach(end.saturating_sub(WINDOW)).await;
                     for id in i + 1..=end {
                         let msg = ServerMsg {
                             task: format!("job-{id}"),
@@ -74,11 +122,15 @@ impl Contact for Pusher {
         mut stream: RequestStream<ResultMsg>,
         sink: ClientStreamingSink<Empty>,
     ) {
+        let window = self.window(&ctx);
         ctx.spawn(async move {
             let mut n = 0u64;
             while let Some(r) = stream.next().await {
                 match r {
-                    Ok(_) => n += 1,
+                    Ok(_) => {
+                        n += 1;
+                        window.answer();
+                    }
                     Err(e) => {
                         eprintln!("ceiling-server: result stream failed after {n}: {e}");
                         return;
@@ -94,7 +146,10 @@ impl Contact for Pusher {
 /// `LISTENING <port>` and serves until killed.
 pub fn server_main(tasks: u64) -> i32 {
     let env = Arc::new(Environment::new(2));
-    let service = proto::create_contact(Pusher { tasks });
+    let service = proto::create_contact(Pusher {
+        tasks,
+        windows: Arc::default(),
+    });
     let mut server = match ServerBuilder::new(env).register_service(service).build() {
         Ok(s) => s,
         Err(e) => {
