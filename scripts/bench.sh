@@ -19,8 +19,12 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --python
 
 # The plots' text is drawn from a TrueType font file (no font library needed).
-if ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/dejavu/DejaVuSans.ttf \
-    /usr/share/fonts/TTF/DejaVuSans.ttf >/dev/null 2>&1; then
+font=""
+for f in /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/dejavu/DejaVuSans.ttf \
+    /usr/share/fonts/TTF/DejaVuSans.ttf; do
+    [ -f "$f" ] && font="$f"
+done
+if [ -z "$font" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bench: installing fonts-dejavu-core (the plots' font) with apt-get" >&2
         apt-get update -qq

@@ -433,7 +433,7 @@ fn session(
         .http2_max_pings_without_data(0)
         .max_receive_message_len(1 << 20)
         .connect(&cfg.server);
-    wait_connected(&channel, cfg.connect_timeout)
+    block_on(wait_ready(&channel, cfg.connect_timeout))
         .map_err(|why| Failure::Lost(format!("cannot reach server {}: {why}", cfg.server)))?;
     progress.connections.fetch_add(1, Ordering::SeqCst);
     log::info!("connected to {} as {}", cfg.server, cfg.id);
@@ -588,8 +588,9 @@ fn spawn<T: Send + 'static>(
         .map_err(|e| format!("cannot start a thread: {e}"))
 }
 
-/// Waits until the channel is connected; fails fast on a refused connection.
-fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
+/// Waits until `channel` is connected, or says why not within `timeout`;
+/// fails fast on a refused connection (also used by `contact-load`).
+pub(crate) async fn wait_ready(channel: &Channel, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let state = channel.check_connectivity_state(true);
@@ -605,7 +606,7 @@ fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
         if left.is_zero() {
             return Err(format!("not connected after {timeout:?}"));
         }
-        block_on(channel.wait_for_state_change(state, left));
+        channel.wait_for_state_change(state, left).await;
     }
 }
 

@@ -41,6 +41,13 @@ pub mod server_log {
         rest.split_whitespace().next()?.parse().ok()
     }
 
+    /// `stats: ... results=N ...`: N.
+    pub fn stats_results(line: &str) -> Option<u64> {
+        let rest = line.split("stats: clients=").nth(1)?;
+        let n = rest.split(" results=").nth(1)?;
+        n.split_whitespace().next()?.parse().ok()
+    }
+
     /// `server stopped; N results recorded`: N.
     pub fn results_recorded(line: &str) -> Option<u64> {
         let rest = line.split("server stopped; ").nth(1)?;
@@ -208,6 +215,13 @@ impl Group {
         let pid = child.id();
         self.members.push((name, child, log.to_path_buf()));
         Ok(pid)
+    }
+
+    /// Sends `sig` to every member.
+    pub fn signal_all(&self, sig: libc::c_int) {
+        for (_, child, _) in &self.members {
+            signal(child.id(), sig);
+        }
     }
 
     /// Waits for every member (at most `timeout` in all); each must exit 0.

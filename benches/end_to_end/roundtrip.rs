@@ -1,7 +1,11 @@
 //! Round-trip throughput: C clients, each handling its share of the tasks,
 //! timed from the moment the clients are started (the server is up and has
 //! every task) until the last one has had all its results acknowledged and
-//! exited. Three implementations of the same round trip, each as real
+//! exited — in queue mode, until the server has counted every result (its
+//! stats line, every 50 ms): a queue client that leaves after its share
+//! would hand back the up to `--max-in-flight` tasks it holds, each counted
+//! as a delivery, and with 64 clients leaving at once some tasks used up
+//! their `--max-attempts` bouncing between them. Three implementations of the same round trip, each as real
 //! processes on loopback: contact (`contact-server` + C `contact-client`s,
 //! default flags), the bare grpcio ceiling (see `ceiling`) and the
 //! seed-faithful Python pair (`tests/interop/seed_*.py`). A run that does
@@ -88,6 +92,9 @@ pub fn contact(b: &Bench, run: ContactRun) -> Outcome<Timed> {
             Some(dir) => cmd.arg("--state-dir").arg(dir),
             None => cmd.arg("--no-state"),
         };
+        if run.mode == Mode::Queue {
+            cmd.args(["--stats-every", "0.05"]);
+        }
         if run.stall != Stall::NotMeasured {
             // To see the stalled client attach; its tasks are still held at
             // the end, so the server need not wait long for them.
@@ -136,12 +143,25 @@ pub fn contact(b: &Bench, run: ContactRun) -> Outcome<Timed> {
         let log = b.log(&format!("{tag}-{id}"));
         clients.spawn(
             format!("contact-client {id}"),
-            client(&id, Some(run.per_client)),
+            client(&id, (run.mode == Mode::Broadcast).then_some(run.per_client)),
             &log,
         )?;
     }
-    clients.wait_all(RUN_LIMIT)?;
-    let secs = t0.elapsed().as_secs_f64();
+    let secs = match run.mode {
+        Mode::Broadcast => {
+            clients.wait_all(RUN_LIMIT)?;
+            t0.elapsed().as_secs_f64()
+        }
+        Mode::Queue => {
+            server.wait_for("every result", RUN_LIMIT, |l| {
+                server_log::stats_results(l).filter(|&n| n >= expected)
+            })?;
+            let secs = t0.elapsed().as_secs_f64();
+            clients.signal_all(libc::SIGTERM);
+            clients.wait_all(RUN_LIMIT)?;
+            secs
+        }
+    };
     if let Some(pid) = stalled_pid {
         signal(pid, libc::SIGCONT);
     }

@@ -9,9 +9,9 @@ use futures::channel::mpsc;
 use futures::future::{poll_fn, BoxFuture};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
-use grpcio::{CallOption, Channel, ConnectivityState, Metadata, RpcStatusCode, WriteFlags};
+use grpcio::{CallOption, Metadata, RpcStatusCode, WriteFlags};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What an agent reports to the coordinator.
 #[derive(Debug)]
@@ -58,27 +58,6 @@ pub(super) fn grpc_target(server: &str) -> String {
         Ok(a @ std::net::SocketAddr::V4(_)) => format!("ipv4:{a}"),
         Ok(a @ std::net::SocketAddr::V6(_)) => format!("ipv6:{a}"),
         Err(_) => server.to_string(),
-    }
-}
-
-/// Waits until `channel` is connected, or says why not within `timeout`.
-pub(super) async fn wait_ready(channel: &Channel, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let state = channel.check_connectivity_state(true);
-        match state {
-            ConnectivityState::GRPC_CHANNEL_READY => return Ok(()),
-            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => {
-                return Err("connection failed".into())
-            }
-            ConnectivityState::GRPC_CHANNEL_SHUTDOWN => return Err("channel shut down".into()),
-            _ => {}
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("not connected after {timeout:?}"));
-        }
-        channel.wait_for_state_change(state, left).await;
     }
 }
 
