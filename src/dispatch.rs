@@ -22,7 +22,7 @@
 use crate::feed::{self, Delivery, FeedSender, TaskFeed};
 use crate::journal::Record;
 use crate::logtext::quoted;
-use crate::registry::{ClientId, ClientInfo, ClientRegistry};
+use crate::registry::{ClientId, ClientInfo, ClientRegistry, Reported};
 use crate::results::{DeadLetter, ResultRecord, ResultSink};
 use crate::task::{Settled, Task, TaskId, TaskLog};
 use crate::workqueue::WorkQueue;
@@ -178,6 +178,14 @@ impl Answer {
     /// A refusal asking for another try (a seed client, with no task id, never refuses).
     fn is_refusal(&self) -> bool {
         !self.ok && self.retry && self.task_id != 0
+    }
+
+    fn reported(&self) -> Reported {
+        match (self.ok, self.is_refusal()) {
+            (true, _) => Reported::Ok,
+            (false, true) => Reported::Refused,
+            (false, false) => Reported::Failed,
+        }
     }
 }
 
@@ -1377,6 +1385,19 @@ impl Dispatcher {
     /// The connected clients.
     pub fn clients(&self) -> Vec<ClientInfo> {
         self.lock().registry.snapshot()
+    }
+
+    /// Whether `client` is connected or remembered (it has a resume point).
+    pub fn knows(&self, client: &str) -> bool {
+        self.lock().clients.contains_key(client)
+    }
+
+    /// Where a task without a target goes, in words.
+    pub fn default_target(&self) -> &'static str {
+        match self.config.mode {
+            Mode::Broadcast => "every agent",
+            Mode::Queue => "the work queue",
+        }
     }
 
     /// How many clients are connected (without listing them, for the stats line).

@@ -22,6 +22,7 @@
 //! [`loadgen`] is the load generator behind `contact-load` (a fleet of
 //! agents on few connections, for measurements).
 
+pub mod admin;
 pub mod backoff;
 pub mod budget;
 pub mod cli;

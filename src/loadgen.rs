@@ -33,9 +33,9 @@ pub use procfs::{ProcSample, Samples};
 pub use tally::{Tally, Timing};
 
 use crate::backoff::Backoff;
+use crate::client::wait_ready;
 use crate::error::Error;
 use crate::proto::{self, ContactClient};
-use crate::client::wait_ready;
 use agent::{grpc_target, Agent, Command, Event};
 use crossbeam_channel::{Receiver, Sender};
 use futures::channel::mpsc;

@@ -1,5 +1,5 @@
-//! The wire protocol: code generated from `proto/contact.proto` (into
-//! `OUT_DIR`, see `build.rs`) and the metadata that carries a client's id.
+//! The wire protocol: code generated from `proto/contact.proto` and
+//! `proto/admin.proto` (into `OUT_DIR`, see `build.rs`) and the metadata that carries a client's id.
 //! The proto's `Result` message is re-exported as `ResultMsg` so that it
 //! never shadows `std`'s or grpcio's `Result`.
 
@@ -10,6 +10,12 @@ mod generated {
 
 pub use generated::contact::{ClientMsg, Empty, Result as ResultMsg, ServerMsg, Working};
 pub use generated::contact_grpc::{create_contact, Contact, ContactClient};
+
+/// The operators' service (`proto/admin.proto`, package `contact.admin.v1`).
+pub mod admin {
+    pub use super::generated::admin::*;
+    pub use super::generated::admin_grpc::*;
+}
 
 /// Request metadata key that names the calling client on all three calls.
 pub const CLIENT_ID_KEY: &str = "contact-client-id";

@@ -18,10 +18,24 @@ pub struct ClientInfo {
     /// The peer address gRPC reports, e.g. `ipv4:127.0.0.1:53422`.
     pub peer: String,
     pub connected_since: SystemTime,
+    /// When it last sent a result or a status message (or connected).
+    pub last_seen: SystemTime,
     pub tasks_sent: u64,
     pub results_received: u64,
+    /// Results that succeeded, and that failed (refusals are neither).
+    pub done: u64,
+    pub failed: u64,
     /// Deliveries written to the client and not answered yet.
     pub in_flight: usize,
+}
+
+/// What a result said, for the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    Ok,
+    Failed,
+    /// The client refused the task and asked for another try.
+    Refused,
 }
 
 struct Entry {
@@ -42,8 +56,11 @@ impl ClientRegistry {
             id: id.to_string(),
             peer: peer.to_string(),
             connected_since: SystemTime::now(),
+            last_seen: SystemTime::now(),
             tasks_sent: 0,
             results_received: 0,
+            done: 0,
+            failed: 0,
             in_flight: 0,
         };
         self.clients.insert(
@@ -69,9 +86,14 @@ impl ClientRegistry {
     }
 
     /// Counts a result from `id`; `answered` is true when it answered a delivery in flight.
-    pub fn result_received(&mut self, id: &str, answered: bool) {
+    pub fn result_received(&mut self, id: &str, answered: bool, what: Reported) {
         if let Some(e) = self.clients.get_mut(id) {
             e.info.results_received += 1;
+            match what {
+                Reported::Ok => e.info.done += 1,
+                Reported::Failed => e.info.failed += 1,
+                Reported::Refused => {}
+            }
             if answered {
                 e.info.in_flight = e.info.in_flight.saturating_sub(1);
             }
@@ -100,7 +122,14 @@ impl ClientRegistry {
 
     /// Every connected client, ordered by id.
     pub fn snapshot(&self) -> Vec<ClientInfo> {
-        self.clients.values().map(|e| e.info.clone()).collect()
+        let now = (Instant::now(), SystemTime::now());
+        self.clients
+            .values()
+            .map(|e| ClientInfo {
+                last_seen: now.1 - now.0.duration_since(e.last_seen),
+                ..e.info.clone()
+            })
+            .collect()
     }
 
     /// How many clients are connected.
@@ -124,11 +153,13 @@ mod tests {
         r.connect("a", "ipv4:127.0.0.1:1");
         r.task_sent("a");
         r.task_sent("a");
-        r.result_received("a", true);
-        r.result_received("a", false);
+        r.result_received("a", true, Reported::Ok);
+        r.result_received("a", false, Reported::Failed);
         r.task_sent("ghost");
         let a = &r.snapshot()[0];
         assert_eq!((a.tasks_sent, a.results_received, a.in_flight), (2, 2, 1));
+        assert_eq!((a.done, a.failed), (1, 1));
+        assert!(a.last_seen >= a.connected_since);
         assert!(r.idle_for("a").is_some() && r.idle_for("ghost").is_none());
         r.connect("a", "ipv4:127.0.0.1:2");
         assert_eq!(r.snapshot()[0].tasks_sent, 0);

@@ -1,4 +1,5 @@
-//! The server: the `Contact` gRPC service on grpcio's thread pools, and
+//! The server: the `Contact` gRPC service (and the operators' `Admin`, see
+//! `admin`) on grpcio's thread pools, and
 //! `Server`, which wires it to the dispatcher, the producers, the result
 //! sink and the stats line, and shuts it all down without losing a result.
 //! When the disk fails under the recorder, it stops taking work at once
@@ -9,6 +10,7 @@
 //! dispatcher's lock and non-blocking channels; files and producers live on
 //! threads of ours.
 
+use crate::admin::{AdminService, AdminWorker};
 use crate::budget::{budget_key, StaleBudget, StaleLimits};
 use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
@@ -581,6 +583,7 @@ pub struct Server {
     writer: ResultWriter,
     producers: Vec<Producer>,
     clock: Option<JoinHandle<()>>,
+    admin_worker: Option<AdminWorker>,
     shutdown: Shutdown,
     grace: Duration,
 }
@@ -636,10 +639,17 @@ impl Server {
             auth: auth.clone(),
             stale: Arc::new(StaleBudget::new(config.stale)),
         };
+        let (admin, admin_worker) = AdminService::start(
+            dispatcher.clone(),
+            auth.clone(),
+            config.max_message_bytes,
+            shutdown.clone(),
+        )?;
         let args = transport::server_channel(env.clone(), &config).build_args();
         let mut grpc = ServerBuilder::new(env)
             .channel_args(args)
             .register_service(proto::create_contact(service))
+            .register_service(proto::admin::create_admin(admin))
             .build()?;
         let port = grpc
             .add_listening_port(listen.to_string(), credentials)
@@ -661,6 +671,7 @@ impl Server {
             writer,
             producers: vec![],
             clock: None,
+            admin_worker: Some(admin_worker),
             shutdown: shutdown.clone(),
             grace: config.grace,
         };
@@ -751,6 +762,9 @@ impl Server {
         }
         for p in self.producers.drain(..) {
             p.join();
+        }
+        if let Some(w) = self.admin_worker.take() {
+            w.join();
         }
         if let Some(c) = self.clock.take() {
             let _ = c.join();

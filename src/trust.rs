@@ -211,10 +211,17 @@ impl Authenticator {
     }
 
     /// The operator behind an admin call: an admin token is required once a
-    /// secret is configured (an agent's token never passes); without one the
-    /// admin API is open (loopback only) and the caller is "local".
+    /// secret is configured (an agent's token never passes); with client
+    /// certificates alone the admin API is closed; without credentials it is
+    /// open (loopback only) and the caller is "local".
     pub fn admin(&self, bearer: Option<&str>) -> Result<String, Refusal> {
         let Some(secret) = &self.config.secret else {
+            if self.config.client_certs {
+                // Agents' certificates prove agents, never operators.
+                return Err(Refusal::Denied(
+                    "the admin API needs admin tokens: start the server with --auth-secret FILE and use `contact-server token --admin NAME`".into(),
+                ));
+            }
             return Ok("local".into());
         };
         let token = bearer.ok_or_else(|| {
@@ -428,6 +435,11 @@ mod tests {
         ));
         assert!(matches!(a.admin(None), Err(Refusal::Unauthenticated(_))));
         assert_eq!(auth(false, false, false).admin(None).unwrap(), "local");
+        // Client certificates prove agents: without a secret, no operator.
+        assert!(matches!(
+            auth(false, true, false).admin(None),
+            Err(Refusal::Denied(m)) if m.contains("--auth-secret")
+        ));
     }
 
     #[test]

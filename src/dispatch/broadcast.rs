@@ -62,7 +62,8 @@ impl Dispatcher {
                 Some(_) => return stale(&st.log, client, answer),
             },
         };
-        st.registry.result_received(client, answered_held);
+        st.registry
+            .result_received(client, answered_held, answer.reported());
         let retry = answer.is_refusal();
         let out = record(client, &delivery, &answer, latency, retry);
         let c = st.clients.get_mut(client).expect("looked up above");

@@ -73,7 +73,8 @@ impl Dispatcher {
                 latency = c.in_flight.remove(p).map(|f| f.sent_at.elapsed());
             }
         }
-        st.registry.result_received(client, latency.is_some());
+        st.registry
+            .result_received(client, latency.is_some(), answer.reported());
         let retry = answer.is_refusal();
         let out = record(client, &delivery, &answer, latency, retry);
         if !retry {

@@ -1,0 +1,230 @@
+//! `AdminService`: the operators' gRPC service (`proto/admin.proto`, package
+//! `contact.admin.v1`), served beside the agents' `Contact` service. It owns
+//! who may call it (admin credentials, see `trust`) and turns each call into
+//! dispatcher operations. Publishing may wait for the journal's fsync, so it
+//! runs on a thread of ours (`admin`), never on a completion-queue thread.
+
+use crate::dispatch::Dispatcher;
+use crate::logtext::quoted;
+use crate::proto::admin::{
+    Admin, ClientInfo as ClientRow, ListClientsReply, ListClientsRequest, PushReply, PushRequest,
+};
+use crate::proto::validate_client_id;
+use crate::registry::ClientInfo;
+use crate::shutdown::Shutdown;
+use crate::trust::{self, Authenticator, Refusal};
+use crossbeam_channel::Sender;
+use futures::channel::oneshot;
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Bytes a task's envelope (ids, attempt, incarnation) may add to its text
+/// in the message an agent receives.
+const ENVELOPE_BYTES: usize = 256;
+
+/// Work for the `admin` thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The service: cheap to clone, one clone per completion queue.
+#[derive(Clone)]
+pub struct AdminService {
+    dispatcher: Arc<Dispatcher>,
+    auth: Arc<Authenticator>,
+    worker: Sender<Job>,
+    /// The largest message the server sends or receives.
+    max_message_bytes: usize,
+}
+
+/// The `admin` thread.
+pub struct AdminWorker(JoinHandle<()>);
+
+impl AdminWorker {
+    /// Waits for the thread to finish the calls it holds.
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl AdminService {
+    /// The service and its thread, which ends when `shutdown` fires (calls
+    /// still waiting for it are answered UNAVAILABLE).
+    pub fn start(
+        dispatcher: Arc<Dispatcher>,
+        auth: Arc<Authenticator>,
+        max_message_bytes: usize,
+        shutdown: Shutdown,
+    ) -> Result<(AdminService, AdminWorker), crate::Error> {
+        let (worker, jobs) = crossbeam_channel::unbounded::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || loop {
+                crossbeam_channel::select! {
+                    recv(jobs) -> job => match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    },
+                    recv(shutdown.receiver()) -> _ => return,
+                }
+            })
+            .map_err(crate::Error::Thread)?;
+        let service = AdminService {
+            dispatcher,
+            auth,
+            worker,
+            max_message_bytes,
+        };
+        Ok((service, AdminWorker(thread)))
+    }
+
+    /// The operator behind a call, or the status that refuses it.
+    fn operator(&self, ctx: &RpcContext) -> Result<String, RpcStatus> {
+        let bearer = trust::bearer_from(ctx.request_headers())
+            .map_err(|why| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why))?;
+        self.auth.admin(bearer.as_deref()).map_err(|r| match r {
+            Refusal::Unauthenticated(m) => {
+                RpcStatus::with_message(RpcStatusCode::UNAUTHENTICATED, m)
+            }
+            Refusal::Denied(m) => RpcStatus::with_message(RpcStatusCode::PERMISSION_DENIED, m),
+        })
+    }
+
+    /// Checks a push and says where it goes; publishing is left to the caller.
+    fn check_push(&self, req: &PushRequest) -> Result<Option<String>, RpcStatus> {
+        let invalid = |m: String| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, m);
+        if req.text.is_empty() {
+            return Err(invalid("the task's text is empty".into()));
+        }
+        let limit = self.max_message_bytes.saturating_sub(ENVELOPE_BYTES);
+        if req.text.len() > limit {
+            return Err(invalid(format!(
+                "the task's text is {} bytes; agents take at most {limit} (the server's message limit less the envelope)",
+                req.text.len()
+            )));
+        }
+        if req.agent.is_empty() {
+            return Ok(None);
+        }
+        validate_client_id(&req.agent).map_err(|e| invalid(format!("agent: {e}")))?;
+        if !req.wait_for_agents && !self.dispatcher.knows(&req.agent) {
+            return Err(RpcStatus::with_message(
+                RpcStatusCode::NOT_FOUND,
+                format!(
+                    "no agent {:?} is connected or remembered; check the id (`contact-ctl clients`), or push with --wait-for-agents to keep the task for it",
+                    req.agent
+                ),
+            ));
+        }
+        Ok(Some(req.agent.clone()))
+    }
+
+    /// Runs `job` on the `admin` thread and answers the call with its outcome.
+    fn answer_from_worker<T: Send + 'static>(
+        &self,
+        ctx: &RpcContext,
+        sink: UnarySink<T>,
+        job: impl FnOnce() -> Result<T, RpcStatus> + Send + 'static,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.worker.send(Box::new(move || {
+            let _ = tx.send(job());
+        }));
+        ctx.spawn(async move {
+            let outcome = match (sent, rx.await) {
+                (Ok(()), Ok(outcome)) => outcome,
+                _ => Err(RpcStatus::with_message(
+                    RpcStatusCode::UNAVAILABLE,
+                    "the server is shutting down".to_string(),
+                )),
+            };
+            let _ = match outcome {
+                Ok(reply) => sink.success(reply).await,
+                Err(status) => sink.fail(status).await,
+            };
+        });
+    }
+}
+
+/// Answers a refused call.
+fn refuse<T: 'static>(ctx: &RpcContext, sink: UnarySink<T>, status: RpcStatus) {
+    log::warn!(
+        "refused an admin call from {}: {}",
+        ctx.peer(),
+        quoted(status.message())
+    );
+    ctx.spawn(async move {
+        let _ = sink.fail(status).await;
+    });
+}
+
+impl Admin for AdminService {
+    fn push(&mut self, ctx: RpcContext, req: PushRequest, sink: UnarySink<PushReply>) {
+        let checked = self
+            .operator(&ctx)
+            .and_then(|who| self.check_push(&req).map(|target| (who, target)));
+        let (who, target) = match checked {
+            Ok(x) => x,
+            Err(status) => return refuse(&ctx, sink, status),
+        };
+        let dispatcher = self.dispatcher.clone();
+        self.answer_from_worker(&ctx, sink, move || {
+            let published = dispatcher.publish([(target.clone(), req.text)]);
+            let Some(task) = published.first() else {
+                return Err(RpcStatus::with_message(
+                    RpcStatusCode::UNAVAILABLE,
+                    "the task could not be written to the state journal; nothing was published"
+                        .to_string(),
+                ));
+            };
+            let target = match target {
+                Some(agent) => format!("agent {agent}"),
+                None => dispatcher.default_target().to_string(),
+            };
+            log::info!("task {} pushed by {who} to {target}", task.id);
+            Ok(PushReply {
+                task_id: task.id,
+                target,
+                ..Default::default()
+            })
+        });
+    }
+
+    fn list_clients(
+        &mut self,
+        ctx: RpcContext,
+        _req: ListClientsRequest,
+        sink: UnarySink<ListClientsReply>,
+    ) {
+        if let Err(status) = self.operator(&ctx) {
+            return refuse(&ctx, sink, status);
+        }
+        let reply = ListClientsReply {
+            clients: self.dispatcher.clients().iter().map(row).collect(),
+            ..Default::default()
+        };
+        ctx.spawn(async move {
+            let _ = sink.success(reply).await;
+        });
+    }
+}
+
+/// One client as the admin API shows it.
+fn row(c: &ClientInfo) -> ClientRow {
+    ClientRow {
+        id: c.id.clone(),
+        address: c.peer.clone(),
+        connected_since: unix_secs(c.connected_since),
+        last_seen: unix_secs(c.last_seen),
+        in_flight: c.in_flight as u64,
+        done: c.done,
+        failed: c.failed,
+        tasks_sent: c.tasks_sent,
+        ..Default::default()
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
