@@ -100,16 +100,7 @@ fn main() {
 }
 
 fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
-    let token = match &flags.token_file {
-        Some(path) => Some(token::read_token_file(path)?),
-        None => match std::env::var("CONTACT_TOKEN") {
-            Ok(t) if !t.trim().is_empty() => Some(
-                token::Token::new(&t)
-                    .map_err(|e| contact::Error::Usage(format!("CONTACT_TOKEN: {e}")))?,
-            ),
-            _ => None,
-        },
-    };
+    let token = token::token_from(flags.token_file.as_deref(), "CONTACT_TOKEN")?;
     let id = flags
         .id
         .or_else(|| {

@@ -23,6 +23,9 @@ pub enum Error {
     State(String),
     /// gRPC failed in a way that is not a plain "server unreachable".
     Grpc(grpcio::Error),
+    /// A call to a server failed or was refused (`contact-ctl`): what was
+    /// asked and the server's reason.
+    Remote(String),
     /// A thread of ours could not be started.
     Thread(io::Error),
     /// The recording thread could not write (a full disk, an I/O error), so
@@ -51,7 +54,7 @@ impl fmt::Display for Error {
             Error::File { path, action, source } => {
                 write!(f, "cannot {action} {}: {source}", path.display())
             }
-            Error::Usage(msg) | Error::State(msg) => write!(f, "{msg}"),
+            Error::Usage(msg) | Error::State(msg) | Error::Remote(msg) => write!(f, "{msg}"),
             Error::Grpc(e) => write!(f, "gRPC error: {e}"),
             Error::Thread(e) => write!(f, "cannot start a thread: {e}"),
             // The cause (`source`) was logged when it happened; not repeated.

@@ -198,6 +198,20 @@ pub fn read_token_file(path: &Path) -> Result<Token, Error> {
     Token::new(&text).map_err(|e| Error::Usage(format!("--token-file {}: {e}", path.display())))
 }
 
+/// The token from `--token-file` when given, else from the environment
+/// variable `var` (unset or blank: none).
+pub fn token_from(file: Option<&Path>, var: &str) -> Result<Option<Token>, Error> {
+    if let Some(path) = file {
+        return read_token_file(path).map(Some);
+    }
+    match std::env::var(var) {
+        Ok(t) if !t.trim().is_empty() => Token::new(&t)
+            .map(Some)
+            .map_err(|e| Error::Usage(format!("{var}: {e}"))),
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

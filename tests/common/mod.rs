@@ -310,3 +310,21 @@ pub fn accepted_per_task(results: &[serde_json::Value]) -> std::collections::BTr
     }
     m
 }
+
+/// The operators' command-line tool built for these tests.
+pub const CTL_BIN: &str = env!("CARGO_BIN_EXE_contact-ctl");
+
+/// Runs `contact-ctl` with `args` (and `envs`) to its end: exit code, stdout, stderr.
+pub fn ctl(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(CTL_BIN)
+        .args(args)
+        .env_remove("CONTACT_ADMIN_TOKEN")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("contact-ctl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,117 @@
+//! `contact-ctl`: parses flags, makes one admin call to a running
+//! `contact-server` (see `contact::ctl`) and prints the answer.
+
+use clap::{Parser, Subcommand};
+use contact::cli::{self, parse_secs};
+use contact::ctl::{self, Ctl, CtlConfig};
+use contact::proto::admin::PushRequest;
+use contact::tls::ClientTls;
+use contact::token;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+/// Operate a running contact server: push tasks, list its agents.
+///
+/// With credentials configured on the server, an admin token is needed
+/// (`contact-server token --admin NAME`): --token-file, or the
+/// CONTACT_ADMIN_TOKEN environment variable. On loopback without
+/// credentials, none is.
+#[derive(Parser, Debug)]
+#[command(name = "contact-ctl", version)]
+struct Flags {
+    /// Server address.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    server: String,
+    /// Read the admin token from FILE.
+    #[arg(long, value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Dial with TLS, trusting this CA (PEM) for the server's certificate.
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Dial with TLS, trusting the system's CAs.
+    #[arg(long, conflicts_with = "tls_ca", global = true)]
+    tls: bool,
+    /// Expect this name in the server's certificate instead of the host dialled.
+    #[arg(long, value_name = "NAME", global = true)]
+    tls_server_name: Option<String>,
+    /// Seconds a call may take, connecting included.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10", global = true)]
+    timeout: Duration,
+    /// Print JSON lines instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Publish one task: to every agent (broadcast) or the work queue (queue), or to one agent.
+    Push {
+        /// The task's text, as the agents receive it.
+        text: String,
+        /// Only this agent gets it.
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// Accept an agent id the server has never seen: the task waits for it.
+        #[arg(long, requires = "agent")]
+        wait_for_agents: bool,
+    },
+    /// List the connected agents.
+    Clients,
+}
+
+fn main() {
+    let flags = Flags::parse();
+    cli::init_logging();
+    match run(flags) {
+        Ok(out) => print!("{out}"),
+        Err(e) => {
+            eprintln!("contact-ctl: {e}");
+            std::process::exit(cli::exit_code(&e));
+        }
+    }
+}
+
+fn run(flags: Flags) -> Result<String, contact::Error> {
+    let token = token::token_from(flags.token_file.as_deref(), "CONTACT_ADMIN_TOKEN")?;
+    let tls = (flags.tls || flags.tls_ca.is_some() || flags.tls_server_name.is_some()).then(|| {
+        ClientTls {
+            ca: flags.tls_ca.clone(),
+            cert_key: None,
+            server_name: flags.tls_server_name.clone(),
+        }
+    });
+    let ctl = Ctl::connect(&CtlConfig {
+        server: flags.server.clone(),
+        token,
+        tls,
+        timeout: flags.timeout,
+    })?;
+    match flags.command {
+        Command::Push {
+            text,
+            agent,
+            wait_for_agents,
+        } => {
+            let req = PushRequest {
+                text,
+                agent: agent.unwrap_or_default(),
+                wait_for_agents,
+                ..Default::default()
+            };
+            let reply = ctl.push(&req)?;
+            Ok(ctl::show_push(&reply, flags.json) + "\n")
+        }
+        Command::Clients => Ok(ctl::show_clients(
+            &ctl.clients()?,
+            flags.json,
+            SystemTime::now(),
+        )),
+    }
+}

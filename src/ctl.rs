@@ -1,0 +1,246 @@
+//! `contact-ctl`'s library side: dialling a server's admin API with the
+//! operator's credentials, making one call, and showing the answer — a table
+//! for people, JSON lines for scripts. The binary only parses flags.
+
+use crate::error::Error;
+use crate::listen::ListenAddr;
+use crate::proto::admin::{AdminClient, ClientInfo, ListClientsRequest, PushReply, PushRequest};
+use crate::tls::ClientTls;
+use crate::token::Token;
+use grpcio::{CallOption, ChannelBuilder, EnvBuilder, MetadataBuilder};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How `contact-ctl` reaches a server.
+#[derive(Debug, Clone)]
+pub struct CtlConfig {
+    pub server: String,
+    /// An admin token (`contact-server token --admin NAME`).
+    pub token: Option<Token>,
+    pub tls: Option<ClientTls>,
+    /// How long one call may take, connecting included.
+    pub timeout: Duration,
+}
+
+/// A connection to one server's admin API.
+pub struct Ctl {
+    client: AdminClient,
+    server: String,
+    token: Option<Token>,
+    timeout: Duration,
+}
+
+impl Ctl {
+    /// Prepares the channel; nothing is sent until the first call.
+    pub fn connect(cfg: &CtlConfig) -> Result<Ctl, Error> {
+        let loopback = cfg
+            .server
+            .parse::<ListenAddr>()
+            .is_ok_and(|a| a.is_loopback());
+        if cfg.token.is_some() && cfg.tls.is_none() && !loopback {
+            return Err(Error::Usage(format!(
+                "the admin token would cross the network to {} in clear text: add --tls-ca FILE (or --tls to trust the system's CAs)",
+                cfg.server
+            )));
+        }
+        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let mut builder = ChannelBuilder::new(env);
+        if let Some(tls) = &cfg.tls {
+            builder = builder.set_credentials(tls.credentials()?);
+            if let Some(name) = &tls.server_name {
+                builder = builder.override_ssl_target(name.clone());
+            }
+        }
+        Ok(Ctl {
+            client: AdminClient::new(builder.connect(&cfg.server)),
+            server: cfg.server.clone(),
+            token: cfg.token.clone(),
+            timeout: cfg.timeout,
+        })
+    }
+
+    fn options(&self) -> Result<CallOption, Error> {
+        let mut opt = CallOption::default().timeout(self.timeout);
+        if let Some(t) = &self.token {
+            let mut b = MetadataBuilder::new();
+            b.add_str("authorization", &format!("Bearer {}", t.expose()))
+                .map_err(|e| Error::Usage(format!("the admin token cannot be sent: {e}")))?;
+            opt = opt.headers(b.build());
+        }
+        Ok(opt)
+    }
+
+    /// Says what a failed call means for the operator.
+    fn failed(&self, what: &str, e: grpcio::Error) -> Error {
+        let why = match e {
+            grpcio::Error::RpcFailure(s) => match s.code() {
+                grpcio::RpcStatusCode::UNAVAILABLE => {
+                    format!("cannot reach the server at {}: {}", self.server, s.message())
+                }
+                grpcio::RpcStatusCode::DEADLINE_EXCEEDED => format!(
+                    "the server at {} did not answer within {:?}",
+                    self.server, self.timeout
+                ),
+                grpcio::RpcStatusCode::UNIMPLEMENTED => format!(
+                    "the server at {} has no admin API (an older contact-server, or not a contact server)",
+                    self.server
+                ),
+                code => format!("{code:?}: {}", s.message()),
+            },
+            other => other.to_string(),
+        };
+        Error::Remote(format!("{what}: {why}"))
+    }
+
+    pub fn push(&self, req: &PushRequest) -> Result<PushReply, Error> {
+        self.client
+            .push_opt(req, self.options()?)
+            .map_err(|e| self.failed("push", e))
+    }
+
+    pub fn clients(&self) -> Result<Vec<ClientInfo>, Error> {
+        self.client
+            .list_clients_opt(&ListClientsRequest::default(), self.options()?)
+            .map(|r| r.clients.into_vec())
+            .map_err(|e| self.failed("clients", e))
+    }
+}
+
+/// A pushed task in words.
+pub fn show_push(r: &PushReply, json: bool) -> String {
+    if json {
+        serde_json::json!({"task_id": r.task_id, "target": r.target}).to_string()
+    } else {
+        format!("task {} pushed to {}", r.task_id, r.target)
+    }
+}
+
+/// The clients as a table (or JSON lines), times relative to `now`.
+pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if json {
+        return rows
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "id": c.id,
+                    "address": c.address,
+                    "connected_since": c.connected_since,
+                    "last_seen": c.last_seen,
+                    "in_flight": c.in_flight,
+                    "tasks_sent": c.tasks_sent,
+                    "done": c.done,
+                    "failed": c.failed,
+                })
+                .to_string()
+                    + "\n"
+            })
+            .collect();
+    }
+    let header = [
+        "ID",
+        "ADDRESS",
+        "CONNECTED",
+        "LAST SEEN",
+        "IN FLIGHT",
+        "SENT",
+        "DONE",
+        "FAILED",
+    ];
+    let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for c in rows {
+        table.push(vec![
+            c.id.clone(),
+            c.address.clone(),
+            format!("{} ago", span(now - c.connected_since)),
+            format!("{} ago", span(now - c.last_seen)),
+            c.in_flight.to_string(),
+            c.tasks_sent.to_string(),
+            c.done.to_string(),
+            c.failed.to_string(),
+        ]);
+    }
+    let mut out = render(&table);
+    out.push_str(&format!(
+        "{} agent{} connected\n",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+/// Left-aligned columns two spaces apart.
+fn render(table: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..table[0].len())
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in table {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A duration in the largest unit that keeps it short: `45s`, `3m12s`, `2h5m`, `3d4h`.
+fn span(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_stay_short() {
+        assert_eq!(span(-1.0), "0s");
+        assert_eq!(span(45.9), "45s");
+        assert_eq!(span(192.0), "3m12s");
+        assert_eq!(span(7500.0), "2h5m");
+        assert_eq!(span(3.0 * 86400.0 + 4.0 * 3600.0), "3d4h");
+    }
+
+    #[test]
+    fn clients_line_up_in_columns_and_as_json_lines() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let row = |id: &str, done| ClientInfo {
+            id: id.into(),
+            address: "ipv4:127.0.0.1:5000".into(),
+            connected_since: 800.0,
+            last_seen: 998.0,
+            done,
+            ..Default::default()
+        };
+        let rows = [row("web-1", 3), row("database-primary", 12)];
+        let table = show_clients(&rows, false, now);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("ID                "), "{table}");
+        assert!(lines[1].contains("3m20s ago  2s ago"), "{table}");
+        let done_at = lines[0].find("DONE").unwrap();
+        assert_eq!(&lines[2][done_at..done_at + 2], "12", "{table}");
+        assert_eq!(lines[3], "2 agents connected");
+        let json = show_clients(&rows, true, now);
+        let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+        assert_eq!(first["id"], "web-1");
+        assert_eq!(first["done"], 3);
+    }
+}

@@ -1,0 +1,181 @@
+//! `contact-ctl` end to end: a real `contact-server` process, real agents,
+//! and the operator's tool pushing tasks and listing agents — its output for
+//! people and for scripts, its exit codes (0 done, 1 refused or unreachable,
+//! 2 usage), and admin credentials.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+/// A server process on a free loopback port, with `extra` flags; its address.
+fn server(extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(SERVER_BIN);
+    // No generated tasks: only what the operator pushes.
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--no-state",
+        "--tasks-from",
+        "/dev/null",
+    ])
+    .args(extra);
+    let mut p = Proc::spawn(cmd);
+    let port = port_of_listening_line(&p.wait_line("listening on"));
+    (p, format!("127.0.0.1:{port}"))
+}
+
+#[test]
+fn an_operator_lists_agents_and_pushes_to_all_or_one() {
+    let (mut srv, addr) = server(&[]);
+    let mut web1 = agent_process(&addr, "web-1", "echo", &[]);
+    let mut web2 = agent_process(&addr, "web-2", "echo", &[]);
+    wait_for("both agents listed", || {
+        let (code, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        code == 0 && out.contains("web-1") && out.contains("web-2")
+    });
+    let (code, out, err) = ctl(&["--server", &addr, "clients"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ID "), "{out}");
+    assert!(
+        lines[0].contains("LAST SEEN") && lines[0].contains("FAILED"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("web-1 ") && lines[1].contains("ipv4:127.0.0.1:"),
+        "{out}"
+    );
+    assert_eq!(lines[3], "2 agents connected");
+
+    let (code, out, err) = ctl(&["--server", &addr, "push", "hello fleet"], &[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "task 1 pushed to every agent"),
+        "{err}"
+    );
+    web1.wait_line("task 1 done");
+    web2.wait_line("task 1 done");
+    let (code, out, err) = ctl(
+        &[
+            "--server", &addr, "--json", "push", "just you", "--agent", "web-2",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let reply: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (reply["task_id"].as_u64(), reply["target"].as_str()),
+        (Some(2), Some("agent web-2"))
+    );
+    web2.wait_line("task 2 done");
+
+    // Scripts read JSON lines, one per agent, with what each has done.
+    wait_for("web-2's second result counted", || {
+        let (_, out, _) = ctl(&["--server", &addr, "--json", "clients"], &[]);
+        out.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"] == "web-2" && v["done"] == 2
+        })
+    });
+    assert!(!web1.lines_so_far().iter().any(|l| l.contains("task 2")));
+
+    // A typo is reported and nothing is published.
+    let (code, out, err) = ctl(&["--server", &addr, "push", "x", "--agent", "web-9"], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("NOT_FOUND") && err.contains("web-9"), "{err}");
+    for p in [&mut web1, &mut web2, &mut srv] {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
+    assert!(srv
+        .whole_log()
+        .iter()
+        .any(|l| l.contains("task 2 pushed by local to agent web-2")));
+}
+
+#[test]
+fn usage_errors_exit_2_and_an_unreachable_server_exits_1() {
+    let (code, _, err) = ctl(&["push"], &[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = ctl(&["clients", "--timeout", "soon"], &[]);
+    assert_eq!(code, 2, "{err}");
+    // Nothing listens on port 1.
+    let (code, _, err) = ctl(&["--server", "127.0.0.1:1", "clients"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot reach the server at 127.0.0.1:1"),
+        "{err}"
+    );
+    // A token is not sent in clear text beyond loopback.
+    let (code, _, err) = ctl(
+        &["--server", "192.0.2.1:50051", "clients"],
+        &[("CONTACT_ADMIN_TOKEN", "contact1.admin.ops.abc")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("clear text"), "{err}");
+}
+
+#[test]
+fn with_a_secret_the_admin_token_is_needed_and_an_agents_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "integration test secret, 32 bytes!").unwrap();
+    let secret = secret.to_str().unwrap();
+    let token = |args: &[&str]| {
+        let out = Command::new(SERVER_BIN)
+            .args(["token", "--auth-secret", secret])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let admin = token(&["--admin", "ops"]);
+    let agent = token(&["web-1"]);
+    let (mut srv, addr) = server(&["--auth-secret", secret]);
+    let (code, _, err) = ctl(&["--server", &addr, "clients"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("admin token"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(
+        &["--server", &addr, "push", "x"],
+        &[("CONTACT_ADMIN_TOKEN", &agent)],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    let (code, out, err) = ctl(
+        &["--server", &addr, "push", "x"],
+        &[("CONTACT_ADMIN_TOKEN", &admin)],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "task 1 pushed to every agent"),
+        "{err}"
+    );
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, &admin).unwrap();
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "--token-file",
+            file.to_str().unwrap(),
+            "clients",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "ID  ADDRESS  CONNECTED  LAST SEEN  IN FLIGHT  SENT  DONE  FAILED\n0 agents connected"
+    );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+    assert!(srv
+        .whole_log()
+        .iter()
+        .any(|l| l.contains("task 1 pushed by ops")));
+}
