@@ -85,7 +85,12 @@ impl Ctl {
                     "the server at {} has no admin API (an older contact-server, or not a contact server)",
                     self.server
                 ),
-                code => format!("{code:?}: {}", s.message()),
+                code => {
+                    // `5-NOT_FOUND` → `NOT_FOUND`, the name gRPC's documentation uses.
+                    let name = format!("{code:?}");
+                    let name = name.split_once('-').map_or(&name[..], |(_, n)| n);
+                    format!("{name}: {}", s.message())
+                }
             },
             other => other.to_string(),
         };
