@@ -394,6 +394,9 @@ struct State {
     incarnation: String,
     /// Log lines to emit once the lock is released.
     notes: Vec<(log::Level, String)>,
+    /// Journal records of this operation, queued as one entry just before
+    /// the lock is released (so journal order is still event order).
+    journal_out: Vec<Record>,
     /// Clients and deadlines looked at, for tests that check that an
     /// operation does not scan the fleet.
     visits: u64,
@@ -409,6 +412,8 @@ fn note(notes: &mut Vec<(log::Level, String)>, level: log::Level, text: impl FnO
 /// The state, locked; on release it logs what was noted meanwhile.
 struct Locked<'a> {
     guard: Option<MutexGuard<'a, State>>,
+    /// Where the operation's journal records go (with `--state-dir`).
+    journal: Option<&'a ResultSink>,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -426,11 +431,13 @@ impl std::ops::DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        let notes = self
-            .guard
-            .as_mut()
-            .map(|st| std::mem::take(&mut st.notes))
-            .unwrap_or_default();
+        let mut notes = vec![];
+        if let Some(st) = self.guard.as_mut() {
+            notes = std::mem::take(&mut st.notes);
+            if let (Some(sink), false) = (self.journal, st.journal_out.is_empty()) {
+                sink.journal_many(std::mem::take(&mut st.journal_out));
+            }
+        }
         drop(self.guard.take());
         for (level, text) in notes {
             log::log!(target: LOG_TARGET, level, "{text}");
@@ -492,6 +499,7 @@ impl Dispatcher {
             dead: vec![],
             incarnation: format!("{:016x}", fastrand::u64(..)),
             notes: vec![],
+            journal_out: vec![],
             visits: 0,
         };
         Dispatcher {
@@ -503,17 +511,20 @@ impl Dispatcher {
         }
     }
 
-    /// Journals a change (called under the state lock, so journal order is event order).
-    fn journal(&self, record: impl FnOnce() -> Record) {
-        if let (true, Some(sink)) = (self.durable, &self.sink) {
-            sink.journal(record());
+    /// Journals a change of this operation (see `State::journal_out`).
+    fn journal(&self, st: &mut Vec<Record>, record: impl FnOnce() -> Record) {
+        if self.durable && self.sink.is_some() {
+            st.push(record());
         }
     }
 
     fn lock(&self) -> Locked<'_> {
         // A panic elsewhere must not take every client down with it.
         let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        Locked { guard: Some(guard) }
+        Locked {
+            guard: Some(guard),
+            journal: self.sink.as_ref().filter(|_| self.durable),
+        }
     }
 
     /// The free credit at which a client is written to again (see `ClientState::filling`).

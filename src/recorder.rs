@@ -29,7 +29,7 @@ pub enum Entry {
     /// Results of one `tellResult` batch (or one result), in order.
     Results(Vec<ResultRecord>),
     Dead(DeadLetter),
-    Journal(Record),
+    Journal(Vec<Record>),
     Compact(Vec<Record>),
     /// Answered once everything before it is written and fsync'd.
     Flush(oneshot::Sender<()>),
@@ -352,9 +352,11 @@ fn record(
                     let file = outputs.dead.as_mut();
                     write_numbered(d, &mut next_seq, journal.as_mut(), file)?;
                 }
-                Entry::Journal(r) => {
+                Entry::Journal(records) => {
                     if let Some(j) = journal.as_mut() {
-                        j.append(&r)?;
+                        for r in &records {
+                            j.append(r)?;
+                        }
                     }
                 }
                 Entry::Compact(mut snapshot) => {

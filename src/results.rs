@@ -185,7 +185,12 @@ impl ResultSink {
 
     /// Queues a state record for the journal (ignored without `--state-dir`).
     pub fn journal(&self, r: Record) {
-        self.send(Entry::Journal(r), "a journal record");
+        self.journal_many(vec![r]);
+    }
+
+    /// Queues state records for the journal, in order, as one entry.
+    pub fn journal_many(&self, records: Vec<Record>) {
+        self.send(Entry::Journal(records), "journal records");
     }
 
     /// Replaces the journal with `snapshot`, once everything queued before is durable.

@@ -164,7 +164,7 @@ impl Dispatcher {
                 delivery.attempt
             );
             if !c.ephemeral {
-                self.journal(|| Record::Sent {
+                self.journal(&mut st.journal_out, || Record::Sent {
                     task: delivery.task.id,
                     client: client.to_string(),
                     attempt: delivery.attempt,

@@ -185,7 +185,7 @@ impl Dispatcher {
             }
         }
         log::debug!("task {id} (attempt {attempt}) sent to {client}");
-        self.journal(|| Record::Sent {
+        self.journal(&mut st.journal_out, || Record::Sent {
             task: id,
             client: client.to_string(),
             attempt,
