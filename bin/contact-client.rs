@@ -5,6 +5,7 @@ use clap::Parser;
 use contact::cli::{self, parse_positive, parse_secs};
 use contact::client::{self, ClientConfig};
 use contact::handler::Handler;
+use contact::labels;
 use contact::shutdown::Shutdown;
 use contact::tls::ClientTls;
 use contact::token;
@@ -25,6 +26,9 @@ struct Flags {
     /// Client id sent to the server [default: the id in the token, else <hostname>-<pid>].
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
+    /// A label the server can target this agent by (`contact-ctl push --target key=value`); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = labels::parse_label)]
+    labels: Vec<(String, String)>,
     /// Dial with TLS, trusting this CA (PEM) for the server's certificate.
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
@@ -112,6 +116,20 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
         .unwrap_or_else(client::default_client_id);
     let mut c = ClientConfig::new(flags.server, id);
     c.token = token;
+    let given = flags.labels.len();
+    c.labels = flags.labels.into_iter().collect();
+    if c.labels.len() < given {
+        return Err(contact::Error::Usage(
+            "--label: a key is given twice; an agent has one value per key".into(),
+        ));
+    }
+    if c.labels.len() > labels::MAX_LABELS {
+        return Err(contact::Error::Usage(format!(
+            "--label: {} labels; at most {} are allowed",
+            c.labels.len(),
+            labels::MAX_LABELS
+        )));
+    }
     let tls_wanted = flags.tls
         || flags.tls_ca.is_some()
         || flags.tls_cert.is_some()

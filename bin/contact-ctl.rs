@@ -51,13 +51,16 @@ struct Flags {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Publish one task: to every agent (broadcast) or the work queue (queue), or to one agent.
+    /// Publish a task: to every agent (broadcast) or the work queue (queue), to one agent, or to the agents with some labels.
     Push {
         /// The task's text, as the agents receive it.
         text: String,
         /// Only this agent gets it.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", conflicts_with = "target")]
         agent: Option<String>,
+        /// The connected agents started with every one of these labels (`contact-client --label`) each get it.
+        #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
+        target: Option<String>,
         /// Accept an agent id the server has never seen: the task waits for it.
         #[arg(long, requires = "agent")]
         wait_for_agents: bool,
@@ -97,11 +100,13 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
         Command::Push {
             text,
             agent,
+            target,
             wait_for_agents,
         } => {
             let req = PushRequest {
                 text,
                 agent: agent.unwrap_or_default(),
+                selector: target.unwrap_or_default(),
                 wait_for_agents,
                 ..Default::default()
             };

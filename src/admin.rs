@@ -4,7 +4,8 @@
 //! dispatcher operations. Publishing may wait for the journal's fsync, so it
 //! runs on a thread of ours (`admin`), never on a completion-queue thread.
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Mode};
+use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
     Admin, ClientInfo as ClientRow, ListClientsReply, ListClientsRequest, PushReply, PushRequest,
@@ -91,7 +92,7 @@ impl AdminService {
     }
 
     /// Checks a push and says where it goes; publishing is left to the caller.
-    fn check_push(&self, req: &PushRequest) -> Result<Option<String>, RpcStatus> {
+    fn check_push(&self, req: &PushRequest) -> Result<Target, RpcStatus> {
         let invalid = |m: String| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, m);
         if req.text.is_empty() {
             return Err(invalid("the task's text is empty".into()));
@@ -103,20 +104,46 @@ impl AdminService {
                 req.text.len()
             )));
         }
-        if req.agent.is_empty() {
-            return Ok(None);
+        match (req.agent.is_empty(), req.selector.is_empty()) {
+            (true, true) => Ok(Target::Default),
+            (false, false) => Err(invalid("give one agent or a selector, not both".into())),
+            (false, true) => {
+                validate_client_id(&req.agent).map_err(|e| invalid(format!("agent: {e}")))?;
+                if !req.wait_for_agents && !self.dispatcher.knows(&req.agent) {
+                    return Err(RpcStatus::with_message(
+                        RpcStatusCode::NOT_FOUND,
+                        format!(
+                            "no agent {:?} is connected or remembered; check the id (`contact-ctl clients`), or push with --wait-for-agents to keep the task for it",
+                            req.agent
+                        ),
+                    ));
+                }
+                Ok(Target::Agent(req.agent.clone()))
+            }
+            (true, false) => {
+                let selector = Selector::parse(&req.selector)
+                    .map_err(|e| invalid(format!("selector: {e}")))?;
+                if req.wait_for_agents {
+                    return Err(invalid(
+                        "--wait-for-agents keeps a task for one agent id (--agent); a selector takes the agents connected now".into(),
+                    ));
+                }
+                if self.dispatcher.config().mode != Mode::Broadcast {
+                    return Err(RpcStatus::with_message(
+                        RpcStatusCode::FAILED_PRECONDITION,
+                        "this server dispatches to a work queue, where a selector is not supported yet: push to the queue, or to one agent with --agent".to_string(),
+                    ));
+                }
+                let agents = self.dispatcher.matching(&selector);
+                if agents.is_empty() {
+                    return Err(RpcStatus::with_message(
+                        RpcStatusCode::NOT_FOUND,
+                        format!("selector {selector} matches no connected agent; `contact-ctl clients` shows their labels"),
+                    ));
+                }
+                Ok(Target::Selected(selector, agents))
+            }
         }
-        validate_client_id(&req.agent).map_err(|e| invalid(format!("agent: {e}")))?;
-        if !req.wait_for_agents && !self.dispatcher.knows(&req.agent) {
-            return Err(RpcStatus::with_message(
-                RpcStatusCode::NOT_FOUND,
-                format!(
-                    "no agent {:?} is connected or remembered; check the id (`contact-ctl clients`), or push with --wait-for-agents to keep the task for it",
-                    req.agent
-                ),
-            ));
-        }
-        Ok(Some(req.agent.clone()))
     }
 
     /// Runs `job` on the `admin` thread and answers the call with its outcome.
@@ -146,6 +173,24 @@ impl AdminService {
     }
 }
 
+/// Where a push goes.
+enum Target {
+    /// Where `--dispatch` sends a task: every agent, or the work queue.
+    Default,
+    Agent(String),
+    /// The connected agents a selector matched, each with a task of its own.
+    Selected(Selector, Vec<String>),
+}
+
+/// "task 7" or "tasks 7-9" (ids published together are consecutive).
+fn tasks_named(ids: &[u64]) -> String {
+    match ids {
+        [one] => format!("task {one}"),
+        [first, .., last] => format!("tasks {first}-{last}"),
+        [] => "no task".into(),
+    }
+}
+
 /// Answers a refused call.
 fn refuse<T: 'static>(ctx: &RpcContext, sink: UnarySink<T>, status: RpcStatus) {
     log::warn!(
@@ -169,22 +214,45 @@ impl Admin for AdminService {
         };
         let dispatcher = self.dispatcher.clone();
         self.answer_from_worker(&ctx, sink, move || {
-            let published = dispatcher.publish([(target.clone(), req.text)]);
-            let Some(task) = published.first() else {
+            let (tasks, agents, target) = match target {
+                Target::Default => (
+                    vec![(None, req.text)],
+                    vec![],
+                    dispatcher.default_target().to_string(),
+                ),
+                Target::Agent(a) => (
+                    vec![(Some(a.clone()), req.text)],
+                    vec![],
+                    format!("agent {a}"),
+                ),
+                Target::Selected(selector, agents) => {
+                    let tasks = agents
+                        .iter()
+                        .map(|a| (Some(a.clone()), req.text.clone()))
+                        .collect();
+                    let n = agents.len();
+                    let what = format!(
+                        "{n} agent{} matching {selector}",
+                        if n == 1 { "" } else { "s" }
+                    );
+                    (tasks, agents, what)
+                }
+            };
+            let published = dispatcher.publish(tasks);
+            if published.is_empty() {
                 return Err(RpcStatus::with_message(
                     RpcStatusCode::UNAVAILABLE,
                     "the task could not be written to the state journal; nothing was published"
                         .to_string(),
                 ));
-            };
-            let target = match target {
-                Some(agent) => format!("agent {agent}"),
-                None => dispatcher.default_target().to_string(),
-            };
-            log::info!("task {} pushed by {who} to {target}", task.id);
+            }
+            let ids: Vec<u64> = published.iter().map(|t| t.id).collect();
+            log::info!("{} pushed by {who} to {target}", tasks_named(&ids));
             Ok(PushReply {
-                task_id: task.id,
+                task_id: ids[0],
                 target,
+                task_ids: ids,
+                agents: agents.into(),
                 ..Default::default()
             })
         });
@@ -220,6 +288,7 @@ fn row(c: &ClientInfo) -> ClientRow {
         done: c.done,
         failed: c.failed,
         tasks_sent: c.tasks_sent,
+        labels: c.labels.clone().into_iter().collect(),
         ..Default::default()
     }
 }

@@ -18,6 +18,7 @@ mod pipeline;
 use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::handler::{Handler, Outcome};
+use crate::labels::{self, Labels};
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
 use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg, Working};
@@ -68,6 +69,8 @@ pub struct ClientConfig {
     pub tls: Option<ClientTls>,
     /// Sent as `authorization: Bearer` on every call.
     pub token: Option<Token>,
+    /// Reported to the server (`contact-labels`), which targets agents by them.
+    pub labels: Labels,
 }
 
 impl ClientConfig {
@@ -88,6 +91,7 @@ impl ClientConfig {
             keepalive: Duration::from_secs(20),
             tls: None,
             token: None,
+            labels: Labels::new(),
         }
     }
 }
@@ -303,6 +307,9 @@ fn call_metadata(cfg: &ClientConfig, instance: &str) -> Result<Metadata, grpcio:
     b.add_str(proto::CLIENT_ID_KEY, &cfg.id)?;
     b.add_str(proto::INSTANCE_KEY, instance)?;
     b.add_str(proto::LEASES_KEY, "1")?;
+    if !cfg.labels.is_empty() {
+        b.add_str(labels::LABELS_KEY, &labels::to_metadata(&cfg.labels))?;
+    }
     if let Some(token) = &cfg.token {
         b.add_str(AUTHORIZATION_KEY, &format!("Bearer {}", token.expose()))?;
     }

@@ -111,12 +111,20 @@ impl Ctl {
     }
 }
 
-/// A pushed task in words.
+/// A push in words: the tasks published and where they went.
 pub fn show_push(r: &PushReply, json: bool) -> String {
     if json {
-        serde_json::json!({"task_id": r.task_id, "target": r.target}).to_string()
-    } else {
-        format!("task {} pushed to {}", r.task_id, r.target)
+        return serde_json::json!({
+            "task_id": r.task_id,
+            "task_ids": r.task_ids.to_vec(),
+            "agents": r.agents.to_vec(),
+            "target": r.target,
+        })
+        .to_string();
+    }
+    match &r.task_ids[..] {
+        [first, .., last] => format!("tasks {first}-{last} pushed to {}", r.target),
+        _ => format!("task {} pushed to {}", r.task_id, r.target),
     }
 }
 
@@ -132,6 +140,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
                 serde_json::json!({
                     "id": c.id,
                     "address": c.address,
+                    "labels": labels(c),
                     "connected_since": c.connected_since,
                     "last_seen": c.last_seen,
                     "in_flight": c.in_flight,
@@ -146,6 +155,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
     }
     let header = [
         "ID",
+        "LABELS",
         "ADDRESS",
         "CONNECTED",
         "LAST SEEN",
@@ -158,6 +168,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
     for c in rows {
         table.push(vec![
             c.id.clone(),
+            labels(c),
             c.address.clone(),
             format!("{} ago", span(now - c.connected_since)),
             format!("{} ago", span(now - c.last_seen)),
@@ -174,6 +185,13 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
         if rows.len() == 1 { "" } else { "s" }
     ));
     out
+}
+
+/// An agent's labels as it was started with them: `role=web,zone=eu`.
+fn labels(c: &ClientInfo) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = c.labels.iter().collect();
+    let pairs: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(",")
 }
 
 /// Left-aligned columns two spaces apart.
@@ -229,6 +247,12 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_secs(1000);
         let row = |id: &str, done| ClientInfo {
             id: id.into(),
+            labels: [
+                ("zone".to_string(), "eu".to_string()),
+                ("role".into(), "web".into()),
+            ]
+            .into_iter()
+            .collect(),
             address: "ipv4:127.0.0.1:5000".into(),
             connected_since: 800.0,
             last_seen: 998.0,
@@ -240,6 +264,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("ID                "), "{table}");
         assert!(lines[1].contains("3m20s ago  2s ago"), "{table}");
+        assert!(lines[1].contains(" role=web,zone=eu "), "{table}");
         let done_at = lines[0].find("DONE").unwrap();
         assert_eq!(&lines[2][done_at..done_at + 2], "12", "{table}");
         assert_eq!(lines[3], "2 agents connected");
@@ -247,5 +272,6 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
         assert_eq!(first["id"], "web-1");
         assert_eq!(first["done"], 3);
+        assert_eq!(first["labels"], "role=web,zone=eu");
     }
 }

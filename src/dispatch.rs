@@ -21,6 +21,7 @@
 
 use crate::feed::{self, Delivery, FeedSender, TaskFeed};
 use crate::journal::Record;
+use crate::labels::{Labels, Selector};
 use crate::logtext::quoted;
 use crate::registry::{ClientId, ClientInfo, ClientRegistry, Reported};
 use crate::results::{DeadLetter, ResultRecord, ResultSink};
@@ -125,7 +126,7 @@ impl RetryBackoff {
 }
 
 /// Who holds a `getTask` stream, as [`Dispatcher::attach_as`] is told.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Holder<'a> {
     /// The connection's address, for the log.
     pub peer: &'a str,
@@ -136,6 +137,8 @@ pub struct Holder<'a> {
     /// It reports the tasks it works on (`contact-leases`), so their ack
     /// deadlines start when it starts them.
     pub leases: bool,
+    /// The labels it reported (`contact-labels`).
+    pub labels: Labels,
 }
 
 /// Identifies one `getTask` stream, so that a stale stream cannot detach a newer one.
@@ -554,6 +557,7 @@ impl Dispatcher {
             instance,
             ephemeral,
             leases: false,
+            labels: Labels::new(),
         };
         self.attach_as(client, holder)
     }
@@ -569,6 +573,7 @@ impl Dispatcher {
             instance,
             ephemeral,
             leases,
+            labels,
         } = holder;
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -628,7 +633,7 @@ impl Dispatcher {
                 if known { "reconnected" } else { "connected" }
             )
         });
-        st.registry.connect(client, peer);
+        st.registry.connect(client, peer, labels);
         if let (Some(t), false) = (self.config.client_timeout, ephemeral) {
             st.deadlines.push(now + t, Due::Silence, name, id);
         }
@@ -1396,6 +1401,11 @@ impl Dispatcher {
     /// The connected clients.
     pub fn clients(&self) -> Vec<ClientInfo> {
         self.lock().registry.snapshot()
+    }
+
+    /// The connected agents whose labels `selector` matches, by id.
+    pub fn matching(&self, selector: &Selector) -> Vec<String> {
+        self.lock().registry.matching(selector)
     }
 
     /// Whether `client` is connected or remembered (it has a resume point).

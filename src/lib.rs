@@ -33,6 +33,7 @@ pub mod error;
 pub mod feed;
 pub mod handler;
 pub mod journal;
+pub mod labels;
 pub mod listen;
 pub mod loadgen;
 pub mod logtext;

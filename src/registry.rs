@@ -3,6 +3,7 @@
 //! It answers operators' questions and feeds the periodic stats line; the
 //! dispatcher updates it under its own lock so the two never disagree.
 
+use crate::labels::{Labels, Selector};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -17,6 +18,8 @@ pub struct ClientInfo {
     pub id: String,
     /// The peer address gRPC reports, e.g. `ipv4:127.0.0.1:53422`.
     pub peer: String,
+    /// The labels it reported when it connected.
+    pub labels: Labels,
     pub connected_since: SystemTime,
     /// When it last sent a result or a status message (or connected).
     pub last_seen: SystemTime,
@@ -51,10 +54,11 @@ pub struct ClientRegistry {
 
 impl ClientRegistry {
     /// Records a (re)connection; counters start again from zero.
-    pub fn connect(&mut self, id: &str, peer: &str) {
+    pub fn connect(&mut self, id: &str, peer: &str, labels: Labels) {
         let info = ClientInfo {
             id: id.to_string(),
             peer: peer.to_string(),
+            labels,
             connected_since: SystemTime::now(),
             last_seen: SystemTime::now(),
             tasks_sent: 0,
@@ -132,6 +136,15 @@ impl ClientRegistry {
             .collect()
     }
 
+    /// The connected clients whose labels `selector` matches, ordered by id.
+    pub fn matching(&self, selector: &Selector) -> Vec<String> {
+        self.clients
+            .values()
+            .filter(|e| selector.matches(&e.info.labels))
+            .map(|e| e.info.id.clone())
+            .collect()
+    }
+
     /// How many clients are connected.
     pub fn len(&self) -> usize {
         self.clients.len()
@@ -150,7 +163,7 @@ mod tests {
     #[test]
     fn counts_follow_sends_and_results_and_reset_on_reconnect() {
         let mut r = ClientRegistry::default();
-        r.connect("a", "ipv4:127.0.0.1:1");
+        r.connect("a", "ipv4:127.0.0.1:1", Labels::new());
         r.task_sent("a");
         r.task_sent("a");
         r.result_received("a", true, Reported::Ok);
@@ -161,7 +174,12 @@ mod tests {
         assert_eq!((a.done, a.failed), (1, 1));
         assert!(a.last_seen >= a.connected_since);
         assert!(r.idle_for("a").is_some() && r.idle_for("ghost").is_none());
-        r.connect("a", "ipv4:127.0.0.1:2");
+        let web = Labels::from([("role".to_string(), "web".to_string())]);
+        r.connect("a", "ipv4:127.0.0.1:2", web);
+        r.connect("b", "ipv4:127.0.0.1:3", Labels::new());
+        let role_web = Selector::parse("role=web").unwrap();
+        assert_eq!(r.matching(&role_web), vec!["a".to_string()]);
+        r.disconnect("b");
         assert_eq!(r.snapshot()[0].tasks_sent, 0);
         r.disconnect("a");
         assert!(r.is_empty());

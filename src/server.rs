@@ -16,6 +16,7 @@ use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder}
 use crate::error::Error;
 use crate::feed::{Delivery, TaskFeed};
 use crate::journal::{Journal, OnDamage};
+use crate::labels;
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
 use crate::producer::{Producer, TaskSource};
@@ -307,11 +308,23 @@ impl Contact for ContactService {
         let headers = ctx.request_headers();
         let instance = proto::instance_from(headers);
         let peer = ctx.peer();
+        let labels = match labels::from_metadata(headers) {
+            Ok(l) => l,
+            Err(why) => {
+                let status = RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why);
+                warn_refused(&peer, status.message());
+                ctx.spawn(async move {
+                    let _ = sink.fail(status).await;
+                });
+                return;
+            }
+        };
         let holder = Holder {
             peer: &peer,
             instance: &instance,
             ephemeral,
             leases: proto::leases_from(headers),
+            labels,
         };
         let attached = self.dispatcher.attach_as(&client, holder);
         let (session, mut feed) = match attached {

@@ -170,7 +170,7 @@ fn with_a_secret_the_admin_token_is_needed_and_an_agents_is_refused() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.trim(),
-        "ID  ADDRESS  CONNECTED  LAST SEEN  IN FLIGHT  SENT  DONE  FAILED\n0 agents connected"
+        "ID  LABELS  ADDRESS  CONNECTED  LAST SEEN  IN FLIGHT  SENT  DONE  FAILED\n0 agents connected"
     );
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
@@ -178,4 +178,103 @@ fn with_a_secret_the_admin_token_is_needed_and_an_agents_is_refused() {
         .whole_log()
         .iter()
         .any(|l| l.contains("task 1 pushed by ops")));
+}
+
+#[test]
+fn a_selector_reaches_the_agents_with_those_labels_and_no_other() {
+    let (mut srv, addr) = server(&[]);
+    let mut agents: Vec<Proc> = [
+        ("web-1", "role=web"),
+        ("web-2", "role=web"),
+        ("db-1", "role=db"),
+    ]
+    .iter()
+    .map(|(id, label)| agent_process(&addr, id, "echo", &["--label", label, "--label", "zone=eu"]))
+    .collect();
+    wait_for("three agents listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("3 agents connected")
+    });
+    let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("db-1 ") && l.contains(" role=db,zone=eu ")),
+        "{out}"
+    );
+
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "push",
+            "deploy",
+            "--target",
+            "zone=eu,role=web",
+        ],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "tasks 1-2 pushed to 2 agents matching role=web,zone=eu"),
+        "{err}"
+    );
+    agents[0].wait_line("task 1 done");
+    agents[1].wait_line("task 2 done");
+    let (code, out, err) = ctl(
+        &[
+            "--server", &addr, "--json", "push", "all", "--target", "zone=eu",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let reply: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        reply["agents"],
+        serde_json::json!(["db-1", "web-1", "web-2"])
+    );
+    assert_eq!(reply["task_ids"], serde_json::json!([3, 4, 5]));
+    agents[2].wait_line("task 3 done");
+    assert!(!agents[2]
+        .lines_so_far()
+        .iter()
+        .any(|l| l.contains("deploy")));
+
+    let (code, _, err) = ctl(
+        &["--server", &addr, "push", "x", "--target", "role=cache"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("NOT_FOUND: selector role=cache matches no connected agent"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["--server", &addr, "push", "x", "--target", "role"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("INVALID_ARGUMENT: selector: \"role\" is not key=value"),
+        "{err}"
+    );
+    for p in agents.iter_mut().chain([&mut srv]) {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
+
+    // A malformed label stops an agent at start (usage), before it dials.
+    let mut bad = Proc::start(CLIENT_BIN, &["--server", &addr, "--label", "role web"]);
+    assert_eq!(bad.wait_exit(), 2);
+    assert!(bad.whole_log().iter().any(|l| l.contains("not key=value")));
+
+    // A work queue takes no selector yet, and says so.
+    let (mut srv, addr) = server(&["--dispatch", "queue"]);
+    let (code, _, err) = ctl(
+        &["--server", &addr, "push", "x", "--target", "role=web"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("FAILED_PRECONDITION") && err.contains("work queue"),
+        "{err}"
+    );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
 }

@@ -649,6 +649,7 @@ fn leased(ack_ms: u64, max_lease_ms: u64) -> (Dispatcher, TaskFeed) {
         instance: "i",
         ephemeral: false,
         leases: true,
+        labels: Default::default(),
     };
     let (_, feed) = d.attach_as("a", holder).unwrap();
     (d, feed)
@@ -954,6 +955,7 @@ fn the_indexes_never_go_stale() {
                             instance: "i",
                             ephemeral: seedy,
                             leases: rng.bool(),
+                            labels: Default::default(),
                         };
                         if let Ok(f) = d.attach_as(who, holder) {
                             feeds.insert(who, f);
