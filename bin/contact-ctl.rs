@@ -39,9 +39,9 @@ struct Flags {
     /// Expect this name in the server's certificate instead of the host dialled.
     #[arg(long, value_name = "NAME", global = true)]
     tls_server_name: Option<String>,
-    /// Seconds a call may take, connecting included.
+    /// Seconds one call to the server may take, connecting included.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10", global = true)]
-    timeout: Duration,
+    call_timeout: Duration,
     /// Print JSON lines instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -65,8 +65,30 @@ enum Command {
         #[arg(long, requires = "agent")]
         wait_for_agents: bool,
     },
+    /// Push a task (as `push`) and, with --wait, print each agent's result as
+    /// it arrives; exit 0 when every agent succeeded, 1 when any failed or
+    /// did not answer within --timeout.
+    Run {
+        text: String,
+        #[arg(long, value_name = "ID", conflicts_with = "target")]
+        agent: Option<String>,
+        #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
+        target: Option<String>,
+        #[arg(long, requires = "agent")]
+        wait_for_agents: bool,
+        /// Wait for the results.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: seconds to wait for every agent's result.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "60", requires = "wait")]
+        timeout: Duration,
+    },
     /// List the connected agents.
     Clients,
+    /// One job: each agent's status and output.
+    Job { id: u64 },
+    /// The jobs the server holds, newest first.
+    Jobs,
 }
 
 fn main() {
@@ -94,7 +116,7 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
         server: flags.server.clone(),
         token,
         tls,
-        timeout: flags.timeout,
+        timeout: flags.call_timeout,
     })?;
     match flags.command {
         Command::Push {
@@ -113,6 +135,33 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
             let reply = ctl.push(&req)?;
             Ok(ctl::show_push(&reply, flags.json) + "\n")
         }
+        Command::Run {
+            text,
+            agent,
+            target,
+            wait_for_agents,
+            wait,
+            timeout,
+        } => {
+            let req = PushRequest {
+                text,
+                agent: agent.unwrap_or_default(),
+                selector: target.unwrap_or_default(),
+                wait_for_agents,
+                ..Default::default()
+            };
+            if !wait {
+                return Ok(ctl::show_push(&ctl.push(&req)?, flags.json) + "\n");
+            }
+            let stdout = std::io::stdout();
+            let all_ok = ctl::run_and_wait(&ctl, &req, timeout, flags.json, &mut stdout.lock())?;
+            if !all_ok {
+                std::process::exit(1);
+            }
+            Ok(String::new())
+        }
+        Command::Job { id } => Ok(ctl::show_job(&ctl.job(id)?, flags.json)),
+        Command::Jobs => Ok(ctl::show_jobs(&ctl.jobs()?, flags.json, SystemTime::now())),
         Command::Clients => Ok(ctl::show_clients(
             &ctl.clients()?,
             flags.json,

@@ -4,15 +4,19 @@
 //! dispatcher operations. Publishing may wait for the journal's fsync, so it
 //! runs on a thread of ours (`admin`), never on a completion-queue thread.
 
+use crate::dispatch::TaskProgress;
 use crate::dispatch::{Dispatcher, Mode};
+use crate::jobs::{Job, JobTable, JobTask};
 use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
-    Admin, ClientInfo as ClientRow, ListClientsReply, ListClientsRequest, PushReply, PushRequest,
+    Admin, AgentStatus, ClientInfo as ClientRow, GetJobRequest, Job as JobMsg, JobTotals,
+    ListClientsReply, ListClientsRequest, ListJobsReply, ListJobsRequest, PushReply, PushRequest,
 };
 use crate::proto::validate_client_id;
 use crate::registry::ClientInfo;
 use crate::shutdown::Shutdown;
+use crate::task::TaskId;
 use crate::trust::{self, Authenticator, Refusal};
 use crossbeam_channel::Sender;
 use futures::channel::oneshot;
@@ -26,14 +30,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const ENVELOPE_BYTES: usize = 256;
 
 /// Work for the `admin` thread.
-type Job = Box<dyn FnOnce() + Send>;
+type Work = Box<dyn FnOnce() + Send>;
 
 /// The service: cheap to clone, one clone per completion queue.
 #[derive(Clone)]
 pub struct AdminService {
     dispatcher: Arc<Dispatcher>,
+    jobs: Arc<JobTable>,
     auth: Arc<Authenticator>,
-    worker: Sender<Job>,
+    worker: Sender<Work>,
     /// The largest message the server sends or receives.
     max_message_bytes: usize,
 }
@@ -53,17 +58,18 @@ impl AdminService {
     /// still waiting for it are answered UNAVAILABLE).
     pub fn start(
         dispatcher: Arc<Dispatcher>,
+        jobs: Arc<JobTable>,
         auth: Arc<Authenticator>,
         max_message_bytes: usize,
         shutdown: Shutdown,
     ) -> Result<(AdminService, AdminWorker), crate::Error> {
-        let (worker, jobs) = crossbeam_channel::unbounded::<Job>();
+        let (worker, queue) = crossbeam_channel::unbounded::<Work>();
         let thread = std::thread::Builder::new()
             .name("admin".into())
             .spawn(move || loop {
                 crossbeam_channel::select! {
-                    recv(jobs) -> job => match job {
-                        Ok(job) => job(),
+                    recv(queue) -> work => match work {
+                        Ok(work) => work(),
                         Err(_) => return,
                     },
                     recv(shutdown.receiver()) -> _ => return,
@@ -72,6 +78,7 @@ impl AdminService {
             .map_err(crate::Error::Thread)?;
         let service = AdminService {
             dispatcher,
+            jobs,
             auth,
             worker,
             max_message_bytes,
@@ -213,7 +220,16 @@ impl Admin for AdminService {
             Err(status) => return refuse(&ctx, sink, status),
         };
         let dispatcher = self.dispatcher.clone();
+        let jobs = self.jobs.clone();
         self.answer_from_worker(&ctx, sink, move || {
+            let text = req.text.clone();
+            // Broadcast to every agent: the job is for those connected now.
+            let connected = match (&target, dispatcher.config().mode) {
+                (Target::Default, Mode::Broadcast) => {
+                    dispatcher.clients().into_iter().map(|c| c.id).collect()
+                }
+                _ => vec![],
+            };
             let (tasks, agents, target) = match target {
                 Target::Default => (
                     vec![(None, req.text)],
@@ -247,12 +263,28 @@ impl Admin for AdminService {
                 ));
             }
             let ids: Vec<u64> = published.iter().map(|t| t.id).collect();
-            log::info!("{} pushed by {who} to {target}", tasks_named(&ids));
+            let job_tasks = published
+                .iter()
+                .map(|t| JobTask {
+                    id: t.id,
+                    agent: t.target.clone(),
+                })
+                .collect();
+            let expected = match published.first().and_then(|t| t.target.clone()) {
+                Some(_) => published.iter().filter_map(|t| t.target.clone()).collect(),
+                None => connected,
+            };
+            let job = jobs.create(text, target.clone(), job_tasks, expected);
+            log::info!(
+                "job {job}: {} pushed by {who} to {target}",
+                tasks_named(&ids)
+            );
             Ok(PushReply {
                 task_id: ids[0],
                 target,
                 task_ids: ids,
                 agents: agents.into(),
+                job_id: job,
                 ..Default::default()
             })
         });
@@ -274,6 +306,145 @@ impl Admin for AdminService {
         ctx.spawn(async move {
             let _ = sink.success(reply).await;
         });
+    }
+
+    fn get_job(&mut self, ctx: RpcContext, req: GetJobRequest, sink: UnarySink<JobMsg>) {
+        if let Err(status) = self.operator(&ctx) {
+            return refuse(&ctx, sink, status);
+        }
+        let Some(job) = self.jobs.get(req.job_id) else {
+            let status = RpcStatus::with_message(
+                RpcStatusCode::NOT_FOUND,
+                format!(
+                    "no job {} here: this server holds the newest {} jobs since it started (`contact-ctl jobs`)",
+                    req.job_id,
+                    crate::jobs::MAX_JOBS
+                ),
+            );
+            return refuse(&ctx, sink, status);
+        };
+        let reply = self.job_message(&job, true);
+        ctx.spawn(async move {
+            let _ = sink.success(reply).await;
+        });
+    }
+
+    fn list_jobs(
+        &mut self,
+        ctx: RpcContext,
+        _req: ListJobsRequest,
+        sink: UnarySink<ListJobsReply>,
+    ) {
+        if let Err(status) = self.operator(&ctx) {
+            return refuse(&ctx, sink, status);
+        }
+        let jobs: Vec<JobMsg> = self
+            .jobs
+            .list()
+            .iter()
+            .map(|j| self.job_message(j, false))
+            .collect();
+        ctx.spawn(async move {
+            let _ = sink
+                .success(ListJobsReply {
+                    jobs: jobs.into(),
+                    ..Default::default()
+                })
+                .await;
+        });
+    }
+}
+
+impl AdminService {
+    /// A job as the admin API shows it; each agent's status with `agents`.
+    fn job_message(&self, j: &Job, agents: bool) -> JobMsg {
+        let rows = self.statuses(j);
+        let mut totals = JobTotals {
+            agents: rows.iter().filter(|r| !r.agent.is_empty()).count() as u32,
+            ..Default::default()
+        };
+        for r in &rows {
+            match r.status.as_str() {
+                "pending" => totals.pending += 1,
+                "delivered" => totals.delivered += 1,
+                "running" => totals.running += 1,
+                "ok" => totals.ok += 1,
+                "failed" => totals.failed += 1,
+                _ => totals.dead += 1,
+            }
+        }
+        JobMsg {
+            job_id: j.id,
+            text: j.text.clone(),
+            target: j.target.clone(),
+            created_at: unix_secs(j.created_at),
+            agents: if agents { rows.into() } else { vec![].into() },
+            totals: Some(totals).into(),
+            ..Default::default()
+        }
+    }
+
+    /// One status per agent the job is for, ordered by agent.
+    fn statuses(&self, j: &Job) -> Vec<AgentStatus> {
+        let mut rows = vec![];
+        for t in &j.tasks {
+            match (&t.agent, self.dispatcher.config().mode) {
+                (Some(a), _) => rows.push(self.status(t.id, a, j)),
+                (None, Mode::Broadcast) => {
+                    let mut agents: Vec<&String> = j.expected.iter().collect();
+                    agents.extend(j.answers.keys());
+                    agents.sort();
+                    agents.dedup();
+                    rows.extend(agents.into_iter().map(|a| self.status(t.id, a, j)));
+                }
+                (None, Mode::Queue) => {
+                    let holder = match j.answers.keys().next() {
+                        Some(a) => Some(a.clone()),
+                        None => self.dispatcher.holder_of(t.id),
+                    };
+                    rows.push(match holder {
+                        Some(a) => self.status(t.id, &a, j),
+                        None => AgentStatus {
+                            task_id: t.id,
+                            status: if self.dispatcher.is_dead(t.id) {
+                                "dead"
+                            } else {
+                                "pending"
+                            }
+                            .into(),
+                            ..Default::default()
+                        },
+                    });
+                }
+            }
+        }
+        rows.sort_by(|a, b| a.agent.cmp(&b.agent));
+        rows
+    }
+
+    fn status(&self, task: TaskId, agent: &str, j: &Job) -> AgentStatus {
+        let mut row = AgentStatus {
+            agent: agent.to_string(),
+            task_id: task,
+            ..Default::default()
+        };
+        match j.answers.get(agent).filter(|a| a.task == task) {
+            Some(a) => {
+                row.status = if a.ok { "ok" } else { "failed" }.into();
+                row.output = a.output.clone();
+                row.attempt = a.attempt;
+                row.finished_at = a.at;
+            }
+            None => match self.dispatcher.progress_of(task, agent) {
+                TaskProgress::Waiting => row.status = "pending".into(),
+                TaskProgress::Delivered { attempt, running } => {
+                    row.status = if running { "running" } else { "delivered" }.into();
+                    row.attempt = attempt;
+                }
+                TaskProgress::Dead => row.status = "dead".into(),
+            },
+        }
+        row
     }
 }
 

@@ -4,10 +4,15 @@
 
 use crate::error::Error;
 use crate::listen::ListenAddr;
-use crate::proto::admin::{AdminClient, ClientInfo, ListClientsRequest, PushReply, PushRequest};
+use crate::proto::admin::{
+    AdminClient, AgentStatus, ClientInfo, GetJobRequest, Job, ListClientsRequest, ListJobsRequest,
+    PushReply, PushRequest,
+};
 use crate::tls::ClientTls;
 use crate::token::Token;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, MetadataBuilder};
+use std::collections::BTreeSet;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +108,23 @@ impl Ctl {
             .map_err(|e| self.failed("push", e))
     }
 
+    pub fn job(&self, id: u64) -> Result<Job, Error> {
+        let req = GetJobRequest {
+            job_id: id,
+            ..Default::default()
+        };
+        self.client
+            .get_job_opt(&req, self.options()?)
+            .map_err(|e| self.failed("job", e))
+    }
+
+    pub fn jobs(&self) -> Result<Vec<Job>, Error> {
+        self.client
+            .list_jobs_opt(&ListJobsRequest::default(), self.options()?)
+            .map(|r| r.jobs.into_vec())
+            .map_err(|e| self.failed("jobs", e))
+    }
+
     pub fn clients(&self) -> Result<Vec<ClientInfo>, Error> {
         self.client
             .list_clients_opt(&ListClientsRequest::default(), self.options()?)
@@ -123,8 +145,223 @@ pub fn show_push(r: &PushReply, json: bool) -> String {
         .to_string();
     }
     match &r.task_ids[..] {
-        [first, .., last] => format!("tasks {first}-{last} pushed to {}", r.target),
-        _ => format!("task {} pushed to {}", r.task_id, r.target),
+        [first, .., last] => format!(
+            "job {}: tasks {first}-{last} pushed to {}",
+            r.job_id, r.target
+        ),
+        _ => format!(
+            "job {}: task {} pushed to {}",
+            r.job_id, r.task_id, r.target
+        ),
+    }
+}
+
+/// How often `run --wait` asks for the job's progress.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// A status no later one replaces.
+fn is_final(s: &AgentStatus) -> bool {
+    !s.agent.is_empty() && matches!(s.status.as_str(), "ok" | "failed" | "dead")
+}
+
+/// `contact-ctl run --wait`: pushes, then prints each agent's result as it
+/// arrives and a summary; gives up after `timeout`, naming the agents that
+/// did not answer. Returns whether every agent succeeded.
+pub fn run_and_wait(
+    ctl: &Ctl,
+    req: &PushRequest,
+    timeout: Duration,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    let pushed = ctl.push(req)?;
+    let io = |e: std::io::Error| Error::Remote(format!("cannot write the output: {e}"));
+    if !json {
+        writeln!(out, "{}", show_push(&pushed, false)).map_err(io)?;
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let mut shown = BTreeSet::new();
+    let job = loop {
+        let job = ctl.job(pushed.job_id)?;
+        for s in job.agents.iter().filter(|s| is_final(s)) {
+            if shown.insert(s.agent.clone()) {
+                writeln!(out, "{}", show_answer(s, json)).map_err(io)?;
+            }
+        }
+        let done = !job.agents.is_empty() && job.agents.iter().all(is_final);
+        if done || std::time::Instant::now() >= deadline {
+            break job;
+        }
+        std::thread::sleep(POLL_EVERY);
+    };
+    let waiting: Vec<&AgentStatus> = job.agents.iter().filter(|s| !is_final(s)).collect();
+    let count = |status: &str| job.agents.iter().filter(|s| s.status == status).count();
+    let (ok, failed, dead) = (count("ok"), count("failed"), count("dead"));
+    if json {
+        let unanswered: Vec<serde_json::Value> = waiting
+            .iter()
+            .map(|s| serde_json::json!({"agent": s.agent, "status": s.status}))
+            .collect();
+        let summary = serde_json::json!({
+            "job_id": job.job_id, "ok": ok, "failed": failed, "dead": dead,
+            "unanswered": unanswered,
+        });
+        writeln!(out, "{summary}").map_err(io)?;
+    } else {
+        let n = job.agents.iter().filter(|s| !s.agent.is_empty()).count();
+        let mut line = format!("job {}: {ok} of {n} agent{} ok", job.job_id, plural(n));
+        if failed > 0 {
+            line += &format!(", {failed} failed");
+        }
+        if dead > 0 {
+            line += &format!(", {dead} dead-lettered");
+        }
+        writeln!(out, "{line}").map_err(io)?;
+        if job.agents.is_empty() {
+            writeln!(out, "no agent was there to run it").map_err(io)?;
+        }
+        if !waiting.is_empty() {
+            let who: Vec<String> = waiting
+                .iter()
+                .map(|s| match s.agent.as_str() {
+                    "" => format!("(no agent yet: {})", s.status),
+                    a => format!("{a} ({})", s.status),
+                })
+                .collect();
+            writeln!(
+                out,
+                "no answer within {:?} from: {}",
+                timeout,
+                who.join(", ")
+            )
+            .map_err(io)?;
+        }
+    }
+    Ok(!job.agents.is_empty() && waiting.is_empty() && failed == 0 && dead == 0)
+}
+
+/// One agent's answer: `web-1: ok` and its output, indented.
+fn show_answer(s: &AgentStatus, json: bool) -> String {
+    if json {
+        return serde_json::json!({
+            "agent": s.agent, "task_id": s.task_id, "status": s.status,
+            "attempt": s.attempt, "output": s.output,
+        })
+        .to_string();
+    }
+    let mut text = format!("{}: {}", s.agent, s.status);
+    for line in s.output.lines() {
+        text += &format!("\n    {line}");
+    }
+    text
+}
+
+/// A job, each agent's status and output (`contact-ctl job ID`).
+pub fn show_job(job: &Job, json: bool) -> String {
+    if json {
+        return job
+            .agents
+            .iter()
+            .map(|s| show_answer(s, true) + "\n")
+            .collect();
+    }
+    let mut table = vec![vec![
+        "AGENT".to_string(),
+        "TASK".into(),
+        "STATUS".into(),
+        "ATTEMPT".into(),
+        "OUTPUT".into(),
+    ]];
+    for s in &job.agents {
+        table.push(vec![
+            if s.agent.is_empty() {
+                "-".into()
+            } else {
+                s.agent.clone()
+            },
+            s.task_id.to_string(),
+            s.status.clone(),
+            s.attempt.to_string(),
+            s.output.lines().next().unwrap_or_default().to_string(),
+        ]);
+    }
+    format!(
+        "job {}: {} → {}\n{}{}\n",
+        job.job_id,
+        job.text,
+        job.target,
+        render(&table),
+        totals_line(job)
+    )
+}
+
+fn totals_line(job: &Job) -> String {
+    let t = job.totals.get_ref();
+    format!(
+        "{} agent{}: {} ok, {} failed, {} running, {} delivered, {} pending, {} dead",
+        t.agents,
+        plural(t.agents as usize),
+        t.ok,
+        t.failed,
+        t.running,
+        t.delivered,
+        t.pending,
+        t.dead
+    )
+}
+
+/// The jobs held, newest first (`contact-ctl jobs`).
+pub fn show_jobs(jobs: &[Job], json: bool, now: SystemTime) -> String {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if json {
+        return jobs
+            .iter()
+            .map(|j| {
+                let t = j.totals.get_ref();
+                serde_json::json!({
+                    "job_id": j.job_id, "text": j.text, "target": j.target,
+                    "created_at": j.created_at, "agents": t.agents, "ok": t.ok,
+                    "failed": t.failed, "running": t.running, "delivered": t.delivered,
+                    "pending": t.pending, "dead": t.dead,
+                })
+                .to_string()
+                    + "\n"
+            })
+            .collect();
+    }
+    let mut table = vec![vec![
+        "JOB".to_string(),
+        "PUSHED".into(),
+        "TARGET".into(),
+        "AGENTS".into(),
+        "OK".into(),
+        "FAILED".into(),
+        "WAITING".into(),
+        "TEXT".into(),
+    ]];
+    for j in jobs {
+        let t = j.totals.get_ref();
+        table.push(vec![
+            j.job_id.to_string(),
+            format!("{} ago", span(now - j.created_at)),
+            j.target.clone(),
+            t.agents.to_string(),
+            t.ok.to_string(),
+            (t.failed + t.dead).to_string(),
+            (t.pending + t.delivered + t.running).to_string(),
+            j.text.clone(),
+        ]);
+    }
+    render(&table)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
     }
 }
 
@@ -182,7 +419,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
     out.push_str(&format!(
         "{} agent{} connected\n",
         rows.len(),
-        if rows.len() == 1 { "" } else { "s" }
+        plural(rows.len())
     ));
     out
 }

@@ -141,6 +141,18 @@ pub struct Holder<'a> {
     pub labels: Labels,
 }
 
+/// Where one task stands with one client, short of its result (which the
+/// dispatcher does not keep): for the admin API's job status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskProgress {
+    /// Not delivered to it (yet), or already answered.
+    Waiting,
+    /// Written to it and not answered; `running` once it said it started.
+    Delivered { attempt: u32, running: bool },
+    /// Dead-lettered at it after its attempts.
+    Dead,
+}
+
 /// Identifies one `getTask` stream, so that a stale stream cannot detach a newer one.
 pub type SessionId = u64;
 
@@ -1401,6 +1413,41 @@ impl Dispatcher {
     /// The connected clients.
     pub fn clients(&self) -> Vec<ClientInfo> {
         self.lock().registry.snapshot()
+    }
+
+    /// Where `task` stands with `client` (see [`TaskProgress`]).
+    pub fn progress_of(&self, task: TaskId, client: &str) -> TaskProgress {
+        let st = self.lock();
+        let Some(c) = st.clients.get(client) else {
+            return TaskProgress::Waiting;
+        };
+        if let Some(f) = c.in_flight.iter().find(|f| f.delivery.task.id == task) {
+            return TaskProgress::Delivered {
+                attempt: f.delivery.attempt,
+                running: f.renewed.is_some(),
+            };
+        }
+        let dead = match self.config.mode {
+            Mode::Broadcast => c.buried.contains(&task),
+            Mode::Queue => matches!(st.log.settled(task), Some(Settled::Dead)),
+        };
+        if dead {
+            TaskProgress::Dead
+        } else {
+            TaskProgress::Waiting
+        }
+    }
+
+    /// Queue mode: the client holding a delivery of `task` now, if any.
+    pub fn holder_of(&self, task: TaskId) -> Option<String> {
+        let st = self.lock();
+        let q = st.queue.get(task)?;
+        q.holder.as_ref().map(|h| h.to_string())
+    }
+
+    /// Queue mode: whether `task` was dead-lettered.
+    pub fn is_dead(&self, task: TaskId) -> bool {
+        matches!(self.lock().log.settled(task), Some(Settled::Dead))
     }
 
     /// The connected agents whose labels `selector` matches, by id.

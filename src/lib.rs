@@ -32,6 +32,7 @@ pub mod dispatch;
 pub mod error;
 pub mod feed;
 pub mod handler;
+pub mod jobs;
 pub mod journal;
 pub mod labels;
 pub mod listen;

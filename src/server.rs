@@ -15,6 +15,7 @@ use crate::budget::{budget_key, StaleBudget, StaleLimits};
 use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
 use crate::feed::{Delivery, TaskFeed};
+use crate::jobs::JobTable;
 use crate::journal::{Journal, OnDamage};
 use crate::labels;
 use crate::listen::ListenAddr;
@@ -148,6 +149,8 @@ impl Default for ServerConfig {
 #[derive(Clone)]
 struct ContactService {
     dispatcher: Arc<Dispatcher>,
+    /// Jobs pushed through the admin API, told of the results that answer them.
+    jobs: Arc<JobTable>,
     results: ResultSink,
     auth: Arc<Authenticator>,
     stale: Arc<StaleBudget>,
@@ -398,6 +401,7 @@ impl Contact for ContactService {
             return;
         }
         let dispatcher = self.dispatcher.clone();
+        let jobs = self.jobs.clone();
         let results = self.results.clone();
         let budget = self.stale.clone();
         ctx.spawn(async move {
@@ -416,6 +420,7 @@ impl Contact for ContactService {
                     } else {
                         dispatcher.complete_many(&client, answers, !ephemeral)
                     };
+                    jobs.observe(judged.iter().flatten());
                     // Results that answer nothing are budgeted, not written to disk forever.
                     for r in judged.iter().flatten().filter(|r| r.stale) {
                         max = 1;
@@ -646,14 +651,17 @@ impl Server {
             dispatcher.compact();
         }
         let env = Arc::new(Environment::new(2));
+        let jobs = Arc::new(JobTable::default());
         let service = ContactService {
             dispatcher: dispatcher.clone(),
+            jobs: jobs.clone(),
             results: results.clone(),
             auth: auth.clone(),
             stale: Arc::new(StaleBudget::new(config.stale)),
         };
         let (admin, admin_worker) = AdminService::start(
             dispatcher.clone(),
+            jobs.clone(),
             auth.clone(),
             config.max_message_bytes,
             shutdown.clone(),

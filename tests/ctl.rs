@@ -51,7 +51,7 @@ fn an_operator_lists_agents_and_pushes_to_all_or_one() {
     let (code, out, err) = ctl(&["--server", &addr, "push", "hello fleet"], &[]);
     assert_eq!(
         (code, out.trim()),
-        (0, "task 1 pushed to every agent"),
+        (0, "job 1: task 1 pushed to every agent"),
         "{err}"
     );
     web1.wait_line("task 1 done");
@@ -152,7 +152,7 @@ fn with_a_secret_the_admin_token_is_needed_and_an_agents_is_refused() {
     );
     assert_eq!(
         (code, out.trim()),
-        (0, "task 1 pushed to every agent"),
+        (0, "job 1: task 1 pushed to every agent"),
         "{err}"
     );
     let file = dir.path().join("admin-token");
@@ -215,7 +215,10 @@ fn a_selector_reaches_the_agents_with_those_labels_and_no_other() {
     );
     assert_eq!(
         (code, out.trim()),
-        (0, "tasks 1-2 pushed to 2 agents matching role=web,zone=eu"),
+        (
+            0,
+            "job 1: tasks 1-2 pushed to 2 agents matching role=web,zone=eu"
+        ),
         "{err}"
     );
     agents[0].wait_line("task 1 done");
@@ -275,6 +278,130 @@ fn a_selector_reaches_the_agents_with_those_labels_and_no_other() {
         err.contains("FAILED_PRECONDITION") && err.contains("work queue"),
         "{err}"
     );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+}
+
+#[test]
+fn run_wait_prints_each_agents_result_and_exits_by_the_worst() {
+    let (mut srv, addr) = server(&[]);
+    let mut agents = vec![
+        agent_process(&addr, "web-1", "echo", &["--label", "role=web"]),
+        agent_process(&addr, "web-2", "echo", &["--label", "role=web"]),
+        agent_process(&addr, "db-1", "false", &["--label", "role=db"]),
+    ];
+    wait_for("three agents listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("3 agents connected")
+    });
+    // Salt's `cmd.run` semantics: one agent failed, so the run fails.
+    let (code, out, err) = ctl(&["--server", &addr, "run", "hello", "--wait"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "job 1: task 1 pushed to every agent", "{out}");
+    assert!(out.contains("web-1: ok\n    hello\n"), "{out}");
+    assert!(out.contains("web-2: ok\n    hello\n"), "{out}");
+    assert!(out.contains("db-1: failed\n"), "{out}");
+    assert_eq!(
+        lines.last().unwrap(),
+        &"job 1: 2 of 3 agents ok, 1 failed",
+        "{out}"
+    );
+
+    let (code, out, err) = ctl(
+        &[
+            "--server", &addr, "run", "deploy", "--target", "role=web", "--wait",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.ends_with("job 2: 2 of 2 agents ok\n"), "{out}");
+
+    // For scripts: one JSON line per agent, then the summary.
+    let (code, out, _) = ctl(
+        &[
+            "--server", &addr, "--json", "run", "x", "--agent", "web-2", "--wait",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        (
+            lines[0]["agent"].as_str(),
+            lines[0]["status"].as_str(),
+            lines[0]["output"].as_str()
+        ),
+        (Some("web-2"), Some("ok"), Some("x"))
+    );
+    assert_eq!(lines[1]["job_id"], 3);
+    assert_eq!(lines[1]["ok"], 1);
+
+    // The job's record: each agent's status and output.
+    let (code, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("job 1: hello → every agent\nAGENT  TASK  STATUS  ATTEMPT  OUTPUT\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nweb-1  1     ok      1        hello\n"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("3 agents: 2 ok, 1 failed, 0 running, 0 delivered, 0 pending, 0 dead\n"),
+        "{out}"
+    );
+    // An agent that does not answer in time is named.
+    agents.push(agent_process(
+        &addr,
+        "slow-1",
+        "sleep",
+        &["--label", "role=slow"],
+    ));
+    wait_for("the slow agent listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("4 agents connected")
+    });
+    let (code, out, _) = ctl(
+        &[
+            "--server",
+            &addr,
+            "run",
+            "30",
+            "--target",
+            "role=slow",
+            "--wait",
+            "--timeout",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("job 4: 0 of 1 agent ok\nno answer within 1s from: slow-1 (delivered)"),
+        "{out}"
+    );
+
+    let (code, out, _) = ctl(&["--server", &addr, "jobs"], &[]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("JOB  PUSHED"), "{out}");
+    assert!(
+        lines[1].starts_with("4  ") && lines[4].starts_with("1  "),
+        "{out}"
+    );
+    let (code, _, err) = ctl(&["--server", &addr, "job", "99"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("NOT_FOUND: no job 99"), "{err}");
+    // slow-1 would finish its 30 s task before leaving: no need to wait.
+    for p in agents.iter_mut() {
+        p.signal("KILL");
+        p.wait_exit();
+    }
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
 }
