@@ -515,6 +515,12 @@ impl Dispatcher {
         }
     }
 
+    /// Whether it journals what it publishes (`--state-dir`), so that it
+    /// outlives a restart, idempotency keys included.
+    pub fn is_durable(&self) -> bool {
+        self.durable && self.sink.is_some()
+    }
+
     /// Journals a change (called under the state lock, so journal order is event order).
     fn journal(&self, record: impl FnOnce() -> Record) {
         if let (true, Some(sink)) = (self.durable, &self.sink) {
@@ -852,7 +858,7 @@ impl Dispatcher {
         // Only publishers add tasks (and keys), and they are serialised: what
         // is found here still holds when the tasks are added below.
         let keyed = tasks.iter().any(|t| t.key.is_some());
-        let journaled = self.durable && self.sink.is_some() && !tasks.is_empty();
+        let journaled = self.is_durable() && !tasks.is_empty();
         let (first, duplicates) = if keyed || journaled {
             let st = self.lock();
             let first = st.log.next_id();
