@@ -1,7 +1,7 @@
 //! `contact-ctl`: parses flags, makes one admin call to a running
 //! `contact-server` (see `contact::ctl`) and prints the answer.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use contact::cli::{self, parse_secs};
 use contact::ctl::{self, Ctl, CtlConfig};
 use contact::proto::admin::PushRequest;
@@ -53,29 +53,15 @@ struct Flags {
 enum Command {
     /// Publish a task: to every agent (broadcast) or the work queue (queue), to one agent, or to the agents with some labels.
     Push {
-        /// The task's text, as the agents receive it.
-        text: String,
-        /// Only this agent gets it.
-        #[arg(long, value_name = "ID", conflicts_with = "target")]
-        agent: Option<String>,
-        /// The connected agents started with every one of these labels (`contact-client --label`) each get it.
-        #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
-        target: Option<String>,
-        /// Accept an agent id the server has never seen: the task waits for it.
-        #[arg(long, requires = "agent")]
-        wait_for_agents: bool,
+        #[command(flatten)]
+        task: TaskArgs,
     },
     /// Push a task (as `push`) and, with --wait, print each agent's result as
     /// it arrives; exit 0 when every agent succeeded, 1 when any failed or
     /// did not answer within --timeout.
     Run {
-        text: String,
-        #[arg(long, value_name = "ID", conflicts_with = "target")]
-        agent: Option<String>,
-        #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
-        target: Option<String>,
-        #[arg(long, requires = "agent")]
-        wait_for_agents: bool,
+        #[command(flatten)]
+        task: TaskArgs,
         /// Wait for the results.
         #[arg(long)]
         wait: bool,
@@ -89,6 +75,39 @@ enum Command {
     Job { id: u64 },
     /// The jobs the server holds, newest first.
     Jobs,
+}
+
+/// What to push, and to whom.
+#[derive(Args, Debug)]
+struct TaskArgs {
+    /// The task's text, as the agents receive it.
+    text: String,
+    /// Only this agent gets it.
+    #[arg(long, value_name = "ID", conflicts_with = "target")]
+    agent: Option<String>,
+    /// The connected agents started with every one of these labels (`contact-client --label`) each get it.
+    #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
+    target: Option<String>,
+    /// Accept an agent id the server has never seen: the task waits for it.
+    #[arg(long, requires = "agent")]
+    wait_for_agents: bool,
+    /// An idempotency key: pushed again with the same key (a retried
+    /// script), nothing is published twice.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+}
+
+impl TaskArgs {
+    fn request(self) -> PushRequest {
+        PushRequest {
+            text: self.text,
+            agent: self.agent.unwrap_or_default(),
+            selector: self.target.unwrap_or_default(),
+            wait_for_agents: self.wait_for_agents,
+            idempotency_key: self.key.unwrap_or_default(),
+            ..Default::default()
+        }
+    }
 }
 
 fn main() {
@@ -119,37 +138,16 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
         timeout: flags.call_timeout,
     })?;
     match flags.command {
-        Command::Push {
-            text,
-            agent,
-            target,
-            wait_for_agents,
-        } => {
-            let req = PushRequest {
-                text,
-                agent: agent.unwrap_or_default(),
-                selector: target.unwrap_or_default(),
-                wait_for_agents,
-                ..Default::default()
-            };
-            let reply = ctl.push(&req)?;
+        Command::Push { task } => {
+            let reply = ctl.push(&task.request())?;
             Ok(ctl::show_push(&reply, flags.json) + "\n")
         }
         Command::Run {
-            text,
-            agent,
-            target,
-            wait_for_agents,
+            task,
             wait,
             timeout,
         } => {
-            let req = PushRequest {
-                text,
-                agent: agent.unwrap_or_default(),
-                selector: target.unwrap_or_default(),
-                wait_for_agents,
-                ..Default::default()
-            };
+            let req = task.request();
             if !wait {
                 return Ok(ctl::show_push(&ctl.push(&req)?, flags.json) + "\n");
             }

@@ -38,7 +38,9 @@ struct Flags {
     listen: String,
     #[command(flatten)]
     security: Security,
-    /// Read tasks from FILE, one per line ("-" = standard input).
+    /// Read tasks from FILE, one per line ("-" = standard input). With
+    /// --state-dir, the lines of a file published before (same line number,
+    /// same text) are not published again.
     #[arg(long, value_name = "FILE")]
     tasks_from: Option<PathBuf>,
     /// Generate N tasks "task:<100..200>" per batch, as the seed does [default: 10 when no --tasks-from].

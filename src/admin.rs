@@ -16,7 +16,7 @@ use crate::proto::admin::{
 use crate::proto::validate_client_id;
 use crate::registry::ClientInfo;
 use crate::shutdown::Shutdown;
-use crate::task::TaskId;
+use crate::task::{NewTask, Published, TaskId};
 use crate::trust::{self, Authenticator, Refusal};
 use crossbeam_channel::Sender;
 use futures::channel::oneshot;
@@ -28,6 +28,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Bytes a task's envelope (ids, attempt, incarnation) may add to its text
 /// in the message an agent receives.
 const ENVELOPE_BYTES: usize = 256;
+
+/// Longest idempotency key accepted.
+const MAX_KEY_BYTES: usize = 256;
 
 /// Work for the `admin` thread.
 type Work = Box<dyn FnOnce() + Send>;
@@ -109,6 +112,12 @@ impl AdminService {
             return Err(invalid(format!(
                 "the task's text is {} bytes; agents take at most {limit} (the server's message limit less the envelope)",
                 req.text.len()
+            )));
+        }
+        if req.idempotency_key.len() > MAX_KEY_BYTES {
+            return Err(invalid(format!(
+                "the idempotency key is {} bytes; at most {MAX_KEY_BYTES}",
+                req.idempotency_key.len()
             )));
         }
         match (req.agent.is_empty(), req.selector.is_empty()) {
@@ -254,26 +263,61 @@ impl Admin for AdminService {
                     (tasks, agents, what)
                 }
             };
-            let published = dispatcher.publish(tasks);
-            if published.is_empty() {
-                return Err(RpcStatus::with_message(
-                    RpcStatusCode::UNAVAILABLE,
-                    "the task could not be written to the state journal; nothing was published"
-                        .to_string(),
-                ));
-            }
-            let ids: Vec<u64> = published.iter().map(|t| t.id).collect();
-            let job_tasks = published
-                .iter()
-                .map(|t| JobTask {
-                    id: t.id,
-                    agent: t.target.clone(),
+            let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+            let keyed = tasks.len() > 1;
+            let tasks: Vec<NewTask> = tasks
+                .into_iter()
+                .map(|(agent, text)| NewTask {
+                    key: key.as_ref().map(|k| match (&agent, keyed) {
+                        (Some(a), true) => format!("{k}@{a}"),
+                        _ => k.clone(),
+                    }),
+                    target: agent,
+                    text,
                 })
                 .collect();
-            let expected = match published.first().and_then(|t| t.target.clone()) {
-                Some(_) => published.iter().filter_map(|t| t.target.clone()).collect(),
-                None => connected,
-            };
+            let published = dispatcher.publish_new(tasks).map_err(|e| {
+                RpcStatus::with_message(
+                    RpcStatusCode::UNAVAILABLE,
+                    format!("{e}; nothing was published"),
+                )
+            })?;
+            let ids: Vec<u64> = published.iter().map(Published::id).collect();
+            if published.iter().all(|p| matches!(p, Published::Duplicate { .. })) {
+                let job = jobs.job_of(ids[0]).unwrap_or(0);
+                log::info!(
+                    "push by {who} to {target} repeats the key of {} (job {job}): nothing published",
+                    tasks_named(&ids)
+                );
+                return Ok(PushReply {
+                    task_id: ids[0],
+                    target,
+                    task_ids: ids,
+                    agents: agents.into(),
+                    job_id: job,
+                    duplicate: true,
+                    ..Default::default()
+                });
+            }
+            let job_tasks = published
+                .iter()
+                .zip(&ids)
+                .map(|(p, &id)| JobTask {
+                    id,
+                    agent: match p {
+                        Published::New(t) => t.target.clone(),
+                        Published::Duplicate { .. } => None,
+                    },
+                })
+                .collect();
+            let targets: Vec<String> = published
+                .iter()
+                .filter_map(|p| match p {
+                    Published::New(t) => t.target.clone(),
+                    Published::Duplicate { .. } => None,
+                })
+                .collect();
+            let expected = if targets.is_empty() { connected } else { targets };
             let job = jobs.create(text, target.clone(), job_tasks, expected);
             log::info!(
                 "job {job}: {} pushed by {who} to {target}",

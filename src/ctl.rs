@@ -141,19 +141,22 @@ pub fn show_push(r: &PushReply, json: bool) -> String {
             "task_ids": r.task_ids.to_vec(),
             "agents": r.agents.to_vec(),
             "target": r.target,
+            "job_id": r.job_id,
+            "duplicate": r.duplicate,
         })
         .to_string();
     }
-    match &r.task_ids[..] {
-        [first, .., last] => format!(
-            "job {}: tasks {first}-{last} pushed to {}",
+    let tasks = match &r.task_ids[..] {
+        [first, .., last] => format!("tasks {first}-{last}"),
+        _ => format!("task {}", r.task_id),
+    };
+    if r.duplicate {
+        return format!(
+            "job {}: {tasks} already pushed to {} with this key; nothing published",
             r.job_id, r.target
-        ),
-        _ => format!(
-            "job {}: task {} pushed to {}",
-            r.job_id, r.task_id, r.target
-        ),
+        );
     }
+    format!("job {}: {tasks} pushed to {}", r.job_id, r.target)
 }
 
 /// How often `run --wait` asks for the job's progress.

@@ -25,7 +25,7 @@ use crate::labels::{Labels, Selector};
 use crate::logtext::quoted;
 use crate::registry::{ClientId, ClientInfo, ClientRegistry, Reported};
 use crate::results::{DeadLetter, ResultRecord, ResultSink};
-use crate::task::{Settled, Task, TaskId, TaskLog};
+use crate::task::{NewTask, Published, Settled, Task, TaskId, TaskLog};
 use crate::workqueue::WorkQueue;
 use deadlines::{Deadlines, Due};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -174,6 +174,26 @@ pub struct Counters {
     pub redelivered: u64,
     pub dead: u64,
 }
+
+/// Tasks were not published: they could not be written to the state
+/// journal (the server is stopping; the cause is logged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotJournaled;
+
+impl std::fmt::Display for NotJournaled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the tasks could not be written to the state journal (see --state-dir); the server is stopping"
+        )
+    }
+}
+
+impl std::error::Error for NotJournaled {}
+
+/// Per task given to publish, the id of the task whose key it repeats, if
+/// it does; empty when no task had a key.
+type Duplicates = Vec<Option<TaskId>>;
 
 /// What a client said about one task (the new fields of `Result`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -526,9 +546,15 @@ impl Dispatcher {
         }
     }
 
+    /// Whether it journals what it publishes (`--state-dir`), so that it
+    /// outlives a restart, idempotency keys included.
+    pub fn is_durable(&self) -> bool {
+        self.durable && self.sink.is_some()
+    }
+
     /// Journals a change of this operation (see `State::journal_out`).
     fn journal(&self, st: &mut Vec<Record>, record: impl FnOnce() -> Record) {
-        if self.durable && self.sink.is_some() {
+        if self.is_durable() {
             st.push(record());
         }
     }
@@ -791,27 +817,109 @@ impl Dispatcher {
     /// Appends tasks to the log (and the queue) and offers them to clients
     /// with credit. When durable, the tasks are on disk before any client can
     /// see them: this blocks the calling (producer) thread on the fsync.
+    /// Returns the tasks published: none if the journal could not be written.
     pub fn publish<I>(&self, tasks: I) -> Vec<Arc<Task>>
     where
         I: IntoIterator<Item = (Option<String>, String)>,
     {
-        let tasks: Vec<(Option<String>, String)> = tasks.into_iter().collect();
+        let tasks = tasks
+            .into_iter()
+            .map(|(target, text)| NewTask::new(target, text))
+            .collect();
+        self.publish_tasks(tasks).map_or(vec![], |(added, _)| added)
+    }
+
+    /// Publishes tasks as [`Dispatcher::publish`] does, except those whose
+    /// idempotency key is already known: one per input task, in order, says
+    /// which task it was published as, or which task it duplicates.
+    ///
+    /// A key is remembered as long as the task published with it is
+    /// retained, that is while it is among the last `retain` tasks
+    /// (`--retain`) published from any source (the window JetStream keeps
+    /// `Nats-Msg-Id`s for, counted in tasks rather than time). With
+    /// `--state-dir` keys are journaled with their tasks, so a restart
+    /// remembers them. Two tasks of one call with the same key are published
+    /// once. Tasks without a key cost nothing more than through `publish`.
+    ///
+    /// Fails, publishing nothing, when the tasks could not be written to the
+    /// state journal (the server is stopping; the cause is logged).
+    pub fn publish_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Published>, NotJournaled> {
+        let (added, duplicates) = self.publish_tasks(tasks)?;
+        if duplicates.is_empty() {
+            return Ok(added.into_iter().map(Published::New).collect());
+        }
+        let mut added = added.into_iter();
+        Ok(duplicates
+            .into_iter()
+            .map(|of| match of {
+                Some(of) => Published::Duplicate { of },
+                None => Published::New(added.next().expect("one task per new one")),
+            })
+            .collect())
+    }
+
+    /// For each task, the id of the task whose key it repeats, if any: one
+    /// retained in the log, or one before it in `tasks` (which would get ids
+    /// from `first` on). Empty when no task has a key.
+    fn duplicates(log: &TaskLog, first: TaskId, tasks: &[NewTask]) -> Duplicates {
+        if tasks.iter().all(|t| t.key.is_none()) {
+            return vec![];
+        }
+        let mut next = first;
+        let mut in_batch: HashMap<&str, TaskId> = HashMap::new();
+        tasks
+            .iter()
+            .map(|t| {
+                let Some(key) = t.key.as_deref() else {
+                    next += 1;
+                    return None;
+                };
+                let known = log.keyed(key).or_else(|| in_batch.get(key).copied());
+                if known.is_none() {
+                    in_batch.insert(key, next);
+                    next += 1;
+                }
+                known
+            })
+            .collect()
+    }
+
+    /// Publishes the tasks whose key is not known: the tasks published, and
+    /// what [`Dispatcher::duplicates`] found.
+    fn publish_tasks(
+        &self,
+        tasks: Vec<NewTask>,
+    ) -> Result<(Vec<Arc<Task>>, Duplicates), NotJournaled> {
         let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
-        if let (true, Some(sink), false) = (self.durable, &self.sink, tasks.is_empty()) {
-            let first = self.lock().log.next_id();
-            for (i, (target, text)) in tasks.iter().enumerate() {
+        // Only publishers add tasks (and keys), and they are serialised: what
+        // is found here still holds when the tasks are added below.
+        let keyed = tasks.iter().any(|t| t.key.is_some());
+        let journaled = self.is_durable() && !tasks.is_empty();
+        let (first, duplicates) = if keyed || journaled {
+            let st = self.lock();
+            let first = st.log.next_id();
+            (first, Dispatcher::duplicates(&st.log, first, &tasks))
+        } else {
+            (0, vec![])
+        };
+        let is_new = |i: usize| duplicates.get(i).is_none_or(Option::is_none);
+        if let (true, Some(sink)) = (journaled, &self.sink) {
+            let new = (0..tasks.len()).filter(|i| is_new(*i));
+            for (id, i) in (first..).zip(new) {
+                let t = &tasks[i];
                 sink.journal(Record::Task {
-                    id: first + i as u64,
-                    text: text.clone(),
-                    target: target.clone(),
+                    id,
+                    text: t.text.clone(),
+                    target: t.target.clone(),
+                    key: t.key.clone(),
                 });
             }
             if futures::executor::block_on(sink.journaled()).is_err() {
+                let new = (0..tasks.len()).filter(|i| is_new(*i)).count();
                 log::error!(
-                    "{} tasks could not be written to the state journal and were not accepted",
-                    tasks.len()
+                    "{new} tasks could not be written to the state journal and were not accepted"
                 );
-                return vec![];
+                return Err(NotJournaled);
             }
         }
         let mut guard = self.lock();
@@ -819,8 +927,16 @@ impl Dispatcher {
         let mut added = Vec::with_capacity(tasks.len());
         let mut targets: Vec<String> = vec![];
         let mut for_all = false;
-        for (target, text) in tasks {
-            let task = st.log.push(text, target);
+        for (i, t) in tasks.into_iter().enumerate() {
+            if let Some(Some(of)) = duplicates.get(i) {
+                log::debug!(
+                    "task not published: its key {} is task {of}'s: {}",
+                    quoted(t.key.as_deref().unwrap_or_default()),
+                    quoted(&t.text)
+                );
+                continue;
+            }
+            let task = st.log.push(t.text, t.target, t.key.map(Arc::from));
             log::debug!("task {} produced: {}", task.id, quoted(&task.text));
             if self.config.mode == Mode::Queue {
                 st.queue.push(task.clone());
@@ -834,7 +950,7 @@ impl Dispatcher {
         }
         st.counters.produced += added.len() as u64;
         if st.closed {
-            return added;
+            return Ok((added, duplicates));
         }
         match self.config.mode {
             Mode::Broadcast => {
@@ -859,7 +975,7 @@ impl Dispatcher {
                 self.pump_queue_ready(st);
             }
         }
-        added
+        Ok((added, duplicates))
     }
 
     /// Judges a client's answer, records it through the sink (if the

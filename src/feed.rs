@@ -129,6 +129,7 @@ mod tests {
             id,
             text: format!("t{id}"),
             target: None,
+            key: None,
             produced_at: SystemTime::now(),
         };
         Delivery {

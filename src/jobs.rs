@@ -147,6 +147,11 @@ impl JobTable {
         Some(j.clone())
     }
 
+    /// The job holding task `task`, if any.
+    pub fn job_of(&self, task: TaskId) -> Option<JobId> {
+        self.lock().by_task.get(&task).copied()
+    }
+
     /// Every job held, newest first.
     pub fn list(&self) -> Vec<Job> {
         self.lock().held.iter().rev().cloned().collect()

@@ -42,6 +42,10 @@ pub enum Record {
         id: TaskId,
         text: String,
         target: Option<String>,
+        /// Its idempotency key; absent when it has none (and in journals
+        /// written before tasks had keys).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     /// A task was written to a client.
     Sent {
@@ -454,6 +458,7 @@ mod tests {
             id,
             text: format!("t{id}"),
             target: None,
+            key: None,
         }
     }
 
@@ -660,6 +665,7 @@ mod tests {
             id,
             text: "x".repeat(300),
             target: None,
+            key: None,
         };
         for another_batch in [false, true] {
             for damage in ["zeroed page", "stale page", "garbled page"] {
@@ -854,6 +860,23 @@ mod tests {
     }
 
     #[test]
+    fn a_task_key_is_written_only_when_there_is_one_and_older_task_records_still_read() {
+        let before_keys = r#"{"k":"task","id":7,"text":"t7","target":null}"#;
+        let r: Record = serde_json::from_str(before_keys).unwrap();
+        assert_eq!(r, task(7));
+        assert_eq!(serde_json::to_string(&task(7)).unwrap(), before_keys);
+        let keyed = Record::Task {
+            id: 7,
+            text: "t7".into(),
+            target: None,
+            key: Some("k".into()),
+        };
+        let json = serde_json::to_string(&keyed).unwrap();
+        assert!(json.ends_with(r#","key":"k"}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Record>(&json).unwrap(), keyed);
+    }
+
+    #[test]
     fn moved_aside_files_are_named_by_utc_time() {
         let at = |secs| utc_stamp(UNIX_EPOCH + std::time::Duration::from_secs(secs));
         assert_eq!(at(0), "19700101T000000Z");
@@ -948,8 +971,18 @@ mod properties {
     /// Every kind of record, with arbitrary contents.
     fn record() -> impl Strategy<Value = Record> {
         prop_oneof![
-            (any::<TaskId>(), any::<String>(), any::<Option<String>>())
-                .prop_map(|(id, text, target)| Record::Task { id, text, target }),
+            (
+                any::<TaskId>(),
+                any::<String>(),
+                any::<Option<String>>(),
+                any::<Option<String>>()
+            )
+                .prop_map(|(id, text, target, key)| Record::Task {
+                    id,
+                    text,
+                    target,
+                    key
+                }),
             (any::<TaskId>(), any::<String>(), any::<u32>()).prop_map(|(task, client, attempt)| {
                 Record::Sent {
                     task,

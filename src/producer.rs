@@ -2,14 +2,22 @@
 //! the seed's generator into tasks for the dispatcher. They run on threads of
 //! their own so that a slow disk or an idle terminal never touches a gRPC
 //! thread, and a slow client never slows them (the dispatcher only appends).
+//!
+//! With durable state, each line of a regular file gets an idempotency key
+//! derived from the file, the line number and the line's text (see
+//! [`line_key`]), so that a server restarted on its state does not publish
+//! the file's lines again, while an edited or appended line is new.
 
 use crate::dispatch::Dispatcher;
 use crate::error::Error;
 use crate::shutdown::Shutdown;
-use crate::task::parse_line;
-use std::fs::File;
+use crate::task::{parse_line, NewTask, Published};
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -47,16 +55,10 @@ impl Producer {
         };
         match source.clone() {
             TaskSource::Lines(path) => {
-                let (name, input): (String, Box<dyn Read + Send>) = if path.as_os_str() == "-" {
-                    ("standard input".into(), Box::new(io::stdin()))
-                } else {
-                    let f =
-                        File::open(&path).map_err(|e| Error::file(&path, "read tasks from", e))?;
-                    (path.display().to_string(), Box::new(f))
-                };
+                let (lines, input) = open_lines(path, &dispatcher)?;
                 spawn(
                     "task-reader",
-                    Box::new(move || read_lines(&name, input, &dispatcher, &shutdown)),
+                    Box::new(move || read_lines(&lines, input, &dispatcher, &shutdown)),
                 )?;
                 Ok(Producer { handle: None })
             }
@@ -88,15 +90,83 @@ fn generate(count: usize, every: Duration, dispatcher: &Dispatcher, shutdown: &S
     }
 }
 
+/// A source of task lines, as `read_lines` reads it.
+struct Lines {
+    /// For the log: the path as given, or "standard input".
+    name: String,
+    /// The canonical path its lines' keys are derived from; `None`: no keys.
+    keyed_as: Option<PathBuf>,
+}
+
+/// Opens a source of task lines (`-`: standard input).
+fn open_lines(
+    path: PathBuf,
+    dispatcher: &Dispatcher,
+) -> Result<(Lines, Box<dyn Read + Send>), Error> {
+    if path.as_os_str() == "-" {
+        let lines = Lines {
+            name: "standard input".into(),
+            keyed_as: None,
+        };
+        return Ok((lines, Box::new(io::stdin())));
+    }
+    let f = File::open(&path).map_err(|e| Error::file(&path, "read tasks from", e))?;
+    // Keys only for a file read again after a restart, and a state that
+    // remembers them: not a pipe, not --no-state.
+    let keyed = dispatcher.is_durable() && f.metadata().is_ok_and(|m| m.is_file());
+    let lines = Lines {
+        name: path.display().to_string(),
+        keyed_as: keyed.then(|| fs::canonicalize(&path).unwrap_or_else(|_| path.clone())),
+    };
+    Ok((lines, Box::new(f)))
+}
+
+/// The prefix of the keys [`line_key`] derives.
+pub const LINE_KEY_PREFIX: &str = "tasks-from:";
+
+/// The idempotency key of line `line_no` (from 1) of the task file at
+/// `path` (its canonical path), whose text without its line ending is
+/// `line`: `tasks-from:` and 32 hex digits, the first 128 bits of the
+/// SHA-256 of the path's bytes, a NUL byte, the line number as 8 bytes
+/// little endian, and the line's bytes. The same line of the same file with
+/// the same text has the same key on every start; a line edited, added, or
+/// moved (by a line inserted or removed above it) has a new one, and so has
+/// every line of the file read under another path.
+pub fn line_key(path: &Path, line_no: u64, line: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(path.as_os_str().as_bytes())
+        .chain_update([0])
+        .chain_update(line_no.to_le_bytes())
+        .chain_update(line.as_bytes())
+        .finalize();
+    let mut key = String::with_capacity(LINE_KEY_PREFIX.len() + 32);
+    key.push_str(LINE_KEY_PREFIX);
+    for b in &digest[..16] {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+/// What reading a source did so far, for the log.
+#[derive(Default)]
+struct Tally {
+    /// Lines that are tasks.
+    tasks: usize,
+    published: usize,
+    /// Tasks whose key was known: published before.
+    skipped: usize,
+}
+
 fn read_lines(
-    name: &str,
+    lines: &Lines,
     input: Box<dyn Read + Send>,
     dispatcher: &Dispatcher,
     shutdown: &Shutdown,
 ) {
+    let name = lines.name.as_str();
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     let mut line_no = 0u64;
-    let mut published = 0usize;
+    let mut tally = Tally::default();
     let mut buf = Vec::new();
     loop {
         // Publish every complete line already buffered as one batch; block only when none is.
@@ -110,12 +180,12 @@ fn read_lines(
                     log::error!(
                         "cannot read tasks from {name}: {e}; no more tasks will be read from it"
                     );
-                    dispatcher.publish(batch);
+                    publish(lines, batch, dispatcher, &mut tally);
                     return;
                 }
             }
             line_no += 1;
-            if let Some(task) = task_line(name, line_no, &buf) {
+            if let Some(task) = task_line(lines, line_no, &buf) {
                 batch.push(task);
             }
             if batch.len() >= 1024 || !reader.buffer().contains(&b'\n') {
@@ -123,18 +193,59 @@ fn read_lines(
             }
         }
         if batch.is_empty() && buf.is_empty() {
-            log::info!("all {published} tasks from {name} published");
+            all_read(lines, &tally, dispatcher);
             return;
         }
-        published += dispatcher.publish(batch).len();
+        publish(lines, batch, dispatcher, &mut tally);
         if shutdown.is_triggered() {
             return;
         }
     }
 }
 
-/// Turns one raw input line into a task, or says why it is skipped.
-fn task_line(name: &str, line_no: u64, raw: &[u8]) -> Option<(Option<String>, String)> {
+/// Publishes a batch of `lines`' tasks, counting what became of them.
+fn publish(lines: &Lines, batch: Vec<NewTask>, dispatcher: &Dispatcher, tally: &mut Tally) {
+    tally.tasks += batch.len();
+    if lines.keyed_as.is_none() {
+        let pairs = batch.into_iter().map(|t| (t.target, t.text));
+        tally.published += dispatcher.publish(pairs).len();
+        return;
+    }
+    // Not journaled: the server is stopping (logged by the dispatcher).
+    for p in dispatcher.publish_new(batch).unwrap_or_default() {
+        match p {
+            Published::New(_) => tally.published += 1,
+            Published::Duplicate { .. } => tally.skipped += 1,
+        }
+    }
+}
+
+/// Logs what reading `lines` to its end did.
+fn all_read(lines: &Lines, tally: &Tally, dispatcher: &Dispatcher) {
+    let Tally {
+        tasks,
+        published,
+        skipped,
+    } = *tally;
+    let name = &lines.name;
+    if skipped > 0 {
+        log::info!(
+            "{skipped} of {tasks} tasks from {name} were published before (same line, same text): skipped"
+        );
+    }
+    let retain = dispatcher.config().retain;
+    if lines.keyed_as.is_some() && tasks > retain {
+        log::warn!(
+            "{name} has {tasks} tasks, more than the {retain} kept (--retain): a line is known as published only while its task is kept, so a restart on this state would publish the file again; raise --retain above its length"
+        );
+    }
+    log::info!("all {published} tasks from {name} published");
+}
+
+/// Turns one raw input line into a task (with its key when `lines` has
+/// keys), or says why it is skipped.
+fn task_line(lines: &Lines, line_no: u64, raw: &[u8]) -> Option<NewTask> {
+    let name = &lines.name;
     let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     if raw.len() > MAX_TASK_BYTES {
@@ -151,7 +262,15 @@ fn task_line(name: &str, line_no: u64, raw: &[u8]) -> Option<(Option<String>, St
     if text.trim().is_empty() {
         return None;
     }
-    Some(parse_line(text))
+    let (target, task) = parse_line(text);
+    Some(NewTask {
+        target,
+        text: task,
+        key: lines
+            .keyed_as
+            .as_deref()
+            .map(|path| line_key(path, line_no, text)),
+    })
 }
 
 #[cfg(test)]
@@ -186,10 +305,28 @@ mod tests {
         .unwrap();
         wait_for(|| d.counters().produced == 3);
         let (_, feed) = d.attach("c", "p", false, "").unwrap();
-        let texts: Vec<String> = std::iter::from_fn(|| feed.try_next())
-            .map(|x| x.task.text.clone())
-            .collect();
+        let got: Vec<_> = std::iter::from_fn(|| feed.try_next()).collect();
+        let texts: Vec<&str> = got.iter().map(|x| x.task.text.as_str()).collect();
         assert_eq!(texts, vec!["one", "two", "last-without-newline"]);
+        assert!(
+            got.iter().all(|x| x.task.key.is_none()),
+            "no state to remember them: no keys"
+        );
+    }
+
+    #[test]
+    fn a_line_key_is_fixed_by_the_path_the_line_number_and_the_text() {
+        let path = Path::new("/srv/tasks.txt");
+        let key = line_key(path, 3, "@web-1 uptime");
+        // Fixed: a new derivation would publish every file again on upgrade.
+        assert_eq!(key, "tasks-from:409bea344bf764a9f57a868ee1482e25");
+        assert_eq!(line_key(path, 3, "@web-1 uptime"), key);
+        let others = [
+            line_key(path, 4, "@web-1 uptime"),
+            line_key(path, 3, "@web-2 uptime"),
+            line_key(Path::new("/srv/other.txt"), 3, "@web-1 uptime"),
+        ];
+        assert!(others.iter().all(|k| *k != key), "{others:?}");
     }
 
     #[test]

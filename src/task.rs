@@ -5,6 +5,8 @@
 //! its tasks by target, so that a client finds the next task for it without
 //! walking past other clients' targeted tasks, and it keeps how each queue
 //! task was settled while the task is retained (to recognise a resent answer).
+//! It also indexes its tasks by idempotency key: a key is known exactly as
+//! long as the task that has it is retained.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -22,7 +24,60 @@ pub struct Task {
     pub text: String,
     /// Set for a targeted line (`@<client-id> <text>`): only that client gets it.
     pub target: Option<String>,
+    /// Its idempotency key, if it was published with one (see [`NewTask::key`]).
+    pub key: Option<Arc<str>>,
     pub produced_at: SystemTime,
+}
+
+/// A task to publish (see [`crate::dispatch::Dispatcher::publish_new`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewTask {
+    /// Only this client gets it; `None`: every client (broadcast) or any one (queue).
+    pub target: Option<String>,
+    pub text: String,
+    /// Its idempotency key: while a task published with the same key is
+    /// retained (the last `--retain` tasks), this one is not published. An
+    /// empty key is a key like any other.
+    pub key: Option<String>,
+}
+
+impl NewTask {
+    /// A task without a key, for `target` (`None`: not targeted).
+    pub fn new(target: Option<String>, text: String) -> NewTask {
+        NewTask {
+            target,
+            text,
+            key: None,
+        }
+    }
+}
+
+/// What became of one [`NewTask`] given to [`crate::dispatch::Dispatcher::publish_new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// Published now, as this task.
+    New(Arc<Task>),
+    /// Not published: its key is that of task `of`, published before (in the
+    /// same call or an earlier one) and still retained.
+    Duplicate { of: TaskId },
+}
+
+impl Published {
+    /// The id of the task it was published as, or of the task it duplicates.
+    pub fn id(&self) -> TaskId {
+        match self {
+            Published::New(t) => t.id,
+            Published::Duplicate { of } => *of,
+        }
+    }
+
+    /// The task published, unless it was a duplicate.
+    pub fn new_task(self) -> Option<Arc<Task>> {
+        match self {
+            Published::New(t) => Some(t),
+            Published::Duplicate { .. } => None,
+        }
+    }
 }
 
 impl Task {
@@ -76,6 +131,8 @@ pub struct TaskLog {
     untargeted: VecDeque<TaskId>,
     /// Ids of the retained tasks for one client, ascending, by client.
     targeted: HashMap<String, VecDeque<TaskId>>,
+    /// The retained tasks that have an idempotency key, by key.
+    keys: HashMap<Arc<str>, TaskId>,
     next_id: TaskId,
     retain: usize,
 }
@@ -93,6 +150,7 @@ impl TaskLog {
             settled: VecDeque::new(),
             untargeted: VecDeque::new(),
             targeted: HashMap::new(),
+            keys: HashMap::new(),
             next_id: first.max(1),
             retain: retain.max(1),
         }
@@ -103,17 +161,28 @@ impl TaskLog {
         self.tasks.iter()
     }
 
-    /// Appends a task, forgetting the oldest one when the log is full.
-    pub fn push(&mut self, text: String, target: Option<String>) -> Arc<Task> {
+    /// Appends a task, forgetting the oldest one when the log is full. A
+    /// `key` names it in the key index (replacing an older task's entry for
+    /// the same key, if any: the caller decides what a duplicate is).
+    pub fn push(
+        &mut self,
+        text: String,
+        target: Option<String>,
+        key: Option<Arc<str>>,
+    ) -> Arc<Task> {
         let task = Arc::new(Task {
             id: self.next_id,
             text,
             target,
+            key,
             produced_at: SystemTime::now(),
         });
         self.next_id += 1;
         if self.tasks.len() == self.retain {
             self.forget_oldest();
+        }
+        if let Some(key) = &task.key {
+            self.keys.insert(key.clone(), task.id);
         }
         match &task.target {
             Some(t) => match self.targeted.get_mut(t.as_str()) {
@@ -134,6 +203,11 @@ impl TaskLog {
             return;
         };
         self.settled.pop_front();
+        if let Some(key) = &old.key {
+            if self.keys.get(key) == Some(&old.id) {
+                self.keys.remove(key);
+            }
+        }
         match &old.target {
             Some(t) => {
                 if let Some(ids) = self.targeted.get_mut(t.as_str()) {
@@ -147,6 +221,16 @@ impl TaskLog {
                 self.untargeted.pop_front();
             }
         }
+    }
+
+    /// The retained task published with idempotency key `key`, if any.
+    pub fn keyed(&self, key: &str) -> Option<TaskId> {
+        self.keys.get(key).copied()
+    }
+
+    /// How many keys the key index holds (one per retained task that has a key).
+    pub fn keys_known(&self) -> usize {
+        self.keys.len()
     }
 
     /// The first retained task at or after `from` that `client` may be given.
@@ -235,7 +319,7 @@ mod tests {
         let mut log = TaskLog::new(3);
         assert_eq!((log.first_id(), log.next_id()), (1, 1));
         for i in 0..5 {
-            log.push(format!("t{i}"), None);
+            log.push(format!("t{i}"), None, None);
         }
         assert_eq!(log.len(), 3);
         assert_eq!((log.first_id(), log.next_id()), (3, 6));
@@ -243,6 +327,30 @@ mod tests {
         assert_eq!(log.get(3).unwrap().text, "t2");
         assert_eq!(log.get(5).unwrap().text, "t4");
         assert!(log.get(6).is_none());
+    }
+
+    #[test]
+    fn a_key_is_known_while_its_task_is_retained() {
+        let mut log = TaskLog::new(3);
+        let k1 = log.push("a".into(), None, Some("k1".into())).id;
+        log.push("b".into(), None, None);
+        let k3 = log.push("c".into(), None, Some("k3".into())).id;
+        assert_eq!((log.keyed("k1"), log.keyed("k3")), (Some(k1), Some(k3)));
+        assert_eq!((log.keyed("b"), log.keys_known()), (None, 2));
+        // Task 1 leaves retention, and its key with it.
+        log.push("d".into(), None, None);
+        assert_eq!((log.keyed("k1"), log.keys_known()), (None, 1));
+        // Pushed again under the same key, then the old holder of a key
+        // leaving does not take the newer task's entry with it.
+        let again = log.push("c again".into(), None, Some("k3".into())).id;
+        assert_eq!(log.keyed("k3"), Some(again));
+        log.push("e".into(), None, None);
+        assert_eq!(log.get(k3), None);
+        assert_eq!((log.keyed("k3"), log.keys_known()), (Some(again), 1));
+        for _ in 0..3 {
+            log.push("f".into(), None, None);
+        }
+        assert_eq!(log.keys_known(), 0, "the index shrinks with retention");
     }
 
     #[test]
@@ -262,6 +370,7 @@ mod tests {
             id: 1,
             text: "x".into(),
             target: Some("a".into()),
+            key: None,
             produced_at: SystemTime::now(),
         };
         assert!(t.is_for("a") && !t.is_for("b"));

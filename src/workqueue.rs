@@ -231,6 +231,7 @@ mod tests {
             id,
             text: format!("t{id}"),
             target: target.map(String::from),
+            key: None,
             produced_at: SystemTime::now(),
         })
     }

@@ -405,3 +405,92 @@ fn run_wait_prints_each_agents_result_and_exits_by_the_worst() {
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
 }
+
+#[test]
+fn a_push_with_a_key_seen_before_publishes_nothing_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let start = || {
+        let mut cmd = Command::new(SERVER_BIN);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state,
+            "--tasks-from",
+            "/dev/null",
+        ]);
+        let mut p = Proc::spawn(cmd);
+        let port = port_of_listening_line(&p.wait_line("listening on"));
+        (p, format!("127.0.0.1:{port}"))
+    };
+    let (mut srv, addr) = start();
+    let push = |addr: &str| {
+        ctl(
+            &["--server", addr, "push", "deploy v42", "--key", "deploy-42"],
+            &[],
+        )
+    };
+    let (code, out, err) = push(&addr);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "job 1: task 1 pushed to every agent"),
+        "{err}"
+    );
+    // A retried script: the same key again is answered, not published.
+    let (code, out, err) = push(&addr);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "job 1: task 1 already pushed to every agent with this key; nothing published"
+        ),
+        "{err}"
+    );
+    let (code, out, _) = ctl(
+        &[
+            "--server",
+            &addr,
+            "push",
+            "deploy v43",
+            "--key",
+            "deploy-43",
+        ],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "job 2: task 2 pushed to every agent")
+    );
+    let (code, _, err) = ctl(
+        &["--server", &addr, "push", "x", "--key", &"k".repeat(300)],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("INVALID_ARGUMENT: the idempotency key is 300 bytes"),
+        "{err}"
+    );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+
+    // The keys are in the journal: after a restart the push is still a
+    // duplicate (its job, held in memory, is gone: job 0).
+    let (mut srv, addr) = start();
+    let (code, out, err) = push(&addr);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "job 0: task 1 already pushed to every agent with this key; nothing published"
+        ),
+        "{err}"
+    );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+    assert!(srv
+        .whole_log()
+        .iter()
+        .any(|l| l.contains("repeats the key of task 1")));
+}

@@ -1,7 +1,8 @@
 //! Durable state (`--state-dir`): a server killed with -9 and restarted on
 //! the same directory loses nothing it accepted and repeats nothing that was
 //! acknowledged; a tail torn by a crash or power loss is trimmed, and damaged
-//! state is refused (exit 1) unless `--repair` moves the damage aside.
+//! state is refused (exit 1) unless `--repair` moves the damage aside. A
+//! restart does not publish the lines of its `--tasks-from` file again.
 
 mod common;
 
@@ -282,6 +283,53 @@ fn a_redelivery_after_a_restart_is_answered_without_running_the_task_again() {
             .collect::<Vec<_>>(),
         vec![1, 1]
     );
+}
+
+/// The lines of `--tasks-from FILE` carry keys journaled with their tasks: a
+/// server restarted on its state skips the lines it published, and publishes
+/// a line whose text changed and one added at the end.
+#[test]
+fn a_restart_does_not_publish_the_tasks_file_again_but_publishes_an_edited_or_appended_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, results) = (dir.path().join("state"), dir.path().join("results.jsonl"));
+    let tasks = dir.path().join("tasks.txt");
+    write_tasks(&tasks, "job", 5);
+    // Runs the server on the state until it has read the whole file: the
+    // texts it published, and its log.
+    let run = || {
+        let args = server_args("127.0.0.1:0", &state, &tasks, &results);
+        let (mut server, _) = start_server_proc(&args);
+        server.wait_line(&format!("tasks from {} published", tasks.display()));
+        server.signal("TERM");
+        assert_eq!(server.wait_exit(), 0);
+        let log = server.whole_log().to_vec();
+        let produced: Vec<String> = log
+            .iter()
+            .filter_map(|l| l.split(" produced: ").nth(1))
+            .map(String::from)
+            .collect();
+        (produced, log)
+    };
+    let skipped = |log: &[String]| {
+        log.iter()
+            .find(|l| l.contains("were published before (same line, same text): skipped"))
+            .cloned()
+    };
+
+    let (produced, log) = run();
+    assert_eq!(produced, ["job-0", "job-1", "job-2", "job-3", "job-4"]);
+    assert_eq!(skipped(&log), None);
+
+    let (produced, log) = run();
+    assert_eq!(produced, Vec::<String>::new(), "nothing published again");
+    let line = skipped(&log).expect("the skipped lines are logged");
+    assert!(line.contains("5 of 5 tasks from"), "{line}");
+
+    std::fs::write(&tasks, "job-0\njob-1 edited\njob-2\njob-3\njob-4\njob-5\n").unwrap();
+    let (produced, log) = run();
+    assert_eq!(produced, ["job-1 edited", "job-5"]);
+    let line = skipped(&log).expect("the skipped lines are logged");
+    assert!(line.contains("4 of 6 tasks from"), "{line}");
 }
 
 /// The arguments of a `contact-server` listening on `listen`, with its state

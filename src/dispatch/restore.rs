@@ -82,11 +82,17 @@ impl Dispatcher {
         };
         for r in records {
             match r {
-                Record::Task { id, text, target } => {
+                Record::Task {
+                    id,
+                    text,
+                    target,
+                    key,
+                } => {
                     let task = Task {
                         id,
                         text,
                         target,
+                        key: key.map(Arc::from),
                         produced_at: SystemTime::now(),
                     };
                     tasks.insert(id, Arc::new(task));
@@ -155,7 +161,9 @@ impl Dispatcher {
                     st.log.next_id()
                 )));
             }
-            st.log.push(task.text.clone(), task.target.clone());
+            // Keys come back with their tasks: the key index is rebuilt.
+            st.log
+                .push(task.text.clone(), task.target.clone(), task.key.clone());
         }
         if st.log.next_id() < next {
             log::warn!(
@@ -259,6 +267,7 @@ impl Dispatcher {
             id: t.id,
             text: t.text.clone(),
             target: t.target.clone(),
+            key: t.key.as_deref().map(String::from),
         };
         out.extend(st.log.iter().map(|t| task_record(t)));
         let mut queued: Vec<_> = st.queue.iter().collect();

@@ -1236,6 +1236,7 @@ fn a_journal_with_per_client_answers_still_restores_and_is_written_anew() {
                 id,
                 text: format!("t{id}"),
                 target: None,
+                key: None,
             });
         }
         records.extend([
@@ -1287,4 +1288,117 @@ fn a_journal_with_per_client_answers_still_restores_and_is_written_anew() {
     let (_, a) = again.attach("a", "p", false, "").unwrap();
     assert_eq!(drain_attempts(&a), vec![(3, 3)]);
     assert_eq!(again.complete("a", ok(1, 1)), None, "a resend");
+}
+
+fn keyed(key: Option<&str>, text: &str) -> NewTask {
+    NewTask {
+        key: key.map(String::from),
+        ..NewTask::new(None, text.to_string())
+    }
+}
+
+/// What `publish_new` made of each task: `Ok(id)` published, `Err(id)` a duplicate of it.
+fn outcome(published: Vec<Published>) -> Vec<Result<TaskId, TaskId>> {
+    published
+        .into_iter()
+        .map(|p| match p {
+            Published::New(t) => Ok(t.id),
+            Published::Duplicate { of } => Err(of),
+        })
+        .collect()
+}
+
+#[test]
+fn a_key_seen_in_the_same_call_or_an_earlier_one_is_published_once() {
+    for mode in [Mode::Broadcast, Mode::Queue] {
+        let d = Dispatcher::new(DispatchConfig {
+            mode,
+            ..Default::default()
+        });
+        let (_, feed) = d.attach("a", "p", false, "").unwrap();
+        let first = d.publish_new(vec![
+            keyed(Some("k1"), "one"),
+            keyed(None, "two"),
+            keyed(Some("k1"), "one, sent twice"),
+            keyed(Some("k3"), "three"),
+            keyed(None, "two"),
+        ]);
+        assert_eq!(
+            outcome(first.unwrap()),
+            vec![Ok(1), Ok(2), Err(1), Ok(3), Ok(4)],
+            "{mode:?}"
+        );
+        let second = d.publish_new(vec![
+            keyed(Some("k3"), "three again"),
+            keyed(Some("k5"), "five"),
+            keyed(Some("k1"), "one again"),
+        ]);
+        assert_eq!(
+            outcome(second.unwrap()),
+            vec![Err(3), Ok(5), Err(1)],
+            "{mode:?}"
+        );
+        assert_eq!(d.counters().produced, 5, "{mode:?}");
+        let texts: Vec<String> = std::iter::from_fn(|| feed.try_next())
+            .map(|d| d.task.text.clone())
+            .collect();
+        assert_eq!(texts, ["one", "two", "three", "two", "five"], "{mode:?}");
+        let again = d.publish_new(vec![keyed(Some("k5"), "x"), keyed(None, "y")]);
+        assert_eq!(outcome(again.unwrap()), vec![Err(5), Ok(6)]);
+    }
+}
+
+#[test]
+fn a_key_is_forgotten_with_its_task_when_it_leaves_retention() {
+    let d = Dispatcher::new(DispatchConfig {
+        retain: 3,
+        ..Default::default()
+    });
+    let keys = |d: &Dispatcher| d.lock().log.keys_known();
+    let first = d.publish_new(vec![keyed(Some("k1"), "a"), keyed(Some("k2"), "b")]);
+    assert_eq!(outcome(first.unwrap()), vec![Ok(1), Ok(2)]);
+    assert_eq!(keys(&d), 2);
+    d.publish(tasks(&["c", "d"]));
+    // Task 1 is no longer retained: its key is new again; task 2's is not.
+    assert_eq!(keys(&d), 1, "the index shrinks as tasks leave retention");
+    let again = d.publish_new(vec![keyed(Some("k1"), "a"), keyed(Some("k2"), "b")]);
+    assert_eq!(outcome(again.unwrap()), vec![Ok(5), Err(2)]);
+    d.publish(tasks(&["e", "f", "g"]));
+    assert_eq!(keys(&d), 0, "nothing keyed is retained");
+}
+
+#[test]
+fn keys_survive_a_restart_from_the_journal_and_from_a_snapshot() {
+    use crate::journal::{self, Journal};
+    use crate::results::{ResultSink, SinkConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let config = DispatchConfig {
+        mode: Mode::Queue,
+        ..Default::default()
+    };
+    {
+        let (j, records) = Journal::open(dir.path()).unwrap();
+        let (sink, writer) = ResultSink::start(SinkConfig {
+            journal: Some((j, &records)),
+            compact_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let d = Dispatcher::recording(config.clone(), sink, true);
+        let published = d.publish_new(vec![keyed(Some("k1"), "a"), keyed(None, "b")]);
+        assert_eq!(outcome(published.unwrap()), vec![Ok(1), Ok(2)]);
+        writer.finish().unwrap();
+    }
+    let records = journal::read_records(&dir.path().join("journal")).unwrap();
+    let restarted = Dispatcher::new(config.clone());
+    restarted.restore(records).unwrap();
+    let after_restart = restarted.publish_new(vec![keyed(Some("k1"), "a"), keyed(Some("k3"), "c")]);
+    assert_eq!(outcome(after_restart.unwrap()), vec![Err(1), Ok(3)]);
+
+    let snapshot = restarted.snapshot(&restarted.lock());
+    let from_snapshot = Dispatcher::new(config);
+    from_snapshot.restore(snapshot).unwrap();
+    let again = from_snapshot.publish_new(vec![keyed(Some("k3"), "c"), keyed(Some("k1"), "a")]);
+    assert_eq!(outcome(again.unwrap()), vec![Err(3), Err(1)]);
+    assert_eq!(from_snapshot.lock().log.keys_known(), 2);
 }
