@@ -206,6 +206,16 @@ fn read_lines(
 /// Publishes a batch of `lines`' tasks, counting what became of them.
 fn publish(lines: &Lines, batch: Vec<NewTask>, dispatcher: &Dispatcher, tally: &mut Tally) {
     tally.tasks += batch.len();
+    // A typo in an `@id` line makes a task that waits forever: say so.
+    let mut named: Vec<&str> = batch.iter().filter_map(|t| t.target.as_deref()).collect();
+    named.sort_unstable();
+    named.dedup();
+    for id in named.into_iter().filter(|id| !dispatcher.knows(id)) {
+        log::warn!(
+            "{}: agent {id:?} has never been seen; its tasks wait until it connects (is the id right?)",
+            lines.name
+        );
+    }
     if lines.keyed_as.is_none() {
         let pairs = batch.into_iter().map(|t| (t.target, t.text));
         tally.published += dispatcher.publish(pairs).len();
@@ -262,7 +272,13 @@ fn task_line(lines: &Lines, line_no: u64, raw: &[u8]) -> Option<NewTask> {
     if text.trim().is_empty() {
         return None;
     }
-    let (target, task) = parse_line(text);
+    let (target, task) = match parse_line(text) {
+        Ok(t) => t,
+        Err(why) => {
+            log::error!("{name} line {line_no}: {why}; skipped");
+            return None;
+        }
+    };
     Some(NewTask {
         target,
         text: task,

@@ -89,18 +89,24 @@ impl Task {
 
 /// Splits an input line into its target client (for `@<client-id> <text>`) and text.
 ///
-/// A line that starts with `@` but has no text after the client id is taken
-/// literally, so that a stray `@name` is not silently dropped.
-pub fn parse_line(line: &str) -> (Option<String>, String) {
-    if let Some(rest) = line.strip_prefix('@') {
-        if let Some((client, text)) = rest.split_once(char::is_whitespace) {
-            let text = text.trim_start();
-            if !client.is_empty() && !text.is_empty() {
-                return (Some(client.to_string()), text.to_string());
-            }
-        }
+/// A line that starts with `@` must be `@<client-id> <text>`: anything else
+/// (`@name` alone, `@ x`, an id that is not valid) is an error naming the
+/// problem, never a task for everyone. (A task for everyone that starts with
+/// `@` can be pushed with `contact-ctl push`.)
+pub fn parse_line(line: &str) -> Result<(Option<String>, String), String> {
+    let Some(rest) = line.strip_prefix('@') else {
+        return Ok((None, line.to_string()));
+    };
+    let malformed = |why: &str| format!("{why}: an @ line is \"@<agent-id> <task>\"");
+    let Some((client, text)) = rest.split_once(char::is_whitespace) else {
+        return Err(malformed("no task after the agent id"));
+    };
+    crate::proto::validate_client_id(client).map_err(|e| malformed(&e))?;
+    let text = text.trim_start();
+    if text.is_empty() {
+        return Err(malformed("no task after the agent id"));
     }
-    (None, line.to_string())
+    Ok((Some(client.to_string()), text.to_string()))
 }
 
 /// How a queue task was settled, remembered while it is retained: a result
@@ -357,15 +363,16 @@ mod tests {
     fn targeted_lines_name_a_client() {
         assert_eq!(
             parse_line("@web-1 uptime"),
-            (Some("web-1".into()), "uptime".into())
+            Ok((Some("web-1".into()), "uptime".into()))
         );
         assert_eq!(
             parse_line("@web-1   ls -l"),
-            (Some("web-1".into()), "ls -l".into())
+            Ok((Some("web-1".into()), "ls -l".into()))
         );
-        assert_eq!(parse_line("plain task"), (None, "plain task".into()));
-        assert_eq!(parse_line("@lonely"), (None, "@lonely".into()));
-        assert_eq!(parse_line("@ x"), (None, "@ x".into()));
+        assert_eq!(parse_line("plain task"), Ok((None, "plain task".into())));
+        assert!(parse_line("@lonely").unwrap_err().contains("no task after"));
+        assert!(parse_line("@ x").unwrap_err().contains("empty"));
+        assert!(parse_line("@web-1 ").unwrap_err().contains("no task after"));
         let t = Task {
             id: 1,
             text: "x".into(),
@@ -416,8 +423,9 @@ mod properties {
         #[test]
         fn any_line_is_either_taken_whole_or_split_exactly_at_its_first_whitespace(l in line()) {
             match parse_line(&l) {
-                (None, text) => prop_assert_eq!(text, l),
-                (Some(client), text) => {
+                Err(why) => prop_assert!(l.starts_with('@') && why.contains("@<agent-id> <task>")),
+                Ok((None, text)) => prop_assert_eq!(text, l),
+                Ok((Some(client), text)) => {
                     let after = l.strip_prefix('@').and_then(|rest| rest.strip_prefix(client.as_str()));
                     prop_assert!(after.is_some(), "{:?} does not start with @{:?}", l, client);
                     let after = after.unwrap();
@@ -435,36 +443,32 @@ mod properties {
             g in gap(),
             t in text(),
         ) {
-            prop_assert_eq!(parse_line(&format!("@{id}{g}{t}")), (Some(id), t));
+            prop_assert_eq!(parse_line(&format!("@{id}{g}{t}")), Ok((Some(id), t)));
         }
 
         #[test]
         fn a_line_not_starting_with_at_is_taken_whole(l in any::<String>()) {
             prop_assume!(!l.starts_with('@'));
-            prop_assert_eq!(parse_line(&l), (None, l));
+            prop_assert_eq!(parse_line(&l), Ok((None, l)));
         }
 
         #[test]
-        fn an_at_line_without_text_or_without_an_id_is_taken_whole(
+        fn an_at_line_without_text_or_without_an_id_is_an_error_never_a_task_for_all(
             id in r"\S{0,8}",
             g in r"\s{0,3}",
             t in any::<String>(),
         ) {
             let stray = format!("@{id}{g}");
-            prop_assert_eq!(parse_line(&stray), (None, stray.clone()));
+            prop_assert!(parse_line(&stray).is_err(), "{:?}", stray);
             let nameless = format!("@ {g}{t}");
-            prop_assert_eq!(parse_line(&nameless), (None, nameless.clone()));
+            prop_assert!(parse_line(&nameless).is_err());
         }
 
-        /// Fails today: the target is whatever precedes the first whitespace,
-        /// unchecked, so `@héllo x` or `@a\u{1} x` targets a client id that
-        /// `validate_client_id` refuses and no client can ever have (the task
-        /// then waits forever). Reported rather than changed: the fix is a choice
-        /// (take such a line whole, as a stray `@name` is, or skip it).
+        /// `@héllo x` or `@a\u{1} x` would name a client id that no client
+        /// can ever have (the task would wait forever): such a line is an error.
         #[test]
-        #[ignore = "known bug, issue 10 (a typo in @target is accepted): a target that is not a valid client id is accepted; see the comment"]
         fn a_target_is_always_a_valid_client_id(l in line()) {
-            if let (Some(client), _) = parse_line(&l) {
+            if let Ok((Some(client), _)) = parse_line(&l) {
                 prop_assert!(validate_client_id(&client).is_ok(), "{:?} targets {:?}", l, client);
             }
         }

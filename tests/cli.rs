@@ -401,3 +401,41 @@ fn the_server_raises_its_open_file_limit_to_the_hard_limit() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A malformed `@` line of `--tasks-from` is an error naming the line, never
+/// a task for every agent; an `@id` never seen is published (it waits for
+/// that agent) with a warning, since it may be a typo.
+#[test]
+fn a_malformed_at_line_is_an_error_and_an_unknown_agent_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks.txt");
+    std::fs::write(&tasks, "@lonely\n@web-9 uptime\nhello\n@bad\u{e9}id x\n").unwrap();
+    let mut srv = Proc::start(
+        SERVER_BIN,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--no-state",
+            "--tasks-from",
+            tasks.to_str().unwrap(),
+        ],
+    );
+    let published = srv.wait_line(" published");
+    let log = srv.lines_so_far().to_vec();
+    let says = |needle: &str| log.iter().any(|l| l.contains(needle));
+    assert!(
+        says("ERROR") && says("line 1: no task after the agent id"),
+        "{log:#?}"
+    );
+    assert!(
+        says("line 4: client id \"bad\u{e9}id\" contains"),
+        "{log:#?}"
+    );
+    assert!(
+        says("WARN") && says("agent \"web-9\" has never been seen"),
+        "{log:#?}"
+    );
+    assert!(published.contains("all 2 tasks"), "{published}");
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+}
