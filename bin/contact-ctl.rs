@@ -75,6 +75,15 @@ enum Command {
     Job { id: u64 },
     /// The jobs the server holds, newest first.
     Jobs,
+    /// An agent gets nothing new and finishes what it holds (maintenance).
+    Drain {
+        agent: String,
+        /// Let it take tasks again.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// End an agent's connection now; what it held is delivered again. It dials again by itself.
+    Disconnect { agent: String },
 }
 
 /// What to push, and to whom.
@@ -157,6 +166,18 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
                 std::process::exit(1);
             }
             Ok(String::new())
+        }
+        Command::Drain { agent, undo } => {
+            let held = ctl.drain(&agent, undo)?;
+            Ok(if undo {
+                format!("agent {agent} takes tasks again\n")
+            } else {
+                format!("agent {agent} drained: nothing new for it; it holds {held} tasks\n")
+            })
+        }
+        Command::Disconnect { agent } => {
+            ctl.disconnect(&agent)?;
+            Ok(format!("agent {agent} disconnected\n"))
         }
         Command::Job { id } => Ok(ctl::show_job(&ctl.job(id)?, flags.json)),
         Command::Jobs => Ok(ctl::show_jobs(&ctl.jobs()?, flags.json, SystemTime::now())),

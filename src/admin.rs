@@ -10,8 +10,9 @@ use crate::jobs::{Job, JobTable, JobTask};
 use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
-    Admin, AgentStatus, ClientInfo as ClientRow, GetJobRequest, Job as JobMsg, JobTotals,
-    ListClientsReply, ListClientsRequest, ListJobsReply, ListJobsRequest, PushReply, PushRequest,
+    Admin, AgentStatus, ClientInfo as ClientRow, DisconnectReply, DisconnectRequest, DrainReply,
+    DrainRequest, GetJobRequest, Job as JobMsg, JobTotals, ListClientsReply, ListClientsRequest,
+    ListJobsReply, ListJobsRequest, PushReply, PushRequest,
 };
 use crate::proto::validate_client_id;
 use crate::registry::ClientInfo;
@@ -207,6 +208,16 @@ fn tasks_named(ids: &[u64]) -> String {
     }
 }
 
+/// The refusal for an agent id the server does not know.
+fn unknown_agent(agent: &str) -> RpcStatus {
+    RpcStatus::with_message(
+        RpcStatusCode::NOT_FOUND,
+        format!(
+            "no agent {agent:?} is connected or remembered; check the id (`contact-ctl clients`)"
+        ),
+    )
+}
+
 /// Answers a refused call.
 fn refuse<T: 'static>(ctx: &RpcContext, sink: UnarySink<T>, status: RpcStatus) {
     log::warn!(
@@ -349,6 +360,56 @@ impl Admin for AdminService {
         };
         ctx.spawn(async move {
             let _ = sink.success(reply).await;
+        });
+    }
+
+    fn drain(&mut self, ctx: RpcContext, req: DrainRequest, sink: UnarySink<DrainReply>) {
+        let who = match self.operator(&ctx) {
+            Ok(w) => w,
+            Err(status) => return refuse(&ctx, sink, status),
+        };
+        let Some(held) = self.dispatcher.drain(&req.agent, !req.undo) else {
+            return refuse(&ctx, sink, unknown_agent(&req.agent));
+        };
+        if req.undo {
+            log::info!("agent {} let go by {who}: it takes tasks again", req.agent);
+        } else {
+            log::info!(
+                "agent {} drained by {who}: nothing new for it; it holds {held} tasks",
+                req.agent
+            );
+        }
+        let reply = DrainReply {
+            in_flight: held as u64,
+            ..Default::default()
+        };
+        ctx.spawn(async move {
+            let _ = sink.success(reply).await;
+        });
+    }
+
+    fn disconnect(
+        &mut self,
+        ctx: RpcContext,
+        req: DisconnectRequest,
+        sink: UnarySink<DisconnectReply>,
+    ) {
+        let who = match self.operator(&ctx) {
+            Ok(w) => w,
+            Err(status) => return refuse(&ctx, sink, status),
+        };
+        if !self
+            .dispatcher
+            .evict(&req.agent, &format!("disconnected by {who}"))
+        {
+            let status = RpcStatus::with_message(
+                RpcStatusCode::NOT_FOUND,
+                format!("agent {:?} is not connected", req.agent),
+            );
+            return refuse(&ctx, sink, status);
+        }
+        ctx.spawn(async move {
+            let _ = sink.success(DisconnectReply::default()).await;
         });
     }
 
@@ -504,6 +565,7 @@ fn row(c: &ClientInfo) -> ClientRow {
         failed: c.failed,
         tasks_sent: c.tasks_sent,
         labels: c.labels.clone().into_iter().collect(),
+        drained: c.drained,
         ..Default::default()
     }
 }

@@ -5,8 +5,8 @@
 use crate::error::Error;
 use crate::listen::ListenAddr;
 use crate::proto::admin::{
-    AdminClient, AgentStatus, ClientInfo, GetJobRequest, Job, ListClientsRequest, ListJobsRequest,
-    PushReply, PushRequest,
+    AdminClient, AgentStatus, ClientInfo, DisconnectRequest, DrainRequest, GetJobRequest, Job,
+    ListClientsRequest, ListJobsRequest, PushReply, PushRequest,
 };
 use crate::tls::ClientTls;
 use crate::token::Token;
@@ -123,6 +123,30 @@ impl Ctl {
             .list_jobs_opt(&ListJobsRequest::default(), self.options()?)
             .map(|r| r.jobs.into_vec())
             .map_err(|e| self.failed("jobs", e))
+    }
+
+    /// Drains `agent` (or with `undo`, lets it go); returns the tasks it holds.
+    pub fn drain(&self, agent: &str, undo: bool) -> Result<u64, Error> {
+        let req = DrainRequest {
+            agent: agent.into(),
+            undo,
+            ..Default::default()
+        };
+        self.client
+            .drain_opt(&req, self.options()?)
+            .map(|r| r.in_flight)
+            .map_err(|e| self.failed("drain", e))
+    }
+
+    pub fn disconnect(&self, agent: &str) -> Result<(), Error> {
+        let req = DisconnectRequest {
+            agent: agent.into(),
+            ..Default::default()
+        };
+        self.client
+            .disconnect_opt(&req, self.options()?)
+            .map(|_| ())
+            .map_err(|e| self.failed("disconnect", e))
     }
 
     pub fn clients(&self) -> Result<Vec<ClientInfo>, Error> {
@@ -381,6 +405,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
                     "id": c.id,
                     "address": c.address,
                     "labels": labels(c),
+                    "drained": c.drained,
                     "connected_since": c.connected_since,
                     "last_seen": c.last_seen,
                     "in_flight": c.in_flight,
@@ -395,6 +420,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
     }
     let header = [
         "ID",
+        "STATE",
         "LABELS",
         "ADDRESS",
         "CONNECTED",
@@ -408,6 +434,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
     for c in rows {
         table.push(vec![
             c.id.clone(),
+            if c.drained { "drained" } else { "active" }.into(),
             labels(c),
             c.address.clone(),
             format!("{} ago", span(now - c.connected_since)),

@@ -288,6 +288,9 @@ struct ClientState {
     ephemeral: bool,
     /// Connected when shutdown began: its answers are still awaited.
     draining: bool,
+    /// Drained by an operator (admin `Drain`): it gets nothing new and
+    /// finishes what it holds, until let go. Kept while the server runs.
+    drained: bool,
     /// It takes tasks until it holds `max_in_flight`: set when a useful
     /// share of its credit is free (or it holds nothing), so that tasks are
     /// written in batches rather than one per answer.
@@ -328,6 +331,7 @@ impl ClientState {
             last_seen: Instant::now(),
             ephemeral,
             draining: false,
+            drained: false,
             filling: true,
             blocked: false,
             ready_key: None,
@@ -754,18 +758,21 @@ impl Dispatcher {
         self.pump_after(st, None);
     }
 
-    /// Ends `client`'s task stream now (its credentials were revoked): its
-    /// tasks are handled as for any disconnect.
-    pub fn evict(&self, client: &str, why: &str) {
+    /// Ends `client`'s task stream now (its credentials were revoked, or an
+    /// operator said so): its tasks are handled as for any disconnect.
+    /// Returns whether it was connected.
+    pub fn evict(&self, client: &str, why: &str) -> bool {
         let mut guard = self.lock();
         let st = &mut *guard;
-        if st.clients.get(client).is_some_and(|c| c.session.is_some()) {
-            note(&mut st.notes, log::Level::Warn, || {
-                format!("client {client} disconnected: {why}")
-            });
-            self.end_session(st, client, why);
-            self.pump_after(st, None);
+        if st.clients.get(client).is_none_or(|c| c.session.is_none()) {
+            return false;
         }
+        note(&mut st.notes, log::Level::Warn, || {
+            format!("client {client} disconnected: {why}")
+        });
+        self.end_session(st, client, why);
+        self.pump_after(st, None);
+        true
     }
 
     /// A client's stream is over (gone, declared gone, or unwritable): in queue
@@ -1438,7 +1445,7 @@ impl Dispatcher {
         if self.config.mode != Mode::Queue {
             return;
         }
-        let want = (!st.closed && c.session.is_some() && !c.blocked && c.filling)
+        let want = (!st.closed && c.session.is_some() && !c.blocked && !c.drained && c.filling)
             .then_some(c.in_flight.len());
         if want != c.ready_key {
             if let Some(held) = c.ready_key {
@@ -1528,7 +1535,33 @@ impl Dispatcher {
 
     /// The connected clients.
     pub fn clients(&self) -> Vec<ClientInfo> {
-        self.lock().registry.snapshot()
+        let st = self.lock();
+        let mut all = st.registry.snapshot();
+        for c in &mut all {
+            c.drained = st.clients.get(c.id.as_str()).is_some_and(|s| s.drained);
+        }
+        all
+    }
+
+    /// Drains `client` (it gets nothing new and finishes what it holds) or,
+    /// with `drain` false, lets it take tasks again; returns how many tasks
+    /// it holds, or `None` for a client neither connected nor remembered.
+    pub fn drain(&self, client: &str, drain: bool) -> Option<usize> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let c = st.clients.get_mut(client)?;
+        c.drained = drain;
+        let held = c.in_flight.len();
+        self.refile(st, client);
+        if !drain {
+            self.pump_after(st, Some(client));
+        }
+        Some(held)
+    }
+
+    /// Whether an operator drained `client`.
+    pub fn is_drained(&self, client: &str) -> bool {
+        self.lock().clients.get(client).is_some_and(|c| c.drained)
     }
 
     /// Where `task` stands with `client` (see [`TaskProgress`]).

@@ -28,6 +28,8 @@ pub struct ClientInfo {
     /// Results that succeeded, and that failed (refusals are neither).
     pub done: u64,
     pub failed: u64,
+    /// An operator drained it: it gets nothing new (filled in by the dispatcher).
+    pub drained: bool,
     /// Deliveries written to the client and not answered yet.
     pub in_flight: usize,
 }
@@ -65,6 +67,7 @@ impl ClientRegistry {
             results_received: 0,
             done: 0,
             failed: 0,
+            drained: false,
             in_flight: 0,
         };
         self.clients.insert(

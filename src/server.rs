@@ -887,7 +887,7 @@ fn clock_loop(
             revocations_checked = Instant::now();
             for c in dispatcher.clients() {
                 if auth.is_denied(&c.id) {
-                    dispatcher.evict(&c.id, "its credentials were revoked (deny list)");
+                    let _ = dispatcher.evict(&c.id, "its credentials were revoked (deny list)");
                 }
             }
         }

@@ -170,7 +170,7 @@ fn with_a_secret_the_admin_token_is_needed_and_an_agents_is_refused() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.trim(),
-        "ID  LABELS  ADDRESS  CONNECTED  LAST SEEN  IN FLIGHT  SENT  DONE  FAILED\n0 agents connected"
+        "ID  STATE  LABELS  ADDRESS  CONNECTED  LAST SEEN  IN FLIGHT  SENT  DONE  FAILED\n0 agents connected"
     );
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
@@ -493,4 +493,69 @@ fn a_push_with_a_key_seen_before_publishes_nothing_even_after_a_restart() {
         .whole_log()
         .iter()
         .any(|l| l.contains("repeats the key of task 1")));
+}
+
+#[test]
+fn a_drained_agent_gets_nothing_new_until_let_go_and_a_disconnected_one_comes_back() {
+    let (mut srv, addr) = server(&["--dispatch", "queue"]);
+    let mut a = agent_process(&addr, "a", "echo", &[]);
+    let mut b = agent_process(&addr, "b", "echo", &[]);
+    wait_for("both agents listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("2 agents connected")
+    });
+    let (code, out, err) = ctl(&["--server", &addr, "drain", "a"], &[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "agent a drained: nothing new for it; it holds 0 tasks"),
+        "{err}"
+    );
+    let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+    let state_of = |out: &str, id: &str| {
+        out.lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&id)).then(|| f[1].to_string())
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(state_of(&out, "a"), "drained", "{out}");
+    assert_eq!(state_of(&out, "b"), "active", "{out}");
+    // Every task of the queue goes to b while a is drained.
+    for i in 1..=6 {
+        let (code, _, err) = ctl(&["--server", &addr, "push", &format!("job-{i}")], &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    b.wait_line("task 6 done");
+    assert!(!a.lines_so_far().iter().any(|l| l.contains("done")));
+    let (code, _, err) = ctl(&["--server", &addr, "drain", "b"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = ctl(&["--server", &addr, "push", "job-7"], &[]);
+    assert_eq!(code, 0);
+    let (code, out, err) = ctl(&["--server", &addr, "drain", "a", "--undo"], &[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "agent a takes tasks again"),
+        "{err}"
+    );
+    a.wait_line("task 7 done");
+
+    // Disconnect: the agent's stream ends and it dials again.
+    let (code, out, err) = ctl(&["--server", &addr, "disconnect", "a"], &[]);
+    assert_eq!((code, out.trim()), (0, "agent a disconnected"), "{err}");
+    srv.wait_line("client a disconnected: disconnected by local");
+    a.wait_line("connected to");
+    let (code, _, err) = ctl(&["--server", &addr, "disconnect", "nobody"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("NOT_FOUND: agent \"nobody\" is not connected"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["--server", &addr, "drain", "nobody"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("NOT_FOUND: no agent \"nobody\""), "{err}");
+    for p in [&mut a, &mut b, &mut srv] {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
 }

@@ -114,7 +114,8 @@ impl Dispatcher {
                 c.blocked = false;
                 st.blocked.remove(client);
             }
-            if !c.filling || c.in_flight.len() >= k {
+            // Drained by an operator: nothing new until it is let go.
+            if c.drained || !c.filling || c.in_flight.len() >= k {
                 break;
             }
             let delivery = match c.redeliver.pop_front() {
