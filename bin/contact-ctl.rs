@@ -104,6 +104,14 @@ struct TaskArgs {
     /// script), nothing is published twice.
     #[arg(long, value_name = "KEY")]
     key: Option<String>,
+    /// At most this many agents (N) or share of them (P%) run it at once;
+    /// the others get it as results come back.
+    #[arg(long, value_name = "N|P%")]
+    max_concurrency: Option<String>,
+    /// Once more agents than this (N or P%) failed, it stops spreading: the
+    /// agents still waiting are cancelled.
+    #[arg(long, value_name = "N|P%")]
+    max_errors: Option<String>,
 }
 
 impl TaskArgs {
@@ -114,6 +122,8 @@ impl TaskArgs {
             selector: self.target.unwrap_or_default(),
             wait_for_agents: self.wait_for_agents,
             idempotency_key: self.key.unwrap_or_default(),
+            max_concurrency: self.max_concurrency.unwrap_or_default(),
+            max_errors: self.max_errors.unwrap_or_default(),
             ..Default::default()
         }
     }

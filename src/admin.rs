@@ -6,7 +6,7 @@
 
 use crate::dispatch::TaskProgress;
 use crate::dispatch::{Dispatcher, Mode};
-use crate::jobs::{Job, JobTable, JobTask};
+use crate::jobs::{Job, JobTable, JobTask, Limit, Release, Rollout};
 use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
@@ -163,6 +163,71 @@ impl AdminService {
         }
     }
 
+    /// A handle that gives rolling-out jobs' tasks to their next agents.
+    pub fn rollouts(&self) -> Rollouts {
+        Rollouts {
+            worker: self.worker.clone(),
+            dispatcher: self.dispatcher.clone(),
+            jobs: self.jobs.clone(),
+        }
+    }
+
+    /// The rollout of a push with limits: its agents (held, in order) and
+    /// the target in words.
+    fn rollout_of(
+        &self,
+        req: &PushRequest,
+        target: Target,
+    ) -> Result<(Rollout, String), RpcStatus> {
+        let invalid = |m: String| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, m);
+        let limit = |what: &str, text: &str| -> Result<Option<Limit>, RpcStatus> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            Limit::parse(text)
+                .map(Some)
+                .map_err(|e| invalid(format!("{what}: {e}")))
+        };
+        let concurrency = limit("max_concurrency", &req.max_concurrency)?;
+        let max_errors = limit("max_errors", &req.max_errors)?;
+        let (agents, what) = match target {
+            Target::Agent(a) => (vec![a.clone()], format!("agent {a}")),
+            Target::Selected(selector, agents) => {
+                let n = agents.len();
+                (agents, format!("{n} agent{} matching {selector}", plural(n)))
+            }
+            Target::Default if self.dispatcher.config().mode == Mode::Queue => {
+                return Err(RpcStatus::with_message(
+                    RpcStatusCode::FAILED_PRECONDITION,
+                    "rollout limits count agents: a task for the work queue goes to one; give --target or --agent".into(),
+                ))
+            }
+            Target::Default => {
+                let agents: Vec<String> =
+                    self.dispatcher.clients().into_iter().map(|c| c.id).collect();
+                if agents.is_empty() {
+                    return Err(RpcStatus::with_message(
+                        RpcStatusCode::NOT_FOUND,
+                        "no agent is connected to roll it out to".into(),
+                    ));
+                }
+                let n = agents.len();
+                (agents, format!("{n} connected agent{}", plural(n)))
+            }
+        };
+        let n = agents.len();
+        let rollout = Rollout {
+            concurrency: concurrency.map_or(n, |l| l.of(n)).max(1),
+            max_errors: max_errors.map(|l| l.of(n)),
+            held: agents.into(),
+            cancelled: vec![],
+            stopped: false,
+            key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+            released: 0,
+        };
+        Ok((rollout, what))
+    }
+
     /// Runs `job` on the `admin` thread and answers the call with its outcome.
     fn answer_from_worker<T: Send + 'static>(
         &self,
@@ -187,6 +252,94 @@ impl AdminService {
                 Err(status) => sink.fail(status).await,
             };
         });
+    }
+}
+
+/// Gives rolling-out jobs' tasks to their next agents, on the `admin`
+/// thread (publishing may wait for the journal): handed to the result path,
+/// which learns whom to release as results come back.
+#[derive(Clone)]
+pub struct Rollouts {
+    worker: Sender<Work>,
+    dispatcher: Arc<Dispatcher>,
+    jobs: Arc<JobTable>,
+}
+
+impl Rollouts {
+    /// Publishes each release's tasks (later, on the `admin` thread).
+    pub fn release(&self, releases: Vec<Release>) {
+        if releases.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let _ = self.worker.send(Box::new(move || {
+            for r in releases {
+                this.publish(r);
+            }
+        }));
+    }
+
+    /// Publishes one release's tasks and adds them to their job.
+    fn publish(&self, r: Release) -> Vec<u64> {
+        let tasks = r
+            .agents
+            .iter()
+            .map(|a| NewTask {
+                target: Some(a.clone()),
+                text: r.text.clone(),
+                key: r.key.as_ref().map(|k| format!("{k}@{a}")),
+            })
+            .collect();
+        let Ok(published) = self.dispatcher.publish_new(tasks) else {
+            log::error!(
+                "job {}: its next tasks could not be journaled; the job stops spreading",
+                r.job
+            );
+            return vec![];
+        };
+        let ids: Vec<u64> = published.iter().map(Published::id).collect();
+        let job_tasks = ids
+            .iter()
+            .zip(&r.agents)
+            .map(|(&id, a)| JobTask {
+                id,
+                agent: Some(a.clone()),
+            })
+            .collect();
+        self.jobs.add_tasks(r.job, job_tasks);
+        ids
+    }
+
+    /// Holds a new rolling-out job and gives the first agents their task.
+    fn start(&self, text: String, target: String, rollout: Rollout, who: &str) -> PushReply {
+        let expected: Vec<String> = rollout.held.iter().cloned().collect();
+        let (limit, errors) = (rollout.concurrency, rollout.max_errors);
+        let (job, first) =
+            self.jobs
+                .create_rollout(text, target.clone(), vec![], expected, Some(rollout));
+        let agents = first.as_ref().map(|r| r.agents.clone()).unwrap_or_default();
+        let ids = first.map(|r| self.publish(r)).unwrap_or_default();
+        log::info!(
+            "job {job}: pushed by {who} to {target}, {limit} at a time{}; first {}",
+            errors.map_or(String::new(), |e| format!(", stopping past {e} failed")),
+            tasks_named(&ids)
+        );
+        PushReply {
+            task_id: ids.first().copied().unwrap_or(0),
+            target,
+            task_ids: ids,
+            agents: agents.into(),
+            job_id: job,
+            ..Default::default()
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
     }
 }
 
@@ -239,6 +392,17 @@ impl Admin for AdminService {
             Ok(x) => x,
             Err(status) => return refuse(&ctx, sink, status),
         };
+        if !req.max_concurrency.is_empty() || !req.max_errors.is_empty() {
+            return match self.rollout_of(&req, target) {
+                Ok((rollout, what)) => {
+                    let rollouts = self.rollouts();
+                    self.answer_from_worker(&ctx, sink, move || {
+                        Ok(rollouts.start(req.text, what, rollout, &who))
+                    })
+                }
+                Err(status) => refuse(&ctx, sink, status),
+            };
+        }
         let dispatcher = self.dispatcher.clone();
         let jobs = self.jobs.clone();
         self.answer_from_worker(&ctx, sink, move || {
@@ -267,10 +431,7 @@ impl Admin for AdminService {
                         .map(|a| (Some(a.clone()), req.text.clone()))
                         .collect();
                     let n = agents.len();
-                    let what = format!(
-                        "{n} agent{} matching {selector}",
-                        if n == 1 { "" } else { "s" }
-                    );
+                    let what = format!("{n} agent{} matching {selector}", plural(n));
                     (tasks, agents, what)
                 }
             };
@@ -475,6 +636,8 @@ impl AdminService {
                 "running" => totals.running += 1,
                 "ok" => totals.ok += 1,
                 "failed" => totals.failed += 1,
+                "held" => totals.held += 1,
+                "cancelled" => totals.cancelled += 1,
                 _ => totals.dead += 1,
             }
         }
@@ -485,6 +648,7 @@ impl AdminService {
             created_at: unix_secs(j.created_at),
             agents: if agents { rows.into() } else { vec![].into() },
             totals: Some(totals).into(),
+            stopped: j.rollout.as_ref().is_some_and(|r| r.stopped),
             ..Default::default()
         }
     }
@@ -521,6 +685,16 @@ impl AdminService {
                         },
                     });
                 }
+            }
+        }
+        if let Some(r) = &j.rollout {
+            let waiting = r.held.iter().map(|a| (a, "held"));
+            for (a, status) in waiting.chain(r.cancelled.iter().map(|a| (a, "cancelled"))) {
+                rows.push(AgentStatus {
+                    agent: a.clone(),
+                    status: status.into(),
+                    ..Default::default()
+                });
             }
         }
         rows.sort_by(|a, b| a.agent.cmp(&b.agent));

@@ -188,7 +188,7 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// A status no later one replaces.
 fn is_final(s: &AgentStatus) -> bool {
-    !s.agent.is_empty() && matches!(s.status.as_str(), "ok" | "failed" | "dead")
+    !s.agent.is_empty() && matches!(s.status.as_str(), "ok" | "failed" | "dead" | "cancelled")
 }
 
 /// `contact-ctl run --wait`: pushes, then prints each agent's result as it
@@ -224,6 +224,7 @@ pub fn run_and_wait(
     let waiting: Vec<&AgentStatus> = job.agents.iter().filter(|s| !is_final(s)).collect();
     let count = |status: &str| job.agents.iter().filter(|s| s.status == status).count();
     let (ok, failed, dead) = (count("ok"), count("failed"), count("dead"));
+    let cancelled = count("cancelled");
     if json {
         let unanswered: Vec<serde_json::Value> = waiting
             .iter()
@@ -231,7 +232,7 @@ pub fn run_and_wait(
             .collect();
         let summary = serde_json::json!({
             "job_id": job.job_id, "ok": ok, "failed": failed, "dead": dead,
-            "unanswered": unanswered,
+            "cancelled": cancelled, "stopped": job.stopped, "unanswered": unanswered,
         });
         writeln!(out, "{summary}").map_err(io)?;
     } else {
@@ -242,6 +243,12 @@ pub fn run_and_wait(
         }
         if dead > 0 {
             line += &format!(", {dead} dead-lettered");
+        }
+        if cancelled > 0 {
+            line += &format!(", {cancelled} cancelled");
+        }
+        if job.stopped {
+            line += " (too many failed: it stopped spreading)";
         }
         writeln!(out, "{line}").map_err(io)?;
         if job.agents.is_empty() {
@@ -264,7 +271,7 @@ pub fn run_and_wait(
             .map_err(io)?;
         }
     }
-    Ok(!job.agents.is_empty() && waiting.is_empty() && failed == 0 && dead == 0)
+    Ok(!job.agents.is_empty() && waiting.is_empty() && failed + dead + cancelled == 0)
 }
 
 /// One agent's answer: `web-1: ok` and its output, indented.
@@ -324,7 +331,7 @@ pub fn show_job(job: &Job, json: bool) -> String {
 
 fn totals_line(job: &Job) -> String {
     let t = job.totals.get_ref();
-    format!(
+    let mut line = format!(
         "{} agent{}: {} ok, {} failed, {} running, {} delivered, {} pending, {} dead",
         t.agents,
         plural(t.agents as usize),
@@ -334,7 +341,14 @@ fn totals_line(job: &Job) -> String {
         t.delivered,
         t.pending,
         t.dead
-    )
+    );
+    if t.held + t.cancelled > 0 {
+        line += &format!(", {} held, {} cancelled", t.held, t.cancelled);
+    }
+    if job.stopped {
+        line += " (stopped: too many failed)";
+    }
+    line
 }
 
 /// The jobs held, newest first (`contact-ctl jobs`).
@@ -376,8 +390,8 @@ pub fn show_jobs(jobs: &[Job], json: bool, now: SystemTime) -> String {
             j.target.clone(),
             t.agents.to_string(),
             t.ok.to_string(),
-            (t.failed + t.dead).to_string(),
-            (t.pending + t.delivered + t.running).to_string(),
+            (t.failed + t.dead + t.cancelled).to_string(),
+            (t.pending + t.delivered + t.running + t.held).to_string(),
             j.text.clone(),
         ]);
     }

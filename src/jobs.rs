@@ -4,6 +4,13 @@
 //! results that came back, so that an operator can ask "did it succeed on
 //! every web server?" (SaltStack's job ids with per-minion returns).
 //!
+//! A job may roll out under limits (SaltStack's batch mode, SSM Run
+//! Command's MaxConcurrency and MaxErrors): its agents are held and given
+//! their task a few at a time as results come back, and once too many have
+//! failed it stops spreading and the held agents are cancelled. The table
+//! decides who is released; publishing is the caller's (it may wait for the
+//! journal's fsync, which the result path must not).
+//!
 //! Held in memory, the newest [`MAX_JOBS`]: a restart forgets them (the
 //! results themselves are in the results file and the journal). Results are
 //! observed as the server judges them; when no job is held that costs one
@@ -40,6 +47,63 @@ pub struct Answer {
     pub at: f64,
 }
 
+/// A rollout limit: a number of agents, or a share of those targeted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Agents(usize),
+    Percent(u32),
+}
+
+impl Limit {
+    /// `N` or `P%` (1 to 100); what is wrong otherwise.
+    pub fn parse(text: &str) -> Result<Limit, String> {
+        let bad = || format!("{text:?} is not a number of agents (N) or a percentage (P%)");
+        match text.strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u32>() {
+                Ok(p @ 1..=100) => Ok(Limit::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => text.trim().parse().map(Limit::Agents).map_err(|_| bad()),
+        }
+    }
+
+    /// The limit for `n` agents (a share rounds up: 10% of 5 is 1).
+    pub fn of(self, n: usize) -> usize {
+        match self {
+            Limit::Agents(k) => k,
+            Limit::Percent(p) => (n * p as usize).div_ceil(100),
+        }
+    }
+}
+
+/// How a job spreads over its agents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Agents running it at once, at most (at least 1).
+    pub concurrency: usize,
+    /// Failed agents tolerated; one more stops the job.
+    pub max_errors: Option<usize>,
+    /// Agents waiting for a slot, in order.
+    pub held: VecDeque<String>,
+    /// Agents that never got it: the job stopped first.
+    pub cancelled: Vec<String>,
+    /// The error budget ran out.
+    pub stopped: bool,
+    /// The idempotency key of the push, if any (each agent's is `KEY@AGENT`).
+    pub key: Option<String>,
+    /// Agents released so far (their tasks may not be published yet).
+    pub released: usize,
+}
+
+/// Agents of a job to give its task to now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Release {
+    pub job: JobId,
+    pub text: String,
+    pub agents: Vec<String>,
+    pub key: Option<String>,
+}
+
 /// A job as pushed, with what came back so far.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
@@ -53,6 +117,38 @@ pub struct Job {
     pub expected: Vec<String>,
     /// Accepted results by agent (an agent answers each of its tasks once).
     pub answers: BTreeMap<String, Answer>,
+    /// Its rollout limits, when it has any.
+    pub rollout: Option<Rollout>,
+}
+
+impl Job {
+    /// Under its limits: who gets the task next (nothing once stopped);
+    /// stops it when its error budget ran out.
+    fn release(&mut self) -> Option<Release> {
+        let failed = self.answers.values().filter(|a| !a.ok).count();
+        let answered = self.answers.len();
+        let r = self.rollout.as_mut()?;
+        if r.stopped {
+            return None;
+        }
+        if r.max_errors.is_some_and(|m| failed > m) {
+            r.stopped = true;
+            r.cancelled.extend(r.held.drain(..));
+            return None;
+        }
+        let running = r.released.saturating_sub(answered);
+        let free = r.concurrency.saturating_sub(running).min(r.held.len());
+        if free == 0 {
+            return None;
+        }
+        r.released += free;
+        Some(Release {
+            job: self.id,
+            text: self.text.clone(),
+            agents: r.held.drain(..free).collect(),
+            key: r.key.clone(),
+        })
+    }
 }
 
 #[derive(Default)]
@@ -83,13 +179,26 @@ impl JobTable {
         tasks: Vec<JobTask>,
         expected: Vec<String>,
     ) -> JobId {
+        self.create_rollout(text, target, tasks, expected, None).0
+    }
+
+    /// Holds a new job that rolls out under `rollout` (its `held` agents get
+    /// the task as slots free up); returns its id and whom to give it first.
+    pub fn create_rollout(
+        &self,
+        text: String,
+        target: String,
+        tasks: Vec<JobTask>,
+        expected: Vec<String>,
+        rollout: Option<Rollout>,
+    ) -> (JobId, Option<Release>) {
         let mut jobs = self.lock();
         jobs.next += 1;
         let id = jobs.next;
         for t in &tasks {
             jobs.by_task.insert(t.id, id);
         }
-        jobs.held.push_back(Job {
+        let mut job = Job {
             id,
             text,
             target,
@@ -97,7 +206,10 @@ impl JobTable {
             tasks,
             expected,
             answers: BTreeMap::new(),
-        });
+            rollout,
+        };
+        let first = job.release();
+        jobs.held.push_back(job);
         if jobs.held.len() > MAX_JOBS {
             if let Some(old) = jobs.held.pop_front() {
                 for t in &old.tasks {
@@ -106,13 +218,30 @@ impl JobTable {
             }
         }
         self.any.store(true, Ordering::Release);
-        id
+        (id, first)
     }
 
-    /// Notes the accepted results among `judged` that answer a job's task.
-    pub fn observe<'a>(&self, judged: impl IntoIterator<Item = &'a ResultRecord>) {
+    /// Adds the tasks published for a release to job `id`.
+    pub fn add_tasks(&self, id: JobId, tasks: Vec<JobTask>) {
+        let mut jobs = self.lock();
+        for t in &tasks {
+            jobs.by_task.insert(t.id, id);
+        }
+        let first = jobs.held.front().map_or(0, |j| j.id);
+        if let Some(j) = id
+            .checked_sub(first)
+            .and_then(|i| jobs.held.get_mut(i as usize))
+        {
+            j.tasks.extend(tasks);
+        }
+    }
+
+    /// Notes the accepted results among `judged` that answer a job's task;
+    /// returns whom jobs rolling out give their task to next.
+    pub fn observe<'a>(&self, judged: impl IntoIterator<Item = &'a ResultRecord>) -> Vec<Release> {
+        let mut releases = vec![];
         if !self.any.load(Ordering::Acquire) {
-            return;
+            return releases;
         }
         let mut jobs = self.lock();
         for r in judged {
@@ -136,7 +265,9 @@ impl JobTable {
                     at: r.received_at,
                 },
             );
+            releases.extend(j.release());
         }
+        releases
     }
 
     /// Job `id`, if held.
@@ -203,6 +334,52 @@ mod tests {
         t.observe(&[result(7, "b", false, true)]);
         assert!(!t.get(job).unwrap().answers["b"].ok);
         assert_eq!(t.get(job + 1), None);
+    }
+
+    #[test]
+    fn limits_are_numbers_or_shares_of_the_agents() {
+        assert_eq!(Limit::parse("2"), Ok(Limit::Agents(2)));
+        assert_eq!(Limit::parse("25%"), Ok(Limit::Percent(25)));
+        assert_eq!(Limit::parse("25%").unwrap().of(5), 2);
+        assert_eq!(Limit::parse("10%").unwrap().of(5), 1);
+        assert!(Limit::parse("0%").unwrap_err().contains("percentage"));
+        assert!(Limit::parse("many").is_err());
+    }
+
+    #[test]
+    fn a_rollout_releases_agents_as_results_come_and_stops_past_its_error_budget() {
+        let t = JobTable::default();
+        let agents: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let rollout = Rollout {
+            concurrency: 2,
+            max_errors: Some(1),
+            held: agents.iter().cloned().collect(),
+            cancelled: vec![],
+            stopped: false,
+            key: None,
+            released: 0,
+        };
+        let (job, first) =
+            t.create_rollout("x".into(), "5 agents".into(), vec![], agents, Some(rollout));
+        assert_eq!(first.unwrap().agents, ["a", "b"]);
+        let task = |id, agent: &str| JobTask {
+            id,
+            agent: Some(agent.into()),
+        };
+        t.add_tasks(job, vec![task(1, "a"), task(2, "b")]);
+        // One slot frees: one more agent.
+        let next = t.observe(&[result(1, "a", true, true)]);
+        assert_eq!(next[0].agents, ["c"]);
+        t.add_tasks(job, vec![task(3, "c")]);
+        // One failure is within the budget; a second stops the job.
+        assert_eq!(t.observe(&[result(2, "b", false, true)])[0].agents, ["d"]);
+        t.add_tasks(job, vec![task(4, "d")]);
+        assert!(t.observe(&[result(3, "c", false, true)]).is_empty());
+        let r = t.get(job).unwrap().rollout.unwrap();
+        assert!(r.stopped);
+        assert_eq!(r.cancelled, ["e"]);
+        // What is still running finishes; nothing more is released.
+        assert!(t.observe(&[result(4, "d", true, true)]).is_empty());
     }
 
     #[test]

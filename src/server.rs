@@ -10,7 +10,7 @@
 //! dispatcher's lock and non-blocking channels; files and producers live on
 //! threads of ours.
 
-use crate::admin::{AdminService, AdminWorker};
+use crate::admin::{AdminService, AdminWorker, Rollouts};
 use crate::budget::{budget_key, StaleBudget, StaleLimits};
 use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
@@ -151,6 +151,8 @@ struct ContactService {
     dispatcher: Arc<Dispatcher>,
     /// Jobs pushed through the admin API, told of the results that answer them.
     jobs: Arc<JobTable>,
+    /// Gives rolling-out jobs' tasks to their next agents.
+    rollouts: Rollouts,
     results: ResultSink,
     auth: Arc<Authenticator>,
     stale: Arc<StaleBudget>,
@@ -402,6 +404,7 @@ impl Contact for ContactService {
         }
         let dispatcher = self.dispatcher.clone();
         let jobs = self.jobs.clone();
+        let rollouts = self.rollouts.clone();
         let results = self.results.clone();
         let budget = self.stale.clone();
         ctx.spawn(async move {
@@ -420,7 +423,7 @@ impl Contact for ContactService {
                     } else {
                         dispatcher.complete_many(&client, answers, !ephemeral)
                     };
-                    jobs.observe(judged.iter().flatten());
+                    rollouts.release(jobs.observe(judged.iter().flatten()));
                     // Results that answer nothing are budgeted, not written to disk forever.
                     for r in judged.iter().flatten().filter(|r| r.stale) {
                         max = 1;
@@ -652,13 +655,6 @@ impl Server {
         }
         let env = Arc::new(Environment::new(2));
         let jobs = Arc::new(JobTable::default());
-        let service = ContactService {
-            dispatcher: dispatcher.clone(),
-            jobs: jobs.clone(),
-            results: results.clone(),
-            auth: auth.clone(),
-            stale: Arc::new(StaleBudget::new(config.stale)),
-        };
         let (admin, admin_worker) = AdminService::start(
             dispatcher.clone(),
             jobs.clone(),
@@ -666,6 +662,14 @@ impl Server {
             config.max_message_bytes,
             shutdown.clone(),
         )?;
+        let service = ContactService {
+            dispatcher: dispatcher.clone(),
+            jobs: jobs.clone(),
+            rollouts: admin.rollouts(),
+            results: results.clone(),
+            auth: auth.clone(),
+            stale: Arc::new(StaleBudget::new(config.stale)),
+        };
         let args = transport::server_channel(env.clone(), &config).build_args();
         let mut grpc = ServerBuilder::new(env)
             .channel_args(args)

@@ -559,3 +559,103 @@ fn a_drained_agent_gets_nothing_new_until_let_go_and_a_disconnected_one_comes_ba
         assert_eq!(p.wait_exit(), 0);
     }
 }
+
+#[test]
+fn a_rollout_stops_at_its_error_budget_and_the_rest_are_cancelled() {
+    let (mut srv, addr) = server(&[]);
+    let mut agents: Vec<Proc> = (1..=5)
+        .map(|i| agent_process(&addr, &format!("w{i}"), "false", &["--label", "role=web"]))
+        .chain([agent_process(
+            &addr,
+            "ok-1",
+            "echo",
+            &["--label", "role=api"],
+        )])
+        .chain([agent_process(
+            &addr,
+            "ok-2",
+            "echo",
+            &["--label", "role=api"],
+        )])
+        .collect();
+    wait_for("seven agents listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("7 agents connected")
+    });
+    // One at a time, one failure tolerated: w1 fails, w2 fails, and the
+    // job stops before w3, w4 and w5 get it.
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "run",
+            "deploy",
+            "--target",
+            "role=web",
+            "--max-concurrency",
+            "1",
+            "--max-errors",
+            "1",
+            "--wait",
+            "--timeout",
+            "20",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with("job 1: task 1 pushed to 5 agents matching role=web\n"),
+        "{out}"
+    );
+    for w in ["w3", "w4", "w5"] {
+        assert!(out.contains(&format!("{w}: cancelled\n")), "{out}");
+    }
+    assert!(
+        out.ends_with("job 1: 0 of 5 agents ok, 2 failed, 3 cancelled (too many failed: it stopped spreading)\n"),
+        "{out}"
+    );
+    for a in &mut agents[2..5] {
+        assert!(
+            !a.lines_so_far().iter().any(|l| l.contains("deploy")),
+            "a cancelled agent ran it"
+        );
+    }
+    let (_, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
+    assert!(
+        out.ends_with("0 held, 3 cancelled (stopped: too many failed)\n"),
+        "{out}"
+    );
+
+    // Within its budget a rollout reaches every agent, a share at a time.
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "run",
+            "hi",
+            "--target",
+            "role=api",
+            "--max-concurrency",
+            "50%",
+            "--wait",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.ends_with("job 2: 2 of 2 agents ok\n"), "{out}");
+    let (code, _, err) = ctl(
+        &["--server", &addr, "push", "x", "--max-errors", "lots"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("INVALID_ARGUMENT: max_errors: \"lots\" is not a number"),
+        "{err}"
+    );
+    for p in agents.iter_mut() {
+        p.signal("KILL");
+        p.wait_exit();
+    }
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+}
