@@ -84,6 +84,16 @@ enum Command {
     },
     /// End an agent's connection now; what it held is delivered again. It dials again by itself.
     Disconnect { agent: String },
+    /// The recorded results, from the server's results file (--results-to).
+    Results {
+        /// Keep printing new results as they are recorded.
+        #[arg(long)]
+        follow: bool,
+        /// Start at this sequence number (one after the last you saw, to
+        /// resume without a gap) [default: from the start; with --follow, from now].
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+    },
 }
 
 /// What to push, and to whom.
@@ -188,6 +198,12 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
         Command::Disconnect { agent } => {
             ctl.disconnect(&agent)?;
             Ok(format!("agent {agent} disconnected\n"))
+        }
+        Command::Results { follow, from } => {
+            let from = from.unwrap_or(if follow { 0 } else { 1 });
+            let stdout = std::io::stdout();
+            ctl.results(from, follow, flags.json, &mut stdout.lock())?;
+            Ok(String::new())
         }
         Command::Job { id } => Ok(ctl::show_job(&ctl.job(id)?, flags.json)),
         Command::Jobs => Ok(ctl::show_jobs(&ctl.jobs()?, flags.json, SystemTime::now())),

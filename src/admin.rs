@@ -4,24 +4,26 @@
 //! dispatcher operations. Publishing may wait for the journal's fsync, so it
 //! runs on a thread of ours (`admin`), never on a completion-queue thread.
 
-use crate::dispatch::TaskProgress;
-use crate::dispatch::{Dispatcher, Mode};
+use crate::dispatch::{Dispatcher, Mode, TaskProgress};
 use crate::jobs::{Job, JobTable, JobTask, Limit, Release, Rollout};
 use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
     Admin, AgentStatus, ClientInfo as ClientRow, DisconnectReply, DisconnectRequest, DrainReply,
     DrainRequest, GetJobRequest, Job as JobMsg, JobTotals, ListClientsReply, ListClientsRequest,
-    ListJobsReply, ListJobsRequest, PushReply, PushRequest,
+    ListJobsReply, ListJobsRequest, PushReply, PushRequest, ResultEvent, WatchResultsRequest,
 };
 use crate::proto::validate_client_id;
 use crate::registry::ClientInfo;
 use crate::shutdown::Shutdown;
 use crate::task::{NewTask, Published, TaskId};
 use crate::trust::{self, Authenticator, Refusal};
+use crate::watch::{read_results, WatchFrom};
 use crossbeam_channel::Sender;
 use futures::channel::oneshot;
-use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
+use futures::{SinkExt, StreamExt};
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink, WriteFlags};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,6 +47,9 @@ pub struct AdminService {
     worker: Sender<Work>,
     /// The largest message the server sends or receives.
     max_message_bytes: usize,
+    /// The results file `WatchResults` reads (`--results-to`), if any.
+    results_file: Option<PathBuf>,
+    shutdown: Shutdown,
 }
 
 /// The `admin` thread.
@@ -65,8 +70,10 @@ impl AdminService {
         jobs: Arc<JobTable>,
         auth: Arc<Authenticator>,
         max_message_bytes: usize,
+        results_file: Option<PathBuf>,
         shutdown: Shutdown,
     ) -> Result<(AdminService, AdminWorker), crate::Error> {
+        let stop = shutdown.clone();
         let (worker, queue) = crossbeam_channel::unbounded::<Work>();
         let thread = std::thread::Builder::new()
             .name("admin".into())
@@ -76,7 +83,7 @@ impl AdminService {
                         Ok(work) => work(),
                         Err(_) => return,
                     },
-                    recv(shutdown.receiver()) -> _ => return,
+                    recv(stop.receiver()) -> _ => return,
                 }
             })
             .map_err(crate::Error::Thread)?;
@@ -86,6 +93,8 @@ impl AdminService {
             auth,
             worker,
             max_message_bytes,
+            results_file,
+            shutdown,
         };
         Ok((service, AdminWorker(thread)))
     }
@@ -373,14 +382,18 @@ fn unknown_agent(agent: &str) -> RpcStatus {
 
 /// Answers a refused call.
 fn refuse<T: 'static>(ctx: &RpcContext, sink: UnarySink<T>, status: RpcStatus) {
+    warn_refused(ctx, &status);
+    ctx.spawn(async move {
+        let _ = sink.fail(status).await;
+    });
+}
+
+fn warn_refused(ctx: &RpcContext, status: &RpcStatus) {
     log::warn!(
         "refused an admin call from {}: {}",
         ctx.peer(),
         quoted(status.message())
     );
-    ctx.spawn(async move {
-        let _ = sink.fail(status).await;
-    });
 }
 
 impl Admin for AdminService {
@@ -571,6 +584,62 @@ impl Admin for AdminService {
         }
         ctx.spawn(async move {
             let _ = sink.success(DisconnectReply::default()).await;
+        });
+    }
+
+    fn watch_results(
+        &mut self,
+        ctx: RpcContext,
+        req: WatchResultsRequest,
+        mut sink: ServerStreamingSink<ResultEvent>,
+    ) {
+        let checked = self.operator(&ctx).and_then(|_| {
+            self.results_file.clone().ok_or_else(|| {
+                RpcStatus::with_message(
+                    RpcStatusCode::FAILED_PRECONDITION,
+                    "results are read from the results file: start the server with --results-to FILE (and --state-dir, which numbers them)".into(),
+                )
+            })
+        });
+        let path = match checked {
+            Ok(p) => p,
+            Err(status) => {
+                warn_refused(&ctx, &status);
+                ctx.spawn(async move {
+                    let _ = sink.fail(status).await;
+                });
+                return;
+            }
+        };
+        let from = WatchFrom {
+            seq: req.from_seq,
+            follow: req.follow,
+        };
+        let (mut tx, rx) = futures::channel::mpsc::channel::<ResultEvent>(256);
+        let stop = self.shutdown.clone();
+        let reader = std::thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || {
+                let gone = tx.clone();
+                let read = read_results(
+                    &path,
+                    from,
+                    &stop,
+                    || gone.is_closed(),
+                    |e| futures::executor::block_on(tx.send(e)).is_ok(),
+                );
+                if let Err(e) = read {
+                    log::warn!("WatchResults: {e}");
+                }
+            });
+        if let Err(e) = reader {
+            log::error!("WatchResults: cannot start a thread: {e}");
+        }
+        ctx.spawn(async move {
+            let mut events = rx.map(|e| Ok((e, WriteFlags::default())));
+            if sink.send_all(&mut events).await.is_ok() {
+                let _ = sink.close().await;
+            }
         });
     }
 

@@ -6,7 +6,7 @@ use crate::error::Error;
 use crate::listen::ListenAddr;
 use crate::proto::admin::{
     AdminClient, AgentStatus, ClientInfo, DisconnectRequest, DrainRequest, GetJobRequest, Job,
-    ListClientsRequest, ListJobsRequest, PushReply, PushRequest,
+    ListClientsRequest, ListJobsRequest, PushReply, PushRequest, ResultEvent, WatchResultsRequest,
 };
 use crate::tls::ClientTls;
 use crate::token::Token;
@@ -65,7 +65,14 @@ impl Ctl {
     }
 
     fn options(&self) -> Result<CallOption, Error> {
-        let mut opt = CallOption::default().timeout(self.timeout);
+        self.options_with(Some(self.timeout))
+    }
+
+    fn options_with(&self, timeout: Option<Duration>) -> Result<CallOption, Error> {
+        let mut opt = CallOption::default();
+        if let Some(t) = timeout {
+            opt = opt.timeout(t);
+        }
         if let Some(t) = &self.token {
             let mut b = MetadataBuilder::new();
             b.add_str("authorization", &format!("Bearer {}", t.expose()))
@@ -149,12 +156,66 @@ impl Ctl {
             .map_err(|e| self.failed("disconnect", e))
     }
 
+    /// Writes the results from `from_seq` (0: from now) to `out` as they
+    /// come; with `follow`, until the server stops, else to the file's end.
+    pub fn results(
+        &self,
+        from_seq: u64,
+        follow: bool,
+        json: bool,
+        out: &mut impl Write,
+    ) -> Result<(), Error> {
+        let req = WatchResultsRequest {
+            from_seq,
+            follow,
+            ..Default::default()
+        };
+        // A follower waits for results as long as it takes: no deadline.
+        let timeout = (!follow).then_some(self.timeout);
+        let mut stream = self
+            .client
+            .watch_results_opt(&req, self.options_with(timeout)?)
+            .map_err(|e| self.failed("results", e))?;
+        let io = |e: std::io::Error| Error::Remote(format!("cannot write the output: {e}"));
+        while let Some(event) = futures::executor::block_on(futures::StreamExt::next(&mut stream)) {
+            let e = event.map_err(|e| self.failed("results", e))?;
+            writeln!(out, "{}", show_result(&e, json)).map_err(io)?;
+            out.flush().map_err(io)?;
+        }
+        Ok(())
+    }
+
     pub fn clients(&self) -> Result<Vec<ClientInfo>, Error> {
         self.client
             .list_clients_opt(&ListClientsRequest::default(), self.options()?)
             .map(|r| r.clients.into_vec())
             .map_err(|e| self.failed("clients", e))
     }
+}
+
+/// One recorded result: `12  task 5  web-1  ok  <first line of output>`.
+pub fn show_result(e: &ResultEvent, json: bool) -> String {
+    if json {
+        return serde_json::json!({
+            "seq": e.seq, "task_id": e.task_id, "task": e.task, "client": e.client,
+            "ok": e.ok, "output": e.output, "attempt": e.attempt, "accepted": e.accepted,
+            "stale": e.stale, "retry": e.retry, "received_at": e.received_at,
+        })
+        .to_string();
+    }
+    let status = match (e.ok, e.retry, e.stale) {
+        (_, _, true) => "stale",
+        (true, _, _) => "ok",
+        (false, true, _) => "refused",
+        (false, false, _) => "failed",
+    };
+    format!(
+        "{}  task {}  {}  {status}  {}",
+        e.seq,
+        e.task_id,
+        e.client,
+        e.output.lines().next().unwrap_or_default()
+    )
 }
 
 /// A push in words: the tasks published and where they went.

@@ -50,6 +50,7 @@ pub mod tls;
 pub mod token;
 pub mod transport;
 pub mod trust;
+pub mod watch;
 pub mod workqueue;
 
 pub use error::Error;

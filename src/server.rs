@@ -660,6 +660,7 @@ impl Server {
             jobs.clone(),
             auth.clone(),
             config.max_message_bytes,
+            config.results_to.clone(),
             shutdown.clone(),
         )?;
         let service = ContactService {

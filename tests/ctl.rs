@@ -10,16 +10,17 @@ use std::process::Command;
 
 /// A server process on a free loopback port, with `extra` flags; its address.
 fn server(extra: &[&str]) -> (Proc, String) {
+    let mut flags = vec!["--no-state"];
+    flags.extend_from_slice(extra);
+    server_with(&flags)
+}
+
+/// A server with exactly `flags` (beyond its address and no generated tasks).
+fn server_with(flags: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(SERVER_BIN);
     // No generated tasks: only what the operator pushes.
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--no-state",
-        "--tasks-from",
-        "/dev/null",
-    ])
-    .args(extra);
+    cmd.args(["--listen", "127.0.0.1:0", "--tasks-from", "/dev/null"])
+        .args(flags);
     let mut p = Proc::spawn(cmd);
     let port = port_of_listening_line(&p.wait_line("listening on"));
     (p, format!("127.0.0.1:{port}"))
@@ -656,6 +657,85 @@ fn a_rollout_stops_at_its_error_budget_and_the_rest_are_cancelled() {
         p.signal("KILL");
         p.wait_exit();
     }
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+}
+
+#[test]
+fn results_are_read_from_a_sequence_number_and_followed_as_they_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results.jsonl");
+    let state = dir.path().join("state");
+    let (mut srv, addr) = server_with(&[
+        "--results-to",
+        results.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let mut a = agent_process(&addr, "a", "echo", &[]);
+    for i in 1..=3 {
+        let (code, _, err) = ctl(&["--server", &addr, "push", &format!("job-{i}")], &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    a.wait_line("task 3 done");
+    wait_for("three results recorded", || {
+        read_results(&results).len() == 3
+    });
+    let (code, out, err) = ctl(&["--server", &addr, "results"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "1  task 1  a  ok  job-1",
+            "2  task 2  a  ok  job-2",
+            "3  task 3  a  ok  job-3"
+        ]
+    );
+    let (_, out, _) = ctl(
+        &["--server", &addr, "--json", "results", "--from", "3"],
+        &[],
+    );
+    let last: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (last["seq"].as_u64(), last["output"].as_str()),
+        (Some(3), Some("job-3"))
+    );
+
+    // A follower resuming after 2 gets 3, then what is recorded next.
+    let mut follower = Command::new(CTL_BIN)
+        .args(["--server", &addr, "results", "--follow", "--from", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(l.unwrap());
+        }
+    });
+    let next = || rx.recv_timeout(PATIENCE).expect("a line from the follower");
+    assert_eq!(next(), "3  task 3  a  ok  job-3");
+    let (code, _, _) = ctl(&["--server", &addr, "push", "job-4"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(next(), "4  task 4  a  ok  job-4");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    for p in [&mut a, &mut srv] {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
+
+    // Without a results file there is nothing to read, and it says so.
+    let (mut srv, addr) = server(&[]);
+    let (code, _, err) = ctl(&["--server", &addr, "results"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("FAILED_PRECONDITION") && err.contains("--results-to"),
+        "{err}"
+    );
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
 }
