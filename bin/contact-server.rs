@@ -110,6 +110,11 @@ struct Flags {
     /// Append every result as a JSON object per line to FILE.
     #[arg(long, value_name = "FILE")]
     results_to: Option<PathBuf>,
+    /// Also serve the admin API on a Unix socket, created with mode 0600:
+    /// whoever can open it (this user, and root) is an operator, without a
+    /// token (like Docker's socket). Written unix:PATH.
+    #[arg(long, value_name = "unix:PATH")]
+    admin_listen: Option<String>,
     /// Seconds between stats lines in the log.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
     stats_every: Duration,
@@ -263,6 +268,18 @@ fn main() {
                 .unwrap_or(usize::MAX),
         },
         results_to: flags.results_to,
+        admin_socket: match flags
+            .admin_listen
+            .as_deref()
+            .map(|a| a.strip_prefix("unix:"))
+        {
+            None => None,
+            Some(Some(path)) if !path.is_empty() => Some(PathBuf::from(path)),
+            Some(_) => {
+                eprintln!("contact-server: --admin-listen takes unix:PATH (a Unix socket)");
+                std::process::exit(cli::EXIT_USAGE);
+            }
+        },
         dead_letters: flags.dead_letter,
         state_dir: (!flags.no_state).then_some(flags.state_dir),
         on_damage: if flags.repair {

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub dispatch: DispatchConfig,
     /// Append every result as one JSON object per line.
     pub results_to: Option<PathBuf>,
+    /// `--admin-listen unix:PATH`: a Unix socket (mode 0600) on which admin
+    /// calls need no token.
+    pub admin_socket: Option<PathBuf>,
     /// Append every task given up on as one JSON object per line.
     pub dead_letters: Option<PathBuf>,
     /// Keep the durable state (journal) here; `None` keeps state in memory only.
@@ -127,6 +130,7 @@ impl Default for ServerConfig {
             sources: vec![],
             dispatch: DispatchConfig::default(),
             results_to: None,
+            admin_socket: None,
             dead_letters: None,
             state_dir: None,
             on_damage: OnDamage::Refuse,
@@ -661,6 +665,7 @@ impl Server {
             auth.clone(),
             config.max_message_bytes,
             config.results_to.clone(),
+            config.admin_socket.is_some(),
             shutdown.clone(),
         )?;
         let service = ContactService {
@@ -683,6 +688,9 @@ impl Server {
                 addr: listen.to_string(),
                 reason: bind_reason(e),
             })?;
+        if let Some(path) = &config.admin_socket {
+            listen_admin_socket(&mut grpc, path)?;
+        }
         grpc.start();
         log::info!(
             "contact server listening on {} ({})",
@@ -801,6 +809,37 @@ impl Server {
         log::info!("server stopped; {n} results recorded");
         Ok(n)
     }
+}
+
+/// Serves on the Unix socket `path` too, readable and writable by this user
+/// only (a stale socket left by a crash is replaced; any other file is not).
+fn listen_admin_socket(grpc: &mut grpcio::Server, path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| Error::file(path, "replace the old socket", e))?,
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "--admin-listen: {} exists and is not a socket; choose another path",
+                path.display()
+            )))
+        }
+        Err(_) => {}
+    }
+    let addr = format!("unix:{}", path.display());
+    grpc.add_listening_port(addr.clone(), ServerCredentials::insecure())
+        .map_err(|e| Error::Bind {
+            addr,
+            reason: bind_reason(e),
+        })?;
+    // Connecting needs write permission: until now only this user had it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::file(path, "set the mode of", e))?;
+    log::info!(
+        "admin API also on {} (mode 0600: no token needed)",
+        path.display()
+    );
+    Ok(())
 }
 
 fn bind_reason(e: grpcio::Error) -> String {

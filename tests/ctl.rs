@@ -739,3 +739,61 @@ fn results_are_read_from_a_sequence_number_and_followed_as_they_are_recorded() {
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
 }
+
+#[test]
+fn the_admin_socket_is_private_and_needs_no_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "integration test secret, 32 bytes!").unwrap();
+    let socket = dir.path().join("admin.sock");
+    let listen = format!("unix:{}", socket.display());
+    let (mut srv, addr) = server(&[
+        "--auth-secret",
+        secret.to_str().unwrap(),
+        "--admin-listen",
+        &listen,
+    ]);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // Over TCP a token is needed; through the socket, its permissions are the credential.
+    let (code, _, _) = ctl(&["--server", &addr, "clients"], &[]);
+    assert_eq!(code, 1);
+    let (code, out, err) = ctl(&["--server", &listen, "push", "hello"], &[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "job 1: task 1 pushed to every agent"),
+        "{err}"
+    );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+    assert!(srv
+        .whole_log()
+        .iter()
+        .any(|l| l.contains("pushed by local socket")));
+
+    // A path that is some other file is refused, not replaced.
+    let file = dir.path().join("plain");
+    std::fs::write(&file, "keep me").unwrap();
+    let mut refused = Proc::start(
+        SERVER_BIN,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--no-state",
+            "--admin-listen",
+            &format!("unix:{}", file.display()),
+        ],
+    );
+    assert_eq!(refused.wait_exit(), 2);
+    assert!(refused
+        .whole_log()
+        .iter()
+        .any(|l| l.contains("is not a socket")));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    let mut bad = Proc::start(
+        SERVER_BIN,
+        &["--listen", "127.0.0.1:0", "--admin-listen", "/tmp/x.sock"],
+    );
+    assert_eq!(bad.wait_exit(), 2);
+}
