@@ -82,6 +82,15 @@ enum Command {
         #[arg(long)]
         undo: bool,
     },
+    /// Deliver tasks no further: these task ids, or every task of a job
+    /// (and the agents its rollout still holds). A task in an agent's hands
+    /// may still be answered.
+    Cancel {
+        #[arg(value_name = "TASK", required_unless_present = "job")]
+        tasks: Vec<u64>,
+        #[arg(long, value_name = "ID")]
+        job: Option<u64>,
+    },
     /// End an agent's connection now; what it held is delivered again. It dials again by itself.
     Disconnect { agent: String },
     /// The recorded results, from the server's results file (--results-to).
@@ -194,6 +203,14 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
             } else {
                 format!("agent {agent} drained: nothing new for it; it holds {held} tasks\n")
             })
+        }
+        Command::Cancel { tasks, job } => {
+            let (n, held) = ctl.cancel(&tasks, job.unwrap_or(0))?;
+            let mut text = format!("{n} task{} cancelled", if n == 1 { "" } else { "s" });
+            if held > 0 {
+                text += &format!(", and {held} agents the rollout still held");
+            }
+            Ok(text + "\n")
         }
         Command::Disconnect { agent } => {
             ctl.disconnect(&agent)?;

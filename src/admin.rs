@@ -9,9 +9,10 @@ use crate::jobs::{Job, JobTable, JobTask, Limit, Release, Rollout};
 use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
-    Admin, AgentStatus, ClientInfo as ClientRow, DisconnectReply, DisconnectRequest, DrainReply,
-    DrainRequest, GetJobRequest, Job as JobMsg, JobTotals, ListClientsReply, ListClientsRequest,
-    ListJobsReply, ListJobsRequest, PushReply, PushRequest, ResultEvent, WatchResultsRequest,
+    Admin, AgentStatus, CancelReply, CancelRequest, ClientInfo as ClientRow, DisconnectReply,
+    DisconnectRequest, DrainReply, DrainRequest, GetJobRequest, Job as JobMsg, JobTotals,
+    ListClientsReply, ListClientsRequest, ListJobsReply, ListJobsRequest, PushReply, PushRequest,
+    ResultEvent, WatchResultsRequest,
 };
 use crate::proto::validate_client_id;
 use crate::registry::ClientInfo;
@@ -378,6 +379,17 @@ fn tasks_named(ids: &[u64]) -> String {
     }
 }
 
+/// The refusal for a job the server does not hold.
+fn no_job(id: u64) -> RpcStatus {
+    RpcStatus::with_message(
+        RpcStatusCode::NOT_FOUND,
+        format!(
+            "no job {id} here: this server holds the newest {} jobs since it started (`contact-ctl jobs`)",
+            crate::jobs::MAX_JOBS
+        ),
+    )
+}
+
 /// The refusal for an agent id the server does not know.
 fn unknown_agent(agent: &str) -> RpcStatus {
     RpcStatus::with_message(
@@ -651,20 +663,48 @@ impl Admin for AdminService {
         });
     }
 
+    fn cancel(&mut self, ctx: RpcContext, req: CancelRequest, sink: UnarySink<CancelReply>) {
+        let who = match self.operator(&ctx) {
+            Ok(w) => w,
+            Err(status) => return refuse(&ctx, sink, status),
+        };
+        let mut tasks = req.task_ids.to_vec();
+        let mut held = 0;
+        if req.job_id != 0 {
+            let Some((job_tasks, job_held)) = self.jobs.cancel(req.job_id) else {
+                return refuse(&ctx, sink, no_job(req.job_id));
+            };
+            tasks.extend(job_tasks);
+            held = job_held;
+        }
+        if tasks.is_empty() && req.job_id == 0 {
+            let status = RpcStatus::with_message(
+                RpcStatusCode::INVALID_ARGUMENT,
+                "name the tasks or the job to cancel".into(),
+            );
+            return refuse(&ctx, sink, status);
+        }
+        let dispatcher = self.dispatcher.clone();
+        self.answer_from_worker(&ctx, sink, move || {
+            let n = dispatcher.cancel(&tasks);
+            log::info!(
+                "cancel by {who}: {n} of {} tasks cancelled, {held} held agents",
+                tasks.len()
+            );
+            Ok(CancelReply {
+                cancelled: n as u32,
+                held_cancelled: held as u32,
+                ..Default::default()
+            })
+        });
+    }
+
     fn get_job(&mut self, ctx: RpcContext, req: GetJobRequest, sink: UnarySink<JobMsg>) {
         if let Err(status) = self.operator(&ctx) {
             return refuse(&ctx, sink, status);
         }
         let Some(job) = self.jobs.get(req.job_id) else {
-            let status = RpcStatus::with_message(
-                RpcStatusCode::NOT_FOUND,
-                format!(
-                    "no job {} here: this server holds the newest {} jobs since it started (`contact-ctl jobs`)",
-                    req.job_id,
-                    crate::jobs::MAX_JOBS
-                ),
-            );
-            return refuse(&ctx, sink, status);
+            return refuse(&ctx, sink, no_job(req.job_id));
         };
         let reply = self.job_message(&job, true);
         ctx.spawn(async move {
@@ -726,6 +766,7 @@ impl AdminService {
             agents: if agents { rows.into() } else { vec![].into() },
             totals: Some(totals).into(),
             stopped: j.rollout.as_ref().is_some_and(|r| r.stopped),
+            cancelled: j.cancelled,
             ..Default::default()
         }
     }
@@ -798,6 +839,7 @@ impl AdminService {
                     row.attempt = attempt;
                 }
                 TaskProgress::Dead => row.status = "dead".into(),
+                TaskProgress::Cancelled => row.status = "cancelled".into(),
             },
         }
         row

@@ -5,8 +5,9 @@
 use crate::error::Error;
 use crate::listen::ListenAddr;
 use crate::proto::admin::{
-    AdminClient, AgentStatus, ClientInfo, DisconnectRequest, DrainRequest, GetJobRequest, Job,
-    ListClientsRequest, ListJobsRequest, PushReply, PushRequest, ResultEvent, WatchResultsRequest,
+    AdminClient, AgentStatus, CancelRequest, ClientInfo, DisconnectRequest, DrainRequest,
+    GetJobRequest, Job, ListClientsRequest, ListJobsRequest, PushReply, PushRequest, ResultEvent,
+    WatchResultsRequest,
 };
 use crate::tls::ClientTls;
 use crate::token::Token;
@@ -143,6 +144,20 @@ impl Ctl {
             .drain_opt(&req, self.options()?)
             .map(|r| r.in_flight)
             .map_err(|e| self.failed("drain", e))
+    }
+
+    /// Cancels `tasks` and, when `job` is not 0, every task of that job;
+    /// returns the tasks cancelled and the held agents cancelled.
+    pub fn cancel(&self, tasks: &[u64], job: u64) -> Result<(u32, u32), Error> {
+        let req = CancelRequest {
+            task_ids: tasks.to_vec(),
+            job_id: job,
+            ..Default::default()
+        };
+        self.client
+            .cancel_opt(&req, self.options()?)
+            .map(|r| (r.cancelled, r.held_cancelled))
+            .map_err(|e| self.failed("cancel", e))
     }
 
     pub fn disconnect(&self, agent: &str) -> Result<(), Error> {
@@ -408,6 +423,9 @@ fn totals_line(job: &Job) -> String {
     }
     if job.stopped {
         line += " (stopped: too many failed)";
+    }
+    if job.cancelled {
+        line += " (cancelled)";
     }
     line
 }

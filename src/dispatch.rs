@@ -151,6 +151,8 @@ pub enum TaskProgress {
     Delivered { attempt: u32, running: bool },
     /// Dead-lettered at it after its attempts.
     Dead,
+    /// Cancelled by an operator before it reached it (or was answered).
+    Cancelled,
 }
 
 /// Identifies one `getTask` stream, so that a stale stream cannot detach a newer one.
@@ -436,6 +438,8 @@ struct State {
     /// Journal records of this operation, queued as one entry just before
     /// the lock is released (so journal order is still event order).
     journal_out: Vec<Record>,
+    /// Tasks an operator cancelled: skipped wherever they would be delivered.
+    cancelled: BTreeSet<TaskId>,
     /// Clients and deadlines looked at, for tests that check that an
     /// operation does not scan the fleet.
     visits: u64,
@@ -539,6 +543,7 @@ impl Dispatcher {
             incarnation: format!("{:016x}", fastrand::u64(..)),
             notes: vec![],
             journal_out: vec![],
+            cancelled: BTreeSet::new(),
             visits: 0,
         };
         Dispatcher {
@@ -1582,9 +1587,41 @@ impl Dispatcher {
         };
         if dead {
             TaskProgress::Dead
+        } else if st.cancelled.contains(&task) {
+            TaskProgress::Cancelled
         } else {
             TaskProgress::Waiting
         }
+    }
+
+    /// Cancels `tasks`: none is delivered any more (a delivery in an agent's
+    /// hands may still be answered). Returns how many were retained and not
+    /// finished yet, which are the ones cancelled.
+    pub fn cancel(&self, tasks: &[TaskId]) -> usize {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut n = 0;
+        for &id in tasks {
+            let open = match self.config.mode {
+                Mode::Queue => st.queue.get(id).is_some(),
+                Mode::Broadcast => st.log.get(id).is_some(),
+            };
+            if !open || !st.cancelled.insert(id) {
+                continue;
+            }
+            n += 1;
+            self.journal(&mut st.journal_out, || Record::Cancelled { task: id });
+            if st.queue.get(id).is_some_and(|q| q.holder.is_none()) {
+                st.queue.finish(id);
+                st.log.settle(id, Settled::Cancelled);
+            }
+        }
+        if n > 0 {
+            note(&mut st.notes, log::Level::Info, || {
+                format!("{n} tasks cancelled: they are delivered no further")
+            });
+        }
+        n
     }
 
     /// Queue mode: the client holding a delivery of `task` now, if any.

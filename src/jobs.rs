@@ -119,6 +119,8 @@ pub struct Job {
     pub answers: BTreeMap<String, Answer>,
     /// Its rollout limits, when it has any.
     pub rollout: Option<Rollout>,
+    /// An operator cancelled it.
+    pub cancelled: bool,
 }
 
 impl Job {
@@ -128,7 +130,7 @@ impl Job {
         let failed = self.answers.values().filter(|a| !a.ok).count();
         let answered = self.answers.len();
         let r = self.rollout.as_mut()?;
-        if r.stopped {
+        if r.stopped || self.cancelled {
             return None;
         }
         if r.max_errors.is_some_and(|m| failed > m) {
@@ -207,6 +209,7 @@ impl JobTable {
             expected,
             answers: BTreeMap::new(),
             rollout,
+            cancelled: false,
         };
         let first = job.release();
         jobs.held.push_back(job);
@@ -276,6 +279,22 @@ impl JobTable {
         let first = jobs.held.front()?.id;
         let j = jobs.held.get(id.checked_sub(first)? as usize)?;
         Some(j.clone())
+    }
+
+    /// Marks job `id` cancelled: its rollout releases no one more (the
+    /// agents it held are cancelled). Returns its tasks and how many agents
+    /// were held, or `None` for a job not held.
+    pub fn cancel(&self, id: JobId) -> Option<(Vec<TaskId>, usize)> {
+        let mut jobs = self.lock();
+        let first = jobs.held.front()?.id;
+        let j = jobs.held.get_mut(id.checked_sub(first)? as usize)?;
+        j.cancelled = true;
+        let mut held = 0;
+        if let Some(r) = j.rollout.as_mut() {
+            held = r.held.len();
+            r.cancelled.extend(r.held.drain(..));
+        }
+        Some((j.tasks.iter().map(|t| t.id).collect(), held))
     }
 
     /// The job holding task `task`, if any.

@@ -69,6 +69,8 @@ pub enum Record {
     },
     /// Snapshot: a queue task finished (answered or dead) whose answer is not kept.
     Finished { task: TaskId },
+    /// An operator cancelled the task: it is delivered no further.
+    Cancelled { task: TaskId },
     /// Snapshot: the next sequence number of the results and dead-letter files.
     Seq { next: u64 },
     /// The identity of this state, echoed by clients with their results.
@@ -1004,6 +1006,7 @@ mod properties {
                 }
             }),
             any::<TaskId>().prop_map(|task| Record::Finished { task }),
+            any::<TaskId>().prop_map(|task| Record::Cancelled { task }),
             any::<u64>().prop_map(|next| Record::Seq { next }),
             any::<String>().prop_map(|id| Record::Incarnation { id }),
         ]

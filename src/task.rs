@@ -125,6 +125,8 @@ pub enum Settled {
     },
     /// Dead-lettered.
     Dead,
+    /// Cancelled by an operator before it was answered.
+    Cancelled,
 }
 
 /// The retained history of tasks, oldest first, with consecutive ids.

@@ -797,3 +797,67 @@ fn the_admin_socket_is_private_and_needs_no_token() {
     );
     assert_eq!(bad.wait_exit(), 2);
 }
+
+#[test]
+fn a_cancelled_task_is_delivered_no_further_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let (mut srv, addr) = server_with(&["--state-dir", state]);
+    // Broadcast, with no agent yet: the tasks wait in the history.
+    for text in ["never", "wanted"] {
+        let (code, _, err) = ctl(&["--server", &addr, "push", text], &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, out, err) = ctl(&["--server", &addr, "cancel", "--job", "1"], &[]);
+    assert_eq!((code, out.trim()), (0, "1 task cancelled"), "{err}");
+    let (code, out, _) = ctl(&["--server", &addr, "cancel", "1"], &[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "0 tasks cancelled"),
+        "cancelling twice changes nothing"
+    );
+    let mut a = agent_process(&addr, "a", "echo", &[]);
+    a.wait_line("task 2 done");
+    let (_, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
+    assert!(
+        out.ends_with(
+            "0 agents: 0 ok, 0 failed, 0 running, 0 delivered, 0 pending, 0 dead (cancelled)\n"
+        ),
+        "{out}"
+    );
+    a.signal("TERM");
+    assert_eq!(a.wait_exit(), 0);
+    assert!(!a.whole_log().iter().any(|l| l.contains("never")));
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+
+    // Restarted on its state: a new agent gets the history but not task 1.
+    let (mut srv, addr) = server_with(&["--state-dir", state]);
+    let mut b = agent_process(&addr, "b", "echo", &[]);
+    b.wait_line("task 2 done");
+    let (code, _, _) = ctl(&["--server", &addr, "push", "after"], &[]);
+    assert_eq!(code, 0);
+    b.wait_line("task 3 done");
+    b.signal("TERM");
+    assert_eq!(b.wait_exit(), 0);
+    assert!(!b.whole_log().iter().any(|l| l.contains("never")));
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+
+    // A work queue: a cancelled task never reaches anyone.
+    let (mut srv, addr) = server(&["--dispatch", "queue"]);
+    for text in ["skip-me", "do-me"] {
+        let (code, _, _) = ctl(&["--server", &addr, "push", text], &[]);
+        assert_eq!(code, 0);
+    }
+    let (code, out, _) = ctl(&["--server", &addr, "cancel", "1"], &[]);
+    assert_eq!((code, out.trim()), (0, "1 task cancelled"));
+    let mut c = agent_process(&addr, "c", "echo", &[]);
+    c.wait_line("task 2 done");
+    c.signal("TERM");
+    assert_eq!(c.wait_exit(), 0);
+    assert!(!c.whole_log().iter().any(|l| l.contains("skip-me")));
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+}

@@ -148,6 +148,10 @@ impl Dispatcher {
                     }
                 }
             };
+            // Cancelled by an operator: skipped (its cursor has moved on).
+            if st.cancelled.contains(&delivery.task.id) {
+                continue;
+            }
             if let Err(e) = tx.send(delivery.clone()) {
                 // Full (not read fast enough): later. Closed: the stream is
                 // gone and will detach itself; the task waits for its return.

@@ -163,6 +163,12 @@ impl Dispatcher {
         task: Arc<Task>,
         attempt: u32,
     ) -> bool {
+        if st.cancelled.contains(&task.id) {
+            // Cancelled while in an agent's hands, and given back since.
+            st.queue.finish(task.id);
+            st.log.settle(task.id, Settled::Cancelled);
+            return true;
+        }
         let c = st.clients.get_mut(client).expect("open client");
         let delivery = Delivery { task, attempt };
         let id = delivery.task.id;

@@ -12,7 +12,7 @@ use crate::feed::Delivery;
 use crate::journal::Record;
 use crate::registry::ClientId;
 use crate::task::{Settled, Task, TaskId, TaskLog};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -76,6 +76,7 @@ impl Dispatcher {
         let mut tasks: BTreeMap<TaskId, Arc<Task>> = BTreeMap::new();
         let mut last_sent: HashMap<TaskId, (String, u32)> = HashMap::new();
         let mut incarnation = None;
+        let mut cancelled = BTreeSet::new();
         let mut seen = Seen {
             queue_mode,
             ..Default::default()
@@ -135,6 +136,9 @@ impl Dispatcher {
                 Record::Finished { task } => {
                     seen.finished.entry(task).or_insert(None);
                 }
+                Record::Cancelled { task } => {
+                    cancelled.insert(task);
+                }
                 Record::Dead(d) if queue_mode => {
                     seen.finished.insert(d.task_id, None);
                 }
@@ -153,6 +157,7 @@ impl Dispatcher {
         if let Some(id) = incarnation {
             st.incarnation = id;
         }
+        st.cancelled = cancelled;
         st.log = TaskLog::starting_at(first, self.config.retain);
         for (id, task) in tasks.range(first..) {
             if *id != st.log.next_id() {
@@ -310,6 +315,14 @@ impl Dispatcher {
                 }
             }
         }
+        // Cancelled tasks still retained or queued.
+        let first = st.log.first_id();
+        out.extend(
+            st.cancelled
+                .iter()
+                .filter(|&&id| id >= first || st.queue.get(id).is_some())
+                .map(|&task| Record::Cancelled { task }),
+        );
         // Task records must precede the records that name them.
         let mut early: Vec<Record> = vec![];
         let mut written_early: HashSet<TaskId> = HashSet::new();
