@@ -65,9 +65,6 @@ enum Command {
         /// Wait for the results.
         #[arg(long)]
         wait: bool,
-        /// With --wait: seconds to wait for every agent's result.
-        #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "60", requires = "wait")]
-        timeout: Duration,
     },
     /// List the connected agents.
     Clients,
@@ -131,6 +128,11 @@ struct TaskArgs {
     /// agents still waiting are cancelled.
     #[arg(long, value_name = "N|P%")]
     max_errors: Option<String>,
+    /// Seconds the job has: then its task is delivered no further and the
+    /// agents that have not answered are marked timed-out (with `run
+    /// --wait`, also how long it waits) [default for run --wait: 60].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    timeout: Option<Duration>,
 }
 
 impl TaskArgs {
@@ -143,6 +145,9 @@ impl TaskArgs {
             idempotency_key: self.key.unwrap_or_default(),
             max_concurrency: self.max_concurrency.unwrap_or_default(),
             max_errors: self.max_errors.unwrap_or_default(),
+            timeout_secs: self
+                .timeout
+                .map_or(0, |t| t.as_secs_f64().ceil().min(u32::MAX as f64) as u32),
             ..Default::default()
         }
     }
@@ -180,11 +185,12 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
             let reply = ctl.push(&task.request())?;
             Ok(ctl::show_push(&reply, flags.json) + "\n")
         }
-        Command::Run {
-            task,
-            wait,
-            timeout,
-        } => {
+        Command::Run { task, wait } => {
+            // With a job timeout, the server's verdict (timed-out) is awaited
+            // a moment past it; without, 60 s of waiting.
+            let timeout = task
+                .timeout
+                .map_or(Duration::from_secs(60), |t| t + Duration::from_secs(2));
             let req = task.request();
             if !wait {
                 return Ok(ctl::show_push(&ctl.push(&req)?, flags.json) + "\n");

@@ -27,11 +27,14 @@ use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySin
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Bytes a task's envelope (ids, attempt, incarnation) may add to its text
 /// in the message an agent receives.
 const ENVELOPE_BYTES: usize = 256;
+
+/// How often job deadlines are checked.
+const EXPIRY_CHECK: Duration = Duration::from_millis(200);
 
 /// Longest idempotency key accepted.
 const MAX_KEY_BYTES: usize = 256;
@@ -79,6 +82,7 @@ impl AdminService {
     ) -> Result<(AdminService, AdminWorker), crate::Error> {
         let stop = shutdown.clone();
         let (worker, queue) = crossbeam_channel::unbounded::<Work>();
+        let (expiring, timing) = (jobs.clone(), dispatcher.clone());
         let thread = std::thread::Builder::new()
             .name("admin".into())
             .spawn(move || loop {
@@ -88,6 +92,12 @@ impl AdminService {
                         Err(_) => return,
                     },
                     recv(stop.receiver()) -> _ => return,
+                    default(EXPIRY_CHECK) => {}
+                }
+                let late = expiring.expire(Instant::now());
+                if !late.is_empty() {
+                    let n = timing.cancel(&late);
+                    log::info!("a job timed out: {n} of its tasks are delivered no further");
                 }
             })
             .map_err(crate::Error::Thread)?;
@@ -329,12 +339,23 @@ impl Rollouts {
     }
 
     /// Holds a new rolling-out job and gives the first agents their task.
-    fn start(&self, text: String, target: String, rollout: Rollout, who: &str) -> PushReply {
+    fn start(
+        &self,
+        text: String,
+        target: String,
+        rollout: Rollout,
+        timeout: u32,
+        who: &str,
+    ) -> PushReply {
         let expected: Vec<String> = rollout.held.iter().cloned().collect();
         let (limit, errors) = (rollout.concurrency, rollout.max_errors);
         let (job, first) =
             self.jobs
                 .create_rollout(text, target.clone(), vec![], expected, Some(rollout));
+        if timeout > 0 {
+            self.jobs
+                .set_deadline(job, Instant::now() + Duration::from_secs(timeout.into()));
+        }
         let agents = first.as_ref().map(|r| r.agents.clone()).unwrap_or_default();
         let ids = first.map(|r| self.publish(r)).unwrap_or_default();
         log::info!(
@@ -430,7 +451,7 @@ impl Admin for AdminService {
                 Ok((rollout, what)) => {
                     let rollouts = self.rollouts();
                     self.answer_from_worker(&ctx, sink, move || {
-                        Ok(rollouts.start(req.text, what, rollout, &who))
+                        Ok(rollouts.start(req.text, what, rollout, req.timeout_secs, &who))
                     })
                 }
                 Err(status) => refuse(&ctx, sink, status),
@@ -440,6 +461,7 @@ impl Admin for AdminService {
         let jobs = self.jobs.clone();
         self.answer_from_worker(&ctx, sink, move || {
             let text = req.text.clone();
+            let timeout = req.timeout_secs;
             // Broadcast to every agent: the job is for those connected now.
             let connected = match (&target, dispatcher.config().mode) {
                 (Target::Default, Mode::Broadcast) => {
@@ -524,6 +546,9 @@ impl Admin for AdminService {
                 .collect();
             let expected = if targets.is_empty() { connected } else { targets };
             let job = jobs.create(text, target.clone(), job_tasks, expected);
+            if timeout > 0 {
+                jobs.set_deadline(job, Instant::now() + Duration::from_secs(timeout.into()));
+            }
             log::info!(
                 "job {job}: {} pushed by {who} to {target}",
                 tasks_named(&ids)
@@ -754,6 +779,7 @@ impl AdminService {
                 "ok" => totals.ok += 1,
                 "failed" => totals.failed += 1,
                 "held" => totals.held += 1,
+                "timed-out" => totals.timed_out += 1,
                 "cancelled" => totals.cancelled += 1,
                 _ => totals.dead += 1,
             }
@@ -767,6 +793,7 @@ impl AdminService {
             totals: Some(totals).into(),
             stopped: j.rollout.as_ref().is_some_and(|r| r.stopped),
             cancelled: j.cancelled,
+            timed_out: j.timed_out,
             ..Default::default()
         }
     }
@@ -813,6 +840,15 @@ impl AdminService {
                     status: status.into(),
                     ..Default::default()
                 });
+            }
+        }
+        if j.timed_out {
+            let open = ["pending", "delivered", "running", "cancelled"];
+            for r in rows
+                .iter_mut()
+                .filter(|r| open.contains(&r.status.as_str()))
+            {
+                r.status = "timed-out".into();
             }
         }
         rows.sort_by(|a, b| a.agent.cmp(&b.agent));

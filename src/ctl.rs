@@ -264,7 +264,11 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// A status no later one replaces.
 fn is_final(s: &AgentStatus) -> bool {
-    !s.agent.is_empty() && matches!(s.status.as_str(), "ok" | "failed" | "dead" | "cancelled")
+    !s.agent.is_empty()
+        && matches!(
+            s.status.as_str(),
+            "ok" | "failed" | "dead" | "cancelled" | "timed-out"
+        )
 }
 
 /// `contact-ctl run --wait`: pushes, then prints each agent's result as it
@@ -301,6 +305,7 @@ pub fn run_and_wait(
     let count = |status: &str| job.agents.iter().filter(|s| s.status == status).count();
     let (ok, failed, dead) = (count("ok"), count("failed"), count("dead"));
     let cancelled = count("cancelled");
+    let timed_out = count("timed-out");
     if json {
         let unanswered: Vec<serde_json::Value> = waiting
             .iter()
@@ -322,6 +327,9 @@ pub fn run_and_wait(
         }
         if cancelled > 0 {
             line += &format!(", {cancelled} cancelled");
+        }
+        if timed_out > 0 {
+            line += &format!(", {timed_out} timed out");
         }
         if job.stopped {
             line += " (too many failed: it stopped spreading)";
@@ -347,7 +355,7 @@ pub fn run_and_wait(
             .map_err(io)?;
         }
     }
-    Ok(!job.agents.is_empty() && waiting.is_empty() && failed + dead + cancelled == 0)
+    Ok(!job.agents.is_empty() && waiting.is_empty() && failed + dead + cancelled + timed_out == 0)
 }
 
 /// One agent's answer: `web-1: ok` and its output, indented.
@@ -426,6 +434,9 @@ fn totals_line(job: &Job) -> String {
     }
     if job.cancelled {
         line += " (cancelled)";
+    }
+    if t.timed_out > 0 || job.timed_out {
+        line += &format!(", {} timed out", t.timed_out);
     }
     line
 }

@@ -21,7 +21,7 @@ use crate::task::TaskId;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// Jobs kept at most; the oldest is forgotten first.
 pub const MAX_JOBS: usize = 1000;
@@ -121,6 +121,10 @@ pub struct Job {
     pub rollout: Option<Rollout>,
     /// An operator cancelled it.
     pub cancelled: bool,
+    /// When it times out (`timeout_secs`), if it does.
+    pub deadline: Option<Instant>,
+    /// Its deadline passed before every agent answered.
+    pub timed_out: bool,
 }
 
 impl Job {
@@ -130,7 +134,7 @@ impl Job {
         let failed = self.answers.values().filter(|a| !a.ok).count();
         let answered = self.answers.len();
         let r = self.rollout.as_mut()?;
-        if r.stopped || self.cancelled {
+        if r.stopped || self.cancelled || self.timed_out {
             return None;
         }
         if r.max_errors.is_some_and(|m| failed > m) {
@@ -210,6 +214,8 @@ impl JobTable {
             answers: BTreeMap::new(),
             rollout,
             cancelled: false,
+            deadline: None,
+            timed_out: false,
         };
         let first = job.release();
         jobs.held.push_back(job);
@@ -222,6 +228,38 @@ impl JobTable {
         }
         self.any.store(true, Ordering::Release);
         (id, first)
+    }
+
+    /// Gives job `id` until `deadline`.
+    pub fn set_deadline(&self, id: JobId, deadline: Instant) {
+        let mut jobs = self.lock();
+        let first = jobs.held.front().map_or(0, |j| j.id);
+        if let Some(j) = id
+            .checked_sub(first)
+            .and_then(|i| jobs.held.get_mut(i as usize))
+        {
+            j.deadline = Some(deadline);
+        }
+    }
+
+    /// Marks the jobs whose deadline passed by `now` timed out (their
+    /// rollouts release no one more); returns their tasks, to be delivered
+    /// no further.
+    pub fn expire(&self, now: Instant) -> Vec<TaskId> {
+        let mut tasks = vec![];
+        let mut jobs = self.lock();
+        for j in jobs.held.iter_mut() {
+            if j.timed_out || j.deadline.is_none_or(|d| d > now) {
+                continue;
+            }
+            j.timed_out = true;
+            j.deadline = None;
+            if let Some(r) = j.rollout.as_mut() {
+                r.cancelled.extend(r.held.drain(..));
+            }
+            tasks.extend(j.tasks.iter().map(|t| t.id));
+        }
+        tasks
     }
 
     /// Adds the tasks published for a release to job `id`.
@@ -399,6 +437,18 @@ mod tests {
         assert_eq!(r.cancelled, ["e"]);
         // What is still running finishes; nothing more is released.
         assert!(t.observe(&[result(4, "d", true, true)]).is_empty());
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_times_out_once_and_gives_its_tasks() {
+        let t = JobTable::default();
+        let job = t.create("x".into(), "every agent".into(), one_task(3), vec!["a".into()]);
+        let now = Instant::now();
+        t.set_deadline(job, now + std::time::Duration::from_secs(5));
+        assert!(t.expire(now).is_empty());
+        assert_eq!(t.expire(now + std::time::Duration::from_secs(6)), [3]);
+        assert!(t.get(job).unwrap().timed_out);
+        assert!(t.expire(now + std::time::Duration::from_secs(7)).is_empty());
     }
 
     #[test]
