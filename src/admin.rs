@@ -55,7 +55,23 @@ pub struct AdminService {
     results_file: Option<PathBuf>,
     /// Served on an admin socket too: its callers are operators.
     socket: bool,
+    /// Listening beyond loopback (`--insecure` without credentials: then the
+    /// admin API is refused over the network).
+    exposed: bool,
+    /// Results are numbered (`--state-dir`), so WatchResults can resume.
+    numbered: bool,
     shutdown: Shutdown,
+}
+
+/// How the server is reached and what it keeps, as the admin API needs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdminReach {
+    /// Also on `--admin-listen unix:PATH`.
+    pub socket: bool,
+    /// `--listen` is beyond loopback.
+    pub exposed: bool,
+    /// Results carry sequence numbers (`--state-dir`).
+    pub numbered: bool,
 }
 
 /// The `admin` thread.
@@ -77,7 +93,7 @@ impl AdminService {
         auth: Arc<Authenticator>,
         max_message_bytes: usize,
         results_file: Option<PathBuf>,
-        socket: bool,
+        reach: AdminReach,
         shutdown: Shutdown,
     ) -> Result<(AdminService, AdminWorker), crate::Error> {
         let stop = shutdown.clone();
@@ -108,7 +124,9 @@ impl AdminService {
             worker,
             max_message_bytes,
             results_file,
-            socket,
+            socket: reach.socket,
+            exposed: reach.exposed,
+            numbered: reach.numbered,
             shutdown,
         };
         Ok((service, AdminWorker(thread)))
@@ -119,6 +137,15 @@ impl AdminService {
         // Through the admin socket (mode 0600): the file's owner, or root.
         if self.socket && ctx.peer().starts_with("unix:") {
             return Ok("local socket".into());
+        }
+        // Without credentials the admin API is for this machine only: an
+        // --insecure server on a reachable address must not take orders from
+        // the network.
+        if self.exposed && !self.auth.config().requires_credentials() {
+            return Err(RpcStatus::with_message(
+                RpcStatusCode::PERMISSION_DENIED,
+                "this server listens beyond loopback without credentials: its admin API needs --auth-secret (admin tokens) or --admin-listen unix:PATH".into(),
+            ));
         }
         let bearer = trust::bearer_from(ctx.request_headers())
             .map_err(|why| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why))?;
@@ -231,8 +258,13 @@ impl AdminService {
                 ))
             }
             Target::Default => {
-                let agents: Vec<String> =
-                    self.dispatcher.clients().into_iter().map(|c| c.id).collect();
+                let agents: Vec<String> = self
+                    .dispatcher
+                    .clients()
+                    .into_iter()
+                    .filter(|c| !c.drained)
+                    .map(|c| c.id)
+                    .collect();
                 if agents.is_empty() {
                     return Err(RpcStatus::with_message(
                         RpcStatusCode::NOT_FOUND,
@@ -307,8 +339,13 @@ impl Rollouts {
         }));
     }
 
-    /// Publishes one release's tasks and adds them to their job.
+    /// Publishes one release's tasks and adds them to their job (before
+    /// any can be delivered); nothing for a job cancelled or timed out since
+    /// the release was decided.
     fn publish(&self, r: Release) -> Vec<u64> {
+        if !self.jobs.is_live(r.job) {
+            return vec![];
+        }
         let tasks = r
             .agents
             .iter()
@@ -318,7 +355,11 @@ impl Rollouts {
                 key: r.key.as_ref().map(|k| format!("{k}@{a}")),
             })
             .collect();
-        let Ok(published) = self.dispatcher.publish_new(tasks) else {
+        let mut live = true;
+        let added = self.dispatcher.publish_new_then(tasks, |added| {
+            live = self.jobs.add_tasks(r.job, job_tasks(added));
+        });
+        let Ok(published) = added else {
             log::error!(
                 "job {}: its next tasks could not be journaled; the job stops spreading",
                 r.job
@@ -326,15 +367,10 @@ impl Rollouts {
             return vec![];
         };
         let ids: Vec<u64> = published.iter().map(Published::id).collect();
-        let job_tasks = ids
-            .iter()
-            .zip(&r.agents)
-            .map(|(&id, a)| JobTask {
-                id,
-                agent: Some(a.clone()),
-            })
-            .collect();
-        self.jobs.add_tasks(r.job, job_tasks);
+        if !live {
+            // Cancelled or timed out while these were being published.
+            self.dispatcher.cancel(&ids);
+        }
         ids
     }
 
@@ -347,6 +383,24 @@ impl Rollouts {
         timeout: u32,
         who: &str,
     ) -> PushReply {
+        // A retried keyed push answers with the job its first agent's task is in.
+        let repeat = rollout
+            .key
+            .as_ref()
+            .zip(rollout.held.front())
+            .and_then(|(k, a)| self.dispatcher.task_with_key(&format!("{k}@{a}")));
+        if let Some(task) = repeat {
+            let job = self.jobs.job_of(task).unwrap_or(0);
+            log::info!("push by {who} to {target} repeats the key of job {job}: nothing published");
+            return PushReply {
+                task_id: task,
+                target,
+                task_ids: vec![task],
+                job_id: job,
+                duplicate: true,
+                ..Default::default()
+            };
+        }
         let expected: Vec<String> = rollout.held.iter().cloned().collect();
         let (limit, errors) = (rollout.concurrency, rollout.max_errors);
         let (job, first) =
@@ -372,6 +426,17 @@ impl Rollouts {
             ..Default::default()
         }
     }
+}
+
+/// A job's record of tasks just published.
+fn job_tasks(added: &[Arc<crate::task::Task>]) -> Vec<JobTask> {
+    added
+        .iter()
+        .map(|t| JobTask {
+            id: t.id,
+            agent: t.target.clone(),
+        })
+        .collect()
 }
 
 fn plural(n: usize) -> &'static str {
@@ -503,12 +568,34 @@ impl Admin for AdminService {
                     text,
                 })
                 .collect();
-            let published = dispatcher.publish_new(tasks).map_err(|e| {
-                RpcStatus::with_message(
-                    RpcStatusCode::UNAVAILABLE,
-                    format!("{e}; nothing was published"),
-                )
-            })?;
+            // The job is held before any of its tasks can be delivered, so
+            // that no answer comes before the job that waits for it.
+            let mut job = 0;
+            let mut connected = Some(connected);
+            let published = dispatcher
+                .publish_new_then(tasks, |added| {
+                    if added.is_empty() {
+                        return;
+                    }
+                    let targets: Vec<String> =
+                        added.iter().filter_map(|t| t.target.clone()).collect();
+                    let expected = if targets.is_empty() {
+                        connected.take().unwrap_or_default()
+                    } else {
+                        targets
+                    };
+                    job = jobs.create(text.clone(), target.clone(), job_tasks(added), expected);
+                    if timeout > 0 {
+                        let deadline = Instant::now() + Duration::from_secs(timeout.into());
+                        jobs.set_deadline(job, deadline);
+                    }
+                })
+                .map_err(|e| {
+                    RpcStatus::with_message(
+                        RpcStatusCode::UNAVAILABLE,
+                        format!("{e}; nothing was published"),
+                    )
+                })?;
             let ids: Vec<u64> = published.iter().map(Published::id).collect();
             if published.iter().all(|p| matches!(p, Published::Duplicate { .. })) {
                 let job = jobs.job_of(ids[0]).unwrap_or(0);
@@ -525,29 +612,6 @@ impl Admin for AdminService {
                     duplicate: true,
                     ..Default::default()
                 });
-            }
-            let job_tasks = published
-                .iter()
-                .zip(&ids)
-                .map(|(p, &id)| JobTask {
-                    id,
-                    agent: match p {
-                        Published::New(t) => t.target.clone(),
-                        Published::Duplicate { .. } => None,
-                    },
-                })
-                .collect();
-            let targets: Vec<String> = published
-                .iter()
-                .filter_map(|p| match p {
-                    Published::New(t) => t.target.clone(),
-                    Published::Duplicate { .. } => None,
-                })
-                .collect();
-            let expected = if targets.is_empty() { connected } else { targets };
-            let job = jobs.create(text, target.clone(), job_tasks, expected);
-            if timeout > 0 {
-                jobs.set_deadline(job, Instant::now() + Duration::from_secs(timeout.into()));
             }
             log::info!(
                 "job {job}: {} pushed by {who} to {target}",
@@ -638,13 +702,21 @@ impl Admin for AdminService {
         req: WatchResultsRequest,
         mut sink: ServerStreamingSink<ResultEvent>,
     ) {
+        let unable = |m: String| RpcStatus::with_message(RpcStatusCode::FAILED_PRECONDITION, m);
         let checked = self.operator(&ctx).and_then(|_| {
-            self.results_file.clone().ok_or_else(|| {
-                RpcStatus::with_message(
-                    RpcStatusCode::FAILED_PRECONDITION,
-                    "results are read from the results file: start the server with --results-to FILE (and --state-dir, which numbers them)".into(),
-                )
-            })
+            let path = self.results_file.clone().ok_or_else(|| {
+                unable("results are read from the results file: start the server with --results-to FILE (and --state-dir, which numbers them)".into())
+            })?;
+            if !self.numbered {
+                return Err(unable("results are numbered only with --state-dir: without it a reader cannot resume, so WatchResults is not served".into()));
+            }
+            if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                return Err(unable(format!(
+                    "{} is not a regular file (a pipe or a device): it cannot be read back",
+                    path.display()
+                )));
+            }
+            Ok(path)
         });
         let path = match checked {
             Ok(p) => p,
@@ -822,6 +894,8 @@ impl AdminService {
                             task_id: t.id,
                             status: if self.dispatcher.is_dead(t.id) {
                                 "dead"
+                            } else if self.dispatcher.is_cancelled(t.id) {
+                                "cancelled"
                             } else {
                                 "pending"
                             }

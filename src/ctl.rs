@@ -264,11 +264,12 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// A status no later one replaces.
 fn is_final(s: &AgentStatus) -> bool {
-    !s.agent.is_empty()
-        && matches!(
-            s.status.as_str(),
-            "ok" | "failed" | "dead" | "cancelled" | "timed-out"
-        )
+    match s.status.as_str() {
+        "ok" | "failed" => !s.agent.is_empty(),
+        // A queue task may end with nobody holding it.
+        "dead" | "cancelled" | "timed-out" => true,
+        _ => false,
+    }
 }
 
 /// `contact-ctl run --wait`: pushes, then prints each agent's result as it

@@ -838,7 +838,8 @@ impl Dispatcher {
             .into_iter()
             .map(|(target, text)| NewTask::new(target, text))
             .collect();
-        self.publish_tasks(tasks).map_or(vec![], |(added, _)| added)
+        self.publish_tasks(tasks, &mut |_| {})
+            .map_or(vec![], |(added, _)| added)
     }
 
     /// Publishes tasks as [`Dispatcher::publish`] does, except those whose
@@ -856,7 +857,19 @@ impl Dispatcher {
     /// Fails, publishing nothing, when the tasks could not be written to the
     /// state journal (the server is stopping; the cause is logged).
     pub fn publish_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Published>, NotJournaled> {
-        let (added, duplicates) = self.publish_tasks(tasks)?;
+        self.publish_new_then(tasks, |_| {})
+    }
+
+    /// [`Dispatcher::publish_new`], calling `on_added` with the tasks
+    /// published once they have their ids and before any is delivered (so
+    /// that what answers them can be matched; it runs under the dispatcher's
+    /// lock and must not call back into the dispatcher).
+    pub fn publish_new_then(
+        &self,
+        tasks: Vec<NewTask>,
+        mut on_added: impl FnMut(&[Arc<Task>]),
+    ) -> Result<Vec<Published>, NotJournaled> {
+        let (added, duplicates) = self.publish_tasks(tasks, &mut on_added)?;
         if duplicates.is_empty() {
             return Ok(added.into_iter().map(Published::New).collect());
         }
@@ -901,6 +914,7 @@ impl Dispatcher {
     fn publish_tasks(
         &self,
         tasks: Vec<NewTask>,
+        on_added: &mut dyn FnMut(&[Arc<Task>]),
     ) -> Result<(Vec<Arc<Task>>, Duplicates), NotJournaled> {
         let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         // Only publishers add tasks (and keys), and they are serialised: what
@@ -961,6 +975,7 @@ impl Dispatcher {
             added.push(task);
         }
         st.counters.produced += added.len() as u64;
+        on_added(&added);
         if st.closed {
             return Ok((added, duplicates));
         }
@@ -1621,7 +1636,17 @@ impl Dispatcher {
                 format!("{n} tasks cancelled: they are delivered no further")
             });
         }
+        drop(guard);
+        // Answered once it would survive a crash.
+        if let (true, true, Some(sink)) = (n > 0, self.durable, &self.sink) {
+            let _ = futures::executor::block_on(sink.journaled());
+        }
         n
+    }
+
+    /// The retained task published with idempotency key `key`, if any.
+    pub fn task_with_key(&self, key: &str) -> Option<TaskId> {
+        self.lock().log.keyed(key)
     }
 
     /// Queue mode: the client holding a delivery of `task` now, if any.
@@ -1631,14 +1656,23 @@ impl Dispatcher {
         q.holder.as_ref().map(|h| h.to_string())
     }
 
+    /// Whether an operator cancelled `task`.
+    pub fn is_cancelled(&self, task: TaskId) -> bool {
+        self.lock().cancelled.contains(&task)
+    }
+
     /// Queue mode: whether `task` was dead-lettered.
     pub fn is_dead(&self, task: TaskId) -> bool {
         matches!(self.lock().log.settled(task), Some(Settled::Dead))
     }
 
-    /// The connected agents whose labels `selector` matches, by id.
+    /// The connected agents whose labels `selector` matches, by id (not
+    /// those an operator drained).
     pub fn matching(&self, selector: &Selector) -> Vec<String> {
-        self.lock().registry.matching(selector)
+        let st = self.lock();
+        let mut agents = st.registry.matching(selector);
+        agents.retain(|a| !st.clients.get(a.as_str()).is_some_and(|c| c.drained));
+        agents
     }
 
     /// Whether `client` is connected or remembered (it has a resume point).

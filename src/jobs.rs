@@ -164,6 +164,19 @@ struct Jobs {
     by_task: HashMap<TaskId, JobId>,
 }
 
+impl Jobs {
+    /// Job `id`, if still held (ids are consecutive, oldest first).
+    fn get_mut(&mut self, id: JobId) -> Option<&mut Job> {
+        let first = self.held.front()?.id;
+        let i = usize::try_from(id.checked_sub(first)?).ok()?;
+        self.held.get_mut(i)
+    }
+}
+
+/// Bytes of an agent's output a job keeps (the whole output is in the
+/// results file): a job over a large fleet stays small in memory.
+pub const KEPT_OUTPUT: usize = 4096;
+
 /// The jobs held; shared by the admin service and the result path.
 #[derive(Default)]
 pub struct JobTable {
@@ -232,12 +245,7 @@ impl JobTable {
 
     /// Gives job `id` until `deadline`.
     pub fn set_deadline(&self, id: JobId, deadline: Instant) {
-        let mut jobs = self.lock();
-        let first = jobs.held.front().map_or(0, |j| j.id);
-        if let Some(j) = id
-            .checked_sub(first)
-            .and_then(|i| jobs.held.get_mut(i as usize))
-        {
+        if let Some(j) = self.lock().get_mut(id) {
             j.deadline = Some(deadline);
         }
     }
@@ -262,19 +270,29 @@ impl JobTable {
         tasks
     }
 
-    /// Adds the tasks published for a release to job `id`.
-    pub fn add_tasks(&self, id: JobId, tasks: Vec<JobTask>) {
+    /// Whether job `id` is held and still spreading (not cancelled, not
+    /// timed out): a release decided before either must not be published.
+    pub fn is_live(&self, id: JobId) -> bool {
+        self.lock()
+            .get_mut(id)
+            .is_some_and(|j| !j.cancelled && !j.timed_out)
+    }
+
+    /// Adds the tasks published for a release to job `id`; false when the
+    /// job was cancelled, timed out or forgotten meanwhile (then the tasks
+    /// are the caller's to cancel).
+    pub fn add_tasks(&self, id: JobId, tasks: Vec<JobTask>) -> bool {
         let mut jobs = self.lock();
-        for t in &tasks {
-            jobs.by_task.insert(t.id, id);
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+        let Some(j) = jobs.get_mut(id) else {
+            return false;
+        };
+        let live = !j.cancelled && !j.timed_out;
+        j.tasks.extend(tasks);
+        for t in ids {
+            jobs.by_task.insert(t, id);
         }
-        let first = jobs.held.front().map_or(0, |j| j.id);
-        if let Some(j) = id
-            .checked_sub(first)
-            .and_then(|i| jobs.held.get_mut(i as usize))
-        {
-            j.tasks.extend(tasks);
-        }
+        live
     }
 
     /// Notes the accepted results among `judged` that answer a job's task;
@@ -292,16 +310,24 @@ impl JobTable {
             let Some(&job) = jobs.by_task.get(&task) else {
                 continue;
             };
-            let first = jobs.held.front().map_or(0, |j| j.id);
-            let Some(j) = jobs.held.get_mut((job - first) as usize) else {
+            let Some(j) = jobs.get_mut(job) else {
                 continue;
             };
+            let mut output = r.output.clone();
+            if output.len() > KEPT_OUTPUT {
+                let mut cut = KEPT_OUTPUT;
+                while !output.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                output.truncate(cut);
+                output.push('…');
+            }
             j.answers.insert(
                 r.client.clone(),
                 Answer {
                     task,
                     ok: r.ok,
-                    output: r.output.clone(),
+                    output,
                     attempt: r.attempt,
                     at: r.received_at,
                 },
@@ -313,10 +339,7 @@ impl JobTable {
 
     /// Job `id`, if held.
     pub fn get(&self, id: JobId) -> Option<Job> {
-        let jobs = self.lock();
-        let first = jobs.held.front()?.id;
-        let j = jobs.held.get(id.checked_sub(first)? as usize)?;
-        Some(j.clone())
+        self.lock().get_mut(id).map(|j| j.clone())
     }
 
     /// Marks job `id` cancelled: its rollout releases no one more (the
@@ -324,8 +347,7 @@ impl JobTable {
     /// were held, or `None` for a job not held.
     pub fn cancel(&self, id: JobId) -> Option<(Vec<TaskId>, usize)> {
         let mut jobs = self.lock();
-        let first = jobs.held.front()?.id;
-        let j = jobs.held.get_mut(id.checked_sub(first)? as usize)?;
+        let j = jobs.get_mut(id)?;
         j.cancelled = true;
         let mut held = 0;
         if let Some(r) = j.rollout.as_mut() {
@@ -442,7 +464,12 @@ mod tests {
     #[test]
     fn a_job_past_its_deadline_times_out_once_and_gives_its_tasks() {
         let t = JobTable::default();
-        let job = t.create("x".into(), "every agent".into(), one_task(3), vec!["a".into()]);
+        let job = t.create(
+            "x".into(),
+            "every agent".into(),
+            one_task(3),
+            vec!["a".into()],
+        );
         let now = Instant::now();
         t.set_deadline(job, now + std::time::Duration::from_secs(5));
         assert!(t.expire(now).is_empty());

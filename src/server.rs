@@ -10,7 +10,7 @@
 //! dispatcher's lock and non-blocking channels; files and producers live on
 //! threads of ours.
 
-use crate::admin::{AdminService, AdminWorker, Rollouts};
+use crate::admin::{AdminReach, AdminService, AdminWorker, Rollouts};
 use crate::budget::{budget_key, StaleBudget, StaleLimits};
 use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder};
 use crate::error::Error;
@@ -665,7 +665,11 @@ impl Server {
             auth.clone(),
             config.max_message_bytes,
             config.results_to.clone(),
-            config.admin_socket.is_some(),
+            AdminReach {
+                socket: config.admin_socket.is_some(),
+                exposed: !listen.is_loopback(),
+                numbered: config.state_dir.is_some(),
+            },
             shutdown.clone(),
         )?;
         let service = ContactService {
@@ -827,11 +831,15 @@ fn listen_admin_socket(grpc: &mut grpcio::Server, path: &std::path::Path) -> Res
         Err(_) => {}
     }
     let addr = format!("unix:{}", path.display());
-    grpc.add_listening_port(addr.clone(), ServerCredentials::insecure())
-        .map_err(|e| Error::Bind {
-            addr,
-            reason: bind_reason(e),
-        })?;
+    // Created owner-only from the start: no moment when others may connect.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = grpc.add_listening_port(addr.clone(), ServerCredentials::insecure());
+    unsafe { libc::umask(old) };
+    bound.map_err(|e| Error::Bind {
+        addr,
+        reason: bind_reason(e),
+    })?;
     // Connecting needs write permission: until now only this user had it.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::file(path, "set the mode of", e))?;

@@ -382,7 +382,10 @@ fn run_wait_prints_each_agents_result_and_exits_by_the_worst() {
         &[],
     );
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("slow-1: timed-out\njob 4: 0 of 1 agent ok, 1 timed out\n"), "{out}");
+    assert!(
+        out.contains("slow-1: timed-out\njob 4: 0 of 1 agent ok, 1 timed out\n"),
+        "{out}"
+    );
 
     let (code, out, _) = ctl(&["--server", &addr, "jobs"], &[]);
     assert_eq!(code, 0);
@@ -725,7 +728,8 @@ fn results_are_read_from_a_sequence_number_and_followed_as_they_are_recorded() {
         assert_eq!(p.wait_exit(), 0);
     }
 
-    // Without a results file there is nothing to read, and it says so.
+    // Without a results file there is nothing to read, and it says so;
+    // without --state-dir nothing is numbered, so no reader could resume.
     let (mut srv, addr) = server(&[]);
     let (code, _, err) = ctl(&["--server", &addr, "results"], &[]);
     assert_eq!(code, 1);
@@ -733,6 +737,12 @@ fn results_are_read_from_a_sequence_number_and_followed_as_they_are_recorded() {
         err.contains("FAILED_PRECONDITION") && err.contains("--results-to"),
         "{err}"
     );
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+    let (mut srv, addr) = server(&["--results-to", results.to_str().unwrap()]);
+    let (code, _, err) = ctl(&["--server", &addr, "results"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("numbered only with --state-dir"), "{err}");
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
 }
@@ -855,6 +865,33 @@ fn a_cancelled_task_is_delivered_no_further_even_after_a_restart() {
     c.signal("TERM");
     assert_eq!(c.wait_exit(), 0);
     assert!(!c.whole_log().iter().any(|l| l.contains("skip-me")));
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(), 0);
+}
+
+#[test]
+fn an_insecure_server_beyond_loopback_refuses_admin_calls_without_credentials() {
+    let mut srv = Proc::start(
+        SERVER_BIN,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--insecure",
+            "--no-state",
+            "--tasks-from",
+            "/dev/null",
+        ],
+    );
+    let port = port_of_listening_line(&srv.wait_line("listening on"));
+    let (code, _, err) = ctl(
+        &["--server", &format!("127.0.0.1:{port}"), "push", "rm -rf /"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("beyond loopback"),
+        "{err}"
+    );
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
 }
