@@ -200,12 +200,6 @@ impl AdminService {
                         "--wait-for-agents keeps a task for one agent id (--agent); a selector takes the agents connected now".into(),
                     ));
                 }
-                if self.dispatcher.config().mode != Mode::Broadcast {
-                    return Err(RpcStatus::with_message(
-                        RpcStatusCode::FAILED_PRECONDITION,
-                        "this server dispatches to a work queue, where a selector is not supported yet: push to the queue, or to one agent with --agent".to_string(),
-                    ));
-                }
                 let agents = self.dispatcher.matching(&selector);
                 if agents.is_empty() {
                     return Err(RpcStatus::with_message(
@@ -353,6 +347,7 @@ impl Rollouts {
                 target: Some(a.clone()),
                 text: r.text.clone(),
                 key: r.key.as_ref().map(|k| format!("{k}@{a}")),
+                any_of: None,
             })
             .collect();
         let mut live = true;
@@ -534,21 +529,28 @@ impl Admin for AdminService {
                 }
                 _ => vec![],
             };
+            let queue = dispatcher.config().mode == Mode::Queue;
             let (tasks, agents, target) = match target {
                 Target::Default => (
-                    vec![(None, req.text)],
+                    vec![(None, req.text, None)],
                     vec![],
                     dispatcher.default_target().to_string(),
                 ),
                 Target::Agent(a) => (
-                    vec![(Some(a.clone()), req.text)],
+                    vec![(Some(a.clone()), req.text, None)],
                     vec![],
                     format!("agent {a}"),
                 ),
+                // A work queue: one task, for whichever of them takes it first.
+                Target::Selected(selector, agents) if queue => {
+                    let n = agents.len();
+                    let what = format!("any one of {n} agent{} matching {selector}", plural(n));
+                    (vec![(None, req.text, Some(agents.clone()))], agents, what)
+                }
                 Target::Selected(selector, agents) => {
                     let tasks = agents
                         .iter()
-                        .map(|a| (Some(a.clone()), req.text.clone()))
+                        .map(|a| (Some(a.clone()), req.text.clone(), None))
                         .collect();
                     let n = agents.len();
                     let what = format!("{n} agent{} matching {selector}", plural(n));
@@ -559,13 +561,14 @@ impl Admin for AdminService {
             let keyed = tasks.len() > 1;
             let tasks: Vec<NewTask> = tasks
                 .into_iter()
-                .map(|(agent, text)| NewTask {
+                .map(|(agent, text, any_of)| NewTask {
                     key: key.as_ref().map(|k| match (&agent, keyed) {
                         (Some(a), true) => format!("{k}@{a}"),
                         _ => k.clone(),
                     }),
                     target: agent,
                     text,
+                    any_of,
                 })
                 .collect();
             // The job is held before any of its tasks can be delivered, so

@@ -938,6 +938,7 @@ impl Dispatcher {
                     text: t.text.clone(),
                     target: t.target.clone(),
                     key: t.key.clone(),
+                    any_of: t.any_of.clone(),
                 });
             }
             if futures::executor::block_on(sink.journaled()).is_err() {
@@ -962,15 +963,25 @@ impl Dispatcher {
                 );
                 continue;
             }
-            let task = st.log.push(t.text, t.target, t.key.map(Arc::from));
+            let any_of = t.any_of.map(Arc::<[String]>::from);
+            let task = st
+                .log
+                .push_any_of(t.text, t.target, t.key.map(Arc::from), any_of);
             log::debug!("task {} produced: {}", task.id, quoted(&task.text));
             if self.config.mode == Mode::Queue {
                 st.queue.push(task.clone());
             }
-            match &task.target {
-                Some(t) if !targets.contains(t) => targets.push(t.clone()),
-                Some(_) => {}
-                None => for_all = true,
+            match (&task.target, &task.any_of) {
+                (Some(t), _) if !targets.contains(t) => targets.push(t.clone()),
+                (Some(_), _) => {}
+                (None, Some(clients)) => {
+                    for c in clients.iter() {
+                        if !targets.contains(c) {
+                            targets.push(c.clone());
+                        }
+                    }
+                }
+                (None, None) => for_all = true,
             }
             added.push(task);
         }

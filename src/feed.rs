@@ -130,6 +130,7 @@ mod tests {
             text: format!("t{id}"),
             target: None,
             key: None,
+            any_of: None,
             produced_at: SystemTime::now(),
         };
         Delivery {

@@ -46,6 +46,9 @@ pub enum Record {
         /// written before tasks had keys).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
+        /// Queue mode: the clients that may take it (any one of them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        any_of: Option<Vec<String>>,
     },
     /// A task was written to a client.
     Sent {
@@ -461,6 +464,7 @@ mod tests {
             text: format!("t{id}"),
             target: None,
             key: None,
+            any_of: None,
         }
     }
 
@@ -668,6 +672,7 @@ mod tests {
             text: "x".repeat(300),
             target: None,
             key: None,
+            any_of: None,
         };
         for another_batch in [false, true] {
             for damage in ["zeroed page", "stale page", "garbled page"] {
@@ -872,6 +877,7 @@ mod tests {
             text: "t7".into(),
             target: None,
             key: Some("k".into()),
+            any_of: None,
         };
         let json = serde_json::to_string(&keyed).unwrap();
         assert!(json.ends_with(r#","key":"k"}"#), "{json}");
@@ -977,13 +983,15 @@ mod properties {
                 any::<TaskId>(),
                 any::<String>(),
                 any::<Option<String>>(),
-                any::<Option<String>>()
+                any::<Option<String>>(),
+                any::<Option<Vec<String>>>()
             )
-                .prop_map(|(id, text, target, key)| Record::Task {
+                .prop_map(|(id, text, target, key, any_of)| Record::Task {
                     id,
                     text,
                     target,
-                    key
+                    key,
+                    any_of
                 }),
             (any::<TaskId>(), any::<String>(), any::<u32>()).prop_map(|(task, client, attempt)| {
                 Record::Sent {

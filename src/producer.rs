@@ -286,6 +286,7 @@ fn task_line(lines: &Lines, line_no: u64, raw: &[u8]) -> Option<NewTask> {
             .keyed_as
             .as_deref()
             .map(|path| line_key(path, line_no, text)),
+        any_of: None,
     })
 }
 

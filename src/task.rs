@@ -26,6 +26,9 @@ pub struct Task {
     pub target: Option<String>,
     /// Its idempotency key, if it was published with one (see [`NewTask::key`]).
     pub key: Option<Arc<str>>,
+    /// Queue mode: only these clients may take it (any one of them), e.g.
+    /// the agents a label selector matched when it was pushed.
+    pub any_of: Option<Arc<[String]>>,
     pub produced_at: SystemTime,
 }
 
@@ -39,6 +42,8 @@ pub struct NewTask {
     /// retained (the last `--retain` tasks), this one is not published. An
     /// empty key is a key like any other.
     pub key: Option<String>,
+    /// Queue mode: any one of these clients takes it (see [`Task::any_of`]).
+    pub any_of: Option<Vec<String>>,
 }
 
 impl NewTask {
@@ -48,6 +53,7 @@ impl NewTask {
             target,
             text,
             key: None,
+            any_of: None,
         }
     }
 }
@@ -178,11 +184,23 @@ impl TaskLog {
         target: Option<String>,
         key: Option<Arc<str>>,
     ) -> Arc<Task> {
+        self.push_any_of(text, target, key, None)
+    }
+
+    /// [`TaskLog::push`], for a queue task any one of `any_of` may take.
+    pub fn push_any_of(
+        &mut self,
+        text: String,
+        target: Option<String>,
+        key: Option<Arc<str>>,
+        any_of: Option<Arc<[String]>>,
+    ) -> Arc<Task> {
         let task = Arc::new(Task {
             id: self.next_id,
             text,
             target,
             key,
+            any_of,
             produced_at: SystemTime::now(),
         });
         self.next_id += 1;
@@ -380,6 +398,7 @@ mod tests {
             text: "x".into(),
             target: Some("a".into()),
             key: None,
+            any_of: None,
             produced_at: SystemTime::now(),
         };
         assert!(t.is_for("a") && !t.is_for("b"));

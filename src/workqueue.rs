@@ -71,24 +71,37 @@ impl WorkQueue {
         let Some(q) = self.unfinished.get(&id) else {
             return;
         };
-        match &q.task.target {
-            Some(t) => self.waiting.entry(t.clone()).or_default().insert(id),
-            None => self.ready.insert(id),
-        };
+        let task = q.task.clone();
+        match (&task.target, &task.any_of) {
+            (Some(t), _) => {
+                self.waiting.entry(t.clone()).or_default().insert(id);
+            }
+            // Waiting for each of its clients: the first to take it has it.
+            (None, Some(clients)) => {
+                for c in clients.iter() {
+                    self.waiting.entry(c.clone()).or_default().insert(id);
+                }
+            }
+            (None, None) => {
+                self.ready.insert(id);
+            }
+        }
     }
 
     /// Removes `id` from the waiting sets (it is finished or handed out).
-    fn dequeue(&mut self, id: TaskId, target: Option<&str>) {
-        match target {
-            Some(t) => {
-                if let Some(set) = self.waiting.get_mut(t) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        self.waiting.remove(t);
-                    }
+    fn dequeue(&mut self, id: TaskId, task: &Task) {
+        let mut unwait = |t: &str| {
+            if let Some(set) = self.waiting.get_mut(t) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.waiting.remove(t);
                 }
             }
-            None => {
+        };
+        match (&task.target, &task.any_of) {
+            (Some(t), _) => unwait(t),
+            (None, Some(clients)) => clients.iter().for_each(|c| unwait(c)),
+            (None, None) => {
                 self.ready.remove(&id);
             }
         }
@@ -110,7 +123,7 @@ impl WorkQueue {
         q.holder = Some(client.clone());
         q.last_holder = Some(client.clone());
         let (task, attempt) = (q.task.clone(), q.attempt);
-        self.dequeue(id, task.target.as_deref());
+        self.dequeue(id, &task);
         Some((task, attempt))
     }
 
@@ -131,11 +144,11 @@ impl WorkQueue {
     /// backoff), preferably for a client other than `avoid`.
     /// A task already let go (taken back, waiting) waits out `due` too.
     pub fn release_at(&mut self, id: TaskId, avoid: &Arc<str>, due: Instant) {
-        let Some(target) = self.unfinished.get(&id).map(|q| q.task.target.clone()) else {
+        let Some(task) = self.unfinished.get(&id).map(|q| q.task.clone()) else {
             return;
         };
         if !self.unhold(id, Some(avoid)) {
-            self.dequeue(id, target.as_deref());
+            self.dequeue(id, &task);
         }
         self.delayed.push(Reverse((due, id)));
     }
@@ -201,7 +214,7 @@ impl WorkQueue {
     /// Ends a task (answered or dead-lettered).
     pub fn finish(&mut self, id: TaskId) -> Option<QueuedTask> {
         let q = self.unfinished.remove(&id)?;
-        self.dequeue(id, q.task.target.as_deref());
+        self.dequeue(id, &q.task.clone());
         Some(q)
     }
 
@@ -232,8 +245,34 @@ mod tests {
             text: format!("t{id}"),
             target: target.map(String::from),
             key: None,
+            any_of: None,
             produced_at: SystemTime::now(),
         })
+    }
+
+    #[test]
+    fn a_task_for_any_of_some_clients_goes_to_the_first_of_them_only() {
+        let mut q = WorkQueue::default();
+        let t = Arc::new(Task {
+            any_of: Some(Arc::from(vec!["a".to_string(), "b".to_string()])),
+            ..Arc::try_unwrap(task(1, None)).unwrap()
+        });
+        q.push(t);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        assert!(q.has_waiting_for("a") && q.has_waiting_for("b"));
+        assert_eq!(q.take_for(&c, false), None, "not for c, even untargeted");
+        let (got, attempt) = q.take_for(&b, true).unwrap();
+        assert_eq!((got.id, attempt), (1, 1));
+        assert!(
+            !q.has_waiting_for("a"),
+            "taken by b: no longer waiting for a"
+        );
+        // Let go: waiting for each of them again.
+        q.release(1, None);
+        assert!(q.has_waiting_for("a") && q.has_waiting_for("b"));
+        assert_eq!(q.take_for(&a, true).unwrap().0.id, 1);
+        q.finish(1);
+        assert!(!q.has_waiting_for("b"));
     }
 
     #[test]

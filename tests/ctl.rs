@@ -267,20 +267,6 @@ fn a_selector_reaches_the_agents_with_those_labels_and_no_other() {
     let mut bad = Proc::start(CLIENT_BIN, &["--server", &addr, "--label", "role web"]);
     assert_eq!(bad.wait_exit(), 2);
     assert!(bad.whole_log().iter().any(|l| l.contains("not key=value")));
-
-    // A work queue takes no selector yet, and says so.
-    let (mut srv, addr) = server(&["--dispatch", "queue"]);
-    let (code, _, err) = ctl(
-        &["--server", &addr, "push", "x", "--target", "role=web"],
-        &[],
-    );
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("FAILED_PRECONDITION") && err.contains("work queue"),
-        "{err}"
-    );
-    srv.signal("TERM");
-    assert_eq!(srv.wait_exit(), 0);
 }
 
 #[test]
@@ -894,4 +880,64 @@ fn an_insecure_server_beyond_loopback_refuses_admin_calls_without_credentials() 
     );
     srv.signal("TERM");
     assert_eq!(srv.wait_exit(), 0);
+}
+
+#[test]
+fn in_a_work_queue_a_selector_gives_each_task_to_any_one_matching_agent() {
+    let (mut srv, addr) = server(&["--dispatch", "queue"]);
+    let mut agents = [
+        agent_process(&addr, "web-1", "echo", &["--label", "role=web"]),
+        agent_process(&addr, "web-2", "echo", &["--label", "role=web"]),
+        agent_process(&addr, "db-1", "echo", &["--label", "role=db"]),
+    ];
+    wait_for("three agents listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("3 agents connected")
+    });
+    for i in 1..=6 {
+        let (code, out, err) = ctl(
+            &[
+                "--server",
+                &addr,
+                "push",
+                &format!("web-{i}"),
+                "--target",
+                "role=web",
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            out.trim(),
+            format!("job {i}: task {i} pushed to any one of 2 agents matching role=web")
+        );
+    }
+    let (code, out, err) = ctl(
+        &[
+            "--server", &addr, "run", "db-only", "--target", "role=db", "--wait",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("db-1: ok\n    db-only\n"), "{out}");
+    wait_for("six web tasks answered", || {
+        let done: usize = agents[..2]
+            .iter_mut()
+            .map(|a| {
+                a.lines_so_far()
+                    .iter()
+                    .filter(|l| l.contains(" done"))
+                    .count()
+            })
+            .sum();
+        done == 6
+    });
+    assert!(
+        !agents[2].lines_so_far().iter().any(|l| l.contains("web-")),
+        "db-1 got a web task"
+    );
+    for p in agents.iter_mut().chain([&mut srv]) {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
 }

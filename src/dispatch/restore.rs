@@ -88,12 +88,14 @@ impl Dispatcher {
                     text,
                     target,
                     key,
+                    any_of,
                 } => {
                     let task = Task {
                         id,
                         text,
                         target,
                         key: key.map(Arc::from),
+                        any_of: any_of.map(Arc::from),
                         produced_at: SystemTime::now(),
                     };
                     tasks.insert(id, Arc::new(task));
@@ -167,8 +169,12 @@ impl Dispatcher {
                 )));
             }
             // Keys come back with their tasks: the key index is rebuilt.
-            st.log
-                .push(task.text.clone(), task.target.clone(), task.key.clone());
+            st.log.push_any_of(
+                task.text.clone(),
+                task.target.clone(),
+                task.key.clone(),
+                task.any_of.clone(),
+            );
         }
         if st.log.next_id() < next {
             log::warn!(
@@ -273,6 +279,7 @@ impl Dispatcher {
             text: t.text.clone(),
             target: t.target.clone(),
             key: t.key.as_deref().map(String::from),
+            any_of: t.any_of.as_deref().map(<[String]>::to_vec),
         };
         out.extend(st.log.iter().map(|t| task_record(t)));
         let mut queued: Vec<_> = st.queue.iter().collect();

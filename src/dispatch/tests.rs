@@ -1237,6 +1237,7 @@ fn a_journal_with_per_client_answers_still_restores_and_is_written_anew() {
                 text: format!("t{id}"),
                 target: None,
                 key: None,
+                any_of: None,
             });
         }
         records.extend([
