@@ -1403,3 +1403,46 @@ fn keys_survive_a_restart_from_the_journal_and_from_a_snapshot() {
     assert_eq!(outcome(again.unwrap()), vec![Err(3), Err(1)]);
     assert_eq!(from_snapshot.lock().log.keys_known(), 2);
 }
+
+#[test]
+fn a_task_for_any_of_some_clients_and_a_cancellation_survive_a_restart_and_a_snapshot() {
+    use crate::journal::{self, Journal};
+    use crate::results::{ResultSink, SinkConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let config = DispatchConfig {
+        mode: Mode::Queue,
+        ..Default::default()
+    };
+    let for_web = || NewTask {
+        text: "deploy".into(),
+        any_of: Some(vec!["web-1".into(), "web-2".into()]),
+        ..Default::default()
+    };
+    {
+        let (j, records) = Journal::open(dir.path()).unwrap();
+        let (sink, writer) = ResultSink::start(SinkConfig {
+            journal: Some((j, &records)),
+            compact_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let d = Dispatcher::recording(config.clone(), sink, true);
+        d.publish_new(vec![for_web(), for_web()]).unwrap();
+        assert_eq!(d.cancel(&[2]), 1);
+        writer.finish().unwrap();
+    }
+    let records = journal::read_records(&dir.path().join("journal")).unwrap();
+    let restarted = Dispatcher::new(config.clone());
+    restarted.restore(records).unwrap();
+    let snapshot = restarted.snapshot(&restarted.lock());
+    let from_snapshot = Dispatcher::new(config);
+    from_snapshot.restore(snapshot).unwrap();
+    for d in [&restarted, &from_snapshot] {
+        // Not for db-1; web-2 gets task 1 only (task 2 was cancelled).
+        let (_, db) = d.attach("db-1", "p", false, "i").unwrap();
+        assert_eq!(drain(&db), Vec::<TaskId>::new(), "db-1 got a web task");
+        let (_, web) = d.attach("web-2", "p", false, "i").unwrap();
+        assert_eq!(drain(&web), vec![1], "task 2 was cancelled");
+        assert!(d.is_cancelled(2));
+    }
+}
