@@ -855,6 +855,7 @@ impl AdminService {
                 "failed" => totals.failed += 1,
                 "held" => totals.held += 1,
                 "timed-out" => totals.timed_out += 1,
+                "stale" => totals.stale += 1,
                 "cancelled" => totals.cancelled += 1,
                 _ => totals.dead += 1,
             }
@@ -946,6 +947,15 @@ impl AdminService {
                 row.finished_at = a.at;
             }
             None => match self.dispatcher.progress_of(task, agent) {
+                // It answered a delivery that was no longer current, and
+                // holds no newer one.
+                TaskProgress::Waiting if j.stale.get(agent).is_some_and(|a| a.task == task) => {
+                    let a = &j.stale[agent];
+                    row.status = "stale".into();
+                    row.output = a.output.clone();
+                    row.attempt = a.attempt;
+                    row.finished_at = a.at;
+                }
                 TaskProgress::Waiting => row.status = "pending".into(),
                 TaskProgress::Delivered { attempt, running } => {
                     row.status = if running { "running" } else { "delivered" }.into();

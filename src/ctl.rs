@@ -427,6 +427,9 @@ fn totals_line(job: &Job) -> String {
         t.pending,
         t.dead
     );
+    if t.stale > 0 {
+        line += &format!(", {} stale", t.stale);
+    }
     if t.held + t.cancelled > 0 {
         line += &format!(", {} held, {} cancelled", t.held, t.cancelled);
     }

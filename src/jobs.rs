@@ -117,6 +117,9 @@ pub struct Job {
     pub expected: Vec<String>,
     /// Accepted results by agent (an agent answers each of its tasks once).
     pub answers: BTreeMap<String, Answer>,
+    /// Stale results by agent (answering a delivery no longer current, e.g.
+    /// after its ack deadline passed): recorded, but they do not count.
+    pub stale: BTreeMap<String, Answer>,
     /// Its rollout limits, when it has any.
     pub rollout: Option<Rollout>,
     /// An operator cancelled it.
@@ -225,6 +228,7 @@ impl JobTable {
             tasks,
             expected,
             answers: BTreeMap::new(),
+            stale: BTreeMap::new(),
             rollout,
             cancelled: false,
             deadline: None,
@@ -304,7 +308,7 @@ impl JobTable {
         }
         let mut jobs = self.lock();
         for r in judged {
-            let (true, Some(task)) = (r.accepted, r.task_id) else {
+            let Some(task) = r.task_id.filter(|_| r.accepted || r.stale) else {
                 continue;
             };
             let Some(&job) = jobs.by_task.get(&task) else {
@@ -322,16 +326,18 @@ impl JobTable {
                 output.truncate(cut);
                 output.push('…');
             }
-            j.answers.insert(
-                r.client.clone(),
-                Answer {
-                    task,
-                    ok: r.ok,
-                    output,
-                    attempt: r.attempt,
-                    at: r.received_at,
-                },
-            );
+            let answer = Answer {
+                task,
+                ok: r.ok,
+                output,
+                attempt: r.attempt,
+                at: r.received_at,
+            };
+            if !r.accepted {
+                j.stale.insert(r.client.clone(), answer);
+                continue;
+            }
+            j.answers.insert(r.client.clone(), answer);
             releases.extend(j.release());
         }
         releases
@@ -409,6 +415,7 @@ mod tests {
         ]);
         let j = t.get(job).unwrap();
         assert_eq!(j.answers.len(), 1);
+        assert_eq!(j.stale["b"].task, 7, "a stale answer is kept apart");
         assert_eq!(j.answers["a"].output, "a says true");
         t.observe(&[result(7, "b", false, true)]);
         assert!(!t.get(job).unwrap().answers["b"].ok);
