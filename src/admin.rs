@@ -876,25 +876,28 @@ impl AdminService {
 
     /// One status per agent the job is for, ordered by agent.
     fn statuses(&self, j: &Job) -> Vec<AgentStatus> {
+        // Who each task is for; where it stands is asked of the dispatcher
+        // in one go (one lock for the whole job, whatever the fleet).
+        let mut pairs: Vec<(TaskId, String)> = vec![];
         let mut rows = vec![];
         for t in &j.tasks {
             match (&t.agent, self.dispatcher.config().mode) {
-                (Some(a), _) => rows.push(self.status(t.id, a, j)),
+                (Some(a), _) => pairs.push((t.id, a.clone())),
                 (None, Mode::Broadcast) => {
                     let mut agents: Vec<&String> = j.expected.iter().collect();
                     agents.extend(j.answers.keys());
                     agents.sort();
                     agents.dedup();
-                    rows.extend(agents.into_iter().map(|a| self.status(t.id, a, j)));
+                    pairs.extend(agents.into_iter().map(|a| (t.id, a.clone())));
                 }
                 (None, Mode::Queue) => {
                     let holder = match j.answers.keys().next() {
                         Some(a) => Some(a.clone()),
                         None => self.dispatcher.holder_of(t.id),
                     };
-                    rows.push(match holder {
-                        Some(a) => self.status(t.id, &a, j),
-                        None => AgentStatus {
+                    match holder {
+                        Some(a) => pairs.push((t.id, a)),
+                        None => rows.push(AgentStatus {
                             task_id: t.id,
                             status: if self.dispatcher.is_dead(t.id) {
                                 "dead"
@@ -905,10 +908,21 @@ impl AdminService {
                             }
                             .into(),
                             ..Default::default()
-                        },
-                    });
+                        }),
+                    }
                 }
             }
+        }
+        let unanswered: Vec<(TaskId, &str)> = pairs
+            .iter()
+            .filter(|(task, a)| j.answers.get(a).is_none_or(|x| x.task != *task))
+            .map(|(task, a)| (*task, a.as_str()))
+            .collect();
+        let mut progress = self.dispatcher.progress_many(&unanswered).into_iter();
+        for (task, agent) in &pairs {
+            let answered = j.answers.get(agent).is_some_and(|x| x.task == *task);
+            let p = if answered { None } else { progress.next() };
+            rows.push(self.status(*task, agent, j, p));
         }
         if let Some(r) = &j.rollout {
             let waiting = r.held.iter().map(|a| (a, "held"));
@@ -933,7 +947,14 @@ impl AdminService {
         rows
     }
 
-    fn status(&self, task: TaskId, agent: &str, j: &Job) -> AgentStatus {
+    /// One agent's row: its answer, else `progress` (where the task stands).
+    fn status(
+        &self,
+        task: TaskId,
+        agent: &str,
+        j: &Job,
+        progress: Option<TaskProgress>,
+    ) -> AgentStatus {
         let mut row = AgentStatus {
             agent: agent.to_string(),
             task_id: task,
@@ -946,7 +967,7 @@ impl AdminService {
                 row.attempt = a.attempt;
                 row.finished_at = a.at;
             }
-            None => match self.dispatcher.progress_of(task, agent) {
+            None => match progress.unwrap_or(TaskProgress::Waiting) {
                 // It answered a delivery that was no longer current, and
                 // holds no newer one.
                 TaskProgress::Waiting if j.stale.get(agent).is_some_and(|a| a.task == task) => {

@@ -1597,7 +1597,20 @@ impl Dispatcher {
 
     /// Where `task` stands with `client` (see [`TaskProgress`]).
     pub fn progress_of(&self, task: TaskId, client: &str) -> TaskProgress {
+        self.progress_many(&[(task, client)])[0]
+    }
+
+    /// [`Dispatcher::progress_of`] for many (task, client) pairs under one
+    /// lock (a job's status over a large fleet).
+    pub fn progress_many(&self, pairs: &[(TaskId, &str)]) -> Vec<TaskProgress> {
         let st = self.lock();
+        pairs
+            .iter()
+            .map(|&(task, client)| self.progress_locked(&st, task, client))
+            .collect()
+    }
+
+    fn progress_locked(&self, st: &State, task: TaskId, client: &str) -> TaskProgress {
         let Some(c) = st.clients.get(client) else {
             return TaskProgress::Waiting;
         };
