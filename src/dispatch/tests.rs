@@ -1368,28 +1368,34 @@ fn a_key_is_forgotten_with_its_task_when_it_leaves_retention() {
     assert_eq!(keys(&d), 0, "nothing keyed is retained");
 }
 
+/// Runs `f` on a dispatcher that journals to a state directory `dir`, then
+/// closes the journal (as a server stopping would).
+fn with_journal(dir: &std::path::Path, config: &DispatchConfig, f: impl FnOnce(&Dispatcher)) {
+    use crate::journal::Journal;
+    use crate::results::{ResultSink, SinkConfig};
+    let (j, records) = Journal::open(dir).unwrap();
+    let (sink, writer) = ResultSink::start(SinkConfig {
+        journal: Some((j, &records)),
+        compact_bytes: 1 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    f(&Dispatcher::recording(config.clone(), sink, true));
+    writer.finish().unwrap();
+}
+
 #[test]
 fn keys_survive_a_restart_from_the_journal_and_from_a_snapshot() {
-    use crate::journal::{self, Journal};
-    use crate::results::{ResultSink, SinkConfig};
+    use crate::journal;
     let dir = tempfile::tempdir().unwrap();
     let config = DispatchConfig {
         mode: Mode::Queue,
         ..Default::default()
     };
-    {
-        let (j, records) = Journal::open(dir.path()).unwrap();
-        let (sink, writer) = ResultSink::start(SinkConfig {
-            journal: Some((j, &records)),
-            compact_bytes: 1 << 20,
-            ..Default::default()
-        })
-        .unwrap();
-        let d = Dispatcher::recording(config.clone(), sink, true);
+    with_journal(dir.path(), &config, |d| {
         let published = d.publish_new(vec![keyed(Some("k1"), "a"), keyed(None, "b")]);
         assert_eq!(outcome(published.unwrap()), vec![Ok(1), Ok(2)]);
-        writer.finish().unwrap();
-    }
+    });
     let records = journal::read_records(&dir.path().join("journal")).unwrap();
     let restarted = Dispatcher::new(config.clone());
     restarted.restore(records).unwrap();
@@ -1406,8 +1412,7 @@ fn keys_survive_a_restart_from_the_journal_and_from_a_snapshot() {
 
 #[test]
 fn a_task_for_any_of_some_clients_and_a_cancellation_survive_a_restart_and_a_snapshot() {
-    use crate::journal::{self, Journal};
-    use crate::results::{ResultSink, SinkConfig};
+    use crate::journal;
     let dir = tempfile::tempdir().unwrap();
     let config = DispatchConfig {
         mode: Mode::Queue,
@@ -1418,19 +1423,10 @@ fn a_task_for_any_of_some_clients_and_a_cancellation_survive_a_restart_and_a_sna
         any_of: Some(vec!["web-1".into(), "web-2".into()]),
         ..Default::default()
     };
-    {
-        let (j, records) = Journal::open(dir.path()).unwrap();
-        let (sink, writer) = ResultSink::start(SinkConfig {
-            journal: Some((j, &records)),
-            compact_bytes: 1 << 20,
-            ..Default::default()
-        })
-        .unwrap();
-        let d = Dispatcher::recording(config.clone(), sink, true);
+    with_journal(dir.path(), &config, |d| {
         d.publish_new(vec![for_web(), for_web()]).unwrap();
         assert_eq!(d.cancel(&[2]), 1);
-        writer.finish().unwrap();
-    }
+    });
     let records = journal::read_records(&dir.path().join("journal")).unwrap();
     let restarted = Dispatcher::new(config.clone());
     restarted.restore(records).unwrap();
