@@ -30,8 +30,8 @@ use crossbeam_channel::{select, Receiver, Sender};
 use futures::executor::block_on;
 use futures::{SinkExt, StreamExt};
 use grpcio::{
-    CallOption, Channel, ChannelBuilder, ConnectivityState, EnvBuilder, Environment, Metadata,
-    MetadataBuilder, RpcStatusCode, WriteFlags,
+    CallOption, Channel, ChannelBuilder, ConnectivityState, Environment, Metadata, MetadataBuilder,
+    RpcStatusCode, WriteFlags,
 };
 use pipeline::{Control, Setup};
 use std::collections::{HashMap, VecDeque};
@@ -348,12 +348,7 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
     }
     // This process, as opposed to another one using the same id.
     let instance = format!("{:016x}", fastrand::u64(..));
-    let env = Arc::new(
-        EnvBuilder::new()
-            .cq_count(1)
-            .name_prefix("contact-client")
-            .build(),
-    );
+    let env = crate::tls::grpc_environment(1, "contact-client");
     let progress = Arc::new(Progress::default());
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     let done = |p: &Progress| config.max_tasks.is_some_and(|max| p.acked() >= max);

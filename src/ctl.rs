@@ -11,10 +11,9 @@ use crate::proto::admin::{
 };
 use crate::tls::ClientTls;
 use crate::token::Token;
-use grpcio::{CallOption, ChannelBuilder, EnvBuilder, MetadataBuilder};
+use grpcio::{CallOption, ChannelBuilder, MetadataBuilder};
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How `contact-ctl` reaches a server.
@@ -49,7 +48,7 @@ impl Ctl {
                 cfg.server
             )));
         }
-        let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+        let env = crate::tls::grpc_environment(1, "contact-ctl");
         let mut builder = ChannelBuilder::new(env);
         if let Some(tls) = &cfg.tls {
             builder = builder.set_credentials(tls.credentials()?);

@@ -39,7 +39,7 @@ use crate::proto::{self, ContactClient};
 use agent::{grpc_target, Agent, Command, Event};
 use crossbeam_channel::{Receiver, Sender};
 use futures::channel::mpsc;
-use grpcio::{ChannelBuilder, EnvBuilder, Environment, Metadata, MetadataBuilder};
+use grpcio::{ChannelBuilder, Environment, Metadata, MetadataBuilder};
 use procfs::process_exists;
 use serde_json::{json, Value};
 use std::cmp::Reverse;
@@ -219,12 +219,7 @@ struct Fleet<'a> {
 
 impl<'a> Fleet<'a> {
     fn new(cfg: &'a LoadConfig) -> Fleet<'a> {
-        let env = Arc::new(
-            EnvBuilder::new()
-                .cq_count(cfg.completion_queues)
-                .name_prefix("contact-load")
-                .build(),
-        );
+        let env = crate::tls::grpc_environment(cfg.completion_queues, "contact-load");
         let backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
         let (events_tx, events) = crossbeam_channel::unbounded();
         Fleet {

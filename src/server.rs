@@ -30,8 +30,8 @@ use crate::trust::{self, Authenticator, Caller, Presented, Refusal, TrustConfig}
 use futures::future::poll_fn;
 use futures::{SinkExt, StreamExt, TryStreamExt};
 use grpcio::{
-    ClientStreamingSink, DuplexSink, Environment, RequestStream, RpcContext, RpcStatus,
-    RpcStatusCode, ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
+    ClientStreamingSink, DuplexSink, RequestStream, RpcContext, RpcStatus, RpcStatusCode,
+    ServerBuilder, ServerCredentials, ServerStreamingSink, WriteFlags,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -657,7 +657,7 @@ impl Server {
             // a large state is not held three times, as records, state and snapshot).
             dispatcher.compact();
         }
-        let env = Arc::new(Environment::new(2));
+        let env = crate::tls::grpc_environment(2, "grpc-poll");
         let jobs = Arc::new(JobTable::default());
         let (admin, admin_worker) = AdminService::start(
             dispatcher.clone(),

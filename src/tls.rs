@@ -4,14 +4,46 @@
 //! own certificate for mutual TLS, and a server-name override. PEM files are
 //! checked here so that a wrong file is named at start, not at a handshake.
 //! It also reads the names a verified client certificate carries (CN and
-//! SANs), which `trust` takes as the agent's id.
+//! SANs), which `trust` takes as the agent's id. And it makes the gRPC
+//! environment every process uses, with OpenSSL told to keep its state until
+//! the process is gone.
 
 use crate::error::Error;
 use grpcio::{
-    CertificateRequestType, ChannelCredentials, ChannelCredentialsBuilder, RpcContext,
-    ServerCredentials, ServerCredentialsBuilder,
+    CertificateRequestType, ChannelCredentials, ChannelCredentialsBuilder, EnvBuilder, Environment,
+    RpcContext, ServerCredentials, ServerCredentialsBuilder,
 };
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+
+/// The gRPC environment (completion queues and their polling threads, named
+/// `NAME-N`) of this process. Made here so that OpenSSL is first told not to
+/// free its global state at exit (`OPENSSL_INIT_NO_ATEXIT`): by default its
+/// exit handler frees it while gRPC's threads may still be ending a TLS
+/// connection, and a process that returned from `main` then died of a
+/// segmentation fault in libcrypto — the agent after `--max-tasks`, the
+/// server after SIGTERM — about once in thirty TLS runs.
+pub fn grpc_environment(completion_queues: usize, name: &str) -> Arc<Environment> {
+    static KEEP_OPENSSL: Once = Once::new();
+    KEEP_OPENSSL.call_once(|| {
+        const OPENSSL_INIT_NO_ATEXIT: u64 = 0x0008_0000;
+        extern "C" {
+            // libcrypto, linked through grpcio-sys's `openssl` feature.
+            fn OPENSSL_init_crypto(opts: u64, settings: *const libc::c_void) -> libc::c_int;
+        }
+        // SAFETY: documented as callable at any time from any thread, with
+        // NULL settings; it only sets how OpenSSL initialises and exits.
+        if unsafe { OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, std::ptr::null()) } != 1 {
+            log::warn!("OpenSSL refused OPENSSL_INIT_NO_ATEXIT: a TLS process may crash at exit");
+        }
+    });
+    Arc::new(
+        EnvBuilder::new()
+            .cq_count(completion_queues)
+            .name_prefix(name)
+            .build(),
+    )
+}
 
 /// The server's side: `--tls-cert`, `--tls-key` and optionally `--client-ca`.
 #[derive(Debug, Clone)]
