@@ -104,6 +104,7 @@ enum Command {
 
 /// What to push, and to whom.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("whom").args(["agent", "target"])))]
 struct TaskArgs {
     /// The task's text, as the agents receive it.
     text: String,
@@ -113,8 +114,10 @@ struct TaskArgs {
     /// The connected agents started with every one of these labels (`contact-client --label`) each get it.
     #[arg(long, value_name = "KEY=VALUE[,KEY=VALUE]")]
     target: Option<String>,
-    /// Accept an agent id the server has never seen: the task waits for it.
-    #[arg(long, requires = "agent")]
+    /// Accept an agent id the server has never seen (the task waits for it),
+    /// or a --target no agent matches now: the job also takes the agents
+    /// that come to match later, until --timeout or `cancel --job`.
+    #[arg(long, requires = "whom")]
     wait_for_agents: bool,
     /// An idempotency key: pushed again with the same key (a retried
     /// script), nothing is published twice.

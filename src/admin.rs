@@ -5,7 +5,7 @@
 //! runs on a thread of ours (`admin`), never on a completion-queue thread.
 
 use crate::dispatch::{Dispatcher, Mode, TaskProgress};
-use crate::jobs::{Job, JobTable, JobTask, Limit, Release, Rollout};
+use crate::jobs::{Job, JobTable, JobTask, Limit, Release, Rollout, Waiting};
 use crate::labels::Selector;
 use crate::logtext::quoted;
 use crate::proto::admin::{
@@ -33,8 +33,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// in the message an agent receives.
 const ENVELOPE_BYTES: usize = 256;
 
-/// How often job deadlines are checked.
-const EXPIRY_CHECK: Duration = Duration::from_millis(200);
+/// How often job deadlines are checked, and waiting jobs look for agents
+/// that came to match.
+const JOB_CHECK: Duration = Duration::from_millis(200);
 
 /// Longest idempotency key accepted.
 const MAX_KEY_BYTES: usize = 256;
@@ -98,22 +99,28 @@ impl AdminService {
     ) -> Result<(AdminService, AdminWorker), crate::Error> {
         let stop = shutdown.clone();
         let (worker, queue) = crossbeam_channel::unbounded::<Work>();
-        let (expiring, timing) = (jobs.clone(), dispatcher.clone());
+        let rollouts = Rollouts {
+            worker: worker.clone(),
+            dispatcher: dispatcher.clone(),
+            jobs: jobs.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || loop {
-                crossbeam_channel::select! {
-                    recv(queue) -> work => match work {
-                        Ok(work) => work(),
-                        Err(_) => return,
-                    },
-                    recv(stop.receiver()) -> _ => return,
-                    default(EXPIRY_CHECK) => {}
-                }
-                let late = expiring.expire(Instant::now());
-                if !late.is_empty() {
-                    let n = timing.cancel(&late);
-                    log::info!("a job timed out: {n} of its tasks are delivered no further");
+            .spawn(move || {
+                let mut next_check = Instant::now();
+                loop {
+                    crossbeam_channel::select! {
+                        recv(queue) -> work => match work {
+                            Ok(work) => work(),
+                            Err(_) => return,
+                        },
+                        recv(stop.receiver()) -> _ => return,
+                        default(JOB_CHECK) => {}
+                    }
+                    if Instant::now() >= next_check {
+                        rollouts.check_jobs();
+                        next_check = Instant::now() + JOB_CHECK;
+                    }
                 }
             })
             .map_err(crate::Error::Thread)?;
@@ -177,6 +184,9 @@ impl AdminService {
             )));
         }
         match (req.agent.is_empty(), req.selector.is_empty()) {
+            (true, true) if req.wait_for_agents => Err(invalid(
+                "wait_for_agents needs an agent or a selector to wait for".into(),
+            )),
             (true, true) => Ok(Target::Default),
             (false, false) => Err(invalid("give one agent or a selector, not both".into())),
             (false, true) => {
@@ -195,19 +205,18 @@ impl AdminService {
             (true, false) => {
                 let selector = Selector::parse(&req.selector)
                     .map_err(|e| invalid(format!("selector: {e}")))?;
-                if req.wait_for_agents {
-                    return Err(invalid(
-                        "--wait-for-agents keeps a task for one agent id (--agent); a selector takes the agents connected now".into(),
-                    ));
-                }
                 let agents = self.dispatcher.matching(&selector);
-                if agents.is_empty() {
-                    return Err(RpcStatus::with_message(
+                let queue = self.dispatcher.config().mode == Mode::Queue;
+                match (req.wait_for_agents, agents.is_empty()) {
+                    // A queue task for agents already there waits for nobody else.
+                    (true, false) if queue => Ok(Target::Selected(selector, agents)),
+                    (true, _) => Ok(Target::Waiting(selector, agents)),
+                    (false, false) => Ok(Target::Selected(selector, agents)),
+                    (false, true) => Err(RpcStatus::with_message(
                         RpcStatusCode::NOT_FOUND,
-                        format!("selector {selector} matches no connected agent; `contact-ctl clients` shows their labels"),
-                    ));
+                        format!("selector {selector} matches no connected agent; `contact-ctl clients` shows their labels, and --wait-for-agents keeps the task for agents that come to match"),
+                    )),
                 }
-                Ok(Target::Selected(selector, agents))
             }
         }
     }
@@ -221,13 +230,13 @@ impl AdminService {
         }
     }
 
-    /// The rollout of a push with limits: its agents (held, in order) and
-    /// the target in words.
+    /// The rollout of a push with limits or one that waits for agents: its
+    /// agents (held, in order), the target in words, and what it waits for.
     fn rollout_of(
         &self,
         req: &PushRequest,
         target: Target,
-    ) -> Result<(Rollout, String), RpcStatus> {
+    ) -> Result<(Rollout, String, Option<Waiting>), RpcStatus> {
         let invalid = |m: String| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, m);
         let limit = |what: &str, text: &str| -> Result<Option<Limit>, RpcStatus> {
             if text.is_empty() {
@@ -239,11 +248,40 @@ impl AdminService {
         };
         let concurrency = limit("max_concurrency", &req.max_concurrency)?;
         let max_errors = limit("max_errors", &req.max_errors)?;
+        let queue = self.dispatcher.config().mode == Mode::Queue;
+        let mut waiting = None;
         let (agents, what) = match target {
             Target::Agent(a) => (vec![a.clone()], format!("agent {a}")),
             Target::Selected(selector, agents) => {
                 let n = agents.len();
                 (agents, format!("{n} agent{} matching {selector}", plural(n)))
+            }
+            Target::Waiting(..) if queue && (concurrency.is_some() || max_errors.is_some()) => {
+                return Err(RpcStatus::with_message(
+                    RpcStatusCode::FAILED_PRECONDITION,
+                    "rollout limits count agents: a task for the work queue goes to one".into(),
+                ))
+            }
+            // The queue's one task is published when the first agent matches.
+            Target::Waiting(selector, _) if queue => {
+                let what = format!("any one agent matching {selector}, when one connects");
+                waiting = Some(Waiting {
+                    selector,
+                    one_task: true,
+                });
+                (vec![], what)
+            }
+            Target::Waiting(selector, agents) => {
+                let n = agents.len();
+                let what = format!(
+                    "{n} agent{} matching {selector} now and any that come to match",
+                    plural(n)
+                );
+                waiting = Some(Waiting {
+                    selector,
+                    one_task: false,
+                });
+                (agents, what)
             }
             Target::Default if self.dispatcher.config().mode == Mode::Queue => {
                 return Err(RpcStatus::with_message(
@@ -271,7 +309,8 @@ impl AdminService {
         };
         let n = agents.len();
         let rollout = Rollout {
-            concurrency: concurrency.map_or(n, |l| l.of(n)).max(1),
+            // A share of a waiting job's agents is of those matching now.
+            concurrency: concurrency.map_or(usize::MAX, |l| l.of(n)).max(1),
             max_errors: max_errors.map(|l| l.of(n)),
             held: agents.into(),
             cancelled: vec![],
@@ -279,7 +318,7 @@ impl AdminService {
             key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
             released: 0,
         };
-        Ok((rollout, what))
+        Ok((rollout, what, waiting))
     }
 
     /// Runs `job` on the `admin` thread and answers the call with its outcome.
@@ -320,6 +359,26 @@ pub struct Rollouts {
 }
 
 impl Rollouts {
+    /// Times out the jobs past their deadline, and gives waiting jobs'
+    /// task to the agents that came to match them (on the `admin` thread).
+    fn check_jobs(&self) {
+        let late = self.jobs.expire(Instant::now());
+        if !late.is_empty() {
+            let n = self.dispatcher.cancel(&late);
+            log::info!("a job timed out: {n} of its tasks are delivered no further");
+        }
+        for (job, selector) in self.jobs.waiting() {
+            let matching = self.dispatcher.matching(&selector);
+            if let Some(r) = self.jobs.admit(job, matching) {
+                let ids = self.publish(r);
+                log::info!(
+                    "job {job}: {} for agents that came to match {selector}",
+                    tasks_named(&ids)
+                );
+            }
+        }
+    }
+
     /// Publishes each release's tasks (later, on the `admin` thread).
     pub fn release(&self, releases: Vec<Release>) {
         if releases.is_empty() {
@@ -340,16 +399,24 @@ impl Rollouts {
         if !self.jobs.is_live(r.job) {
             return vec![];
         }
-        let tasks = r
-            .agents
-            .iter()
-            .map(|a| NewTask {
-                target: Some(a.clone()),
+        let tasks = if r.one_of {
+            vec![NewTask {
+                target: None,
                 text: r.text.clone(),
-                key: r.key.as_ref().map(|k| format!("{k}@{a}")),
-                any_of: None,
-            })
-            .collect();
+                key: r.key.clone(),
+                any_of: Some(r.agents.clone()),
+            }]
+        } else {
+            r.agents
+                .iter()
+                .map(|a| NewTask {
+                    target: Some(a.clone()),
+                    text: r.text.clone(),
+                    key: r.key.as_ref().map(|k| format!("{k}@{a}")),
+                    any_of: None,
+                })
+                .collect()
+        };
         let mut live = true;
         let added = self.dispatcher.publish_new_then(tasks, |added| {
             live = self.jobs.add_tasks(r.job, job_tasks(added));
@@ -375,10 +442,28 @@ impl Rollouts {
         text: String,
         target: String,
         rollout: Rollout,
+        waiting: Option<Waiting>,
         timeout: u32,
         who: &str,
     ) -> PushReply {
-        // A retried keyed push answers with the job its first agent's task is in.
+        // A retried keyed push answers with its job, which this server
+        // holds or, after a restart, finds by its first agent's task.
+        if let Some(job) = rollout.key.as_ref().and_then(|k| self.jobs.keyed(k)) {
+            let j = self.jobs.get(job);
+            let ids: Vec<u64> = j
+                .iter()
+                .flat_map(|j| j.tasks.iter().map(|t| t.id))
+                .collect();
+            log::info!("push by {who} to {target} repeats the key of job {job}: nothing published");
+            return PushReply {
+                task_id: ids.first().copied().unwrap_or(0),
+                target,
+                task_ids: ids,
+                job_id: job,
+                duplicate: true,
+                ..Default::default()
+            };
+        }
         let repeat = rollout
             .key
             .as_ref()
@@ -404,6 +489,9 @@ impl Rollouts {
         if timeout > 0 {
             self.jobs
                 .set_deadline(job, Instant::now() + Duration::from_secs(timeout.into()));
+        }
+        if let Some(w) = waiting {
+            self.jobs.set_waiting(job, w);
         }
         let agents = first.as_ref().map(|r| r.agents.clone()).unwrap_or_default();
         let ids = first.map(|r| self.publish(r)).unwrap_or_default();
@@ -449,6 +537,8 @@ enum Target {
     Agent(String),
     /// The connected agents a selector matched, each with a task of its own.
     Selected(Selector, Vec<String>),
+    /// Those and the agents that come to match later (`wait_for_agents`).
+    Waiting(Selector, Vec<String>),
 }
 
 /// "task 7" or "tasks 7-9" (ids published together are consecutive).
@@ -506,12 +596,14 @@ impl Admin for AdminService {
             Ok(x) => x,
             Err(status) => return refuse(&ctx, sink, status),
         };
-        if !req.max_concurrency.is_empty() || !req.max_errors.is_empty() {
+        let limited = !req.max_concurrency.is_empty() || !req.max_errors.is_empty();
+        if limited || matches!(target, Target::Waiting(..)) {
             return match self.rollout_of(&req, target) {
-                Ok((rollout, what)) => {
+                Ok((rollout, what, waiting)) => {
                     let rollouts = self.rollouts();
                     self.answer_from_worker(&ctx, sink, move || {
-                        Ok(rollouts.start(req.text, what, rollout, req.timeout_secs, &who))
+                        let timeout = req.timeout_secs;
+                        Ok(rollouts.start(req.text, what, rollout, waiting, timeout, &who))
                     })
                 }
                 Err(status) => refuse(&ctx, sink, status),
@@ -547,7 +639,7 @@ impl Admin for AdminService {
                     let what = format!("any one of {n} agent{} matching {selector}", plural(n));
                     (vec![(None, req.text, Some(agents.clone()))], agents, what)
                 }
-                Target::Selected(selector, agents) => {
+                Target::Selected(selector, agents) | Target::Waiting(selector, agents) => {
                     let tasks = agents
                         .iter()
                         .map(|a| (Some(a.clone()), req.text.clone(), None))
@@ -870,6 +962,11 @@ impl AdminService {
             stopped: j.rollout.as_ref().is_some_and(|r| r.stopped),
             cancelled: j.cancelled,
             timed_out: j.timed_out,
+            waiting_for: j
+                .waiting
+                .as_ref()
+                .map(|w| w.selector.to_string())
+                .unwrap_or_default(),
             ..Default::default()
         }
     }

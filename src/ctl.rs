@@ -247,6 +247,7 @@ pub fn show_push(r: &PushReply, json: bool) -> String {
     }
     let tasks = match &r.task_ids[..] {
         [first, .., last] => format!("tasks {first}-{last}"),
+        [] if !r.duplicate => return format!("job {}: no task yet, for {}", r.job_id, r.target),
         _ => format!("task {}", r.task_id),
     };
     if r.duplicate {
@@ -440,6 +441,9 @@ fn totals_line(job: &Job) -> String {
     }
     if t.timed_out > 0 || job.timed_out {
         line += &format!(", {} timed out", t.timed_out);
+    }
+    if !job.waiting_for.is_empty() {
+        line += &format!(" (waiting for agents matching {})", job.waiting_for);
     }
     line
 }

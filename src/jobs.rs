@@ -11,14 +11,21 @@
 //! decides who is released; publishing is the caller's (it may wait for the
 //! journal's fsync, which the result path must not).
 //!
+//! A job pushed to a selector with `--wait-for-agents` keeps taking agents:
+//! one that comes to match later (it connects, or is connected with its
+//! labels) joins the job and gets its task under the job's limits, until the
+//! job times out or is cancelled; in queue mode the job's one task is
+//! published when the first agent matches.
+//!
 //! Held in memory, the newest [`MAX_JOBS`]: a restart forgets them (the
 //! results themselves are in the results file and the journal). Results are
 //! observed as the server judges them; when no job is held that costs one
 //! atomic load per batch.
 
+use crate::labels::Selector;
 use crate::results::ResultRecord;
 use crate::task::TaskId;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
@@ -102,6 +109,18 @@ pub struct Release {
     pub text: String,
     pub agents: Vec<String>,
     pub key: Option<String>,
+    /// One task for any one of `agents` (queue mode), not one task each.
+    pub one_of: bool,
+}
+
+/// A job that takes the agents matching its selector as they come
+/// (`--wait-for-agents`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub selector: Selector,
+    /// Queue mode: the job is one task for any one of them, published when
+    /// the first matches (then the job waits no more).
+    pub one_task: bool,
 }
 
 /// A job as pushed, with what came back so far.
@@ -128,6 +147,9 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// Its deadline passed before every agent answered.
     pub timed_out: bool,
+    /// It still takes agents that come to match (until it times out or is
+    /// cancelled); it needs a rollout to hold them.
+    pub waiting: Option<Waiting>,
 }
 
 impl Job {
@@ -156,6 +178,7 @@ impl Job {
             text: self.text.clone(),
             agents: r.held.drain(..free).collect(),
             key: r.key.clone(),
+            one_of: false,
         })
     }
 }
@@ -233,6 +256,7 @@ impl JobTable {
             cancelled: false,
             deadline: None,
             timed_out: false,
+            waiting: None,
         };
         let first = job.release();
         jobs.held.push_back(job);
@@ -245,6 +269,65 @@ impl JobTable {
         }
         self.any.store(true, Ordering::Release);
         (id, first)
+    }
+
+    /// Makes job `id` (made with a rollout) take agents as they come to match.
+    pub fn set_waiting(&self, id: JobId, waiting: Waiting) {
+        if let Some(j) = self.lock().get_mut(id) {
+            j.waiting = Some(waiting);
+        }
+    }
+
+    /// The jobs still taking agents, with the selector each takes them by.
+    pub fn waiting(&self) -> Vec<(JobId, Selector)> {
+        let jobs = self.lock();
+        jobs.held
+            .iter()
+            .filter_map(|j| j.waiting.as_ref().map(|w| (j.id, w.selector.clone())))
+            .collect()
+    }
+
+    /// The agents `matching` waiting job `id` now: those it did not have
+    /// join it, held by its rollout and released under its limits; a queue
+    /// job's one task goes to any one of them. Returns whom to publish for.
+    pub fn admit(&self, id: JobId, matching: Vec<String>) -> Option<Release> {
+        let mut jobs = self.lock();
+        let j = jobs.get_mut(id)?;
+        let one_task = j.waiting.as_ref()?.one_task;
+        if matching.is_empty() {
+            return None;
+        }
+        if one_task {
+            j.waiting = None;
+            return Some(Release {
+                job: id,
+                text: j.text.clone(),
+                agents: matching,
+                key: j.rollout.as_ref().and_then(|r| r.key.clone()),
+                one_of: true,
+            });
+        }
+        let known: HashSet<&String> = j.expected.iter().collect();
+        let new: Vec<String> = matching
+            .into_iter()
+            .filter(|a| !known.contains(a))
+            .collect();
+        if new.is_empty() {
+            return None;
+        }
+        j.expected.extend(new.iter().cloned());
+        j.rollout.as_mut()?.held.extend(new);
+        j.release()
+    }
+
+    /// The newest job pushed with idempotency key `key` that is still held.
+    pub fn keyed(&self, key: &str) -> Option<JobId> {
+        let jobs = self.lock();
+        jobs.held
+            .iter()
+            .rev()
+            .find(|j| j.rollout.as_ref().and_then(|r| r.key.as_deref()) == Some(key))
+            .map(|j| j.id)
     }
 
     /// Gives job `id` until `deadline`.
@@ -266,6 +349,7 @@ impl JobTable {
             }
             j.timed_out = true;
             j.deadline = None;
+            j.waiting = None;
             if let Some(r) = j.rollout.as_mut() {
                 r.cancelled.extend(r.held.drain(..));
             }
@@ -355,6 +439,7 @@ impl JobTable {
         let mut jobs = self.lock();
         let j = jobs.get_mut(id)?;
         j.cancelled = true;
+        j.waiting = None;
         let mut held = 0;
         if let Some(r) = j.rollout.as_mut() {
             held = r.held.len();
@@ -466,6 +551,98 @@ mod tests {
         assert_eq!(r.cancelled, ["e"]);
         // What is still running finishes; nothing more is released.
         assert!(t.observe(&[result(4, "d", true, true)]).is_empty());
+    }
+
+    fn unlimited(held: &[&str], key: Option<&str>) -> Rollout {
+        Rollout {
+            concurrency: usize::MAX,
+            max_errors: None,
+            held: held.iter().map(|a| a.to_string()).collect(),
+            cancelled: vec![],
+            stopped: false,
+            key: key.map(String::from),
+            released: 0,
+        }
+    }
+
+    #[test]
+    fn a_waiting_job_takes_each_agent_that_comes_to_match_once_until_cancelled() {
+        let t = JobTable::default();
+        let role = Selector::parse("role=db").unwrap();
+        let (job, first) = t.create_rollout(
+            "x".into(),
+            "agents matching role=db".into(),
+            vec![],
+            vec!["a".into()],
+            Some(unlimited(&["a"], Some("k"))),
+        );
+        assert_eq!(first.unwrap().agents, ["a"]);
+        t.set_waiting(
+            job,
+            Waiting {
+                selector: role.clone(),
+                one_task: false,
+            },
+        );
+        assert_eq!(t.waiting(), [(job, role)]);
+        assert_eq!(t.keyed("k"), Some(job));
+        assert_eq!(t.keyed("other"), None);
+        // Only the newcomers join, each once.
+        let r = t
+            .admit(job, vec!["a".into(), "b".into(), "c".into()])
+            .unwrap();
+        assert_eq!((r.agents, r.one_of), (vec!["b".into(), "c".into()], false));
+        assert_eq!(t.admit(job, vec!["a".into(), "b".into()]), None);
+        assert_eq!(t.get(job).unwrap().expected, ["a", "b", "c"]);
+        t.cancel(job);
+        assert!(t.waiting().is_empty());
+        assert_eq!(t.admit(job, vec!["d".into()]), None);
+    }
+
+    #[test]
+    fn a_waiting_queue_job_publishes_its_one_task_when_the_first_agents_match() {
+        let t = JobTable::default();
+        let (job, first) = t.create_rollout(
+            "x".into(),
+            "any one agent matching role=db".into(),
+            vec![],
+            vec![],
+            Some(unlimited(&[], Some("k"))),
+        );
+        assert_eq!(first, None);
+        let selector = Selector::parse("role=db").unwrap();
+        t.set_waiting(
+            job,
+            Waiting {
+                selector,
+                one_task: true,
+            },
+        );
+        assert_eq!(t.admit(job, vec![]), None);
+        let r = t.admit(job, vec!["a".into(), "b".into()]).unwrap();
+        assert_eq!(r.agents, ["a", "b"]);
+        assert!(r.one_of);
+        assert_eq!(r.key.as_deref(), Some("k"));
+        assert!(t.waiting().is_empty(), "one task, once");
+        assert_eq!(t.admit(job, vec!["c".into()]), None);
+    }
+
+    #[test]
+    fn a_waiting_job_stops_waiting_when_it_times_out() {
+        let t = JobTable::default();
+        let (job, _) = t.create_rollout("x".into(), "t".into(), vec![], vec![], None);
+        let selector = Selector::parse("role=db").unwrap();
+        t.set_waiting(
+            job,
+            Waiting {
+                selector,
+                one_task: false,
+            },
+        );
+        let now = Instant::now();
+        t.set_deadline(job, now);
+        t.expire(now);
+        assert!(t.waiting().is_empty());
     }
 
     #[test]

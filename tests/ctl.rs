@@ -249,9 +249,13 @@ fn a_selector_reaches_the_agents_with_those_labels_and_no_other() {
     );
     assert_eq!(code, 1);
     assert!(
-        err.contains("NOT_FOUND: selector role=cache matches no connected agent"),
+        err.contains("NOT_FOUND: selector role=cache matches no connected agent")
+            && err.contains("--wait-for-agents"),
         "{err}"
     );
+    // Waiting for agents needs someone to wait for (usage).
+    let (code, _, err) = ctl(&["--server", &addr, "push", "x", "--wait-for-agents"], &[]);
+    assert_eq!(code, 2, "{err}");
     let (code, _, err) = ctl(&["--server", &addr, "push", "x", "--target", "role"], &[]);
     assert_eq!(code, 1);
     assert!(
@@ -937,6 +941,202 @@ fn in_a_work_queue_a_selector_gives_each_task_to_any_one_matching_agent() {
         "db-1 got a web task"
     );
     for p in agents.iter_mut().chain([&mut srv]) {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
+}
+
+/// The id, status and output of each agent row of job `job` (`--json job`).
+fn job_rows(addr: &str, job: u64) -> Vec<(String, String, String)> {
+    let (code, out, err) = ctl(&["--server", addr, "--json", "job", &job.to_string()], &[]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            (field("agent"), field("status"), field("output"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_selector_job_waiting_for_agents_reaches_those_that_come_to_match_once_each() {
+    let (mut srv, addr) = server(&[]);
+    let mut web = agent_process(&addr, "web-1", "echo", &["--label", "role=web"]);
+    wait_for("web-1 listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("1 agent connected")
+    });
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "push",
+            "migrate",
+            "--target",
+            "role=db",
+            "--wait-for-agents",
+            "--key",
+            "mig-1",
+        ],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "job 1: no task yet, for 0 agents matching role=db now and any that come to match"
+        ),
+        "{err}"
+    );
+    let (_, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
+    assert!(
+        out.contains("(waiting for agents matching role=db)"),
+        "{out}"
+    );
+
+    // Agents that come with the label get it, each once; others do not.
+    let mut db1 = agent_process(&addr, "db-1", "echo", &["--label", "role=db"]);
+    db1.wait_line("task 1 done");
+    let mut db2 = agent_process(&addr, "db-2", "echo", &["--label", "role=db"]);
+    db2.wait_line("task 2 done");
+    wait_for("both answers in the job", || {
+        job_rows(&addr, 1)
+            == [
+                ("db-1".into(), "ok".into(), "migrate".into()),
+                ("db-2".into(), "ok".into(), "migrate".into()),
+            ]
+    });
+    // A retried push with the same key is the same job.
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "--json",
+            "push",
+            "migrate",
+            "--target",
+            "role=db",
+            "--wait-for-agents",
+            "--key",
+            "mig-1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let reply: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (reply["job_id"].as_u64(), reply["duplicate"].as_bool()),
+        (Some(1), Some(true)),
+        "{out}"
+    );
+    // db-1 comes back: it has had the task, it does not get it again.
+    db1.signal("TERM");
+    assert_eq!(db1.wait_exit(), 0);
+    let mut db1 = agent_process(&addr, "db-1", "echo", &["--label", "role=db"]);
+    wait_for("db-1 back", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("3 agents connected")
+    });
+    // Cancelled, the job takes no more agents.
+    let (code, out, err) = ctl(&["--server", &addr, "cancel", "--job", "1"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
+    assert!(!out.contains("waiting for agents"), "{out}");
+    let mut db3 = agent_process(&addr, "db-3", "echo", &["--label", "role=db"]);
+    wait_for("db-3 listed", || {
+        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
+        out.contains("4 agents connected")
+    });
+    // Past a job check (200 ms) nothing more was published for the job.
+    let (_, out, _) = ctl(
+        &["--server", &addr, "push", "marker", "--agent", "db-3"],
+        &[],
+    );
+    assert!(out.contains("task 3 pushed"), "{out}");
+    db3.wait_line("task 3 done");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert!(!db3.lines_so_far().iter().any(|l| l.contains("migrate")));
+    assert!(!db1.lines_so_far().iter().any(|l| l.contains("migrate")));
+    assert!(!web.lines_so_far().iter().any(|l| l.contains("migrate")));
+    for p in [&mut web, &mut db1, &mut db2, &mut db3, &mut srv] {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
+}
+
+#[test]
+fn in_a_work_queue_a_waiting_selector_task_goes_to_the_first_agent_that_matches() {
+    let (mut srv, addr) = server(&["--dispatch", "queue"]);
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "push",
+            "backup",
+            "--target",
+            "role=db",
+            "--wait-for-agents",
+        ],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "job 1: no task yet, for any one agent matching role=db, when one connects"
+        ),
+        "{err}"
+    );
+    let mut web = agent_process(&addr, "web-1", "echo", &["--label", "role=web"]);
+    let mut db1 = agent_process(&addr, "db-1", "echo", &["--label", "role=db"]);
+    db1.wait_line("task 1 done");
+    wait_for("db-1's answer in the job", || {
+        job_rows(&addr, 1) == [("db-1".into(), "ok".into(), "backup".into())]
+    });
+    let (_, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
+    assert!(!out.contains("waiting for agents"), "one task, once: {out}");
+    // With agents there already, the task is published at once.
+    let (code, out, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "push",
+            "vacuum",
+            "--target",
+            "role=db",
+            "--wait-for-agents",
+        ],
+        &[],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "job 2: task 2 pushed to any one of 1 agent matching role=db"
+        ),
+        "{err}"
+    );
+    db1.wait_line("task 2 done");
+    // Rollout limits count agents; a queue task goes to one.
+    let (code, _, err) = ctl(
+        &[
+            "--server",
+            &addr,
+            "push",
+            "x",
+            "--target",
+            "role=cache",
+            "--wait-for-agents",
+            "--max-concurrency",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("FAILED_PRECONDITION"), "{err}");
+    assert!(!web.lines_so_far().iter().any(|l| l.contains("task ")));
+    for p in [&mut web, &mut db1, &mut srv] {
         p.signal("TERM");
         assert_eq!(p.wait_exit(), 0);
     }
