@@ -20,6 +20,10 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "contact-client", version, allow_negative_numbers = true)]
 struct Flags {
+    /// Read settings from this TOML file: each key is a long flag without
+    /// its dashes (`server = "fleet.example:50051"`); a flag given here wins over the file's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Server address.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     server: String,
@@ -90,7 +94,7 @@ struct Flags {
 }
 
 fn main() {
-    let flags = Flags::parse();
+    let flags: Flags = contact::config::parse_args(None);
     cli::init_logging();
     let shutdown = Shutdown::new();
     let result = config(flags).and_then(|config| {

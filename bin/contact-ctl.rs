@@ -19,6 +19,12 @@ use std::time::{Duration, SystemTime};
 #[derive(Parser, Debug)]
 #[command(name = "contact-ctl", version)]
 struct Flags {
+    /// Read settings from this TOML file [default: ~/.config/contact/ctl.toml
+    /// when it exists]: each key is a long flag without its dashes
+    /// (`server = "fleet.example:50051"`, `token-file = "..."`); a flag given
+    /// here wins over the file's.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     /// Server address.
     #[arg(
         long,
@@ -157,7 +163,7 @@ impl TaskArgs {
 }
 
 fn main() {
-    let flags = Flags::parse();
+    let flags: Flags = contact::config::parse_args(contact::config::user_config("ctl.toml"));
     cli::init_logging();
     match run(flags) {
         Ok(out) => print!("{out}"),

@@ -32,6 +32,10 @@ use std::time::Duration;
 struct Flags {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Read settings from this TOML file: each key is a long flag without
+    /// its dashes (`state-dir = "/var/lib/contact"`); a flag given here wins over the file's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on, HOST:PORT (port 0 picks a free port, logged at
     /// start). Addresses other machines can reach need TLS and credentials, or --insecure.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
@@ -214,7 +218,7 @@ enum From {
 }
 
 fn main() {
-    let flags = Flags::parse();
+    let flags: Flags = contact::config::parse_args(None);
     cli::init_logging();
     if let Some(Command::Token {
         name,

@@ -27,6 +27,7 @@ pub mod backoff;
 pub mod budget;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod ctl;
 pub mod dispatch;
 pub mod error;

@@ -1141,3 +1141,93 @@ fn in_a_work_queue_a_waiting_selector_task_goes_to_the_first_agent_that_matches(
         assert_eq!(p.wait_exit(), 0);
     }
 }
+
+#[test]
+fn settings_come_from_config_files_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(path("secret"), "integration test secret, 32 bytes!").unwrap();
+    let token = |args: &[&str]| {
+        let out = Command::new(SERVER_BIN)
+            .args(["token", "--auth-secret", &path("secret")])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    std::fs::write(path("ops.token"), token(&["--admin", "ops"])).unwrap();
+    std::fs::write(path("db-1.token"), token(&["db-1"])).unwrap();
+    std::fs::write(
+        path("server.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\nno_state = true\ntasks-from = \"/dev/null\"\nauth-secret = {:?}\n",
+            path("secret")
+        ),
+    )
+    .unwrap();
+    let mut srv = Proc::start(SERVER_BIN, &["--config", &path("server.toml")]);
+    let line = srv.wait_line("listening on");
+    assert!(line.contains("tokens required"), "{line}");
+    let addr = format!("127.0.0.1:{}", port_of_listening_line(&line));
+    std::fs::write(
+        path("agent.toml"),
+        format!(
+            "server = {addr:?}\ntoken-file = {:?}\nlabel = [\"role=db\", \"zone=eu\"]\nexec = \"echo\"\n",
+            path("db-1.token")
+        ),
+    )
+    .unwrap();
+    let mut agent = Proc::start(CLIENT_BIN, &["--config", &path("agent.toml")]);
+    agent.wait_line("connected to");
+    // contact-ctl reads ~/.config/contact/ctl.toml (here under XDG_CONFIG_HOME).
+    std::fs::create_dir_all(dir.path().join("contact")).unwrap();
+    std::fs::write(
+        dir.path().join("contact/ctl.toml"),
+        format!("server = {addr:?}\ntoken-file = {:?}\n", path("ops.token")),
+    )
+    .unwrap();
+    let home = [("XDG_CONFIG_HOME", dir.path().to_str().unwrap())];
+    let (code, out, err) = ctl(
+        &["run", "hi", "--target", "role=db,zone=eu", "--wait"],
+        &home,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("db-1: ok\n    hi\n"), "{out}");
+    // A flag wins over the file: nothing listens on port 1.
+    let (code, _, err) = ctl(&["--server", "127.0.0.1:1", "clients"], &home);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot reach the server at 127.0.0.1:1"),
+        "{err}"
+    );
+    // Without the file's token the server refuses.
+    let (code, _, err) = ctl(&["--server", &addr, "clients"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+
+    // Mistakes are usage errors that say where they are.
+    std::fs::write(path("bad.toml"), "no-state = true\nevery = \"soon\"\n").unwrap();
+    let mut bad = Proc::start(SERVER_BIN, &["--config", &path("bad.toml")]);
+    assert_eq!(bad.wait_exit(), 2);
+    let log = bad.whole_log().join("\n");
+    assert!(log.contains("\"soon\""), "{log}");
+    assert!(
+        log.contains("--every was set by the config file") && log.contains("bad.toml, line 2"),
+        "{log}"
+    );
+    std::fs::write(path("typo.toml"), "sevrer = \"x\"\n").unwrap();
+    let (code, _, err) = ctl(&["--config", &path("typo.toml"), "clients"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("typo.toml, line 1: unknown setting `sevrer`"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["--config", &path("missing.toml"), "clients"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot read the config file"), "{err}");
+    for p in [&mut agent, &mut srv] {
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), 0);
+    }
+}

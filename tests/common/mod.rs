@@ -319,6 +319,8 @@ pub fn ctl(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(CTL_BIN)
         .args(args)
         .env_remove("CONTACT_ADMIN_TOKEN")
+        // No user's ~/.config/contact/ctl.toml, unless a test gives one.
+        .env("XDG_CONFIG_HOME", "/nonexistent/contact-test")
         .envs(envs.iter().copied())
         .output()
         .expect("contact-ctl runs");
