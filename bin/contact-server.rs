@@ -119,6 +119,15 @@ struct Flags {
     /// token (like Docker's socket). Written unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     admin_listen: Option<String>,
+    /// Serve HTTP on HOST:PORT: Prometheus metrics at /metrics, /healthz and
+    /// /readyz, and the live web view at / (admin token required with
+    /// --auth-secret; without credentials, loopback only). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Also export series per connected agent (one per agent and name: mind
+    /// the cardinality of a large fleet).
+    #[arg(long, requires = "metrics_listen")]
+    metrics_per_agent: bool,
     /// Seconds between stats lines in the log.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "5")]
     stats_every: Duration,
@@ -272,6 +281,8 @@ fn main() {
                 .unwrap_or(usize::MAX),
         },
         results_to: flags.results_to,
+        metrics_listen: flags.metrics_listen,
+        metrics_per_agent: flags.metrics_per_agent,
         admin_socket: match flags
             .admin_listen
             .as_deref()

@@ -931,6 +931,20 @@ impl Admin for AdminService {
 }
 
 impl AdminService {
+    /// The newest `n` jobs with their totals (no agent rows), for the web view.
+    pub fn recent_jobs(&self, n: usize) -> Vec<JobMsg> {
+        self.jobs
+            .newest(n)
+            .iter()
+            .map(|j| self.job_message(j, false))
+            .collect()
+    }
+
+    /// Job `id` with each agent's status and output, if held.
+    pub fn job_with_agents(&self, id: u64) -> Option<JobMsg> {
+        self.jobs.get(id).map(|j| self.job_message(&j, true))
+    }
+
     /// A job as the admin API shows it; each agent's status with `agents`.
     fn job_message(&self, j: &Job, agents: bool) -> JobMsg {
         let rows = self.statuses(j);

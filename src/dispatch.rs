@@ -177,6 +177,19 @@ pub struct Counters {
     pub dead: u64,
 }
 
+/// How much is going on now, for the metrics (see [`Dispatcher::gauges`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Clients connected.
+    pub connected: usize,
+    /// Deliveries written and not answered yet.
+    pub in_flight: usize,
+    /// Tasks waiting for delivery: queue mode, those no client holds;
+    /// broadcast, per connected client the retained tasks it has not been
+    /// offered yet plus those it is owed again, summed.
+    pub backlog: usize,
+}
+
 /// Tasks were not published: they could not be written to the state
 /// journal (the server is stopping; the cause is logged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1715,6 +1728,28 @@ impl Dispatcher {
     /// How many clients are connected (without listing them, for the stats line).
     pub fn connected(&self) -> usize {
         self.lock().registry.len()
+    }
+
+    /// How much is going on now, in one pass over the clients (for a
+    /// metrics scrape, not for every message).
+    pub fn gauges(&self) -> Gauges {
+        let st = self.lock();
+        let next = st.log.next_id();
+        let mut g = Gauges {
+            connected: st.registry.len(),
+            ..Gauges::default()
+        };
+        for c in st.clients.values() {
+            g.in_flight += c.in_flight.len();
+            if self.config.mode == Mode::Broadcast && c.session.is_some() {
+                let unoffered = next.saturating_sub(c.cursor.max(st.log.first_id()));
+                g.backlog += unoffered as usize + c.redeliver.len() + c.delayed.len();
+            }
+        }
+        if self.config.mode == Mode::Queue {
+            g.backlog = st.queue.len().saturating_sub(g.in_flight);
+        }
+        g
     }
 
     /// Totals since start.

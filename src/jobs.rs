@@ -455,7 +455,12 @@ impl JobTable {
 
     /// Every job held, newest first.
     pub fn list(&self) -> Vec<Job> {
-        self.lock().held.iter().rev().cloned().collect()
+        self.newest(usize::MAX)
+    }
+
+    /// The newest `n` jobs held, newest first.
+    pub fn newest(&self, n: usize) -> Vec<Job> {
+        self.lock().held.iter().rev().take(n).cloned().collect()
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Journal {
     pub size: u64,
     /// Held for the journal's lifetime: the lock on the state directory.
     _lock: File,
+    /// Times each commit, for the metrics (`--metrics-listen`).
+    sync_timer: Option<prometheus::Histogram>,
 }
 
 impl Journal {
@@ -134,6 +136,7 @@ impl Journal {
                 uncommitted: false,
                 size,
                 _lock: lock,
+                sync_timer: None,
             },
             records,
         ))
@@ -153,8 +156,14 @@ impl Journal {
             .map_err(|e| Error::file(self.path(), "write the journal", e))
     }
 
+    /// Times every commit from now on into `timer`.
+    pub fn time_syncs(&mut self, timer: prometheus::Histogram) {
+        self.sync_timer = Some(timer);
+    }
+
     /// Commits everything appended so far: a commit marker, then flush and fsync.
     pub fn sync(&mut self) -> Result<(), Error> {
+        let _timed = self.sync_timer.as_ref().map(|t| t.start_timer());
         let path = self.path();
         let err = |e| Error::file(&path, "write the journal", e);
         if self.uncommitted {

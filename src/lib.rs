@@ -39,6 +39,7 @@ pub mod labels;
 pub mod listen;
 pub mod loadgen;
 pub mod logtext;
+pub mod observe;
 pub mod producer;
 pub mod proto;
 pub mod recorder;

@@ -20,6 +20,9 @@ use crate::journal::{Journal, OnDamage};
 use crate::labels;
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
+use crate::observe::health::Health;
+use crate::observe::metrics::Metrics;
+use crate::observe::port::{MetricsPort, PortState};
 use crate::producer::{Producer, TaskSource};
 use crate::proto::{self, ClientMsg, Contact, Empty, ResultMsg, ServerMsg};
 use crate::results::{ResultSink, ResultWriter, SinkConfig};
@@ -100,6 +103,10 @@ pub struct ServerConfig {
     pub transport: TransportLimits,
     /// Stale results an agent may send per minute before its results are refused.
     pub stale: StaleLimits,
+    /// `--metrics-listen HOST:PORT`: metrics, health and the web view over HTTP.
+    pub metrics_listen: Option<String>,
+    /// `--metrics-per-agent`: series per connected agent too.
+    pub metrics_per_agent: bool,
 }
 
 /// What one connection may hold, so that hostile peers cannot exhaust the server.
@@ -145,6 +152,8 @@ impl Default for ServerConfig {
             insecure: false,
             transport: TransportLimits::default(),
             stale: StaleLimits::default(),
+            metrics_listen: None,
+            metrics_per_agent: false,
         }
     }
 }
@@ -160,6 +169,8 @@ struct ContactService {
     results: ResultSink,
     auth: Arc<Authenticator>,
     stale: Arc<StaleBudget>,
+    /// Counted as it happens, with `--metrics-listen`.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ContactService {
@@ -365,8 +376,16 @@ impl Contact for ContactService {
         let ack_timeout_ms =
             u32::try_from(self.dispatcher.config().ack_timeout.as_millis()).unwrap_or(u32::MAX);
         let results = self.results.clone();
+        let metrics = self.metrics.clone();
         ctx.spawn(async move {
-            let mut res = forward(&mut feed, &mut sink, &incarnation, ack_timeout_ms).await;
+            let mut res = forward(
+                &mut feed,
+                &mut sink,
+                &incarnation,
+                ack_timeout_ms,
+                metrics.as_deref(),
+            )
+            .await;
             if res.is_ok() {
                 // The dispatcher ended the feed: a stop, or a failed disk.
                 res = match results.failure() {
@@ -411,6 +430,7 @@ impl Contact for ContactService {
         let rollouts = self.rollouts.clone();
         let results = self.results.clone();
         let budget = self.stale.clone();
+        let metrics = self.metrics.clone();
         ctx.spawn(async move {
             let res: grpcio::Result<()> = async {
                 // A client that sent a stale result has the rest of its
@@ -428,6 +448,9 @@ impl Contact for ContactService {
                         dispatcher.complete_many(&client, answers, !ephemeral)
                     };
                     rollouts.release(jobs.observe(judged.iter().flatten()));
+                    if let Some(m) = &metrics {
+                        m.observe_results(judged.iter().flatten());
+                    }
                     // Results that answer nothing are budgeted, not written to disk forever.
                     for r in judged.iter().flatten().filter(|r| r.stale) {
                         max = 1;
@@ -558,14 +581,20 @@ async fn forward(
     sink: &mut ServerStreamingSink<ServerMsg>,
     incarnation: &str,
     ack_timeout_ms: u32,
+    metrics: Option<&Metrics>,
 ) -> grpcio::Result<()> {
-    let message = |d: Delivery| ServerMsg {
-        task: d.task.text.clone(),
-        task_id: d.task.id,
-        attempt: d.attempt,
-        incarnation: incarnation.to_string(),
-        ack_timeout_ms,
-        ..Default::default()
+    let message = |d: Delivery| {
+        if let Some(m) = metrics.filter(|_| d.attempt == 1) {
+            m.observe_first_delivery(d.task.produced_at);
+        }
+        ServerMsg {
+            task: d.task.text.clone(),
+            task_id: d.task.id,
+            attempt: d.attempt,
+            incarnation: incarnation.to_string(),
+            ack_timeout_ms,
+            ..Default::default()
+        }
     };
     loop {
         // Wait for a delivery, but notice a vanished client even when idle:
@@ -609,6 +638,9 @@ pub struct Server {
     producers: Vec<Producer>,
     clock: Option<JoinHandle<()>>,
     admin_worker: Option<AdminWorker>,
+    health: Arc<Health>,
+    /// `--metrics-listen`, and what stops it (last, after the drain).
+    metrics_port: Option<(MetricsPort, Shutdown)>,
     shutdown: Shutdown,
     grace: Duration,
 }
@@ -622,9 +654,16 @@ impl Server {
             Some(t) => t.credentials()?,
             None => ServerCredentials::insecure(),
         };
+        let metrics = config
+            .metrics_listen
+            .as_ref()
+            .map(|_| Arc::new(Metrics::new(config.metrics_per_agent)));
         let (journal, records) = match &config.state_dir {
             Some(dir) => {
-                let (j, r) = Journal::open_with(dir, config.on_damage)?;
+                let (mut j, r) = Journal::open_with(dir, config.on_damage)?;
+                if let Some(m) = &metrics {
+                    j.time_syncs(m.fsync_timer());
+                }
                 (Some(j), r)
             }
             None => (None, vec![]),
@@ -679,12 +718,15 @@ impl Server {
             results: results.clone(),
             auth: auth.clone(),
             stale: Arc::new(StaleBudget::new(config.stale)),
+            metrics: metrics.clone(),
         };
+        let health = Arc::new(Health::new());
         let args = transport::server_channel(env.clone(), &config).build_args();
         let mut grpc = ServerBuilder::new(env)
             .channel_args(args)
             .register_service(proto::create_contact(service))
-            .register_service(proto::admin::create_admin(admin))
+            .register_service(proto::admin::create_admin(admin.clone()))
+            .register_service(health.grpc_service())
             .build()?;
         let port = grpc
             .add_listening_port(listen.to_string(), credentials)
@@ -695,7 +737,23 @@ impl Server {
         if let Some(path) = &config.admin_socket {
             listen_admin_socket(&mut grpc, path)?;
         }
+        let metrics_port = match (&config.metrics_listen, metrics) {
+            (Some(addr), Some(metrics)) => {
+                let stop = Shutdown::new();
+                let state = PortState {
+                    dispatcher: dispatcher.clone(),
+                    metrics,
+                    health: health.clone(),
+                    admin,
+                    auth: auth.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                Some((MetricsPort::start(addr, state, stop.clone())?, stop))
+            }
+            _ => None,
+        };
         grpc.start();
+        health.set_serving(true);
         log::info!(
             "contact server listening on {} ({})",
             listen.with_port(port),
@@ -710,6 +768,8 @@ impl Server {
             producers: vec![],
             clock: None,
             admin_worker: Some(admin_worker),
+            health,
+            metrics_port,
             shutdown: shutdown.clone(),
             grace: config.grace,
         };
@@ -733,6 +793,11 @@ impl Server {
     /// The port actually bound (useful with port 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Where `--metrics-listen` is bound, if it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_port.as_ref().map(|(p, _)| p.addr())
     }
 
     /// The dispatcher, to publish tasks or inspect clients from outside gRPC.
@@ -762,6 +827,8 @@ impl Server {
     /// is no grace period (no result could be recorded): open calls get a
     /// bounded drain, and the recorder's error is returned.
     pub fn stop(mut self) -> Result<u64, Error> {
+        // Load balancers and probes learn first that no new work is taken.
+        self.health.set_serving(false);
         let failed = self.shutdown.failure().is_some();
         if failed {
             log::info!("shutting down at once: results cannot be recorded any more");
@@ -807,9 +874,20 @@ impl Server {
         if let Some(c) = self.clock.take() {
             let _ = c.join();
         }
-        let Server { grpc, writer, .. } = self;
+        let Server {
+            grpc,
+            writer,
+            metrics_port,
+            ..
+        } = self;
         drop(grpc);
-        let n = writer.finish()?;
+        let n = writer.finish();
+        // Served until the end: a probe sees NOT_SERVING through the drain.
+        if let Some((port, stop)) = metrics_port {
+            stop.trigger();
+            port.join();
+        }
+        let n = n?;
         log::info!("server stopped; {n} results recorded");
         Ok(n)
     }
