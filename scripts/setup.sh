@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building contact needs (cmake and a C++ compiler for the gRPC
 # C-core, OpenSSL's headers for TLS), and with --python the Python peers for
-# the interop and hostile tests (grpcio, grpcio-tools and h2 in .venv). As root
+# the interop and hostile tests (grpcio, grpcio-tools and h2 in .venv) and,
+# as root, Chromium and its WebDriver for the web view's browser test. As root
 # it installs missing Debian packages with apt-get; otherwise it says exactly
 # what to install and stops.
 set -euo pipefail
@@ -31,6 +32,13 @@ if [ "$want_python" = yes ]; then
     elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
         missing+=(python3-venv)
     fi
+fi
+
+# The web view's browser test (tests/webview.rs) and `contact-ctl top`'s
+# (tmux): installed as root; elsewhere those tests say they were skipped.
+if [ "$want_python" = yes ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 fi
 
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -331,8 +331,8 @@ pub fn ctl(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
-/// One HTTP/1.0 request to `addr` (`host:port`): the status, the headers
-/// (names lowercased) and the body.
+/// One HTTP/1.1 request to `addr` (`host:port`) on a connection of its own:
+/// the status, the headers (names lowercased) and the body (not chunked).
 pub fn http(
     addr: &str,
     method: &str,
@@ -343,26 +343,49 @@ pub fn http(
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("the HTTP port accepts");
     s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req += &format!("{k}: {v}\r\n");
     }
     req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    // Headers, then a body of Content-Length bytes (or up to the close).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed before the headers: {raw:?}");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
     let mut lines = head.lines();
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {raw:?}"));
-    let headers = lines
+        .unwrap_or_else(|| panic!("not an HTTP answer: {head:?}"));
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
         .collect();
-    (status, headers, body.to_string())
+    let mut body = raw[head_end + 4..].to_vec();
+    match headers.iter().find(|(k, _)| k == "content-length") {
+        Some((_, n)) => {
+            let n: usize = n.parse().unwrap();
+            while body.len() < n {
+                let got = s.read(&mut buf).unwrap();
+                assert!(got > 0, "the body was cut short");
+                body.extend_from_slice(&buf[..got]);
+            }
+        }
+        None => {
+            s.read_to_end(&mut body).unwrap();
+        }
+    }
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The address in a server's "metrics on http://ADDR/metrics" log line.
