@@ -1,14 +1,17 @@
 //! `contact-server`: parses flags into a `ServerConfig`, runs the server until
 //! SIGINT/SIGTERM, then stops it gracefully; or until its disk fails, then
-//! stops at once and exits 1 (for a supervisor to restart it).
+//! stops at once and exits 1 (for a supervisor to restart it). On SIGHUP it
+//! reads its config file and credential files again (see `Reload`).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use contact::budget::StaleLimits;
 use contact::cli::{self, parse_positive, parse_secs, parse_secs_range};
+use contact::config::ConfigFile;
 use contact::dispatch::{DispatchConfig, Mode, RetryBackoff, StartAt};
 use contact::journal::OnDamage;
 use contact::listen::ListenAddr;
 use contact::producer::TaskSource;
+use contact::reload::{CredentialFiles, Reloader};
 use contact::server::{Server, ServerConfig, TransportLimits};
 use contact::shutdown::Shutdown;
 use contact::tls::ServerTls;
@@ -227,7 +230,7 @@ enum From {
 }
 
 fn main() {
-    let flags: Flags = contact::config::parse_args(None);
+    let (flags, config_file): (Flags, _) = contact::config::parse_args_and_file(None);
     cli::init_logging();
     if let Some(Command::Token {
         name,
@@ -239,7 +242,8 @@ fn main() {
     }
     cli::raise_open_file_limit();
     cli::ignore_file_size_signal();
-    let security = match security(&flags.security) {
+    let files = credential_files(&flags.security);
+    let security = match security(&flags.security, &files) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("contact-server: {e}");
@@ -323,31 +327,122 @@ fn main() {
         },
     };
     let shutdown = Shutdown::new();
-    let result =
-        cli::stop_on_signals(&shutdown).and_then(|()| Server::start(config)?.run_until(&shutdown));
-    if let Err(e) = result {
+    let reload = Reload {
+        started_with: config_file,
+        files,
+    };
+    if let Err(e) = serve(config, reload, &shutdown) {
         eprintln!("contact-server: {e}");
         std::process::exit(cli::exit_code(&e));
     }
 }
 
-fn security(s: &Security) -> Result<(Option<ServerTls>, TrustConfig), contact::Error> {
-    let tls = match (&s.tls_cert, &s.tls_key) {
-        (Some(cert), Some(key)) => Some(ServerTls {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: s.client_ca.clone(),
-        }),
-        _ => None,
-    };
-    let secret = s.auth_secret.as_deref().map(Secret::load).transpose()?;
+/// Runs the server until SIGINT/SIGTERM (or a disk failure), reloading on SIGHUP.
+fn serve(config: ServerConfig, reload: Reload, shutdown: &Shutdown) -> Result<u64, contact::Error> {
+    cli::stop_on_signals(shutdown)?;
+    // Caught from before the server starts: a SIGHUP must never end it.
+    let hangups = cli::hangups()?;
+    let server = Server::start(config)?;
+    let reloader = server.reloader(reload.files.clone());
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for () in hangups {
+                reload.run(&reloader);
+            }
+        })
+        .map_err(contact::Error::Thread)?;
+    server.run_until(shutdown)
+}
+
+/// The settings that reload applies: the credential files' paths (their
+/// contents are read at every reload). Every other setting needs a restart.
+const RELOADABLE: [&str; 5] = [
+    "auth-secret",
+    "deny-list",
+    "tls-cert",
+    "tls-key",
+    "client-ca",
+];
+
+/// What a SIGHUP reads again: the config file the server started with (if
+/// any) and the credential files it names, or those of the command line.
+struct Reload {
+    started_with: Option<ConfigFile>,
+    files: CredentialFiles,
+}
+
+impl Reload {
+    /// Reloads; a failure is logged and leaves everything as it was.
+    fn run(&self, reloader: &Reloader) {
+        log::info!("SIGHUP: reloading");
+        let files = match &self.started_with {
+            None => self.files.clone(),
+            Some(started) => {
+                let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+                match contact::config::reparse::<Flags>(&args, started.path()) {
+                    Ok((flags, now)) => {
+                        let restart: Vec<String> = started
+                            .changed_flags(&now, &args)
+                            .into_iter()
+                            .filter(|f| !RELOADABLE.contains(&f.as_str()))
+                            .map(|f| format!("--{f}"))
+                            .collect();
+                        if !restart.is_empty() {
+                            log::warn!(
+                                "reload: the config file {} changes {}: not applied until the server is restarted",
+                                started.path().display(),
+                                restart.join(", ")
+                            );
+                        }
+                        credential_files(&flags.security)
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "reload failed: {e}; the server keeps its settings and credentials"
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        match reloader.reload(files) {
+            Ok(summary) => log::info!("reloaded: {summary}"),
+            Err(e) => {
+                log::error!("reload failed: {e}; the previous credentials stay in force")
+            }
+        }
+    }
+}
+
+/// The credential files the flags name.
+fn credential_files(s: &Security) -> CredentialFiles {
+    CredentialFiles {
+        auth_secret: s.auth_secret.clone(),
+        deny_list: s.deny_list.clone(),
+        tls: match (&s.tls_cert, &s.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: s.client_ca.clone(),
+            }),
+            _ => None,
+        },
+    }
+}
+
+fn security(
+    s: &Security,
+    files: &CredentialFiles,
+) -> Result<(Option<ServerTls>, TrustConfig), contact::Error> {
+    let secret = files.auth_secret.as_deref().map(Secret::load).transpose()?;
     let trust = TrustConfig {
         secret,
         client_certs: s.client_ca.is_some(),
-        deny_list: s.deny_list.clone(),
+        deny_list: files.deny_list.clone(),
         allow_anonymous: s.allow_anonymous,
     };
-    Ok((tls, trust))
+    Ok((files.tls.clone(), trust))
 }
 
 /// `contact-server token`: prints one token; the exit status says whether it could.

@@ -148,7 +148,7 @@ impl AdminService {
         // Without credentials the admin API is for this machine only: an
         // --insecure server on a reachable address must not take orders from
         // the network.
-        if self.exposed && !self.auth.config().requires_credentials() {
+        if self.exposed && !self.auth.requires_credentials() {
             return Err(RpcStatus::with_message(
                 RpcStatusCode::PERMISSION_DENIED,
                 "this server listens beyond loopback without credentials: its admin API needs --auth-secret (admin tokens) or --admin-listen unix:PATH".into(),

@@ -1,6 +1,6 @@
-//! What the two binaries share at their edge: logging set-up, flag value
-//! parsers, signal handling and the exit-status contract (0 success,
-//! 2 usage error, 1 anything else).
+//! What the binaries share at their edge: logging set-up, flag value
+//! parsers, signal handling (stop on SIGINT/SIGTERM, reload on SIGHUP) and
+//! the exit-status contract (0 success, 2 usage error, 1 anything else).
 
 use crate::dispatch::RetryBackoff;
 use crate::error::Error;
@@ -75,6 +75,27 @@ pub fn stop_on_signals(shutdown: &Shutdown) -> Result<(), Error> {
         })
         .map_err(Error::Thread)?;
     Ok(())
+}
+
+/// Catches SIGHUP from now on (its default action ends the process): each
+/// one is a message on the returned channel, for the server to reload its
+/// credentials and settings. Hangups that come while one is waiting to be
+/// handled are merged into it (one reload reads everything).
+pub fn hangups() -> Result<crossbeam_channel::Receiver<()>, Error> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .map_err(Error::Thread)?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if let Err(crossbeam_channel::TrySendError::Disconnected(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+        })
+        .map_err(Error::Thread)?;
+    Ok(rx)
 }
 
 /// Ignores SIGXFSZ, whose default action kills the process: a write past

@@ -8,6 +8,8 @@
 //! (flags win). A key that is no flag, a table, or a value of the wrong
 //! kind is an error naming the file, the line and the key; a value clap
 //! rejects is reported by clap, with a note saying which line set it.
+//! A server reads its file again when told to reload (`reparse`), and
+//! `changed_flags` says which settings the new reading changes.
 
 use clap::error::{ContextKind, ContextValue};
 use clap::{Command, CommandFactory, FromArgMatches};
@@ -110,15 +112,8 @@ impl ConfigFile {
     /// `args` (program name first) with the file's settings put before the
     /// command line's arguments, except those the command line sets itself.
     pub fn apply(&self, args: &[OsString]) -> Vec<OsString> {
-        let given = |flag: &str| {
-            let long = format!("--{flag}");
-            args.iter().skip(1).any(|a| {
-                let a = a.to_string_lossy();
-                a == long || a.starts_with(&format!("{long}="))
-            })
-        };
         let mut out: Vec<OsString> = args.iter().take(1).cloned().collect();
-        for s in self.settings.iter().filter(|s| !given(&s.flag)) {
+        for s in self.settings.iter().filter(|s| !given_on(args, &s.flag)) {
             if s.values.is_empty() {
                 out.push(format!("--{}", s.flag).into());
             }
@@ -128,6 +123,33 @@ impl ConfigFile {
         }
         out.extend(args.iter().skip(1).cloned());
         out
+    }
+
+    /// The file the settings were read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The flags whose settings differ between this reading of the file and
+    /// `newer` (set in one only, or to other values), leaving out those the
+    /// command line `args` gives, which win over either file.
+    pub fn changed_flags(&self, newer: &ConfigFile, args: &[OsString]) -> Vec<String> {
+        let values = |c: &ConfigFile, flag: &str| {
+            c.settings
+                .iter()
+                .find(|s| s.flag == flag)
+                .map(|s| s.values.clone())
+        };
+        let mut flags: Vec<String> = self
+            .settings
+            .iter()
+            .chain(&newer.settings)
+            .map(|s| s.flag.clone())
+            .filter(|f| !given_on(args, f) && values(self, f) != values(newer, f))
+            .collect();
+        flags.sort();
+        flags.dedup();
+        flags
     }
 
     /// "set by FILE, line N" for a flag this file sets, to go with clap's
@@ -140,6 +162,15 @@ impl ConfigFile {
             s.line
         ))
     }
+}
+
+/// Whether the command line `args` (program name first) gives `--FLAG`.
+fn given_on(args: &[OsString], flag: &str) -> bool {
+    let long = format!("--{flag}");
+    args.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == long || a.starts_with(&format!("{long}="))
+    })
 }
 
 /// The file a command line names with `--config FILE` (or `--config=FILE`).
@@ -174,6 +205,15 @@ fn runs_separate_subcommand(command: &Command, args: &[OsString]) -> bool {
 /// and present. A mistake in the file, or in a value it set, exits with
 /// status 2 (usage), as clap does for the command line.
 pub fn parse_args<F: CommandFactory + FromArgMatches>(default: Option<PathBuf>) -> F {
+    parse_args_and_file(default).0
+}
+
+/// [`parse_args`], also returning the config file read (none when the
+/// command line names none, or runs a subcommand whose arguments may not
+/// mix with the command's), to compare with a later reading of it.
+pub fn parse_args_and_file<F: CommandFactory + FromArgMatches>(
+    default: Option<PathBuf>,
+) -> (F, Option<ConfigFile>) {
     let args: Vec<OsString> = std::env::args_os().collect();
     let command = F::command();
     let name = command.get_name().to_string();
@@ -190,22 +230,9 @@ pub fn parse_args<F: CommandFactory + FromArgMatches>(default: Option<PathBuf>) 
         }
         _ => None,
     };
-    let full = config
-        .as_ref()
-        .map_or_else(|| args.clone(), |c| c.apply(&args));
-    let parsed = command
-        .try_get_matches_from(full)
-        .and_then(|mut m| F::from_arg_matches_mut(&mut m));
-    match parsed {
-        Ok(flags) => flags,
-        Err(e) => {
-            let note = config.as_ref().and_then(|c| {
-                let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
-                    return None;
-                };
-                let flag = arg.trim_start_matches('-').split([' ', '=']).next()?;
-                c.origin(flag)
-            });
+    match parse_with(command, &args, config.as_ref()) {
+        Ok(flags) => (flags, config),
+        Err((e, note)) => {
             let _ = e.print();
             if let Some(note) = note {
                 eprintln!("note: {note}");
@@ -213,6 +240,51 @@ pub fn parse_args<F: CommandFactory + FromArgMatches>(default: Option<PathBuf>) 
             std::process::exit(e.exit_code());
         }
     }
+}
+
+/// Reads the config file at `path` again and parses `args` (this process's
+/// command line) with it, as at start: what a server does when told to
+/// reload (SIGHUP). A mistake is returned, worded as at start, to be logged.
+pub fn reparse<F: CommandFactory + FromArgMatches>(
+    args: &[OsString],
+    path: &Path,
+) -> Result<(F, ConfigFile), String> {
+    let command = F::command();
+    let config = ConfigFile::read(path, &command)?;
+    match parse_with(command, args, Some(&config)) {
+        Ok(flags) => Ok((flags, config)),
+        Err((e, note)) => {
+            let why = e.render().to_string();
+            let why = why.trim_start_matches("error: ").trim_end();
+            Err(match note {
+                Some(note) => format!("{why} ({note})"),
+                None => format!("{}: {why}", path.display()),
+            })
+        }
+    }
+}
+
+/// `args` parsed as `F` with `config`'s settings; an error comes with a
+/// note naming the file's line that set the value refused.
+fn parse_with<F: FromArgMatches>(
+    command: Command,
+    args: &[OsString],
+    config: Option<&ConfigFile>,
+) -> Result<F, (clap::Error, Option<String>)> {
+    let full = config.map_or_else(|| args.to_vec(), |c| c.apply(args));
+    command
+        .try_get_matches_from(full)
+        .and_then(|mut m| F::from_arg_matches_mut(&mut m))
+        .map_err(|e| {
+            let note = config.and_then(|c| {
+                let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+                    return None;
+                };
+                let flag = arg.trim_start_matches('-').split([' ', '=']).next()?;
+                c.origin(flag)
+            });
+            (e, note)
+        })
 }
 
 /// `$XDG_CONFIG_HOME/contact/NAME` (or `~/.config/contact/NAME`).
@@ -286,6 +358,23 @@ mod tests {
             c.origin("every").unwrap(),
             "--every was set by the config file demo.toml, line 4"
         );
+    }
+
+    #[test]
+    fn changed_settings_are_named_unless_the_command_line_sets_them() {
+        let old = parse("server = \"a\"\nevery = 1\nlabel = [\"x=1\"]\njson = true\n").unwrap();
+        let new =
+            parse("every = 2\nserver = \"a\"\nlabel = [\"x=1\", \"y=2\"]\ntoken_file = \"t\"\n")
+                .unwrap();
+        assert_eq!(
+            old.changed_flags(&new, &os(&["demo"])),
+            ["every", "json", "label", "token-file"]
+        );
+        assert_eq!(
+            old.changed_flags(&new, &os(&["demo", "--every=3", "--json"])),
+            ["label", "token-file"]
+        );
+        assert!(old.changed_flags(&old, &os(&["demo"])).is_empty());
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! state), [`client`] (the agent
 //! side), [`handler`] (what an agent does with a task), [`backoff`],
 //! [`shutdown`] and [`error`]. Trust: [`listen`] (what address, reachable
-//! by whom), [`tls`], [`token`] and [`trust`] (who is calling), [`budget`]
+//! by whom), [`tls`], [`token`] and [`trust`] (who is calling), [`reload`]
+//! (new credentials on SIGHUP), [`budget`]
 //! (stale results an agent may send) and [`logtext`] (peer text in logs).
 //! [`loadgen`] is the load generator behind `contact-load` (a fleet of
 //! agents on few connections, for measurements).
@@ -44,6 +45,7 @@ pub mod producer;
 pub mod proto;
 pub mod recorder;
 pub mod registry;
+pub mod reload;
 pub mod results;
 pub mod server;
 pub mod shutdown;

@@ -25,9 +25,10 @@ use crate::observe::metrics::Metrics;
 use crate::observe::port::{MetricsPort, PortState};
 use crate::producer::{Producer, TaskSource};
 use crate::proto::{self, ClientMsg, Contact, Empty, ResultMsg, ServerMsg};
+use crate::reload::{CredentialFiles, Reloader};
 use crate::results::{ResultSink, ResultWriter, SinkConfig};
 use crate::shutdown::Shutdown;
-use crate::tls::{self, ServerTls};
+use crate::tls::{self, CertificateReloader, ServerTls};
 use crate::transport;
 use crate::trust::{self, Authenticator, Caller, Presented, Refusal, TrustConfig};
 use futures::future::poll_fn;
@@ -182,7 +183,7 @@ impl ContactService {
         let claimed = proto::client_id_from(headers).map_err(invalid)?;
         let bearer = trust::bearer_from(headers).map_err(invalid)?;
         let peer = ctx.peer();
-        let cert_names = if self.auth.config().client_certs {
+        let cert_names = if self.auth.client_certs() {
             tls::peer_cert_names(ctx)
         } else {
             vec![]
@@ -643,6 +644,8 @@ pub struct Server {
     metrics_port: Option<(MetricsPort, Shutdown)>,
     shutdown: Shutdown,
     grace: Duration,
+    auth: Arc<Authenticator>,
+    certificates: Option<CertificateReloader>,
 }
 
 impl Server {
@@ -650,9 +653,12 @@ impl Server {
     pub fn start(config: ServerConfig) -> Result<Server, Error> {
         let listen = exposure_checked(&config)?;
         let auth = Arc::new(Authenticator::new(config.trust.clone())?);
-        let credentials = match &config.tls {
-            Some(t) => t.credentials()?,
-            None => ServerCredentials::insecure(),
+        let (credentials, certificates) = match &config.tls {
+            Some(t) => {
+                let (c, reloader) = t.credentials()?;
+                (c, Some(reloader))
+            }
+            None => (ServerCredentials::insecure(), None),
         };
         let metrics = config
             .metrics_listen
@@ -772,6 +778,8 @@ impl Server {
             metrics_port,
             shutdown: shutdown.clone(),
             grace: config.grace,
+            auth: auth.clone(),
+            certificates,
         };
         for source in &config.sources {
             server.producers.push(Producer::start(
@@ -803,6 +811,17 @@ impl Server {
     /// The dispatcher, to publish tasks or inspect clients from outside gRPC.
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
         &self.dispatcher
+    }
+
+    /// What puts new credentials in force while the server runs (SIGHUP),
+    /// for a server started with the credential files `files`.
+    pub fn reloader(&self, files: CredentialFiles) -> Reloader {
+        Reloader::new(
+            self.auth.clone(),
+            self.certificates.clone(),
+            self.dispatcher.clone(),
+            files,
+        )
     }
 
     /// Serves until `stop` fires (a signal) or the disk fails under the

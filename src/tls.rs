@@ -4,17 +4,19 @@
 //! own certificate for mutual TLS, and a server-name override. PEM files are
 //! checked here so that a wrong file is named at start, not at a handshake.
 //! It also reads the names a verified client certificate carries (CN and
-//! SANs), which `trust` takes as the agent's id. And it makes the gRPC
+//! SANs), which `trust` takes as the agent's id. The server's files can be
+//! read again while it runs (`CertificateReloader`, on SIGHUP) for the
+//! handshakes that follow. And it makes the gRPC
 //! environment every process uses, with OpenSSL told to keep its state until
 //! the process is gone.
 
 use crate::error::Error;
 use grpcio::{
     CertificateRequestType, ChannelCredentials, ChannelCredentialsBuilder, EnvBuilder, Environment,
-    RpcContext, ServerCredentials, ServerCredentialsBuilder,
+    RpcContext, ServerCredentials, ServerCredentialsBuilder, ServerCredentialsFetcher,
 };
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 
 /// The gRPC environment (completion queues and their polling threads, named
 /// `NAME-N`) of this process. Made here so that OpenSSL is first told not to
@@ -46,7 +48,7 @@ pub fn grpc_environment(completion_queues: usize, name: &str) -> Arc<Environment
 }
 
 /// The server's side: `--tls-cert`, `--tls-key` and optionally `--client-ca`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -95,19 +97,93 @@ fn read_pem(path: &Path, flag: &str, what: &str) -> Result<Vec<u8>, Error> {
 }
 
 impl ServerTls {
-    /// The server credentials, after checking every file.
-    pub fn credentials(&self) -> Result<ServerCredentials, Error> {
-        let cert = read_pem(&self.cert, "--tls-cert", "CERTIFICATE")?;
-        let key = read_pem(&self.key, "--tls-key", "PRIVATE KEY")?;
-        let mut b = ServerCredentialsBuilder::new().add_cert(cert, key);
-        if let Some(ca) = &self.client_ca {
-            let ca = read_pem(ca, "--client-ca", "CERTIFICATE")?;
+    /// The server credentials, after checking every file, and the handle
+    /// that replaces the certificate, key and client CA for the handshakes
+    /// that follow (connections already made keep theirs).
+    pub fn credentials(&self) -> Result<(ServerCredentials, CertificateReloader), Error> {
+        let reloader = CertificateReloader {
+            pending: Arc::new(Mutex::new(Some(self.read()?))),
+            mutual: self.client_ca.is_some(),
+        };
+        let request = if reloader.mutual {
+            CertificateRequestType::RequestAndRequireClientCertificateAndVerify
+        } else {
+            CertificateRequestType::DontRequestClientCertificate
+        };
+        let fetcher = PendingCertificates(reloader.pending.clone());
+        Ok((
+            ServerCredentials::with_fetcher(Box::new(fetcher), request),
+            reloader,
+        ))
+    }
+
+    /// Reads and checks every file.
+    fn read(&self) -> Result<ServerPems, Error> {
+        Ok(ServerPems {
+            cert: read_pem(&self.cert, "--tls-cert", "CERTIFICATE")?,
+            key: read_pem(&self.key, "--tls-key", "PRIVATE KEY")?,
+            client_ca: match &self.client_ca {
+                Some(ca) => Some(read_pem(ca, "--client-ca", "CERTIFICATE")?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// The PEM files of the server's side, read and checked.
+struct ServerPems {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+/// Replaces the server's certificate, key and client CA while it runs
+/// (SIGHUP): gRPC asks for them before each handshake (see
+/// `PendingCertificates`), so new connections get the new ones and
+/// connections already made are not touched.
+#[derive(Clone)]
+pub struct CertificateReloader {
+    pending: Arc<Mutex<Option<ServerPems>>>,
+    mutual: bool,
+}
+
+impl CertificateReloader {
+    /// Reads and checks `tls`'s files, to be served from the next handshake
+    /// on; if one cannot be read, nothing changes. Whether client
+    /// certificates are required is fixed at start: adding or removing
+    /// `--client-ca` needs a restart. (A key that does not match its
+    /// certificate passes this check; gRPC then logs the error and keeps
+    /// the previous pair.)
+    pub fn reload(&self, tls: &ServerTls) -> Result<(), Error> {
+        if tls.client_ca.is_some() != self.mutual {
+            return Err(Error::Usage(
+                "adding or removing --client-ca changes what agents must present: it needs a restart".into(),
+            ));
+        }
+        let pems = tls.read()?;
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(pems);
+        Ok(())
+    }
+}
+
+/// What gRPC calls before each handshake (on its own threads: only a lock
+/// and no file is touched here): the files read at start or at the last
+/// reload, once, and then "unchanged".
+struct PendingCertificates(Arc<Mutex<Option<ServerPems>>>);
+
+impl ServerCredentialsFetcher for PendingCertificates {
+    fn fetch(&self) -> Result<Option<ServerCredentialsBuilder>, Box<dyn std::error::Error>> {
+        let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(None);
+        };
+        let mut b = ServerCredentialsBuilder::new().add_cert(p.cert, p.key);
+        if let Some(ca) = p.client_ca {
             b = b.root_cert(
                 ca,
                 CertificateRequestType::RequestAndRequireClientCertificateAndVerify,
             );
         }
-        Ok(b.build())
+        Ok(Some(b))
     }
 }
 

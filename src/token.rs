@@ -83,6 +83,11 @@ impl Secret {
             .map_err(|why| Error::Usage(format!("--auth-secret {}: {why}", path.display())))
     }
 
+    /// Whether `other` holds the same bytes (then it issues the same tokens).
+    pub fn same_as(&self, other: &Secret) -> bool {
+        self.0 == other.0
+    }
+
     fn mac(&self, kind: TokenKind, name: &str) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(PREFIX.as_bytes());

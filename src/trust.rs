@@ -14,7 +14,7 @@ use crate::proto;
 use crate::token::{Secret, TokenKind};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// Metadata key of the bearer token.
@@ -81,15 +81,30 @@ impl Refusal {
     }
 }
 
-/// Decides who a call is; shared by every handler.
+/// Decides who a call is; shared by every handler. The secret and the deny
+/// list can be replaced while the server runs ([`Authenticator::reload`], on
+/// SIGHUP): each call reads the secret in force when it is checked (a read
+/// lock held for one `Arc` clone), and a call already accepted stays accepted.
 #[derive(Debug)]
 pub struct Authenticator {
-    config: TrustConfig,
+    /// What was required at start: the kinds of credentials do not change
+    /// while the server runs (a secret may be replaced, not added or removed).
+    required: Required,
+    secret: RwLock<Option<Arc<Secret>>>,
     deny: Mutex<DenyList>,
+}
+
+/// The kinds of credentials callers must present, fixed at start.
+#[derive(Debug, Clone, Copy)]
+struct Required {
+    secret: bool,
+    client_certs: bool,
+    allow_anonymous: bool,
 }
 
 #[derive(Debug, Default)]
 struct DenyList {
+    path: Option<PathBuf>,
     names: HashSet<String>,
     checked: Option<Instant>,
 }
@@ -97,27 +112,95 @@ struct DenyList {
 impl Authenticator {
     pub fn new(config: TrustConfig) -> Result<Authenticator, crate::Error> {
         let auth = Authenticator {
-            config,
+            required: Required {
+                secret: config.secret.is_some(),
+                client_certs: config.client_certs,
+                allow_anonymous: config.allow_anonymous,
+            },
+            secret: RwLock::new(config.secret.map(Arc::new)),
             deny: Mutex::new(DenyList::default()),
         };
-        if let Some(path) = &auth.config.deny_list {
-            // Unreadable at start is an error; later, the last good list stays.
-            let names = read_deny_list(path)?;
-            log::info!("deny list {}: {} names", path.display(), names.len());
-            let mut d = auth.deny.lock().unwrap_or_else(|e| e.into_inner());
-            d.names = names;
-            d.checked = Some(Instant::now());
-        }
+        // Unreadable at start is an error; later, the last good list stays.
+        auth.set_deny_list(
+            config
+                .deny_list
+                .as_deref()
+                .map(DenyListFile::read)
+                .transpose()?,
+        );
         Ok(auth)
     }
 
-    pub fn config(&self) -> &TrustConfig {
-        &self.config
+    /// Whether callers must prove who they are (a secret or a client CA is configured).
+    pub fn requires_credentials(&self) -> bool {
+        self.required.secret || self.required.client_certs
+    }
+
+    /// Whether tokens are checked (`--auth-secret`): admin tokens then open
+    /// the admin API and the web view.
+    pub fn tokens(&self) -> bool {
+        self.required.secret
+    }
+
+    /// Whether agents present client certificates (mutual TLS).
+    pub fn client_certs(&self) -> bool {
+        self.required.client_certs
+    }
+
+    /// The secret in force now.
+    fn secret(&self) -> Option<Arc<Secret>> {
+        self.secret
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts a new secret and deny list (already read) in force (SIGHUP). A
+    /// server started without a secret cannot be given one, nor one started
+    /// with a secret lose it: that changes what callers must present, and
+    /// needs a restart. Returns whether the secret is another than before
+    /// (tokens of the old one no longer pass).
+    pub fn reload(
+        &self,
+        secret: Option<Secret>,
+        deny_list: Option<DenyListFile>,
+    ) -> Result<bool, crate::Error> {
+        if secret.is_some() != self.required.secret {
+            return Err(crate::Error::Usage(
+                "adding or removing --auth-secret changes what callers must present: it needs a restart".into(),
+            ));
+        }
+        self.set_deny_list(deny_list);
+        let mut current = self.secret.write().unwrap_or_else(|e| e.into_inner());
+        let changed = match (&*current, &secret) {
+            (Some(old), Some(new)) => !old.same_as(new),
+            _ => false,
+        };
+        *current = secret.map(Arc::new);
+        Ok(changed)
+    }
+
+    /// Whether the server was started with a secret (`--auth-secret`).
+    pub fn requires_secret(&self) -> bool {
+        self.required.secret
+    }
+
+    fn set_deny_list(&self, file: Option<DenyListFile>) {
+        let mut d = self.deny.lock().unwrap_or_else(|e| e.into_inner());
+        d.checked = file.is_some().then(Instant::now);
+        (d.path, d.names) = match file {
+            Some(f) => {
+                log::info!("deny list {}: {} names", f.path.display(), f.names.len());
+                (Some(f.path), f.names)
+            }
+            None => (None, HashSet::new()),
+        };
     }
 
     /// The agent a `Contact` call comes from, or why it is refused.
     pub fn agent(&self, p: &Presented) -> Result<Caller, Refusal> {
-        let token = match (p.bearer, &self.config.secret) {
+        let secret = self.secret();
+        let token = match (p.bearer, secret.as_deref()) {
             (Some(t), Some(secret)) => match secret.verify(t) {
                 Ok((TokenKind::Agent, id)) => Some(id),
                 Ok((TokenKind::Admin, name)) => {
@@ -142,7 +225,7 @@ impl Authenticator {
                 )));
             }
         }
-        let id = if self.config.client_certs {
+        let id = if self.required.client_certs {
             let wanted = token.as_deref().or(p.claimed);
             let id = match wanted {
                 Some(w) if p.cert_names.iter().any(|n| n == w) => w.to_string(),
@@ -163,7 +246,7 @@ impl Authenticator {
             };
             // A verified certificate is proof enough; a token, if sent, must agree.
             Some(id)
-        } else if self.config.secret.is_some() {
+        } else if self.required.secret {
             match (&token, p.claimed) {
                 (Some(id), _) => Some(id.clone()),
                 (None, Some(c)) => {
@@ -171,7 +254,7 @@ impl Authenticator {
                         "client {c:?} sent no token (authorization: Bearer); give the agent one with --token-file"
                     )))
                 }
-                (None, None) if self.config.allow_anonymous => None,
+                (None, None) if self.required.allow_anonymous => None,
                 (None, None) => {
                     return Err(Refusal::Unauthenticated(
                         "this server requires credentials: a token (authorization: Bearer) naming the agent".into(),
@@ -215,8 +298,8 @@ impl Authenticator {
     /// certificates alone the admin API is closed; without credentials it is
     /// open (loopback only) and the caller is "local".
     pub fn admin(&self, bearer: Option<&str>) -> Result<String, Refusal> {
-        let Some(secret) = &self.config.secret else {
-            if self.config.client_certs {
+        let Some(secret) = self.secret() else {
+            if self.required.client_certs {
                 // Agents' certificates prove agents, never operators.
                 return Err(Refusal::Denied(
                     "the admin API needs admin tokens: start the server with --auth-secret FILE and use `contact-server token --admin NAME`".into(),
@@ -246,10 +329,11 @@ impl Authenticator {
     /// so a rewrite within one mtime tick is not missed). Write it by renaming
     /// a new file over it, so that the server never reads it half-written.
     pub fn is_denied(&self, name: &str) -> bool {
-        let Some(path) = &self.config.deny_list else {
+        let mut guard = self.deny.lock().unwrap_or_else(|e| e.into_inner());
+        let d = &mut *guard;
+        let Some(path) = &d.path else {
             return false;
         };
-        let mut d = self.deny.lock().unwrap_or_else(|e| e.into_inner());
         if d.checked.is_none_or(|t| t.elapsed() >= DENY_LIST_RECHECK) {
             d.checked = Some(Instant::now());
             match read_deny_list(path) {
@@ -270,7 +354,11 @@ impl Authenticator {
 
     /// Whether a deny list is in force (so that live sessions are checked against it).
     pub fn has_deny_list(&self) -> bool {
-        self.config.deny_list.is_some()
+        self.deny
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .path
+            .is_some()
     }
 }
 
@@ -301,7 +389,23 @@ pub fn bearer_from(headers: &grpcio::Metadata) -> Result<Option<String>, String>
     Ok(None)
 }
 
-/// One name per line (`admin:NAME` for an operator); blank lines and `#` comments are skipped.
+/// A deny list as read from its file: one name per line (`admin:NAME` for
+/// an operator); blank lines and `#` comments are skipped.
+#[derive(Debug, Clone)]
+pub struct DenyListFile {
+    path: PathBuf,
+    names: HashSet<String>,
+}
+
+impl DenyListFile {
+    pub fn read(path: &std::path::Path) -> Result<DenyListFile, crate::Error> {
+        Ok(DenyListFile {
+            path: path.to_path_buf(),
+            names: read_deny_list(path)?,
+        })
+    }
+}
+
 fn read_deny_list(path: &std::path::Path) -> Result<HashSet<String>, crate::Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| crate::Error::file(path, "read the deny list", e))?;

@@ -136,8 +136,7 @@ enum WebAccess {
 
 impl WebAccess {
     fn of(auth: &Authenticator, loopback: bool) -> WebAccess {
-        let config = auth.config();
-        match (config.secret.is_some(), config.client_certs, loopback) {
+        match (auth.tokens(), auth.client_certs(), loopback) {
             (true, _, _) => WebAccess::Login,
             (false, true, _) => WebAccess::Closed(
                 "the web view needs admin tokens: start the server with --auth-secret FILE (client certificates prove agents, not operators)",
