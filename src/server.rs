@@ -1034,6 +1034,7 @@ fn clock_loop(
         // Revocation reaches streams already open, not only new calls.
         if auth.has_deny_list() && revocations_checked.elapsed() >= REVOCATION_CHECK {
             revocations_checked = Instant::now();
+            auth.refresh_deny_list();
             for c in dispatcher.clients() {
                 if auth.is_denied(&c.id) {
                     let _ = dispatcher.evict(&c.id, "its credentials were revoked (deny list)");

@@ -15,13 +15,9 @@ use crate::token::{Secret, TokenKind};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 /// Metadata key of the bearer token.
 pub const AUTHORIZATION_KEY: &str = "authorization";
-
-/// How often the deny list file is checked for changes.
-const DENY_LIST_RECHECK: Duration = Duration::from_secs(1);
 
 /// What the server requires of callers.
 #[derive(Debug, Clone, Default)]
@@ -106,7 +102,6 @@ struct Required {
 struct DenyList {
     path: Option<PathBuf>,
     names: HashSet<String>,
-    checked: Option<Instant>,
 }
 
 impl Authenticator {
@@ -187,7 +182,6 @@ impl Authenticator {
 
     fn set_deny_list(&self, file: Option<DenyListFile>) {
         let mut d = self.deny.lock().unwrap_or_else(|e| e.into_inner());
-        d.checked = file.is_some().then(Instant::now);
         (d.path, d.names) = match file {
             Some(f) => {
                 log::info!("deny list {}: {} names", f.path.display(), f.names.len());
@@ -324,32 +318,47 @@ impl Authenticator {
         }
     }
 
-    /// Whether `name` is on the deny list. The file is read again at most
-    /// once a second (a small file: its contents, not its mtime, are compared,
-    /// so a rewrite within one mtime tick is not missed). Write it by renaming
-    /// a new file over it, so that the server never reads it half-written.
+    /// Whether `name` is on the deny list as last read (see
+    /// [`Authenticator::refresh_deny_list`]): a lookup, no file read, so
+    /// that it may run on gRPC's threads.
     pub fn is_denied(&self, name: &str) -> bool {
-        let mut guard = self.deny.lock().unwrap_or_else(|e| e.into_inner());
-        let d = &mut *guard;
-        let Some(path) = &d.path else {
-            return false;
-        };
-        if d.checked.is_none_or(|t| t.elapsed() >= DENY_LIST_RECHECK) {
-            d.checked = Some(Instant::now());
-            match read_deny_list(path) {
-                Ok(names) if names != d.names => {
-                    log::warn!(
-                        "deny list {} changed: {} names",
-                        path.display(),
-                        names.len()
-                    );
-                    d.names = names;
-                }
-                Ok(_) => {}
-                Err(e) => log::error!("deny list: {e}; keeping the previous list"),
+        self.deny
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .names
+            .contains(name)
+    }
+
+    /// Reads the deny list again (a small file: its contents, not its
+    /// mtime, are compared, so a rewrite within one mtime tick is not
+    /// missed). Called once a second on a thread of ours (the server's
+    /// clock), never a gRPC one; the file is read outside the lock. Write it by renaming a new file over it, so that the server
+    /// never reads it half-written.
+    pub fn refresh_deny_list(&self) {
+        let path = {
+            let d = self.deny.lock().unwrap_or_else(|e| e.into_inner());
+            match &d.path {
+                Some(p) => p.clone(),
+                None => return,
             }
+        };
+        let read = read_deny_list(&path);
+        let mut d = self.deny.lock().unwrap_or_else(|e| e.into_inner());
+        if d.path.as_ref() != Some(&path) {
+            return; // replaced by a reload meanwhile
         }
-        d.names.contains(name)
+        match read {
+            Ok(names) if names != d.names => {
+                log::warn!(
+                    "deny list {} changed: {} names",
+                    path.display(),
+                    names.len()
+                );
+                d.names = names;
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("deny list: {e}; keeping the previous list"),
+        }
     }
 
     /// Whether a deny list is in force (so that live sessions are checked against it).
@@ -590,7 +599,7 @@ mod tests {
         assert!(a.admin(Some(&s.token(TokenKind::Admin, "ops"))).is_err());
         // A changed file is noticed at the next check, whatever its mtime.
         std::fs::write(&path, "web-1\n").unwrap();
-        a.deny.lock().unwrap().checked = None;
+        a.refresh_deny_list();
         assert!(is_denied(a.agent(&call(None, Some(&t1), &[]))));
         assert!(a.agent(&call(None, Some(&t2), &[])).is_ok());
         assert!(Authenticator::new(TrustConfig {
