@@ -20,6 +20,8 @@ struct Browser {
     driver: Child,
     addr: String,
     session: String,
+    /// Its profile directory, which names its processes.
+    profile: PathBuf,
 }
 
 impl Browser {
@@ -47,6 +49,7 @@ impl Browser {
             driver,
             addr,
             session: String::new(),
+            profile: profile.to_path_buf(),
         };
         wait_for("chromedriver answers", || {
             std::net::TcpStream::connect(&browser.addr).is_ok()
@@ -174,6 +177,12 @@ impl Drop for Browser {
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        // A browser whose session never finished starting outlives its
+        // driver: its processes carry the profile directory in their flags.
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(format!("--user-data-dir={}", self.profile.display()))
+            .status();
     }
 }
 
