@@ -1,5 +1,6 @@
 //! `contact-ctl`: parses flags, makes one admin call to a running
-//! `contact-server` (see `contact::ctl`) and prints the answer.
+//! `contact-server` (see `contact::ctl`) and prints the answer, or runs the
+//! live view `top` (see `contact::top`).
 
 use clap::{Args, Parser, Subcommand};
 use contact::cli::{self, parse_secs};
@@ -96,6 +97,14 @@ enum Command {
     },
     /// End an agent's connection now; what it held is delivered again. It dials again by itself.
     Disconnect { agent: String },
+    /// A live, full-screen view of the agents and the newest jobs, with
+    /// results per second (like `nats top`): `s` changes the sort column,
+    /// `q` or Ctrl-C quits. An unreachable server is shown, and asked again.
+    Top {
+        /// Seconds between two polls of the server; the rates are over this.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "1")]
+        interval: Duration,
+    },
     /// The recorded results, from the server's results file (--results-to).
     Results {
         /// Keep printing new results as they are recorded.
@@ -235,6 +244,10 @@ fn run(flags: Flags) -> Result<String, contact::Error> {
             let from = from.unwrap_or(if follow { 0 } else { 1 });
             let stdout = std::io::stdout();
             ctl.results(from, follow, flags.json, &mut stdout.lock())?;
+            Ok(String::new())
+        }
+        Command::Top { interval } => {
+            contact::top::screen::run(ctl, &flags.server, interval)?;
             Ok(String::new())
         }
         Command::Job { id } => Ok(ctl::show_job(&ctl.job(id)?, flags.json)),

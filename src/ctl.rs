@@ -49,7 +49,9 @@ impl Ctl {
             )));
         }
         let env = crate::tls::grpc_environment(1, "contact-ctl");
-        let mut builder = ChannelBuilder::new(env);
+        // A long-lived caller (`top`) finds a restarted server within 2 s,
+        // not gRPC's default of up to 2 minutes; one call never redials.
+        let mut builder = ChannelBuilder::new(env).max_reconnect_backoff(Duration::from_secs(2));
         if let Some(tls) = &cfg.tls {
             builder = builder.set_credentials(tls.credentials()?);
             if let Some(name) = &tls.server_name {
@@ -480,19 +482,38 @@ pub fn show_jobs(jobs: &[Job], json: bool, now: SystemTime) -> String {
         "TEXT".into(),
     ]];
     for j in jobs {
-        let t = j.totals.get_ref();
+        let counts = job_counts(j);
         table.push(vec![
             j.job_id.to_string(),
             format!("{} ago", span(now - j.created_at)),
             j.target.clone(),
-            t.agents.to_string(),
-            t.ok.to_string(),
-            (t.failed + t.dead + t.cancelled).to_string(),
-            (t.pending + t.delivered + t.running + t.held).to_string(),
+            j.totals.get_ref().agents.to_string(),
+            counts.ok.to_string(),
+            counts.failed.to_string(),
+            counts.waiting.to_string(),
             j.text.clone(),
         ]);
     }
     render(&table)
+}
+
+/// A job's agents in three heaps, as `jobs` and `top` show them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobCounts {
+    pub ok: u32,
+    /// Failed, dead-lettered or cancelled.
+    pub failed: u32,
+    /// Pending, delivered, running or held for a rollout slot.
+    pub waiting: u32,
+}
+
+pub fn job_counts(j: &Job) -> JobCounts {
+    let t = j.totals.get_ref();
+    JobCounts {
+        ok: t.ok,
+        failed: t.failed + t.dead + t.cancelled,
+        waiting: t.pending + t.delivered + t.running + t.held,
+    }
 }
 
 fn plural(n: usize) -> &'static str {
@@ -566,7 +587,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
 }
 
 /// An agent's labels as it was started with them: `role=web,zone=eu`.
-fn labels(c: &ClientInfo) -> String {
+pub(crate) fn labels(c: &ClientInfo) -> String {
     let sorted: std::collections::BTreeMap<_, _> = c.labels.iter().collect();
     let pairs: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.join(",")
@@ -597,7 +618,7 @@ fn render(table: &[Vec<String>]) -> String {
 }
 
 /// A duration in the largest unit that keeps it short: `45s`, `3m12s`, `2h5m`, `3d4h`.
-fn span(secs: f64) -> String {
+pub(crate) fn span(secs: f64) -> String {
     let s = secs.max(0.0) as u64;
     match s {
         0..=59 => format!("{s}s"),

@@ -52,6 +52,7 @@ pub mod shutdown;
 pub mod task;
 pub mod tls;
 pub mod token;
+pub mod top;
 pub mod transport;
 pub mod trust;
 pub mod watch;
