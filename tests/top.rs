@@ -286,6 +286,46 @@ fn top_without_a_server_says_so_until_ctrl_c() {
 }
 
 #[test]
+fn top_ends_when_its_terminal_hangs_up() {
+    if !Tmux::installed_or_say_skipped("top_ends_when_its_terminal_hangs_up") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    // The shell gives its process to top (exec), having written its pid.
+    let tmux = Tmux::start(&format!(
+        "echo $$ > '{}'; exec env XDG_CONFIG_HOME=/nonexistent/contact-test \
+         '{CTL_BIN}' --server 127.0.0.1:1 top --interval 0.2",
+        pid_file.display()
+    ));
+    tmux.wait_for("top running", |p| p.contains("UNREACHABLE"));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    /// Kills top if the test fails with it still running.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("contact-ctl") {
+                unsafe { libc::kill(self.0, libc::SIGKILL) };
+            }
+        }
+    }
+    let _top = KillOnDrop(pid);
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    assert!(proc_dir.exists());
+    // An SSH session dropped: the terminal goes away under top.
+    drop(tmux);
+    wait_for("top to end after the hang-up", || {
+        // Gone, or a zombie of tmux's (which is gone too).
+        std::fs::read_to_string(proc_dir.join("stat")).map_or(true, |stat| stat.contains(") Z "))
+    });
+}
+
+#[test]
 fn top_without_a_terminal_exits_2_pointing_to_clients_json() {
     let (code, out, err) = ctl(&["--server", "127.0.0.1:1", "top"], &[]);
     assert_eq!(code, 2, "{out}{err}");

@@ -1,15 +1,14 @@
 //! `contact-ctl top`'s terminal: the full-screen session (raw mode and the
 //! alternate screen, given back on every way out: `q`, Ctrl-C, a signal,
-//! an error or a panic), the keys, and the drawing of a [`View`] with
-//! ratatui. Polls run on a thread of their own, so a slow or unreachable
-//! server never keeps the keys from answering.
+//! an error or a panic; it ends when the terminal hangs up), the keys, and
+//! the drawing of a [`View`] with ratatui. Polls run on a thread of their
+//! own, so a slow or unreachable server never keeps the keys from answering.
 
 use super::{Poll, Top, View, AGENT_COLUMNS, JOB_COLUMNS};
 use crate::ctl::Ctl;
 use crate::error::Error;
 use crossbeam_channel::Receiver;
 use ratatui::backend::CrosstermBackend;
-use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::crossterm::{cursor, execute, terminal};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
@@ -25,12 +24,12 @@ use std::time::{Duration, Instant, SystemTime};
 /// ("last seen" ages as it goes).
 const TICK: Duration = Duration::from_millis(100);
 
-/// Runs `top` against `ctl`'s server until `q`, Ctrl-C or a signal
-/// (SIGINT, SIGTERM, SIGHUP); polls every `interval`.
+/// Runs `top` against `ctl`'s server until `q`, Ctrl-C, a signal (SIGINT,
+/// SIGTERM, SIGHUP) or the terminal's hang-up; polls every `interval`.
 pub fn run(ctl: Ctl, server: &str, interval: Duration) -> Result<(), Error> {
-    if !std::io::stdout().is_terminal() {
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(Error::Usage(
-            "contact-ctl top draws on a terminal and its output is not one: use `contact-ctl clients --json` in scripts".into(),
+            "contact-ctl top draws on a terminal and reads its keys there, and its output or input is not one: use `contact-ctl clients --json` in scripts".into(),
         ));
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -45,19 +44,23 @@ pub fn run(ctl: Ctl, server: &str, interval: Duration) -> Result<(), Error> {
     let mut screen = Screen::enter()?;
     let mut top = Top::new(server, interval);
     let io = |e: std::io::Error| Error::Remote(format!("cannot draw on the terminal: {e}"));
-    while !stop.load(Ordering::Relaxed) {
+    'session: while !stop.load(Ordering::Relaxed) {
         let view = top.view(SystemTime::now(), Instant::now());
-        screen.terminal.draw(|f| draw(f, &view)).map_err(io)?;
-        if event::poll(TICK).map_err(io)? {
-            if let Event::Key(key) = event::read().map_err(io)? {
-                let ctrl_c =
-                    key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL);
-                match key.code {
-                    _ if key.kind == KeyEventKind::Release => {}
-                    KeyCode::Char('q') | KeyCode::Esc => break,
-                    _ if ctrl_c => break,
-                    KeyCode::Char('s') => top.cycle_sort(),
-                    _ => {}
+        if let Err(e) = screen.terminal.draw(|f| draw(f, &view)) {
+            if matches!(read_keys(Duration::ZERO), Ok(Input::HungUp)) {
+                break; // Nobody to tell.
+            }
+            return Err(io(e));
+        }
+        match read_keys(TICK).map_err(io)? {
+            // The operator is gone (an SSH session dropped): nobody to tell.
+            Input::HungUp => break,
+            Input::Keys(keys) => {
+                for key in keys {
+                    match key {
+                        Key::Quit => break 'session,
+                        Key::Sort => top.cycle_sort(),
+                    }
                 }
             }
         }
@@ -66,6 +69,88 @@ pub fn run(ctl: Ctl, server: &str, interval: Duration) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// What the terminal gave within a tick.
+enum Input {
+    Keys(Vec<Key>),
+    HungUp,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Key {
+    Quit,
+    Sort,
+}
+
+/// Waits up to `timeout` for keys on the terminal (stdin, in raw mode).
+///
+/// Read here with poll(2) and read(2), not with crossterm's event reader:
+/// once the terminal hangs up, crossterm 0.29's reader re-reads the dead
+/// terminal in a loop forever, at 100% of a core, and its poll never returns
+/// (crossterm-rs/crossterm#793; seen here with tmux's server killed).
+fn read_keys(timeout: Duration) -> std::io::Result<Input> {
+    let mut stdin = libc::pollfd {
+        fd: libc::STDIN_FILENO,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, and its count.
+    let ready = unsafe { libc::poll(&mut stdin, 1, millis) };
+    if ready < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::Interrupted => Ok(Input::Keys(vec![])),
+            _ => Err(e),
+        };
+    }
+    if ready == 0 {
+        return Ok(Input::Keys(vec![]));
+    }
+    if stdin.revents & libc::POLLIN == 0 {
+        // POLLHUP, POLLERR or POLLNVAL alone: the terminal is gone.
+        return Ok(Input::HungUp);
+    }
+    let mut bytes = [0u8; 64];
+    // SAFETY: reads at most the buffer's length into it.
+    let n = unsafe { libc::read(libc::STDIN_FILENO, bytes.as_mut_ptr().cast(), bytes.len()) };
+    match n {
+        0 => Ok(Input::HungUp),
+        n if n > 0 => Ok(Input::Keys(keys(&bytes[..n as usize]))),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {
+                    Ok(Input::Keys(vec![]))
+                }
+                // EIO: a terminal hung up.
+                _ => Ok(Input::HungUp),
+            }
+        }
+    }
+}
+
+/// The keys of top in what the terminal sent: `q`, Esc or Ctrl-C quit, `s`
+/// sorts; anything else, escape sequences (arrows, function keys) included,
+/// is ignored.
+fn keys(bytes: &[u8]) -> Vec<Key> {
+    // An Esc key comes alone; an escape sequence is Esc and more.
+    if bytes == [0x1b] {
+        return vec![Key::Quit];
+    }
+    let plain = match bytes.iter().position(|&b| b == 0x1b) {
+        Some(esc) => &bytes[..esc],
+        None => bytes,
+    };
+    plain
+        .iter()
+        .filter_map(|b| match b {
+            b'q' | 0x03 => Some(Key::Quit),
+            b's' => Some(Key::Sort),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A thread that polls the server every `interval` (from the start of one
@@ -235,6 +320,18 @@ fn table<'a, const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_q_esc_ctrl_c_and_s_and_sequences_are_ignored() {
+        assert_eq!(keys(b"q"), [Key::Quit]);
+        assert_eq!(keys(b"\x03"), [Key::Quit]);
+        assert_eq!(keys(b"\x1b"), [Key::Quit]);
+        assert_eq!(keys(b"ss"), [Key::Sort, Key::Sort]);
+        // Arrow up, F1: not Esc.
+        assert_eq!(keys(b"\x1b[A"), []);
+        assert_eq!(keys(b"s\x1bOP"), [Key::Sort]);
+        assert_eq!(keys(b"xyz"), []);
+    }
     use crate::proto::admin::ClientInfo;
     use ratatui::backend::TestBackend;
 
