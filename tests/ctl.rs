@@ -123,15 +123,7 @@ fn with_a_secret_the_admin_token_is_needed_and_an_agents_is_refused() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "integration test secret, 32 bytes!").unwrap();
     let secret = secret.to_str().unwrap();
-    let token = |args: &[&str]| {
-        let out = Command::new(SERVER_BIN)
-            .args(["token", "--auth-secret", secret])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let token = |args: &[&str]| mint_token(secret, args);
     let admin = token(&["--admin", "ops"]);
     let agent = token(&["web-1"]);
     let (mut srv, addr) = server(&["--auth-secret", secret]);
@@ -1147,15 +1139,7 @@ fn settings_come_from_config_files_and_flags_win() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     std::fs::write(path("secret"), "integration test secret, 32 bytes!").unwrap();
-    let token = |args: &[&str]| {
-        let out = Command::new(SERVER_BIN)
-            .args(["token", "--auth-secret", &path("secret")])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        out.stdout
-    };
+    let token = |args: &[&str]| mint_token(&path("secret"), args);
     std::fs::write(path("ops.token"), token(&["--admin", "ops"])).unwrap();
     std::fs::write(path("db-1.token"), token(&["db-1"])).unwrap();
     std::fs::write(

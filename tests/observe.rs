@@ -156,15 +156,7 @@ fn the_web_views_data_needs_an_admin_token_once_the_server_has_a_secret() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "integration test secret, 32 bytes!").unwrap();
     let secret = secret.to_str().unwrap();
-    let token = |args: &[&str]| {
-        let out = Command::new(SERVER_BIN)
-            .args(["token", "--auth-secret", secret])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let token = |args: &[&str]| mint_token(secret, args);
     let (admin, agent) = (token(&["--admin", "ops"]), token(&["web-1"]));
     let (mut srv, _addr, metrics) = server(&["--no-state", "--auth-secret", secret]);
     // Metrics and health stay open to the scraper.

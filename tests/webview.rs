@@ -200,15 +200,7 @@ fn the_web_view_shows_the_fleet_live_in_a_real_browser() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "integration test secret, 32 bytes!").unwrap();
     let secret = secret.to_str().unwrap();
-    let token = |args: &[&str]| {
-        let out = Command::new(SERVER_BIN)
-            .args(["token", "--auth-secret", secret])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let token = |args: &[&str]| mint_token(secret, args);
     let admin = token(&["--admin", "ops"]);
     let mut cmd = Command::new(SERVER_BIN);
     cmd.args([

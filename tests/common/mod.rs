@@ -396,3 +396,19 @@ pub fn metrics_addr_of(line: &str) -> String {
         .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
         .to_string()
 }
+
+/// A token from `contact-server token --auth-secret SECRET ARGS` (`["web-1"]`
+/// for an agent, `["--admin", "ops"]` for an operator).
+pub fn mint_token(secret: &str, args: &[&str]) -> String {
+    let out = Command::new(SERVER_BIN)
+        .args(["token", "--auth-secret", secret])
+        .args(args)
+        .output()
+        .expect("contact-server token runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
