@@ -246,11 +246,16 @@ fn mutual_tls_takes_the_agent_id_from_its_certificate() {
             .iter()
             .all(|c| c.id != "web-1")
     });
-    let (_session, _) = {
+    // A task it has not had yet, so that its stream is open with a task in
+    // it (not waiting for its deadline, after which it would be gone) while
+    // the holder is looked up.
+    publish(&server, "more", 1);
+    let (_session, first) = {
         let mut s = with_cert.get_task_opt(&Empty::new(), with(&[])).unwrap();
         let first = block_on(s.next());
         (s, first)
     };
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
     wait_for("the certificate's holder to be known as web-1", || {
         server
             .dispatcher()
