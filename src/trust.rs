@@ -131,12 +131,6 @@ impl Authenticator {
         self.required.secret || self.required.client_certs
     }
 
-    /// Whether tokens are checked (`--auth-secret`): admin tokens then open
-    /// the admin API and the web view.
-    pub fn tokens(&self) -> bool {
-        self.required.secret
-    }
-
     /// Whether agents present client certificates (mutual TLS).
     pub fn client_certs(&self) -> bool {
         self.required.client_certs
@@ -175,7 +169,8 @@ impl Authenticator {
         Ok(changed)
     }
 
-    /// Whether the server was started with a secret (`--auth-secret`).
+    /// Whether the server was started with a secret (`--auth-secret`):
+    /// tokens are checked, and admin tokens open the admin API and the web view.
     pub fn requires_secret(&self) -> bool {
         self.required.secret
     }
@@ -332,8 +327,9 @@ impl Authenticator {
     /// Reads the deny list again (a small file: its contents, not its
     /// mtime, are compared, so a rewrite within one mtime tick is not
     /// missed). Called once a second on a thread of ours (the server's
-    /// clock), never a gRPC one; the file is read outside the lock. Write it by renaming a new file over it, so that the server
-    /// never reads it half-written.
+    /// clock), never a gRPC one; the file is read outside the lock. Write
+    /// it by renaming a new file over it, so that the server never reads it
+    /// half-written.
     pub fn refresh_deny_list(&self) {
         let path = {
             let d = self.deny.lock().unwrap_or_else(|e| e.into_inner());

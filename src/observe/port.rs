@@ -20,7 +20,7 @@ use crate::observe::metrics::{self, Metrics};
 use crate::observe::webview;
 use crate::proto::admin::Job as JobMsg;
 use crate::shutdown::Shutdown;
-use crate::trust::Authenticator;
+use crate::trust::{Authenticator, Refusal};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -124,31 +124,34 @@ impl MetricsPort {
 }
 
 /// Who may see the web view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum WebAccess {
     /// No credentials configured, loopback address: anyone on this machine.
     Open,
     /// Admin tokens (`--auth-secret`).
     Login,
     /// Closed, with the reason.
-    Closed(&'static str),
+    Closed(String),
 }
 
 impl WebAccess {
+    /// The admin API's rule, as `AdminService::operator` applies it: without
+    /// credentials, loopback only; then whoever `Authenticator::admin`
+    /// takes for an operator.
     fn of(auth: &Authenticator, loopback: bool) -> WebAccess {
-        match (auth.tokens(), auth.client_certs(), loopback) {
-            (true, _, _) => WebAccess::Login,
-            (false, true, _) => WebAccess::Closed(
-                "the web view needs admin tokens: start the server with --auth-secret FILE (client certificates prove agents, not operators)",
-            ),
-            (false, false, true) => WebAccess::Open,
-            (false, false, false) => WebAccess::Closed(
-                "this address is beyond loopback and the server has no credentials: the web view needs --auth-secret (admin tokens), or --metrics-listen on 127.0.0.1",
-            ),
+        if !loopback && !auth.requires_credentials() {
+            return WebAccess::Closed(
+                "this address is beyond loopback and the server has no credentials: the web view needs --auth-secret (admin tokens), or --metrics-listen on 127.0.0.1".into(),
+            );
+        }
+        match auth.admin(None) {
+            Ok(_) => WebAccess::Open,
+            Err(Refusal::Unauthenticated(_)) => WebAccess::Login,
+            Err(Refusal::Denied(why)) => WebAccess::Closed(why),
         }
     }
 
-    fn describe(self) -> &'static str {
+    fn describe(&self) -> &'static str {
         match self {
             WebAccess::Open => "open to local users",
             WebAccess::Login => "admin token required",
@@ -262,7 +265,7 @@ impl Port {
     /// Whether the request may see the web view; the answer otherwise (the
     /// login page for a browser, 401 for a script).
     fn viewer(&mut self, req: &Request) -> Result<(), Response<std::io::Cursor<Vec<u8>>>> {
-        match self.web {
+        match &self.web {
             WebAccess::Open => return Ok(()),
             WebAccess::Closed(why) => return Err(plain(403, format!("{why}\n"))),
             WebAccess::Login => {}
