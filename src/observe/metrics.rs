@@ -93,7 +93,7 @@ impl Metrics {
             ),
             time_to_deliver: histogram(
                 "contact_time_to_deliver_seconds",
-                "From a task's publication to its first delivery (written to an agent's stream).",
+                "From a task's publication to its first delivery to an agent (written to its stream; in broadcast mode once per agent).",
                 TASK_SECONDS,
             ),
             fsync: histogram(
@@ -195,7 +195,7 @@ impl Metrics {
         (n("ok") + failed + n("refused") + n("stale"), failed)
     }
 
-    /// A task's first delivery, published at `produced_at`.
+    /// A task's first delivery to an agent, published at `produced_at`.
     pub fn observe_first_delivery(&self, produced_at: SystemTime) {
         let waited = produced_at.elapsed().unwrap_or_default();
         self.time_to_deliver.observe(waited.as_secs_f64());
