@@ -26,6 +26,17 @@ fn server_with(flags: &[&str]) -> (Proc, String) {
     (p, format!("127.0.0.1:{port}"))
 }
 
+/// Waits until `contact-ctl clients` says `n` agents are connected.
+fn wait_connected(addr: &str, n: usize) {
+    let line = match n {
+        1 => "1 agent connected".to_string(),
+        n => format!("{n} agents connected"),
+    };
+    wait_for(&line, || {
+        ctl(&["--server", addr, "clients"], &[]).1.contains(&line)
+    });
+}
+
 #[test]
 fn an_operator_lists_agents_and_pushes_to_all_or_one() {
     let (mut srv, addr) = server(&[]);
@@ -184,10 +195,7 @@ fn a_selector_reaches_the_agents_with_those_labels_and_no_other() {
     .iter()
     .map(|(id, label)| agent_process(&addr, id, "echo", &["--label", label, "--label", "zone=eu"]))
     .collect();
-    wait_for("three agents listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("3 agents connected")
-    });
+    wait_connected(&addr, 3);
     let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
     assert!(
         out.lines()
@@ -273,10 +281,7 @@ fn run_wait_prints_each_agents_result_and_exits_by_the_worst() {
         agent_process(&addr, "web-2", "echo", &["--label", "role=web"]),
         agent_process(&addr, "db-1", "false", &["--label", "role=db"]),
     ];
-    wait_for("three agents listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("3 agents connected")
-    });
+    wait_connected(&addr, 3);
     // Salt's `cmd.run` semantics: one agent failed, so the run fails.
     let (code, out, err) = ctl(&["--server", &addr, "run", "hello", "--wait"], &[]);
     assert_eq!(code, 1, "{out}{err}");
@@ -345,10 +350,7 @@ fn run_wait_prints_each_agents_result_and_exits_by_the_worst() {
         "sleep",
         &["--label", "role=slow"],
     ));
-    wait_for("the slow agent listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("4 agents connected")
-    });
+    wait_connected(&addr, 4);
     let (code, out, _) = ctl(
         &[
             "--server",
@@ -483,10 +485,7 @@ fn a_drained_agent_gets_nothing_new_until_let_go_and_a_disconnected_one_comes_ba
     let (mut srv, addr) = server(&["--dispatch", "queue"]);
     let mut a = agent_process(&addr, "a", "echo", &[]);
     let mut b = agent_process(&addr, "b", "echo", &[]);
-    wait_for("both agents listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("2 agents connected")
-    });
+    wait_connected(&addr, 2);
     let (code, out, err) = ctl(&["--server", &addr, "drain", "a"], &[]);
     assert_eq!(
         (code, out.trim()),
@@ -561,10 +560,7 @@ fn a_rollout_stops_at_its_error_budget_and_the_rest_are_cancelled() {
             &["--label", "role=api"],
         )])
         .collect();
-    wait_for("seven agents listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("7 agents connected")
-    });
+    wait_connected(&addr, 7);
     // One at a time, one failure tolerated: w1 fails, w2 fails, and the
     // job stops before w3, w4 and w5 get it.
     let (code, out, err) = ctl(
@@ -886,10 +882,7 @@ fn in_a_work_queue_a_selector_gives_each_task_to_any_one_matching_agent() {
         agent_process(&addr, "web-2", "echo", &["--label", "role=web"]),
         agent_process(&addr, "db-1", "echo", &["--label", "role=db"]),
     ];
-    wait_for("three agents listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("3 agents connected")
-    });
+    wait_connected(&addr, 3);
     for i in 1..=6 {
         let (code, out, err) = ctl(
             &[
@@ -955,10 +948,7 @@ fn job_rows(addr: &str, job: u64) -> Vec<(String, String, String)> {
 fn a_selector_job_waiting_for_agents_reaches_those_that_come_to_match_once_each() {
     let (mut srv, addr) = server(&[]);
     let mut web = agent_process(&addr, "web-1", "echo", &["--label", "role=web"]);
-    wait_for("web-1 listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("1 agent connected")
-    });
+    wait_connected(&addr, 1);
     let (code, out, err) = ctl(
         &[
             "--server",
@@ -1026,20 +1016,14 @@ fn a_selector_job_waiting_for_agents_reaches_those_that_come_to_match_once_each(
     db1.signal("TERM");
     assert_eq!(db1.wait_exit(), 0);
     let mut db1 = agent_process(&addr, "db-1", "echo", &["--label", "role=db"]);
-    wait_for("db-1 back", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("3 agents connected")
-    });
+    wait_connected(&addr, 3);
     // Cancelled, the job takes no more agents.
     let (code, out, err) = ctl(&["--server", &addr, "cancel", "--job", "1"], &[]);
     assert_eq!(code, 0, "{out}{err}");
     let (_, out, _) = ctl(&["--server", &addr, "job", "1"], &[]);
     assert!(!out.contains("waiting for agents"), "{out}");
     let mut db3 = agent_process(&addr, "db-3", "echo", &["--label", "role=db"]);
-    wait_for("db-3 listed", || {
-        let (_, out, _) = ctl(&["--server", &addr, "clients"], &[]);
-        out.contains("4 agents connected")
-    });
+    wait_connected(&addr, 4);
     // Past a job check (200 ms) nothing more was published for the job.
     let (_, out, _) = ctl(
         &["--server", &addr, "push", "marker", "--agent", "db-3"],
