@@ -122,7 +122,7 @@ struct Flags {
     /// token (like Docker's socket). Written unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     admin_listen: Option<String>,
-    /// Serve HTTP on HOST:PORT: Prometheus metrics at /metrics, /healthz and
+    /// Serve HTTP on IP:PORT: Prometheus metrics at /metrics, /healthz and
     /// /readyz, and the live web view at / (admin token required with
     /// --auth-secret; without credentials, loopback only). Off by default.
     #[arg(long, value_name = "ADDR")]

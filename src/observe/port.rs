@@ -75,7 +75,11 @@ impl MetricsPort {
         };
         let socket: SocketAddr = addr
             .parse()
-            .map_err(|_| Error::Usage(format!("--metrics-listen {addr:?} is not HOST:PORT")))?;
+            .map_err(|_| {
+                Error::Usage(format!(
+                    "--metrics-listen {addr:?} is not IP:PORT (a name is not resolved here): e.g. 127.0.0.1:9090"
+                ))
+            })?;
         let server = tiny_http::Server::http(socket).map_err(|e| bind_err(e.to_string()))?;
         let bound = server
             .server_addr()
