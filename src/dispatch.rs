@@ -453,6 +453,9 @@ struct State {
     journal_out: Vec<Record>,
     /// Tasks an operator cancelled: skipped wherever they would be delivered.
     cancelled: BTreeSet<TaskId>,
+    /// With a shared log: outcomes read before their task was ingested
+    /// here (another replica was faster), applied when it is.
+    settled_early: HashMap<TaskId, Settled>,
     /// Clients and deadlines looked at, for tests that check that an
     /// operation does not scan the fleet.
     visits: u64,
@@ -568,6 +571,7 @@ impl Dispatcher {
             journal_out: vec![],
             cancelled: BTreeSet::new(),
             visits: 0,
+            settled_early: HashMap::new(),
         };
         Dispatcher {
             config,
@@ -1682,6 +1686,9 @@ impl Dispatcher {
     /// hands may still be answered). Returns how many were retained and not
     /// finished yet, which are the ones cancelled.
     pub fn cancel(&self, tasks: &[TaskId]) -> usize {
+        if let Some(shared) = self.shared.get() {
+            return self.cancel_shared(shared.as_ref(), tasks);
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut n = 0;

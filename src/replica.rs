@@ -147,6 +147,8 @@ enum Outcome {
         #[serde(flatten)]
         dead: DeadLetter,
     },
+    /// An operator cancelled the task (`contact.outcome.<task>.cancelled`).
+    Cancelled { replica: String, task: TaskId },
 }
 
 /// An agent's lease, as the agents bucket holds it.
@@ -306,21 +308,11 @@ impl Replica {
                 this.lost(&format!("reading jobs: {e}"));
             }
         });
-        let (tasks_upto, outcomes_upto) = inner.handle.block_on(async {
-            let t = last_sequence(&inner.js, TASKS_STREAM).await?;
-            let o = last_sequence(&inner.js, OUTCOMES_STREAM).await?;
-            Ok::<_, Error>((t, o))
-        })?;
-        let (outcomes_read_tx, outcomes_read) = crossbeam_channel::bounded(1);
-        let this = self.clone();
-        inner.handle.spawn(async move {
-            if let Err(e) = this.read_outcomes(outcomes_upto, outcomes_read_tx).await {
-                this.lost(&format!("reading outcomes: {e}"));
-            }
-        });
-        // Queue mode needs the outcomes before tasks are offered (a finished
-        // task must not wait here); broadcast reads only new ones.
-        let _ = outcomes_read.recv_timeout(Duration::from_secs(120));
+        let tasks_upto = inner
+            .handle
+            .block_on(last_sequence(&inner.js, TASKS_STREAM))?;
+        // Tasks first (no agent is attached yet: nothing is offered), then
+        // the outcomes that finish some of them.
         let this = self.clone();
         inner.handle.spawn(async move {
             if let Err(e) = this.read_tasks().await {
@@ -336,6 +328,35 @@ impl Replica {
                 return Err(store_error(
                     "reading the task log",
                     format!("task {tasks_upto} not read within 2 minutes"),
+                ));
+            }
+        }
+        // Queue mode reads every outcome; broadcast every cancellation, and
+        // the rest from now on (an agent's progress is in its cursor).
+        let readers: Vec<(consumer::DeliverPolicy, &str)> = match inner.mode {
+            Mode::Queue => vec![(consumer::DeliverPolicy::All, "contact.outcome.>")],
+            Mode::Broadcast => vec![
+                (consumer::DeliverPolicy::All, "contact.outcome.*.cancelled"),
+                (consumer::DeliverPolicy::New, "contact.outcome.>"),
+            ],
+        };
+        let mut read = vec![];
+        for (policy, filter) in readers {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            read.push(rx);
+            let this = self.clone();
+            let filter = filter.to_string();
+            inner.handle.spawn(async move {
+                if let Err(e) = this.read_outcomes(policy, filter, tx).await {
+                    this.lost(&format!("reading outcomes: {e}"));
+                }
+            });
+        }
+        for rx in read {
+            if rx.recv_timeout(Duration::from_secs(120)).is_err() {
+                return Err(store_error(
+                    "reading outcomes",
+                    "not read within 2 minutes".to_string(),
                 ));
             }
         }
@@ -443,7 +464,8 @@ impl Replica {
     /// is told once those stored up to `upto` are read.
     async fn read_outcomes(
         &self,
-        upto: u64,
+        deliver_policy: consumer::DeliverPolicy,
+        filter_subject: String,
         read: crossbeam_channel::Sender<()>,
     ) -> Result<(), String> {
         let inner = &self.inner;
@@ -454,29 +476,31 @@ impl Replica {
             .await
             .map_err(|e| e.to_string())?;
         let queue = inner.mode == Mode::Queue;
-        let deliver_policy = if queue {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::New
-        };
-        let mut messages = stream
+        let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy,
+                filter_subject,
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
             .map_err(|e| e.to_string())?;
+        // Caught up once nothing stored before is pending.
         let mut told = false;
-        if !queue || upto == 0 {
+        if consumer
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .num_pending
+            == 0
+        {
             let _ = read.send(());
             told = true;
         }
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| e.to_string())?;
-            let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            let info = m.info().map_err(|e| e.to_string())?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
             match serde_json::from_slice::<Outcome>(&m.payload) {
                 Ok(Outcome::Result { result, replica }) => {
                     if let (true, Some(id)) = (queue, result.task_id) {
@@ -499,11 +523,16 @@ impl Replica {
                         self.ack_claim(dead.task_id);
                     }
                 }
+                Ok(Outcome::Cancelled { task, .. }) => {
+                    if dispatcher.settle_shared(task, Settled::Cancelled) {
+                        self.ack_claim(task);
+                    }
+                }
                 Err(e) => {
                     log::error!("outcome {seq} in {OUTCOMES_STREAM} is unreadable, skipped: {e}")
                 }
             }
-            if !told && seq >= upto {
+            if !told && pending == 0 {
                 let _ = read.send(());
                 told = true;
             }
@@ -1082,6 +1111,39 @@ impl JobLog for Replica {
 }
 
 impl SharedLog for Replica {
+    fn cancel(&self, tasks: &[TaskId]) -> Vec<TaskId> {
+        let js = self.inner.js.clone();
+        let name = self.inner.name.clone();
+        let tasks = tasks.to_vec();
+        let r: Result<Vec<TaskId>, String> = self.inner.handle.block_on(async move {
+            let mut acks = vec![];
+            for task in tasks {
+                let o = Outcome::Cancelled {
+                    replica: name.clone(),
+                    task,
+                };
+                let payload = serde_json::to_vec(&o).expect("serialises");
+                let subject = format!("contact.outcome.{task}.cancelled");
+                acks.push((
+                    task,
+                    js.publish(subject, payload.into())
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ));
+            }
+            let mut done = vec![];
+            for (task, ack) in acks {
+                ack.await.map_err(|e| e.to_string())?;
+                done.push(task);
+            }
+            Ok(done)
+        });
+        r.unwrap_or_else(|e| {
+            log::error!("a cancellation could not be stored in {OUTCOMES_STREAM}: {e}");
+            vec![]
+        })
+    }
+
     fn append(&self, tasks: &[NewTask]) -> Result<Vec<(TaskId, bool)>, NotJournaled> {
         let js = self.inner.js.clone();
         let messages: Vec<(String, Option<String>, Vec<u8>)> = tasks

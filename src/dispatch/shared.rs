@@ -25,6 +25,11 @@ pub trait SharedLog: Send + Sync {
     /// before (the id is then that task's). Fails, appending nothing
     /// acknowledged, when the shared log cannot be written.
     fn append(&self, tasks: &[NewTask]) -> Result<Vec<(TaskId, bool)>, NotJournaled>;
+
+    /// Cancels the tasks in every replica (an outcome of its own in queue
+    /// mode: only a task not answered yet is cancelled); returns those
+    /// cancelled now.
+    fn cancel(&self, tasks: &[TaskId]) -> Vec<TaskId>;
 }
 
 /// The agents other replicas serve, as the shared store says.
@@ -214,6 +219,13 @@ impl Dispatcher {
             let task = st
                 .log
                 .push_any_of(t.text, t.target, t.key.map(Arc::from), any_of);
+            if let Some(how) = st.settled_early.remove(&task.id) {
+                if matches!(how, Settled::Cancelled) {
+                    st.cancelled.insert(task.id);
+                }
+                st.log.settle(task.id, how);
+                continue;
+            }
             // Untargeted queue tasks wait for this replica's claim.
             let claimed_elsewhere = task.target.is_none() && task.any_of.is_none();
             if self.config.mode == Mode::Queue && !claimed_elsewhere {
@@ -280,14 +292,55 @@ impl Dispatcher {
         st.queue.take_waiting_untargeted()
     }
 
+    /// `cancel` with a shared log: written there, then applied here as
+    /// every replica applies it (see [`Dispatcher::settle_shared`]).
+    pub(super) fn cancel_shared(&self, shared: &dyn SharedLog, tasks: &[TaskId]) -> usize {
+        let open: Vec<TaskId> = {
+            let st = self.lock();
+            tasks
+                .iter()
+                .copied()
+                .filter(|id| {
+                    st.log.get(*id).is_some()
+                        && !st.cancelled.contains(id)
+                        && matches!(st.log.settled(*id), Some(Settled::Open))
+                })
+                .collect()
+        };
+        if open.is_empty() {
+            return 0;
+        }
+        let cancelled = shared.cancel(&open);
+        for id in &cancelled {
+            self.settle_shared(*id, Settled::Cancelled);
+        }
+        if !cancelled.is_empty() {
+            log::info!(
+                "{} tasks cancelled: they are delivered no further",
+                cancelled.len()
+            );
+        }
+        cancelled.len()
+    }
+
     /// An outcome another replica recorded (or this one, read back): the
-    /// task is finished here too. Returns whether this replica held it (a
-    /// delivery of it here is taken back: its answer would be stale).
+    /// task is finished here too. Returns whether this replica held it and
+    /// it is finished (a delivery of it here is taken back: its answer would
+    /// be stale), so that its claim is done; a cancelled task an agent holds
+    /// stays, to be answered.
     pub fn settle_shared(&self, id: TaskId, how: Settled) -> bool {
         let mut guard = self.lock();
         let st = &mut *guard;
+        if id >= st.log.next_id() {
+            st.settled_early.insert(id, how);
+            return false;
+        }
         if matches!(how, Settled::Cancelled) {
             st.cancelled.insert(id);
+            // A delivery in an agent's hands may still be answered.
+            if st.queue.get(id).is_some_and(|q| q.holder.is_some()) {
+                return false;
+            }
         }
         let held = st.queue.finish(id);
         if matches!(st.log.settled(id), Some(Settled::Open)) {
