@@ -1,12 +1,14 @@
 //! Agents fail over: `contact-client --server A,B` moves to the other server
 //! at once when its server is killed or drains, and back again; a name that
-//! resolves to several addresses counts as all of them; a malformed entry is
-//! a usage error naming it. Real servers (each with its own `--state-dir`)
+//! resolves to several addresses counts as all of them; an id in use on one
+//! server sends the agent to the next; a malformed entry is a usage error
+//! naming it. Real servers (each with its own `--state-dir`)
 //! and a real agent process, over real sockets.
 
 mod common;
 
 use common::*;
+use contact::shutdown::Shutdown;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -298,4 +300,37 @@ fn an_empty_entry_or_a_missing_port_is_a_usage_error_naming_the_entry() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(why), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn an_id_in_use_on_one_server_sends_the_agent_to_the_next_at_once() {
+    let (a, b) = (start_server(server_config()), start_server(server_config()));
+    let stop = Shutdown::new();
+    // Holders of four ids on A; then agents with those ids given A and B. In
+    // random order, some dial A first: refused there, they must go on to B
+    // at once, not after the refusal backoff (a minute here).
+    let ids: Vec<String> = (0..4).map(|i| format!("twin-{i}")).collect();
+    let holders: Vec<_> = ids
+        .iter()
+        .map(|id| spawn_client(client_config(a.port(), id), &stop))
+        .collect();
+    wait_for("the holders on A", || a.dispatcher().clients().len() == 4);
+    let movers: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let mut c = client_config(a.port(), id);
+            c.servers = vec![format!("127.0.0.1:{},127.0.0.1:{}", a.port(), b.port())];
+            c.backoff_max = Duration::from_secs(60);
+            spawn_client(c, &stop)
+        })
+        .collect();
+    wait_for("every id also connected to B", || {
+        b.dispatcher().clients().len() == 4
+    });
+    stop.trigger();
+    for h in holders.into_iter().chain(movers) {
+        h.join().unwrap();
+    }
+    a.stop().unwrap();
+    b.stop().unwrap();
 }
