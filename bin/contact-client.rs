@@ -24,9 +24,11 @@ struct Flags {
     /// its dashes (`server = "fleet.example:50051"`); a flag given here wins over the file's.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Server address.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
-    server: String,
+    /// Server addresses, host:port: several comma-separated, or the flag
+    /// repeated. A name counts as every address it resolves to. Dialled in
+    /// random order; when the server goes, the next at once.
+    #[arg(long, value_name = "ADDR,...", default_value = "127.0.0.1:50051")]
+    server: Vec<String>,
     /// Client id sent to the server [default: the id in the token, else <hostname>-<pid>].
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
@@ -45,7 +47,7 @@ struct Flags {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Expect this name in the server's certificate instead of the host dialled.
+    /// Expect this name in the server's certificate instead of each --server entry's host.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
     /// Read this agent's token from FILE (from `contact-server token ID`);
@@ -118,7 +120,10 @@ fn config(flags: Flags) -> Result<ClientConfig, contact::Error> {
                 .map(str::to_string)
         })
         .unwrap_or_else(client::default_client_id);
-    let mut c = ClientConfig::new(flags.server, id);
+    let mut c = ClientConfig {
+        servers: flags.server,
+        ..ClientConfig::new("", id)
+    };
     c.token = token;
     let given = flags.labels.len();
     c.labels = flags.labels.into_iter().collect();

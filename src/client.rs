@@ -1,7 +1,8 @@
 //! The client: dials out, registers with an empty `getTask`, handles every
 //! task it is pushed, reports each result over a `tellResult` stream and its
-//! status over `sendStatus`, and dials again (capped exponential backoff with
-//! jitter) whenever the server goes away.
+//! status over `sendStatus`, and dials another of its servers whenever the
+//! one it is on goes away — at once, backing off (capped exponential backoff
+//! with jitter) only after every address of a round failed (see [`servers`]).
 //!
 //! One connection is a *session*: its [`pipeline`] runs receive → handle →
 //! report as one future on the client's completion-queue thread (no thread
@@ -14,12 +15,12 @@
 
 mod jobs;
 mod pipeline;
+pub mod servers;
 
 use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::handler::{Handler, Outcome};
 use crate::labels::{self, Labels};
-use crate::listen::ListenAddr;
 use crate::logtext::quoted;
 use crate::proto::{self, ClientMsg, ContactClient, Empty, ResultMsg, ServerMsg, Working};
 use crate::shutdown::Shutdown;
@@ -34,6 +35,7 @@ use grpcio::{
     RpcStatusCode, WriteFlags,
 };
 use pipeline::{Control, Setup};
+use servers::{Endpoint, ServerList};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,8 +44,9 @@ use std::time::{Duration, Instant};
 /// Everything `contact-client` can be told.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` of the server.
-    pub server: String,
+    /// The `--server` values: `host:port` entries, several comma-separated
+    /// in one value (checked by [`run`]).
+    pub servers: Vec<String>,
     /// Sent as `contact-client-id` metadata on every call.
     pub id: String,
     pub handler: Handler,
@@ -74,10 +77,11 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// Defaults for everything but where to dial and who we are.
-    pub fn new(server: impl Into<String>, id: impl Into<String>) -> ClientConfig {
+    /// Defaults for everything but where to dial (`host:port`, or several
+    /// comma-separated) and who we are.
+    pub fn new(servers: impl Into<String>, id: impl Into<String>) -> ClientConfig {
         ClientConfig {
-            server: server.into(),
+            servers: vec![servers.into()],
             id: id.into(),
             handler: Handler::Echo,
             jobs: 1,
@@ -187,6 +191,10 @@ impl Progress {
         self.acknowledged.load(Ordering::SeqCst)
     }
 
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
     /// Keeps results for the next connection. A seed server gives no task ids
     /// and cannot tell a resend from a new result, so those are not kept.
     fn carry(&self, results: impl IntoIterator<Item = ResultMsg>) {
@@ -272,34 +280,50 @@ fn task_key(task: &ServerMsg) -> (String, u64) {
 
 /// How a session failed.
 enum Failure {
-    /// The connection or a call broke: dial again soon.
+    /// The connection or a call broke: dial the next address at once.
     Lost(String),
-    /// The server refused us (credentials, an id in use, a limit): dial again
-    /// only after the longest backoff, since trying sooner changes nothing.
+    /// This server refused us for a reason of its own (our id in use here,
+    /// its limit): another server may not.
+    RefusedHere(String),
+    /// The server refused us for a reason every server shares (credentials,
+    /// permissions): dial again only after the longest backoff, since trying
+    /// sooner, or elsewhere, changes nothing.
     Refused(String),
 }
 
 impl Failure {
-    fn from_call(what: &str, server: &str, e: grpcio::Error) -> Failure {
+    /// How a failed call ended the session: `what` names the call, as in
+    /// "the task stream".
+    fn from_call(what: &str, e: grpcio::Error) -> Failure {
         if let grpcio::Error::RpcFailure(s) = &e {
             let code = s.code();
+            let why = || format!("{what}: {} ({code:?})", quoted(s.message()));
             if [
                 RpcStatusCode::UNAUTHENTICATED,
                 RpcStatusCode::PERMISSION_DENIED,
+            ]
+            .contains(&code)
+            {
+                return Failure::Refused(why());
+            }
+            if [
                 RpcStatusCode::ALREADY_EXISTS,
                 RpcStatusCode::RESOURCE_EXHAUSTED,
             ]
             .contains(&code)
             {
-                return Failure::Refused(format!(
-                    "server {server} refused {what}: {} ({code:?})",
-                    quoted(s.message())
-                ));
+                return Failure::RefusedHere(why());
             }
         }
-        Failure::Lost(format!("{what} to {server} failed: {e}"))
+        Failure::Lost(format!("{what} failed: {e}"))
     }
 }
+
+/// How long a session must last to count as service: when it ends, a new
+/// round of dialling starts at once. A shorter one (with no result
+/// acknowledged) counts as a failed dial, so that a server that takes
+/// connections and drops them costs one round per backoff, not a busy loop.
+const SERVED: Duration = Duration::from_secs(1);
 
 /// The metadata of every call: who we are (id and process), and our token.
 fn call_metadata(cfg: &ClientConfig, instance: &str) -> Result<Metadata, grpcio::Error> {
@@ -328,22 +352,19 @@ enum End {
 
 /// Runs the client until `shutdown` fires or `max_tasks` results are acknowledged.
 ///
-/// An unreachable or vanished server is not an error: it is logged and dialled
-/// again. Only an unusable configuration is.
+/// An unreachable or vanished server is not an error: it is logged and the
+/// next address dialled. Only an unusable configuration is.
 pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, Error> {
     proto::validate_client_id(&config.id).map_err(|e| Error::Usage(format!("--id: {e}")))?;
+    let servers =
+        ServerList::parse(&config.servers).map_err(|e| Error::Usage(format!("--server {e}")))?;
     if let Some(tls) = &config.tls {
         // Checked once here, so that a wrong file is a usage error, not a retry loop.
         tls.credentials()?;
     }
-    let loopback = config
-        .server
-        .parse::<ListenAddr>()
-        .is_ok_and(|a| a.is_loopback());
-    if config.token.is_some() && config.tls.is_none() && !loopback {
+    if config.token.is_some() && config.tls.is_none() && !servers.is_loopback() {
         return Err(Error::Usage(format!(
-            "the token would cross the network to {} in clear text: add --tls-ca FILE (or --tls to trust the system's CAs)",
-            config.server
+            "the token would cross the network to {servers} in clear text: add --tls-ca FILE (or --tls to trust the system's CAs)"
         )));
     }
     // This process, as opposed to another one using the same id.
@@ -352,52 +373,65 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
     let progress = Arc::new(Progress::default());
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     let done = |p: &Progress| config.max_tasks.is_some_and(|max| p.acked() >= max);
+    // The address of the last session that served: the last of the next round.
+    let mut last = None;
+    let mut round = servers.round(last);
+    let mut tally = RoundTally::default();
     while !shutdown.is_triggered() && !done(&progress) {
-        let before = progress.acked();
-        let mut refused = false;
-        match session(&env, config, &instance, shutdown, &progress) {
+        let Some(endpoint) = round.pop_front() else {
+            // Every address of the round failed.
+            let delay = if tally.refused_everywhere() {
+                backoff.refused_delay()
+            } else {
+                backoff.next_delay()
+            };
+            log::info!("dialling {servers} again in {:.1}s", delay.as_secs_f64());
+            if shutdown.wait_timeout(delay) {
+                break;
+            }
+            round = servers.round(last);
+            tally = RoundTally::default();
+            continue;
+        };
+        let (acked, connections) = (progress.acked(), progress.connections());
+        let started = Instant::now();
+        let outcome = session(&env, config, &endpoint, &instance, shutdown, &progress);
+        let connected = progress.connections() > connections;
+        let why = match outcome {
             Ok(End::Finished) => break,
-            Ok(End::StreamClosed) => log::info!("the server ended the task stream"),
+            Ok(End::StreamClosed) => format!("lost {endpoint}: the server ended the task stream"),
             Ok(End::CannotWork(why)) => {
-                // Disconnected, so that the tasks it held go to other agents.
-                log::error!(
-                    "{why}: this agent takes no tasks until it can run it (checked every {:.1}s)",
-                    config.backoff_max.as_secs_f64()
-                );
-                while config.handler.check_runnable().is_err() {
-                    if shutdown.wait_timeout(config.backoff_max) {
-                        break;
-                    }
-                }
-                if !shutdown.is_triggered() {
-                    log::info!("the --exec program can be run again: taking tasks");
-                }
+                wait_until_runnable(config, &why, shutdown);
+                round.push_front(endpoint);
                 continue;
             }
-            Err(Failure::Lost(e)) => log::warn!("{e}"),
-            Err(Failure::Refused(e)) => {
-                log::error!("{e}");
-                refused = true;
+            Err(Failure::Lost(why)) if connected => format!("lost {endpoint}: {why}"),
+            Err(Failure::Lost(why)) => format!("cannot reach server {endpoint}: {why}"),
+            Err(Failure::RefusedHere(why)) => {
+                tally.refused_here += 1;
+                format!("server {endpoint} refused {why}")
             }
-        }
-        if progress.acked() > before {
+            Err(Failure::Refused(why)) => {
+                // Every server would say the same: back off before the next round.
+                log::error!("server {endpoint} refused {why}");
+                tally.refused = true;
+                round.clear();
+                continue;
+            }
+        };
+        tally.tried += 1;
+        if connected && (progress.acked() > acked || started.elapsed() >= SERVED) {
             backoff.reset();
+            last = Some(endpoint.addr());
+            round = servers.round(last);
+            tally = RoundTally::default();
         }
         if done(&progress) {
             break;
         }
-        let delay = if refused {
-            backoff.refused_delay()
-        } else {
-            backoff.next_delay()
-        };
-        log::info!(
-            "dialling {} again in {:.1}s",
-            config.server,
-            delay.as_secs_f64()
-        );
-        if shutdown.wait_timeout(delay) {
-            break;
+        match round.front() {
+            Some(next) => log::info!("{why}; trying {next}"),
+            None => log::warn!("{why}"),
         }
     }
     let report = progress.report();
@@ -409,9 +443,45 @@ pub fn run(config: &ClientConfig, shutdown: &Shutdown) -> Result<ClientReport, E
     Ok(report)
 }
 
+/// Disconnected (so that the tasks it held went to other agents), waits
+/// until the `--exec` program can be run again.
+fn wait_until_runnable(config: &ClientConfig, why: &str, shutdown: &Shutdown) {
+    log::error!(
+        "{why}: this agent takes no tasks until it can run it (checked every {:.1}s)",
+        config.backoff_max.as_secs_f64()
+    );
+    while config.handler.check_runnable().is_err() {
+        if shutdown.wait_timeout(config.backoff_max) {
+            return;
+        }
+    }
+    log::info!("the --exec program can be run again: taking tasks");
+}
+
+/// How the dials of one round failed, which decides the backoff after it.
+#[derive(Default)]
+struct RoundTally {
+    /// Addresses dialled (that did not serve).
+    tried: u32,
+    /// Of those, how many refused us for a reason of their own.
+    refused_here: u32,
+    /// A server refused us for a reason every server shares.
+    refused: bool,
+}
+
+impl RoundTally {
+    /// Whether trying again soon changes nothing: a refusal every server
+    /// shares, or every address refused us (our id in use everywhere).
+    fn refused_everywhere(&self) -> bool {
+        self.refused || (self.tried > 0 && self.refused_here == self.tried)
+    }
+}
+
+/// One session with the server at `endpoint`.
 fn session(
     env: &Arc<Environment>,
     cfg: &ClientConfig,
+    endpoint: &Endpoint,
     instance: &str,
     shutdown: &Shutdown,
     progress: &Arc<Progress>,
@@ -421,10 +491,12 @@ fn session(
         let creds = tls
             .credentials()
             .map_err(|e| Failure::Lost(e.to_string()))?;
-        builder = builder.set_credentials(creds);
-        if let Some(name) = &tls.server_name {
-            builder = builder.override_ssl_target(name.clone());
-        }
+        // The name the certificate must carry: the entry's host, not the
+        // address it resolved to.
+        let name = tls.server_name.as_deref().unwrap_or(endpoint.host());
+        builder = builder
+            .set_credentials(creds)
+            .override_ssl_target(name.to_string());
     }
     let channel = builder
         .keepalive_time(cfg.keepalive)
@@ -434,11 +506,10 @@ fn session(
         // a vanished server is noticed even when no task comes for hours.
         .http2_max_pings_without_data(0)
         .max_receive_message_len(1 << 20)
-        .connect(&cfg.server);
-    block_on(wait_ready(&channel, cfg.connect_timeout))
-        .map_err(|why| Failure::Lost(format!("cannot reach server {}: {why}", cfg.server)))?;
+        .connect(&endpoint.target());
+    block_on(wait_ready(&channel, cfg.connect_timeout)).map_err(Failure::Lost)?;
     progress.connections.fetch_add(1, Ordering::SeqCst);
-    log::info!("connected to {} as {}", cfg.server, cfg.id);
+    log::info!("connected to {endpoint} as {}", cfg.id);
     let client = ContactClient::new(channel.clone());
     let md = call_metadata(cfg, instance)
         .map_err(|e| Failure::Lost(format!("client id {:?}: {e}", cfg.id)))?;
@@ -446,7 +517,7 @@ fn session(
 
     let tasks = client
         .get_task_opt(&Empty::new(), opt())
-        .map_err(|e| Failure::from_call("registering", &cfg.server, e))?;
+        .map_err(|e| Failure::from_call("registering", e))?;
 
     let status_stop = Shutdown::new();
     {
@@ -509,7 +580,6 @@ fn run_pipeline(
         client: client.clone(),
         channel,
         opt,
-        server: cfg.server.clone(),
         tasks,
         progress: progress.clone(),
         control: control.clone(),

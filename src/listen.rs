@@ -19,6 +19,11 @@ pub struct ListenAddr {
 }
 
 impl ListenAddr {
+    /// The host as written (an IPv6 address without its brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// The port as given (0 until the server has bound one).
     pub fn port(&self) -> u16 {
         self.port

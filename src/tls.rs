@@ -63,7 +63,8 @@ pub struct ClientTls {
     pub ca: Option<PathBuf>,
     /// The agent's certificate and key, for a server that requires mutual TLS.
     pub cert_key: Option<(PathBuf, PathBuf)>,
-    /// Name to expect in the server's certificate instead of the dialled host.
+    /// Name to expect in the server's certificate instead of the host of
+    /// each `--server` entry.
     pub server_name: Option<String>,
 }
 

@@ -210,6 +210,44 @@ fn tls_serves_agents_that_trust_the_ca_and_no_one_else() {
 }
 
 #[test]
+fn each_server_entry_is_dialled_by_address_and_checked_by_its_own_host_name() {
+    let pki = Pki::new();
+    // A certificate for the name only: an agent that checked the address
+    // it dialled (127.0.0.1) would refuse it.
+    let (cert, key) = pki.issue("named", "localhost", &["localhost"], false);
+    let server = start_server(ServerConfig {
+        tls: Some(ServerTls {
+            cert,
+            key,
+            client_ca: None,
+        }),
+        ..server_config()
+    });
+    let port = server.port();
+    for (servers, id) in [
+        (format!("localhost:{port}"), "by-name"),
+        // The address entry fails its handshake; the name entry is served.
+        (format!("127.0.0.1:{port},localhost:{port}"), "both"),
+    ] {
+        publish(&server, id, 2);
+        let mut c = client_config(port, id);
+        c.servers = vec![servers];
+        c.tls = Some(ClientTls {
+            server_name: None,
+            ..pki.client_tls(None)
+        });
+        c.max_tasks = Some(2);
+        let stop = Shutdown::new();
+        let client = spawn_client(c, &stop);
+        wait_for(&format!("agent {id} to be served over TLS"), || {
+            client.is_finished()
+        });
+        assert_eq!(client.join().unwrap().acknowledged, 2, "{id}");
+    }
+    server.stop().unwrap();
+}
+
+#[test]
 fn mutual_tls_takes_the_agent_id_from_its_certificate() {
     let pki = Pki::new();
     let web1 = pki.issue("web-1", "web-1", &["web-1.example"], false);

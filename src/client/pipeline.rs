@@ -92,7 +92,6 @@ pub(super) struct Setup {
     /// The client's channel (watched for a pass of the completion queue).
     pub channel: Channel,
     pub opt: Box<dyn Fn() -> CallOption + Send>,
-    pub server: String,
     pub tasks: ClientSStreamReceiver<ServerMsg>,
     pub progress: Arc<Progress>,
     pub control: Arc<Control>,
@@ -190,7 +189,6 @@ impl Closing {
 struct Pipeline {
     client: ContactClient,
     opt: Box<dyn Fn() -> CallOption + Send>,
-    server: String,
     /// `None` once the stream ended. Once the pipeline is ending it is not
     /// read any more, and dropped (which cancels the call) with the pipeline,
     /// after the last results are recorded: the server sees them before it
@@ -228,7 +226,6 @@ impl Pipeline {
         let mut p = Pipeline {
             client: s.client,
             opt: s.opt,
-            server: s.server,
             tasks: Some(s.tasks),
             progress: s.progress,
             control: s.control,
@@ -296,7 +293,7 @@ impl Pipeline {
     }
 
     fn lost(&self, what: &str, e: grpcio::Error) -> Failure {
-        Failure::from_call(what, &self.server, e)
+        Failure::from_call(what, e)
     }
 
     /// Takes no more tasks (what the server still sends goes to other

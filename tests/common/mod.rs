@@ -265,10 +265,10 @@ fn with_limit(cmd: &mut Command, resource: libc::__rlimit_resource_t, soft: u64,
     }
 }
 
-/// An agent process that reconnects fast and acknowledges quickly, running
-/// `exec` for each task; with `extra` flags (e.g. `--max-tasks N`).
-pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
+/// The flags of an agent process that reconnects fast and acknowledges
+/// quickly (echoing each task).
+pub fn agent_flags<'a>(addr: &'a str, id: &'a str) -> Vec<&'a str> {
+    vec![
         "--server",
         addr,
         "--id",
@@ -279,9 +279,14 @@ pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
         "0.2",
         "--ack-interval",
         "0.05",
-        "--exec",
-        exec,
-    ];
+    ]
+}
+
+/// An agent process ([`agent_flags`]) running `exec` for each task; with
+/// `extra` flags (e.g. `--max-tasks N`).
+pub fn agent_process(addr: &str, id: &str, exec: &str, extra: &[&str]) -> Proc {
+    let mut args = agent_flags(addr, id);
+    args.extend_from_slice(&["--exec", exec]);
     args.extend_from_slice(extra);
     Proc::start(CLIENT_BIN, &args)
 }
