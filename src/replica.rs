@@ -302,23 +302,17 @@ impl Replica {
         dispatcher.share_log(Arc::new(self.clone()));
         dispatcher.see_fleet(Arc::new(self.clone()));
         jobs.share(Arc::new(self.clone()));
-        let this = self.clone();
-        inner.handle.spawn(async move {
-            if let Err(e) = this.read_jobs(jobs).await {
-                this.lost(&format!("reading jobs: {e}"));
-            }
+        let jobs_read = Arc::new(AtomicU64::new(0));
+        self.spawn_loop("reading jobs", move |r| {
+            let (jobs, read) = (jobs.clone(), jobs_read.clone());
+            async move { r.read_jobs(jobs, read).await }
         });
         let tasks_upto = inner
             .handle
             .block_on(last_sequence(&inner.js, TASKS_STREAM))?;
         // Tasks first (no agent is attached yet: nothing is offered), then
         // the outcomes that finish some of them.
-        let this = self.clone();
-        inner.handle.spawn(async move {
-            if let Err(e) = this.read_tasks().await {
-                this.lost(&format!("reading tasks: {e}"));
-            }
-        });
+        self.spawn_loop("reading tasks", |r| async move { r.read_tasks().await });
         let started = Instant::now();
         while dispatcher.next_task_id() <= tasks_upto {
             if inner.stop.wait_timeout(Duration::from_millis(20)) {
@@ -344,12 +338,11 @@ impl Replica {
         for (policy, filter) in readers {
             let (tx, rx) = crossbeam_channel::bounded(1);
             read.push(rx);
-            let this = self.clone();
             let filter = filter.to_string();
-            inner.handle.spawn(async move {
-                if let Err(e) = this.read_outcomes(policy, filter, tx).await {
-                    this.lost(&format!("reading outcomes: {e}"));
-                }
+            let done = Arc::new(AtomicU64::new(0));
+            self.spawn_loop("reading outcomes", move |r| {
+                let (filter, tx, done) = (filter.clone(), tx.clone(), done.clone());
+                async move { r.read_outcomes(policy, filter, done, tx).await }
             });
         }
         for rx in read {
@@ -361,21 +354,11 @@ impl Replica {
             }
         }
         if inner.mode == Mode::Queue {
-            let this = self.clone();
-            inner.handle.spawn(async move {
-                if let Err(e) = this.claim_tasks().await {
-                    this.lost(&format!("claiming tasks: {e}"));
-                }
-            });
+            self.spawn_loop("claiming tasks", |r| async move { r.claim_tasks().await });
         }
         let this = self.clone();
         inner.handle.spawn(async move { this.keep_alive().await });
-        let this = self.clone();
-        inner.handle.spawn(async move {
-            if let Err(e) = this.watch_leases().await {
-                this.lost(&format!("watching leases: {e}"));
-            }
-        });
+        self.spawn_loop("watching leases", |r| async move { r.watch_leases().await });
         log::info!(
             "replica {} serves the fleet of {} ({} tasks read)",
             inner.name,
@@ -383,6 +366,40 @@ impl Replica {
             tasks_upto
         );
         Ok(())
+    }
+
+    /// Runs one of the replica's loops on the NATS runtime, starting it
+    /// again after an error (a NATS node restarting, a consumer lost): the
+    /// loop resumes where it was. Errors for half the replica timeout in a
+    /// row mean the store is lost: the replica stops.
+    fn spawn_loop<F, Fut>(&self, what: &'static str, run: F)
+    where
+        F: Fn(Replica) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let this = self.clone();
+        self.inner.handle.spawn(async move {
+            let mut failing_since: Option<Instant> = None;
+            loop {
+                let started = Instant::now();
+                let Err(e) = run(this.clone()).await else {
+                    return;
+                };
+                if this.inner.stop.is_triggered() {
+                    return;
+                }
+                if started.elapsed() > this.inner.config.replica_timeout {
+                    failing_since = None;
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= this.inner.config.replica_timeout / 2 {
+                    this.lost(&format!("{what}: {e}"));
+                    return;
+                }
+                log::warn!("{what}: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
     }
 
     /// The store failed under this replica: it stops taking work.
@@ -466,8 +483,16 @@ impl Replica {
         &self,
         deliver_policy: consumer::DeliverPolicy,
         filter_subject: String,
+        done: Arc<AtomicU64>,
         read: crossbeam_channel::Sender<()>,
     ) -> Result<(), String> {
+        // Started again after an error: on after the last one read.
+        let deliver_policy = match done.load(Ordering::SeqCst) {
+            0 => deliver_policy,
+            seq => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+        };
         let inner = &self.inner;
         let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
         let stream = inner
@@ -532,8 +557,9 @@ impl Replica {
                     log::error!("outcome {seq} in {OUTCOMES_STREAM} is unreadable, skipped: {e}")
                 }
             }
+            done.store(seq, Ordering::SeqCst);
             if !told && pending == 0 {
-                let _ = read.send(());
+                let _ = read.try_send(());
                 told = true;
             }
         }
@@ -541,15 +567,24 @@ impl Replica {
     }
 
     /// Holds a copy of every job another replica created (the newest ones).
-    async fn read_jobs(&self, jobs: Arc<JobTable>) -> Result<(), String> {
+    async fn read_jobs(&self, jobs: Arc<JobTable>, done: Arc<AtomicU64>) -> Result<(), String> {
         let inner = &self.inner;
         let stream = inner
             .js
             .get_stream(JOBS_STREAM)
             .await
             .map_err(|e| e.to_string())?;
+        let deliver_policy = match done.load(Ordering::SeqCst) {
+            0 => consumer::DeliverPolicy::All,
+            seq => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+        };
         let mut messages = stream
-            .create_consumer(consumer::pull::OrderedConfig::default())
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
             .await
             .map_err(|e| e.to_string())?
             .messages()
@@ -558,6 +593,7 @@ impl Replica {
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| e.to_string())?;
             let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            done.store(seq, Ordering::SeqCst);
             match serde_json::from_slice::<JobMessage>(&m.payload) {
                 Ok(j) if j.replica == inner.name => {}
                 Ok(j) => jobs.insert_copy(seq, j.event),

@@ -630,7 +630,7 @@ async fn next_results(
 fn cannot_record() -> RpcStatus {
     RpcStatus::with_message(
         RpcStatusCode::UNAVAILABLE,
-        "the server cannot record results (disk error) and is stopping; keep them and send them again later".into(),
+        "the server cannot record results (a disk or store error) and is stopping; keep them and send them again later".into(),
     )
 }
 
