@@ -652,9 +652,22 @@ impl Replica {
         let Ok(info) = m.info() else { return };
         let (id, delivered) = (info.stream_sequence, info.delivered);
         let before = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+        let Ok(t) = serde_json::from_slice::<TaskMessage>(&m.payload) else {
+            log::error!("task {id} in {TASKS_STREAM} is unreadable: dropped from the queue");
+            tokio::spawn(async move {
+                let _ = m.ack_with(AckKind::Term).await;
+            });
+            return;
+        };
+        let task = NewTask {
+            target: None,
+            text: t.text,
+            key: t.key,
+            any_of: None,
+        };
         // Held before the dispatcher sees it: its outcome may come at once.
         let mut claims = self.inner.claims.lock().unwrap_or_else(|e| e.into_inner());
-        match dispatcher.claim(id, before) {
+        match dispatcher.claim(id, before, task) {
             Claimed::Taken => {
                 claims.insert(id, m);
             }
@@ -1292,8 +1305,10 @@ async fn setup(
     let tasks = stream_config(
         TASKS_STREAM,
         vec!["contact.tasks.any".into(), "contact.tasks.to".into()],
-        i64::try_from(config.retain).unwrap_or(i64::MAX),
-        Duration::ZERO,
+        // Kept by age, not count: an unanswered queue task must still be
+        // there when a replica claims it, however many came after it.
+        -1,
+        Duration::from_secs(7 * 24 * 3600),
     );
     let outcomes = stream_config(
         OUTCOMES_STREAM,

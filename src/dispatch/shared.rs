@@ -246,19 +246,34 @@ impl Dispatcher {
         self.lock().log.next_id()
     }
 
-    /// Queue mode: this replica claimed the untargeted task `id`, delivered
-    /// `before` times already (by any replica): it waits here for a local
-    /// agent, counting its attempts on from there.
-    pub fn claim(&self, id: TaskId, before: u32) -> Claimed {
+    /// Queue mode: this replica claimed the untargeted task `id` (`task`
+    /// as the shared log holds it), delivered `before` times already (by
+    /// any replica): it waits here for a local agent, counting its attempts
+    /// on from there. A task older than this replica's retained history
+    /// still is (its claim says it is unanswered).
+    pub fn claim(&self, id: TaskId, before: u32, task: NewTask) -> Claimed {
         let mut guard = self.lock();
         let st = &mut *guard;
         if id >= st.log.next_id() {
             return Claimed::NotYet;
         }
-        let Some(task) = st.log.get(id).cloned() else {
-            return Claimed::Finished;
+        let task = match st.log.get(id) {
+            Some(t) => t.clone(),
+            None if st.cancelled.contains(&id) => return Claimed::Finished,
+            None => Arc::new(Task {
+                id,
+                text: task.text,
+                target: None,
+                key: task.key.map(Arc::from),
+                any_of: None,
+                produced_at: SystemTime::now(),
+            }),
         };
-        if st.cancelled.contains(&id) || !matches!(st.log.settled(id), Some(Settled::Open)) {
+        let settled = st
+            .log
+            .settled(id)
+            .is_some_and(|s| !matches!(s, Settled::Open));
+        if st.cancelled.contains(&id) || settled {
             return Claimed::Finished;
         }
         if st.queue.get(id).is_none() {
@@ -281,12 +296,14 @@ impl Dispatcher {
         free.saturating_sub(st.queue.waiting_untargeted())
     }
 
-    /// Queue mode: when no agent here can take a task, gives back the
-    /// untargeted tasks waiting here, for another replica to claim.
+    /// Queue mode: when no agent is connected here any more, gives back the
+    /// untargeted tasks waiting here, for another replica to claim. (Not
+    /// when its agents are merely busy: each claim given back counts as a
+    /// delivery towards `--max-attempts`.)
     pub fn release_claims(&self) -> Vec<TaskId> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        if !st.ready.is_empty() || st.queue.waiting_untargeted() == 0 {
+        if st.registry.len() > 0 || st.queue.waiting_untargeted() == 0 {
             return vec![];
         }
         st.queue.take_waiting_untargeted()
