@@ -1442,3 +1442,158 @@ fn a_task_for_any_of_some_clients_and_a_cancellation_survive_a_restart_and_a_sna
         assert!(d.is_cancelled(2));
     }
 }
+
+/// A shared log that numbers tasks from `next` and knows keys, like
+/// CONTACT_TASKS with its duplicate window; what it appends is ingested by
+/// the test (as the replica's reader would).
+struct FakeLog {
+    next: Mutex<TaskId>,
+    keys: Mutex<HashMap<String, TaskId>>,
+    appended: Mutex<Vec<(TaskId, NewTask)>>,
+}
+
+impl FakeLog {
+    fn starting_at(next: TaskId) -> Arc<FakeLog> {
+        Arc::new(FakeLog {
+            next: Mutex::new(next),
+            keys: Mutex::new(HashMap::new()),
+            appended: Mutex::new(vec![]),
+        })
+    }
+}
+
+impl SharedLog for FakeLog {
+    fn append(&self, tasks: &[NewTask]) -> Result<Vec<(TaskId, bool)>, NotJournaled> {
+        let mut next = self.next.lock().unwrap();
+        let mut keys = self.keys.lock().unwrap();
+        Ok(tasks
+            .iter()
+            .map(|t| {
+                if let Some(of) = t.key.as_ref().and_then(|k| keys.get(k)) {
+                    return (*of, true);
+                }
+                let id = *next;
+                *next += 1;
+                if let Some(k) = &t.key {
+                    keys.insert(k.clone(), id);
+                }
+                self.appended.lock().unwrap().push((id, t.clone()));
+                (id, false)
+            })
+            .collect())
+    }
+
+    fn cancel(&self, tasks: &[TaskId]) -> Vec<TaskId> {
+        tasks.to_vec()
+    }
+}
+
+fn untargeted(text: &str) -> NewTask {
+    NewTask::new(None, text.into())
+}
+
+#[test]
+fn a_replica_offers_untargeted_queue_tasks_only_once_claimed_and_targeted_ones_at_once() {
+    let d = queue(4);
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.ingest(vec![
+        (1, untargeted("any")),
+        (2, NewTask::new(Some("a".into()), "for a".into())),
+    ]);
+    assert_eq!(
+        drain(&a),
+        vec![2],
+        "the targeted task waits in every replica"
+    );
+    assert_eq!(d.claim_room(), 3);
+    assert_eq!(d.claim(3, 0, untargeted("later")), Claimed::NotYet);
+    // Claimed after a delivery elsewhere: its attempts go on from there.
+    assert_eq!(d.claim(1, 1, untargeted("any")), Claimed::Taken);
+    assert_eq!(drain_attempts(&a), vec![(1, 2)]);
+    assert!(d.complete("a", ok(1, 2)).unwrap().accepted);
+    assert_eq!(d.claim(1, 2, untargeted("any")), Claimed::Finished);
+}
+
+#[test]
+fn an_outcome_from_another_replica_finishes_the_task_here_even_before_it_is_read() {
+    let d = queue(4);
+    let (_, a) = d.attach("a", "p", false, "").unwrap();
+    d.ingest(vec![(1, untargeted("one"))]);
+    assert_eq!(d.claim(1, 0, untargeted("one")), Claimed::Taken);
+    assert_eq!(drain(&a), vec![1]);
+    let elsewhere = Settled::Answered {
+        client: "b".into(),
+        first: 1,
+        last: 1,
+    };
+    assert!(
+        d.settle_shared(1, elsewhere.clone()),
+        "held here: its claim is done"
+    );
+    assert_eq!(d.in_flight(), 0, "the delivery here is taken back");
+    assert!(d.complete("a", ok(1, 1)).unwrap().stale);
+    // An outcome read before its task: the task never waits here.
+    assert!(!d.settle_shared(2, elsewhere));
+    d.ingest(vec![(2, NewTask::new(Some("a".into()), "for a".into()))]);
+    assert_eq!(drain(&a), Vec::<TaskId>::new());
+}
+
+#[test]
+fn publishing_through_a_shared_log_uses_its_ids_and_its_duplicate_window() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    let log = FakeLog::starting_at(7);
+    d.share_log(log.clone());
+    let keyed = |k: &str| NewTask {
+        key: Some(k.into()),
+        ..untargeted("t")
+    };
+    // The reader ingests what was appended while the publisher waits for it.
+    let reader = {
+        let (d, log) = (Arc::new(d), log.clone());
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || loop {
+            let batch: Vec<_> = std::mem::take(&mut *log.appended.lock().unwrap());
+            if !batch.is_empty() {
+                let done = batch.iter().any(|(id, _)| *id == 8);
+                d2.ingest(batch);
+                if done {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        });
+        (d, t)
+    };
+    let (d, t) = reader;
+    let first = d.publish_new(vec![keyed("k1"), keyed("k2")]).unwrap();
+    assert_eq!(
+        first.iter().map(Published::id).collect::<Vec<_>>(),
+        vec![7, 8]
+    );
+    t.join().unwrap();
+    assert_eq!(d.next_task_id(), 9, "ingested when publish returns");
+    // Known here: not even sent; known to the shared log only: its answer.
+    let again = d.publish_new(vec![keyed("k1")]).unwrap();
+    assert!(matches!(again[0], Published::Duplicate { of: 7 }));
+    log.keys.lock().unwrap().insert("k3".into(), 5);
+    let other = d.publish_new(vec![keyed("k3")]).unwrap();
+    assert!(matches!(other[0], Published::Duplicate { of: 5 }));
+}
+
+#[test]
+fn a_broadcast_agent_from_another_replica_continues_after_its_saved_place() {
+    let d = Dispatcher::new(DispatchConfig::default());
+    d.ingest((1..=5).map(|i| (i, untargeted("t"))).collect());
+    d.adopt(
+        "a",
+        &AgentProgress {
+            cursor: 4,
+            pending: vec![(2, 1)],
+        },
+    );
+    let (_, feed) = d.attach("a", "p", false, "").unwrap();
+    assert_eq!(drain_attempts(&feed), vec![(2, 2), (4, 1), (5, 1)]);
+    let p = d.progress("a").unwrap();
+    assert_eq!(p.cursor, 6);
+    assert_eq!(p.pending, vec![(2, 2), (4, 1), (5, 1)]);
+}
