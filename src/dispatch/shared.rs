@@ -303,7 +303,7 @@ impl Dispatcher {
     pub fn release_claims(&self) -> Vec<TaskId> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        if st.registry.len() > 0 || st.queue.waiting_untargeted() == 0 {
+        if !st.registry.is_empty() || st.queue.waiting_untargeted() == 0 {
             return vec![];
         }
         st.queue.take_waiting_untargeted()
