@@ -414,29 +414,46 @@ impl Replica {
         self.inner.stop.fail(cause);
     }
 
-    async fn read_tasks(&self) -> Result<(), String> {
-        let inner = &self.inner;
-        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
-        let stream = inner
+    /// An ordered consumer of stream `name` (of `filter_subject`, if not
+    /// empty): from just after sequence `after` when something was read
+    /// already, else by `policy`.
+    async fn ordered(
+        &self,
+        name: &str,
+        after: u64,
+        policy: consumer::DeliverPolicy,
+        filter_subject: String,
+    ) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>, String> {
+        let stream = self
+            .inner
             .js
-            .get_stream(TASKS_STREAM)
+            .get_stream(name)
             .await
             .map_err(|e| e.to_string())?;
-        let start = dispatcher.next_task_id();
-        let deliver_policy = if start > 1 {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            }
-        } else {
-            consumer::DeliverPolicy::All
+        let deliver_policy = match after {
+            0 => policy,
+            seq => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
         };
-        let mut messages = stream
+        stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy,
+                filter_subject,
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn read_tasks(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
+        let read = dispatcher.next_task_id().saturating_sub(1);
+        let all = consumer::DeliverPolicy::All;
+        let mut messages = self
+            .ordered(TASKS_STREAM, read, all, String::new())
+            .await?
             .messages()
             .await
             .map_err(|e| e.to_string())?;
@@ -486,29 +503,14 @@ impl Replica {
         done: Arc<AtomicU64>,
         read: crossbeam_channel::Sender<()>,
     ) -> Result<(), String> {
-        // Started again after an error: on after the last one read.
-        let deliver_policy = match done.load(Ordering::SeqCst) {
-            0 => deliver_policy,
-            seq => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: seq + 1,
-            },
-        };
         let inner = &self.inner;
         let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
-        let stream = inner
-            .js
-            .get_stream(OUTCOMES_STREAM)
-            .await
-            .map_err(|e| e.to_string())?;
         let queue = inner.mode == Mode::Queue;
-        let mut consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy,
-                filter_subject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        // Started again after an error: on after the last one read.
+        let after = done.load(Ordering::SeqCst);
+        let mut consumer = self
+            .ordered(OUTCOMES_STREAM, after, deliver_policy, filter_subject)
+            .await?;
         // Caught up once nothing stored before is pending.
         let mut told = false;
         if consumer
@@ -518,7 +520,7 @@ impl Replica {
             .num_pending
             == 0
         {
-            let _ = read.send(());
+            let _ = read.try_send(());
             told = true;
         }
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
@@ -569,24 +571,10 @@ impl Replica {
     /// Holds a copy of every job another replica created (the newest ones).
     async fn read_jobs(&self, jobs: Arc<JobTable>, done: Arc<AtomicU64>) -> Result<(), String> {
         let inner = &self.inner;
-        let stream = inner
-            .js
-            .get_stream(JOBS_STREAM)
-            .await
-            .map_err(|e| e.to_string())?;
-        let deliver_policy = match done.load(Ordering::SeqCst) {
-            0 => consumer::DeliverPolicy::All,
-            seq => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: seq + 1,
-            },
-        };
-        let mut messages = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
+        let all = consumer::DeliverPolicy::All;
+        let mut messages = self
+            .ordered(JOBS_STREAM, done.load(Ordering::SeqCst), all, String::new())
+            .await?
             .messages()
             .await
             .map_err(|e| e.to_string())?;
