@@ -191,7 +191,7 @@ pub struct Gauges {
 }
 
 /// Tasks were not published: they could not be written to the state
-/// journal (the server is stopping; the cause is logged).
+/// journal or the shared store (the cause is logged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotJournaled;
 
@@ -199,7 +199,7 @@ impl std::fmt::Display for NotJournaled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the tasks could not be written to the state journal (see --state-dir); the server is stopping"
+            "the tasks could not be stored (in the --state-dir journal or the --store; the server's log says why)"
         )
     }
 }
@@ -1757,9 +1757,14 @@ impl Dispatcher {
         agents
     }
 
-    /// Whether `client` is connected or remembered (it has a resume point).
+    /// Whether `client` is connected or remembered (it has a resume point),
+    /// here or (with replicas) at another replica.
     pub fn knows(&self, client: &str) -> bool {
         self.lock().clients.contains_key(client)
+            || self
+                .fleet
+                .get()
+                .is_some_and(|f| f.elsewhere().iter().any(|c| c.id == client))
     }
 
     /// Where a task without a target goes, in words.

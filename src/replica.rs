@@ -216,6 +216,10 @@ struct Inner {
     /// When the NATS connection was lost (ms since `epoch`), 0 while connected.
     lost_at: Arc<AtomicU64>,
     epoch: Instant,
+    /// Messages given a [`Replica::unique_id`] so far.
+    published: AtomicU64,
+    /// Unix milliseconds when this replica started.
+    started: u128,
     stop: Shutdown,
     incarnation: String,
 }
@@ -274,6 +278,13 @@ impl Replica {
                 runtime: Some(runtime),
             },
         ))
+    }
+
+    /// A message id no other message of the fleet has: this replica's
+    /// name, when it started, and a count.
+    fn unique_id(&self) -> String {
+        let n = self.inner.published.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{}/{n}", self.inner.name, self.inner.started)
     }
 
     /// This replica's name (host and process id), in leases and outcomes.
@@ -1012,37 +1023,22 @@ impl Replica {
             return Ok(());
         }
         let js = inner.js.clone();
-        let publishes: Vec<(String, Vec<u8>)> = out
+        let outgoing: Vec<Outgoing> = out
             .iter()
-            .map(|(_, _, s, p)| (s.clone(), p.clone()))
+            .map(|(_, _, subject, payload)| Outgoing {
+                id: format!("{subject}/{}", inner.name),
+                subject: subject.clone(),
+                payload: payload.clone(),
+                first_of_subject: true,
+            })
             .collect();
-        let verdicts: Vec<Result<bool, String>> = inner.handle.block_on(async move {
-            let mut acks = Vec::with_capacity(publishes.len());
-            for (subject, payload) in publishes {
-                let publish = jetstream::message::PublishMessage::build()
-                    .payload(payload.into())
-                    .expected_last_subject_sequence(0);
-                acks.push(js.send_publish(subject, publish).await);
-            }
-            let mut verdicts = Vec::with_capacity(acks.len());
-            for ack in acks {
-                let v = match ack {
-                    Err(e) => Err(e.to_string()),
-                    Ok(fut) => match fut.await {
-                        Ok(_) => Ok(true),
-                        Err(e)
-                            if e.kind()
-                                == jetstream::context::PublishErrorKind::WrongLastSequence =>
-                        {
-                            Ok(false)
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
-                };
-                verdicts.push(v);
-            }
-            verdicts
-        });
+        let patience = inner.config.replica_timeout / 2;
+        let stored = inner
+            .handle
+            .block_on(async move { publish_all(&js, outgoing, patience).await })?;
+        let verdicts = stored
+            .into_iter()
+            .map(|s| Ok::<bool, String>(matches!(s, Stored::Ack(_))));
         let mut finished = vec![];
         let mut lost_dead = vec![];
         for ((e, i, _, _), verdict) in out.iter().zip(verdicts) {
@@ -1128,17 +1124,21 @@ impl JobLog for Replica {
             replica: self.inner.name.clone(),
             event: event.clone(),
         };
-        let payload = serde_json::to_vec(&message).expect("a job event serialises");
+        let out = vec![Outgoing {
+            subject: "contact.jobs".into(),
+            payload: serde_json::to_vec(&message).expect("a job event serialises"),
+            id: self.unique_id(),
+            first_of_subject: false,
+        }];
         let js = self.inner.js.clone();
-        let r = self.inner.handle.block_on(async move {
-            js.publish("contact.jobs", payload.into())
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
-        });
-        match r {
-            Ok(ack) => Some(ack.sequence),
+        let patience = self.inner.config.replica_timeout / 2;
+        let r = self
+            .inner
+            .handle
+            .block_on(async move { publish_all(&js, out, patience).await });
+        match r.map(|mut s| s.pop()) {
+            Ok(Some(Stored::Ack(ack))) => Some(ack.sequence),
+            Ok(_) => None,
             Err(e) => {
                 log::error!("a job event could not be stored in {JOBS_STREAM}: {e}");
                 None
@@ -1152,29 +1152,28 @@ impl SharedLog for Replica {
         let js = self.inner.js.clone();
         let name = self.inner.name.clone();
         let tasks = tasks.to_vec();
-        let r: Result<Vec<TaskId>, String> = self.inner.handle.block_on(async move {
-            let mut acks = vec![];
-            for task in tasks {
+        let out: Vec<Outgoing> = tasks
+            .iter()
+            .map(|&task| {
                 let o = Outcome::Cancelled {
                     replica: name.clone(),
                     task,
                 };
-                let payload = serde_json::to_vec(&o).expect("serialises");
                 let subject = format!("contact.outcome.{task}.cancelled");
-                acks.push((
-                    task,
-                    js.publish(subject, payload.into())
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ));
-            }
-            let mut done = vec![];
-            for (task, ack) in acks {
-                ack.await.map_err(|e| e.to_string())?;
-                done.push(task);
-            }
-            Ok(done)
-        });
+                Outgoing {
+                    id: format!("{subject}/{name}"),
+                    subject,
+                    payload: serde_json::to_vec(&o).expect("serialises"),
+                    first_of_subject: false,
+                }
+            })
+            .collect();
+        let patience = self.inner.config.replica_timeout / 2;
+        let r = self
+            .inner
+            .handle
+            .block_on(async move { publish_all(&js, out, patience).await })
+            .map(|_| tasks);
         r.unwrap_or_else(|e| {
             log::error!("a cancellation could not be stored in {OUTCOMES_STREAM}: {e}");
             vec![]
@@ -1204,31 +1203,101 @@ impl SharedLog for Replica {
                 )
             })
             .collect();
-        let r: Result<Vec<(TaskId, bool)>, String> = self.inner.handle.block_on(async move {
-            let mut acks = Vec::with_capacity(messages.len());
-            for (subject, key, payload) in messages {
-                let mut publish =
-                    jetstream::message::PublishMessage::build().payload(payload.into());
-                if let Some(k) = key {
-                    publish = publish.message_id(k);
-                }
-                acks.push(
-                    js.send_publish(subject, publish)
-                        .await
-                        .map_err(|e| e.to_string())?,
-                );
-            }
-            let mut ids = Vec::with_capacity(acks.len());
-            for ack in acks {
-                let a = ack.await.map_err(|e| e.to_string())?;
-                ids.push((a.sequence, a.duplicate));
-            }
-            Ok(ids)
-        });
+        let out: Vec<Outgoing> = messages
+            .into_iter()
+            .map(|(subject, key, payload)| Outgoing {
+                subject,
+                payload,
+                // A task without a key gets one of its own, for retries.
+                id: key.unwrap_or_else(|| self.unique_id()),
+                first_of_subject: false,
+            })
+            .collect();
+        let patience = self.inner.config.replica_timeout / 2;
+        let r: Result<Vec<(TaskId, bool)>, String> = self
+            .inner
+            .handle
+            .block_on(async move { publish_all(&js, out, patience).await })
+            .map(|stored| {
+                stored
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        Stored::Ack(a) => Some((a.sequence, a.duplicate)),
+                        Stored::Taken => None,
+                    })
+                    .collect()
+            });
         r.map_err(|e| {
             log::error!("tasks could not be stored in {TASKS_STREAM}: {e}");
             NotJournaled
         })
+    }
+}
+
+/// A message to store in a stream.
+struct Outgoing {
+    subject: String,
+    payload: Vec<u8>,
+    /// `Nats-Msg-Id`: a retry of a publish whose acknowledgement was lost
+    /// is recognised as a duplicate (and answered with the first's sequence).
+    id: String,
+    /// `Nats-Expected-Last-Subject-Sequence: 0`: stored only as the first
+    /// message of its subject.
+    first_of_subject: bool,
+}
+
+/// What became of an [`Outgoing`].
+enum Stored {
+    Ack(jetstream::publish::PublishAck),
+    /// Its subject had a message already (`first_of_subject`).
+    Taken,
+}
+
+/// Publishes every message, all at once, and publishes again those that
+/// fail (no responders while a stream elects a new leader, a timeout) until
+/// `patience` runs out; then the last error.
+async fn publish_all(
+    js: &jetstream::Context,
+    out: Vec<Outgoing>,
+    patience: Duration,
+) -> Result<Vec<Stored>, String> {
+    let deadline = Instant::now() + patience;
+    let mut stored: Vec<Option<Stored>> = out.iter().map(|_| None).collect();
+    loop {
+        let mut acks = vec![];
+        for (i, o) in out.iter().enumerate().filter(|(i, _)| stored[*i].is_none()) {
+            let mut p = jetstream::message::PublishMessage::build()
+                .payload(o.payload.clone().into())
+                .message_id(&o.id);
+            if o.first_of_subject {
+                p = p.expected_last_subject_sequence(0);
+            }
+            acks.push((i, js.send_publish(o.subject.clone(), p).await));
+        }
+        let mut failed = None;
+        for (i, ack) in acks {
+            match ack {
+                Err(e) => failed = Some(e.to_string()),
+                Ok(f) => match f.await {
+                    Ok(a) => stored[i] = Some(Stored::Ack(a)),
+                    Err(e)
+                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                    {
+                        stored[i] = Some(Stored::Taken)
+                    }
+                    Err(e) => failed = Some(e.to_string()),
+                },
+            }
+        }
+        let Some(e) = failed else {
+            return Ok(stored.into_iter().flatten().collect());
+        };
+        if Instant::now() >= deadline {
+            return Err(e);
+        }
+        let left = stored.iter().filter(|s| s.is_none()).count();
+        log::warn!("NATS did not store {left} messages ({e}); publishing them again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -1415,6 +1484,10 @@ async fn setup(
         observer: std::sync::OnceLock::new(),
         lost_at,
         epoch,
+        published: AtomicU64::new(0),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis()),
         stop,
         incarnation,
     })
