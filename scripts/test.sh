@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, integration tests against real servers on
-# ephemeral ports, and the interop tests with a Python grpcio peer; the
-# replicas on NATS JetStream clusters, one test at a time; then the
+# ephemeral ports (replicas on NATS JetStream clusters among them, one test
+# at a time), and the interop tests with a Python grpcio peer; then the
 # linter, which must find nothing; then a fault soak of SOAK_SECONDS (default
 # 60; 0 skips it), which must lose and duplicate nothing. Extra arguments go
 # to `cargo test`.
@@ -10,9 +10,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --python
 export CONTACT_PYTHON="$PWD/.venv/bin/python"
 cargo test --locked "$@"
-# Each of its tests runs NATS nodes, replicas and agents: one at a time
-# (RUST_TEST_THREADS=1 is `-- --test-threads=1`, whatever "$@" holds).
-RUST_TEST_THREADS=1 cargo test --locked --test replicas "$@"
 if cargo clippy --version >/dev/null 2>&1; then
     cargo clippy --locked --all-targets -- -D warnings
 else
