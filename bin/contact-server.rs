@@ -105,6 +105,25 @@ struct Flags {
     /// move the rest aside to journal.damaged-<UTC time> there, and start.
     #[arg(long, conflicts_with = "no_state")]
     repair: bool,
+    /// Share one fleet with other replicas through NATS JetStream instead of
+    /// --state-dir: tasks, outcomes, agent leases and progress live in the
+    /// JetStream cluster at these addresses (see docs/scale-out.md).
+    #[arg(
+        long,
+        value_name = "nats://HOST:PORT[,HOST:PORT...]",
+        conflicts_with_all = ["state_dir", "no_state", "repair"]
+    )]
+    store: Option<String>,
+    /// With --store: copies JetStream keeps of each stream and bucket
+    /// (1, or 3 on a cluster of at least three nodes).
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_copies, requires = "store")]
+    store_replicas: usize,
+    /// With --store: seconds a replica that stopped answering (killed, cut
+    /// off from NATS) keeps its agents' leases and its claimed tasks before
+    /// other replicas take them over; a replica cut off from NATS for half
+    /// of it stops.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "10", requires = "store")]
+    replica_timeout: Duration,
     /// Seconds without a status message or result after which a client is declared gone.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
     client_timeout: Duration,
@@ -300,7 +319,23 @@ fn main() {
             }
         },
         dead_letters: flags.dead_letter,
-        state_dir: (!flags.no_state).then_some(flags.state_dir),
+        state_dir: (!flags.no_state && flags.store.is_none()).then_some(flags.state_dir),
+        store: match &flags.store {
+            None => None,
+            Some(url) => match contact::replica::parse_store(url) {
+                Ok(servers) => Some(contact::replica::StoreConfig {
+                    servers,
+                    copies: flags.store_replicas,
+                    replica_timeout: flags.replica_timeout,
+                    retain: flags.retain as usize,
+                    dedupe_window: Duration::from_secs(3600),
+                }),
+                Err(why) => {
+                    eprintln!("contact-server: {why}");
+                    std::process::exit(cli::EXIT_USAGE);
+                }
+            },
+        },
         on_damage: if flags.repair {
             OnDamage::Repair
         } else {
@@ -467,5 +502,16 @@ fn print_token(name: &str, admin: bool, secret: &std::path::Path) -> i32 {
             eprintln!("contact-server: {e}");
             cli::exit_code(&e)
         }
+    }
+}
+
+/// `--store-replicas`: JetStream replicates streams on 1 or 3 nodes here (R1 or R3).
+fn parse_copies(s: &str) -> Result<usize, String> {
+    match s {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        _ => Err(format!(
+            "{s:?}: 1 (no copies) or 3 (a three-node cluster keeps every write on a majority)"
+        )),
     }
 }

@@ -29,7 +29,7 @@ use crate::task::{NewTask, Published, Settled, Task, TaskId, TaskLog};
 use crate::workqueue::WorkQueue;
 use deadlines::{Deadlines, Due};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How tasks are spread over clients.
@@ -511,12 +511,20 @@ pub struct Dispatcher {
     durable: bool,
     /// Serialises producers, so that task ids reach the journal in order.
     publishing: Mutex<()>,
+    /// With `--store`: the task log all replicas share (see `shared`).
+    shared: OnceLock<Arc<dyn SharedLog>>,
+    /// The next task id to ingest from the shared log, for publishers
+    /// waiting to see their tasks here.
+    ingested: (Mutex<TaskId>, Condvar),
 }
 
 mod broadcast;
 mod deadlines;
 mod queue;
 mod restore;
+mod shared;
+
+pub use shared::{AgentProgress, Claimed, SharedLog};
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -565,6 +573,8 @@ impl Dispatcher {
             sink,
             durable,
             publishing: Mutex::new(()),
+            shared: OnceLock::new(),
+            ingested: (Mutex::new(1), Condvar::new()),
         }
     }
 
@@ -776,6 +786,14 @@ impl Dispatcher {
         self.pump_after(st, None);
     }
 
+    /// Whether `client` has a task stream open here.
+    pub fn has_session(&self, client: &str) -> bool {
+        self.lock()
+            .clients
+            .get(client)
+            .is_some_and(|c| c.session.is_some())
+    }
+
     /// Ends `client`'s task stream now (its credentials were revoked, or an
     /// operator said so): its tasks are handled as for any disconnect.
     /// Returns whether it was connected.
@@ -930,6 +948,9 @@ impl Dispatcher {
         on_added: &mut dyn FnMut(&[Arc<Task>]),
     ) -> Result<(Vec<Arc<Task>>, Duplicates), NotJournaled> {
         let _serial = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = self.shared.get() {
+            return self.append_shared(shared.as_ref(), tasks, on_added);
+        }
         // Only publishers add tasks (and keys), and they are serialised: what
         // is found here still holds when the tasks are added below.
         let keyed = tasks.iter().any(|t| t.key.is_some());
@@ -965,8 +986,6 @@ impl Dispatcher {
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut added = Vec::with_capacity(tasks.len());
-        let mut targets: Vec<String> = vec![];
-        let mut for_all = false;
         for (i, t) in tasks.into_iter().enumerate() {
             if let Some(Some(of)) = duplicates.get(i) {
                 log::debug!(
@@ -984,6 +1003,22 @@ impl Dispatcher {
             if self.config.mode == Mode::Queue {
                 st.queue.push(task.clone());
             }
+            added.push(task);
+        }
+        st.counters.produced += added.len() as u64;
+        on_added(&added);
+        self.offer_new(st, &added);
+        Ok((added, duplicates))
+    }
+
+    /// Offers tasks just added to the log to the clients that can take them now.
+    fn offer_new(&self, st: &mut State, added: &[Arc<Task>]) {
+        if st.closed {
+            return;
+        }
+        let mut targets: Vec<String> = vec![];
+        let mut for_all = false;
+        for task in added {
             match (&task.target, &task.any_of) {
                 (Some(t), _) if !targets.contains(t) => targets.push(t.clone()),
                 (Some(_), _) => {}
@@ -996,12 +1031,6 @@ impl Dispatcher {
                 }
                 (None, None) => for_all = true,
             }
-            added.push(task);
-        }
-        st.counters.produced += added.len() as u64;
-        on_added(&added);
-        if st.closed {
-            return Ok((added, duplicates));
         }
         match self.config.mode {
             Mode::Broadcast => {
@@ -1026,7 +1055,6 @@ impl Dispatcher {
                 self.pump_queue_ready(st);
             }
         }
-        Ok((added, duplicates))
     }
 
     /// Judges a client's answer, records it through the sink (if the

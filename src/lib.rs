@@ -46,6 +46,7 @@ pub mod proto;
 pub mod recorder;
 pub mod registry;
 pub mod reload;
+pub mod replica;
 pub mod results;
 pub mod server;
 pub mod shutdown;

@@ -287,12 +287,19 @@ struct Waiters {
     all: Vec<oneshot::Sender<()>>,
 }
 
+/// Where the thread makes things durable before the files: the journal
+/// (`--state-dir`), or the shared store's outcomes (`--store`).
+pub struct Durable {
+    pub journal: Option<Journal>,
+    pub outcomes: Option<crate::replica::Replica>,
+}
+
 /// The thread's loop: see the module documentation. Returns how many results
 /// it recorded; on a failed write, fires `stop` with the error first.
 pub fn run(
     rx: Receiver<Entry>,
     outputs: Outputs,
-    journal: Option<Journal>,
+    durable: Durable,
     next_seq: u64,
     compact_bytes: u64,
     compaction_due: &AtomicBool,
@@ -302,7 +309,7 @@ pub fn run(
     let res = record(
         &rx,
         outputs,
-        journal,
+        durable,
         next_seq,
         compact_bytes,
         compaction_due,
@@ -322,19 +329,27 @@ pub fn run(
 fn record(
     rx: &Receiver<Entry>,
     mut outputs: Outputs,
-    mut journal: Option<Journal>,
+    durable: Durable,
     mut next_seq: u64,
     compact_bytes: u64,
     compaction_due: &AtomicBool,
     waiters: &mut Waiters,
 ) -> Result<u64, Error> {
+    let Durable {
+        mut journal,
+        outcomes,
+    } = durable;
     let mut count = 0u64;
     // Compaction is due when the journal doubles past its last snapshot.
     let mut threshold = compact_bytes.max(journal.as_ref().map_or(0, |j| j.size * 2));
     let mut closed = false;
     while !closed {
         let Ok(first) = rx.recv() else { break };
-        for entry in std::iter::once(first).chain(rx.try_iter()) {
+        let mut burst: Vec<Entry> = std::iter::once(first).chain(rx.try_iter()).collect();
+        if let Some(store) = &outcomes {
+            store.store_outcomes(&mut burst).map_err(Error::State)?;
+        }
+        for entry in burst {
             match entry {
                 Entry::Close => {
                     closed = true;

@@ -103,6 +103,9 @@ pub struct SinkConfig<'a> {
     /// Fired, with the error as its failure cause, when a write or fsync
     /// fails: the owner must stop taking work (see `recorder`).
     pub stop: Shutdown,
+    /// `--store`: accepted results and dead letters are stored there (and
+    /// acknowledged) before the files are written (see `replica`).
+    pub outcomes: Option<crate::replica::Replica>,
 }
 
 impl ResultSink {
@@ -113,7 +116,8 @@ impl ResultSink {
             Some((j, records)) => (Some(j), outputs.catch_up(records)?),
             None => (None, 1),
         };
-        let keeps_results = journal.is_some() || config.results.is_some();
+        let keeps_results =
+            journal.is_some() || config.results.is_some() || config.outcomes.is_some();
         let passed = Arc::new(AtomicU64::new(0));
         // Unbounded: results arrive at most as fast as tasks were handed out,
         // and that is bounded by the per-client in-flight limit.
@@ -122,9 +126,11 @@ impl ResultSink {
         let due = compaction_due.clone();
         let compact_bytes = config.compact_bytes;
         let stop = config.stop.clone();
+        let outcomes = config.outcomes;
         let handle = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || {
+                let journal = recorder::Durable { journal, outcomes };
                 recorder::run(rx, outputs, journal, next_seq, compact_bytes, &due, &stop)
             })
             .map_err(Error::Thread)?;

@@ -16,7 +16,7 @@ use crate::dispatch::{Answer, AttachRefused, DispatchConfig, Dispatcher, Holder}
 use crate::error::Error;
 use crate::feed::{Delivery, TaskFeed};
 use crate::jobs::JobTable;
-use crate::journal::{Journal, OnDamage};
+use crate::journal::{Journal, OnDamage, Record};
 use crate::labels;
 use crate::listen::ListenAddr;
 use crate::logtext::quoted;
@@ -26,6 +26,7 @@ use crate::observe::port::{MetricsPort, PortState};
 use crate::producer::{Producer, TaskSource};
 use crate::proto::{self, ClientMsg, Contact, Empty, ResultMsg, ServerMsg};
 use crate::reload::{CredentialFiles, Reloader};
+use crate::replica::{Lease, LeaseRefused, Replica, ReplicaRuntime, StoreConfig};
 use crate::results::{ResultSink, ResultWriter, SinkConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, CertificateReloader, ServerTls};
@@ -80,6 +81,9 @@ pub struct ServerConfig {
     pub dead_letters: Option<PathBuf>,
     /// Keep the durable state (journal) here; `None` keeps state in memory only.
     pub state_dir: Option<PathBuf>,
+    /// `--store nats://...`: share the fleet with other replicas through
+    /// NATS JetStream instead (an alternative to `state_dir`).
+    pub store: Option<StoreConfig>,
     /// What to do with a journal damaged before its last complete commit.
     pub on_damage: OnDamage,
     /// Journal size from which it is compacted (it also waits for it to double).
@@ -141,6 +145,7 @@ impl Default for ServerConfig {
             admin_socket: None,
             dead_letters: None,
             state_dir: None,
+            store: None,
             on_damage: OnDamage::Refuse,
             compact_bytes: 64 << 20,
             stats_every: Duration::from_secs(5),
@@ -172,6 +177,14 @@ struct ContactService {
     stale: Arc<StaleBudget>,
     /// Counted as it happens, with `--metrics-listen`.
     metrics: Option<Arc<Metrics>>,
+    /// With `--store`: this server as one replica of several.
+    replica: Option<Replica>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl ContactService {
@@ -340,38 +353,25 @@ impl Contact for ContactService {
                 return;
             }
         };
-        let holder = Holder {
-            peer: &peer,
-            instance: &instance,
-            ephemeral,
-            leases: proto::leases_from(headers),
-            labels,
-        };
-        let attached = self.dispatcher.attach_as(&client, holder);
-        let (session, mut feed) = match attached {
-            Ok(a) => a,
-            Err(refused) => {
-                let status = match refused {
-                    AttachRefused::Closed => RpcStatus::with_message(
-                        RpcStatusCode::UNAVAILABLE,
-                        "the server is shutting down".into(),
-                    ),
-                    AttachRefused::InUse { peer: holder } => {
-                        warn_refused(
-                            &peer,
-                            &format!("client {client} is already connected from {holder} (two agents must not share an id)"),
-                        );
-                        RpcStatus::with_message(
-                            RpcStatusCode::ALREADY_EXISTS,
-                            format!("client id {client:?} is already connected from another process; give each agent its own --id"),
-                        )
-                    }
-                };
-                ctx.spawn(async move {
-                    let _ = sink.fail(status).await;
-                });
-                return;
-            }
+        let leases = proto::leases_from(headers);
+        // With replicas, the agent's lease is taken first (one owner per id
+        // in the fleet), on the store's runtime: this thread does not wait.
+        let lease = match (&self.replica, ephemeral) {
+            (Some(r), false) => Some((
+                r.clone(),
+                r.acquire(Lease {
+                    agent: client.clone(),
+                    replica: r.name().to_string(),
+                    instance: instance.clone(),
+                    peer: peer.clone(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    since: unix_now(),
+                }),
+            )),
+            _ => None,
         };
         let dispatcher = self.dispatcher.clone();
         let ack_timeout_ms =
@@ -379,6 +379,68 @@ impl Contact for ContactService {
         let results = self.results.clone();
         let metrics = self.metrics.clone();
         ctx.spawn(async move {
+            let replica = match lease {
+                None => None,
+                Some((replica, answer)) => {
+                    let refused = match answer.await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(LeaseRefused::InUse { replica: other, peer: holder })) => {
+                            warn_refused(
+                                &peer,
+                                &format!("client {client} is already connected to replica {other} from {holder} (two agents must not share an id)"),
+                            );
+                            Some(RpcStatus::with_message(
+                                RpcStatusCode::ALREADY_EXISTS,
+                                format!("client id {client:?} is already connected from another process; give each agent its own --id"),
+                            ))
+                        }
+                        Ok(Err(LeaseRefused::Store(why))) => Some(RpcStatus::with_message(
+                            RpcStatusCode::UNAVAILABLE,
+                            format!("this replica cannot reach its store ({why}); try another"),
+                        )),
+                        Err(_) => Some(RpcStatus::with_message(
+                            RpcStatusCode::UNAVAILABLE,
+                            "the server is shutting down".into(),
+                        )),
+                    };
+                    if let Some(status) = refused {
+                        let _ = sink.fail(status).await;
+                        return;
+                    }
+                    Some(replica)
+                }
+            };
+            let holder = Holder {
+                peer: &peer,
+                instance: &instance,
+                ephemeral,
+                leases,
+                labels,
+            };
+            let attached = dispatcher.attach_as(&client, holder);
+            let (session, mut feed) = match attached {
+                Ok(a) => a,
+                Err(refused) => {
+                    let status = match refused {
+                        AttachRefused::Closed => RpcStatus::with_message(
+                            RpcStatusCode::UNAVAILABLE,
+                            "the server is shutting down".into(),
+                        ),
+                        AttachRefused::InUse { peer: holder } => {
+                            warn_refused(
+                                &peer,
+                                &format!("client {client} is already connected from {holder} (two agents must not share an id)"),
+                            );
+                            RpcStatus::with_message(
+                                RpcStatusCode::ALREADY_EXISTS,
+                                format!("client id {client:?} is already connected from another process; give each agent its own --id"),
+                            )
+                        }
+                    };
+                    let _ = sink.fail(status).await;
+                    return;
+                }
+            };
             let mut res = forward(
                 &mut feed,
                 &mut sink,
@@ -395,6 +457,10 @@ impl Contact for ContactService {
                 };
             }
             dispatcher.detach(&client, session);
+            // Its lease goes with its last session here.
+            if let Some(r) = replica.filter(|_| !dispatcher.has_session(&client)) {
+                r.release(&client);
+            }
             if let Err(e) = res {
                 log::debug!("task stream of {client} ended: {e}");
             }
@@ -646,6 +712,8 @@ pub struct Server {
     grace: Duration,
     auth: Arc<Authenticator>,
     certificates: Option<CertificateReloader>,
+    /// With `--store`: the NATS client's runtime, stopped last.
+    store_runtime: Option<ReplicaRuntime>,
 }
 
 impl Server {
@@ -677,12 +745,21 @@ impl Server {
         let durable = journal.is_some();
         // Fired by `stop`, or by the recorder when the disk fails.
         let shutdown = Shutdown::new();
+        let replica = match &config.store {
+            Some(store) => {
+                let (r, rt) =
+                    Replica::connect(store.clone(), config.dispatch.mode, shutdown.clone())?;
+                Some((r, rt))
+            }
+            None => None,
+        };
         let (results, writer) = ResultSink::start(SinkConfig {
             results: config.results_to.as_deref(),
             dead_letters: config.dead_letters.as_deref(),
             journal: journal.map(|j| (j, &records[..])),
             compact_bytes: config.compact_bytes,
             stop: shutdown.clone(),
+            outcomes: replica.as_ref().map(|(r, _)| r.clone()),
         })?;
         let dispatcher = Arc::new(Dispatcher::recording(
             config.dispatch.clone(),
@@ -702,6 +779,12 @@ impl Server {
             // a large state is not held three times, as records, state and snapshot).
             dispatcher.compact();
         }
+        if let Some((r, _)) = &replica {
+            // Every replica gives agents the fleet's identity.
+            dispatcher.restore(vec![Record::Incarnation {
+                id: r.incarnation().to_string(),
+            }])?;
+        }
         let env = crate::tls::grpc_environment(2, "grpc-poll");
         let jobs = Arc::new(JobTable::default());
         let (admin, admin_worker) = AdminService::start(
@@ -717,7 +800,18 @@ impl Server {
             },
             shutdown.clone(),
         )?;
+        if let Some((r, _)) = &replica {
+            let jobs = jobs.clone();
+            let rollouts = admin.rollouts();
+            r.serve(
+                dispatcher.clone(),
+                Box::new(move |result| {
+                    rollouts.release(jobs.observe(std::iter::once(result)));
+                }),
+            )?;
+        }
         let service = ContactService {
+            replica: replica.as_ref().map(|(r, _)| r.clone()),
             dispatcher: dispatcher.clone(),
             jobs: jobs.clone(),
             rollouts: admin.rollouts(),
@@ -780,6 +874,7 @@ impl Server {
             grace: config.grace,
             auth: auth.clone(),
             certificates,
+            store_runtime: replica.map(|(_, rt)| rt),
         };
         for source in &config.sources {
             server.producers.push(Producer::start(
@@ -897,10 +992,13 @@ impl Server {
             grpc,
             writer,
             metrics_port,
+            store_runtime,
             ..
         } = self;
         drop(grpc);
         let n = writer.finish();
+        // The store's last outcomes were stored by the recorder's finish.
+        drop(store_runtime);
         // Served until the end: a probe sees NOT_SERVING through the drain.
         if let Some((port, stop)) = metrics_port {
             stop.trigger();

@@ -218,6 +218,21 @@ impl WorkQueue {
         Some(q)
     }
 
+    /// Untargeted tasks waiting for a client.
+    pub fn waiting_untargeted(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Takes the untargeted tasks waiting for a client out of the queue
+    /// (another replica is to deliver them); returns their ids.
+    pub fn take_waiting_untargeted(&mut self) -> Vec<TaskId> {
+        let ids: Vec<TaskId> = self.ready.iter().copied().collect();
+        for id in &ids {
+            self.finish(*id);
+        }
+        ids
+    }
+
     /// Unfinished tasks.
     pub fn len(&self) -> usize {
         self.unfinished.len()

@@ -1,0 +1,1238 @@
+//! `Replica`: this server as one of several sharing one fleet through NATS
+//! JetStream (`--store nats://...`). We do not replicate anything ourselves:
+//! JetStream (Raft-replicated streams, a durable work-queue consumer,
+//! key-value buckets) holds everything replicas must agree on, and each
+//! replica keeps its dispatcher as a view of it:
+//!
+//! - `CONTACT_TASKS` (subjects `contact.tasks.any`, `contact.tasks.to`): the
+//!   task log. A task's id is its stream sequence; its idempotency key is
+//!   the `Nats-Msg-Id`, so JetStream's duplicate window rejects a repeat
+//!   whichever replica it reaches. Every replica reads the whole stream, in
+//!   order, into its dispatcher ([`Dispatcher::ingest`]).
+//! - the durable pull consumer `contact-queue` on `contact.tasks.any` (queue
+//!   mode): it hands each untargeted task to one replica (a claim), which
+//!   delivers it to one of its agents; the claim is kept alive (in-progress
+//!   acks) while the replica lives, acknowledged once the task's outcome is
+//!   stored, and given back (nak) when no agent here can take it. A replica
+//!   that dies stops renewing: after `AckWait` (the replica timeout)
+//!   JetStream hands its tasks to another replica.
+//! - `CONTACT_OUTCOMES` (subjects `contact.outcome.<task>` in queue mode,
+//!   `contact.outcome.<task>.<agent>` in broadcast): accepted results and
+//!   dead letters, each published with `Nats-Expected-Last-Subject-Sequence:
+//!   0`. JetStream stores the first outcome of a subject only, so exactly one
+//!   result (or dead letter) counts per task (per agent in broadcast)
+//!   whichever replicas delivered it: that is fencing across replicas. A
+//!   result is acknowledged to its agent only after this publish was
+//!   acknowledged. Every replica reads the outcomes back (queue mode: all of
+//!   them, to settle tasks it holds or will be handed).
+//! - key-value bucket `contact_agents`: one lease per connected agent id
+//!   (the replica and process holding it, its labels), with a time to live
+//!   (the replica timeout) renewed by the holder. A second process with the
+//!   same id is refused by every replica; the same process reconnecting to
+//!   another replica takes its lease over, and the replica it left ends its
+//!   old session.
+//! - key-value bucket `contact_cursors` (broadcast): each agent's place in
+//!   the task log, saved by the replica serving it (every second and when it
+//!   leaves), so that an agent that moves continues after its last
+//!   acknowledged task.
+//! - key-value bucket `contact_fleet`: the fleet's dispatch mode and its
+//!   incarnation (the identity agents echo with results).
+//!
+//! The NATS client (`async-nats`) runs on a small tokio runtime of its own;
+//! our threads reach it through `block_on` on that runtime's handle (the
+//! recorder, producers) and gRPC handlers through a oneshot channel (a lease).
+//! A replica that loses NATS for half the replica timeout stops (its
+//! agents move to other replicas) rather than diverge: by then the others
+//! may own its agents and tasks.
+
+use crate::dispatch::{AgentProgress, Claimed, Dispatcher, Mode, NotJournaled, SharedLog};
+use crate::error::Error;
+use crate::recorder::Entry;
+use crate::results::{DeadLetter, ResultRecord};
+use crate::shutdown::Shutdown;
+use crate::task::{NewTask, Settled, TaskId};
+use async_nats::jetstream::{self, consumer, kv, stream, AckKind};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Stream of tasks.
+pub const TASKS_STREAM: &str = "CONTACT_TASKS";
+/// Stream of accepted results and dead letters.
+pub const OUTCOMES_STREAM: &str = "CONTACT_OUTCOMES";
+/// Durable consumer handing untargeted queue tasks to replicas.
+pub const QUEUE_CONSUMER: &str = "contact-queue";
+/// Bucket of agent leases.
+pub const AGENTS_BUCKET: &str = "contact_agents";
+/// Bucket of broadcast agents' places in the task log.
+pub const CURSORS_BUCKET: &str = "contact_cursors";
+/// Bucket of fleet-wide settings.
+pub const FLEET_BUCKET: &str = "contact_fleet";
+
+/// How long a JetStream request may take before the replica gives up on it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most tasks claimed in one fetch.
+const CLAIM_BATCH: usize = 256;
+
+/// `--store` and its companions.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// NATS servers (`host:port`), from `nats://HOST:PORT[,HOST:PORT...]`.
+    pub servers: Vec<String>,
+    /// `--store-replicas`: copies JetStream keeps of each stream and bucket (1 or 3).
+    pub copies: usize,
+    /// `--replica-timeout`: how long a silent replica keeps its agents'
+    /// leases and its claimed tasks.
+    pub replica_timeout: Duration,
+    /// How the tasks stream is bounded and keys remembered.
+    pub retain: usize,
+    pub dedupe_window: Duration,
+}
+
+/// Parses `nats://HOST:PORT[,HOST:PORT...]` (each entry may repeat the scheme).
+pub fn parse_store(url: &str) -> Result<Vec<String>, String> {
+    let rest = url.strip_prefix("nats://").ok_or_else(|| {
+        format!("--store {url:?}: expected nats://HOST:PORT[,HOST:PORT...] (the only store besides --state-dir is NATS JetStream)")
+    })?;
+    let mut servers = vec![];
+    for entry in rest.split(',') {
+        let entry = entry.trim();
+        let entry = entry.strip_prefix("nats://").unwrap_or(entry);
+        let ok = entry.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return Err(format!(
+                "--store {url:?}: {entry:?} is not HOST:PORT (a NATS server's client port, e.g. 127.0.0.1:4222)"
+            ));
+        }
+        servers.push(format!("nats://{entry}"));
+    }
+    Ok(servers)
+}
+
+/// A task as the tasks stream holds it.
+#[derive(Serialize, Deserialize)]
+struct TaskMessage {
+    text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    any_of: Option<Vec<String>>,
+}
+
+/// An outcome as the outcomes stream holds it.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Outcome {
+    Result {
+        replica: String,
+        #[serde(flatten)]
+        result: ResultRecord,
+    },
+    Dead {
+        replica: String,
+        #[serde(flatten)]
+        dead: DeadLetter,
+    },
+}
+
+/// An agent's lease, as the agents bucket holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Lease {
+    pub agent: String,
+    /// The replica serving it.
+    pub replica: String,
+    /// The agent process (`contact-client-instance`); empty for seed peers.
+    pub instance: String,
+    pub peer: String,
+    pub labels: Vec<(String, String)>,
+    /// Unix time the session began.
+    pub since: f64,
+}
+
+/// Why an agent may not attach here.
+#[derive(Debug)]
+pub enum LeaseRefused {
+    /// Another process holds the id, through another replica.
+    InUse { replica: String, peer: String },
+    /// NATS did not answer.
+    Store(String),
+}
+
+/// An agent id as a key-value key or subject token (ids may hold any character).
+fn agent_key(agent: &str) -> String {
+    agent.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A lease this replica holds: the bucket revision it last wrote.
+struct Held {
+    revision: u64,
+    lease: Lease,
+}
+
+/// Told of every outcome read back from the store (jobs, metrics).
+pub type OutcomeObserver = Box<dyn Fn(&ResultRecord) + Send + Sync>;
+
+struct Inner {
+    name: String,
+    mode: Mode,
+    config: StoreConfig,
+    handle: tokio::runtime::Handle,
+    js: jetstream::Context,
+    agents: kv::Store,
+    cursors: kv::Store,
+    /// Untargeted queue tasks this replica claimed, by id.
+    claims: Mutex<HashMap<TaskId, jetstream::Message>>,
+    leases: Mutex<HashMap<String, Held>>,
+    /// Broadcast agents whose progress changed since it was last saved.
+    moved: Mutex<HashSet<String>>,
+    dispatcher: std::sync::OnceLock<Arc<Dispatcher>>,
+    observer: std::sync::OnceLock<OutcomeObserver>,
+    /// When the NATS connection was lost (ms since `epoch`), 0 while connected.
+    lost_at: Arc<AtomicU64>,
+    epoch: Instant,
+    stop: Shutdown,
+    incarnation: String,
+}
+
+/// This replica's link to the shared store; cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+/// Owns the NATS runtime; dropping it ends every loop of the replica.
+pub struct ReplicaRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for ReplicaRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+fn store_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::State(format!("NATS JetStream store: {what}: {e}"))
+}
+
+impl Replica {
+    /// Connects to NATS, creates (or checks) the streams and buckets, and
+    /// reads the fleet's settings: `mode` must be the fleet's.
+    pub fn connect(
+        config: StoreConfig,
+        mode: Mode,
+        stop: Shutdown,
+    ) -> Result<(Replica, ReplicaRuntime), Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("nats")
+            .enable_all()
+            .build()
+            .map_err(Error::Thread)?;
+        let handle = runtime.handle().clone();
+        let name = format!(
+            "{}-{}",
+            gethostname::gethostname().to_string_lossy(),
+            std::process::id()
+        );
+        let lost_at = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let inner = runtime.block_on(setup(config, mode, name, lost_at, epoch, stop, handle))?;
+        Ok((
+            Replica {
+                inner: Arc::new(inner),
+            },
+            ReplicaRuntime {
+                runtime: Some(runtime),
+            },
+        ))
+    }
+
+    /// This replica's name (host and process id), in leases and outcomes.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The fleet's incarnation (the same on every replica).
+    pub fn incarnation(&self) -> &str {
+        &self.inner.incarnation
+    }
+
+    /// Starts reading the shared log into `dispatcher` and, in queue mode,
+    /// claiming tasks; returns once this replica has read every task and
+    /// outcome stored so far. `observer` is told of every outcome read.
+    pub fn serve(
+        &self,
+        dispatcher: Arc<Dispatcher>,
+        observer: OutcomeObserver,
+    ) -> Result<(), Error> {
+        let inner = &self.inner;
+        let _ = inner.dispatcher.set(dispatcher.clone());
+        let _ = inner.observer.set(observer);
+        dispatcher.share_log(Arc::new(self.clone()));
+        let (tasks_upto, outcomes_upto) = inner.handle.block_on(async {
+            let t = last_sequence(&inner.js, TASKS_STREAM).await?;
+            let o = last_sequence(&inner.js, OUTCOMES_STREAM).await?;
+            Ok::<_, Error>((t, o))
+        })?;
+        let (outcomes_read_tx, outcomes_read) = crossbeam_channel::bounded(1);
+        let this = self.clone();
+        inner.handle.spawn(async move {
+            if let Err(e) = this.read_outcomes(outcomes_upto, outcomes_read_tx).await {
+                this.lost(&format!("reading outcomes: {e}"));
+            }
+        });
+        // Queue mode needs the outcomes before tasks are offered (a finished
+        // task must not wait here); broadcast reads only new ones.
+        let _ = outcomes_read.recv_timeout(Duration::from_secs(120));
+        let this = self.clone();
+        inner.handle.spawn(async move {
+            if let Err(e) = this.read_tasks().await {
+                this.lost(&format!("reading tasks: {e}"));
+            }
+        });
+        let started = Instant::now();
+        while dispatcher.next_task_id() <= tasks_upto {
+            if inner.stop.wait_timeout(Duration::from_millis(20)) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(store_error(
+                    "reading the task log",
+                    format!("task {tasks_upto} not read within 2 minutes"),
+                ));
+            }
+        }
+        if inner.mode == Mode::Queue {
+            let this = self.clone();
+            inner.handle.spawn(async move {
+                if let Err(e) = this.claim_tasks().await {
+                    this.lost(&format!("claiming tasks: {e}"));
+                }
+            });
+        }
+        let this = self.clone();
+        inner.handle.spawn(async move { this.keep_alive().await });
+        let this = self.clone();
+        inner.handle.spawn(async move {
+            if let Err(e) = this.watch_leases().await {
+                this.lost(&format!("watching leases: {e}"));
+            }
+        });
+        log::info!(
+            "replica {} serves the fleet of {} ({} tasks read)",
+            inner.name,
+            inner.config.servers.join(","),
+            tasks_upto
+        );
+        Ok(())
+    }
+
+    /// The store failed under this replica: it stops taking work.
+    fn lost(&self, why: &str) {
+        if self.inner.stop.is_triggered() {
+            return;
+        }
+        let cause = format!(
+            "lost the NATS JetStream store ({why}): this replica stops taking work so as not to diverge; its agents move to the other replicas"
+        );
+        log::error!("{cause}");
+        self.inner.stop.fail(cause);
+    }
+
+    async fn read_tasks(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
+        let stream = inner
+            .js
+            .get_stream(TASKS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let start = dispatcher.next_task_id();
+        let deliver_policy = if start > 1 {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            }
+        } else {
+            consumer::DeliverPolicy::All
+        };
+        let mut messages = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut batch: Vec<(TaskId, NewTask)> = vec![];
+        loop {
+            let next = if batch.is_empty() {
+                messages.next().await
+            } else {
+                match futures::FutureExt::now_or_never(messages.next()) {
+                    Some(n) => n,
+                    None => {
+                        dispatcher.ingest(std::mem::take(&mut batch));
+                        continue;
+                    }
+                }
+            };
+            let Some(m) = next else {
+                return Err("the task stream ended".into());
+            };
+            let m = m.map_err(|e| e.to_string())?;
+            let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            match serde_json::from_slice::<TaskMessage>(&m.payload) {
+                Ok(t) => batch.push((
+                    seq,
+                    NewTask {
+                        target: t.target,
+                        text: t.text,
+                        key: t.key,
+                        any_of: t.any_of,
+                    },
+                )),
+                Err(e) => log::error!("task {seq} in {TASKS_STREAM} is unreadable, skipped: {e}"),
+            }
+            if batch.len() >= 1024 {
+                dispatcher.ingest(std::mem::take(&mut batch));
+            }
+        }
+    }
+
+    /// Reads outcomes back (all of them in queue mode, new ones in
+    /// broadcast), settling tasks here and telling the observer; `read`
+    /// is told once those stored up to `upto` are read.
+    async fn read_outcomes(
+        &self,
+        upto: u64,
+        read: crossbeam_channel::Sender<()>,
+    ) -> Result<(), String> {
+        let inner = &self.inner;
+        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
+        let stream = inner
+            .js
+            .get_stream(OUTCOMES_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let queue = inner.mode == Mode::Queue;
+        let deliver_policy = if queue {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::New
+        };
+        let mut messages = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut told = false;
+        if !queue || upto == 0 {
+            let _ = read.send(());
+            told = true;
+        }
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| e.to_string())?;
+            let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            match serde_json::from_slice::<Outcome>(&m.payload) {
+                Ok(Outcome::Result { result, .. }) => {
+                    if let (true, Some(id)) = (queue, result.task_id) {
+                        let how = Settled::Answered {
+                            client: Arc::from(result.client.as_str()),
+                            first: result.attempt,
+                            last: result.attempt,
+                        };
+                        if dispatcher.settle_shared(id, how) {
+                            self.ack_claim(id);
+                        }
+                    }
+                    if let Some(o) = inner.observer.get() {
+                        o(&result);
+                    }
+                }
+                Ok(Outcome::Dead { dead, .. }) => {
+                    if queue && dispatcher.settle_shared(dead.task_id, Settled::Dead) {
+                        self.ack_claim(dead.task_id);
+                    }
+                }
+                Err(e) => {
+                    log::error!("outcome {seq} in {OUTCOMES_STREAM} is unreadable, skipped: {e}")
+                }
+            }
+            if !told && seq >= upto {
+                let _ = read.send(());
+                told = true;
+            }
+        }
+        Err("the outcome stream ended".into())
+    }
+
+    /// Queue mode: claims as many untargeted tasks as this replica's agents
+    /// can take, from the shared work queue.
+    async fn claim_tasks(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
+        let consumer: consumer::PullConsumer = inner
+            .js
+            .get_consumer_from_stream(QUEUE_CONSUMER, TASKS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut not_yet: Vec<jetstream::Message> = vec![];
+        loop {
+            if inner.stop.is_triggered() {
+                return Ok(());
+            }
+            // Claimed before their task was read: offered once it is.
+            for m in std::mem::take(&mut not_yet) {
+                self.take_claim(&dispatcher, m, &mut not_yet);
+            }
+            let room = dispatcher.claim_room();
+            if room == 0 || !not_yet.is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let mut batch = consumer
+                .fetch()
+                .max_messages(room.min(CLAIM_BATCH))
+                .expires(Duration::from_millis(200))
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| e.to_string())?;
+                self.take_claim(&dispatcher, m, &mut not_yet);
+            }
+        }
+    }
+
+    fn take_claim(
+        &self,
+        dispatcher: &Dispatcher,
+        m: jetstream::Message,
+        not_yet: &mut Vec<jetstream::Message>,
+    ) {
+        let Ok(info) = m.info() else { return };
+        let (id, delivered) = (info.stream_sequence, info.delivered);
+        let before = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+        // Held before the dispatcher sees it: its outcome may come at once.
+        let mut claims = self.inner.claims.lock().unwrap_or_else(|e| e.into_inner());
+        match dispatcher.claim(id, before) {
+            Claimed::Taken => {
+                claims.insert(id, m);
+            }
+            Claimed::Finished => {
+                drop(claims);
+                tokio::spawn(async move {
+                    let _ = m.ack().await;
+                });
+            }
+            Claimed::NotYet => not_yet.push(m),
+        }
+    }
+
+    /// The task's outcome is stored: its claim is done.
+    fn ack_claim(&self, id: TaskId) {
+        let claim = self
+            .inner
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(m) = claim {
+            self.inner.handle.spawn(async move {
+                if let Err(e) = m.ack().await {
+                    log::warn!("could not acknowledge the claim of task {id}: {e}");
+                }
+            });
+        }
+    }
+
+    /// Renews this replica's claims and leases, gives back claims no agent
+    /// here can take, saves broadcast agents' progress, and stops the
+    /// replica when NATS has been gone too long.
+    async fn keep_alive(&self) {
+        let inner = &self.inner;
+        let every = (inner.config.replica_timeout / 4).max(Duration::from_millis(100));
+        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
+        let mut last_renewal = Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            ticks.tick().await;
+            if inner.stop.is_triggered() {
+                return;
+            }
+            let lost = inner.lost_at.load(Ordering::SeqCst);
+            if lost > 0 {
+                let gone = Duration::from_millis(inner.epoch.elapsed().as_millis() as u64 - lost);
+                if gone >= inner.config.replica_timeout / 2 {
+                    self.lost(&format!("disconnected for {:.1}s", gone.as_secs_f64()));
+                    return;
+                }
+                continue;
+            }
+            // Claims no agent here can take go to another replica.
+            let released = dispatcher.release_claims();
+            if !released.is_empty() {
+                let mut claims = inner.claims.lock().unwrap_or_else(|e| e.into_inner());
+                for id in released {
+                    if let Some(m) = claims.remove(&id) {
+                        tokio::spawn(async move {
+                            let _ = m.ack_with(AckKind::Nak(None)).await;
+                        });
+                    }
+                }
+            }
+            if inner.mode == Mode::Broadcast {
+                self.save_progress(&dispatcher).await;
+            }
+            if last_renewal.elapsed() < every {
+                continue;
+            }
+            last_renewal = Instant::now();
+            let held: Vec<jetstream::Message> = inner
+                .claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for m in held {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+            if let Err(e) = self.renew_leases().await {
+                self.lost(&format!("renewing agent leases: {e}"));
+                return;
+            }
+        }
+    }
+
+    async fn renew_leases(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let held: Vec<(String, u64, Lease)> = inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, h)| (k.clone(), h.revision, h.lease.clone()))
+            .collect();
+        for (key, revision, lease) in held {
+            let value = serde_json::to_vec(&lease).expect("a lease serialises");
+            match inner.agents.update(&key, value.into(), revision).await {
+                Ok(rev) => {
+                    if let Some(h) = inner
+                        .leases
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&key)
+                    {
+                        h.revision = rev;
+                    }
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // Taken over (the agent moved): the watch ends its session here.
+                    log::debug!("lease of {} was taken over", lease.agent);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the session of an agent whose lease another replica took over.
+    async fn watch_leases(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
+        let mut watch = inner.agents.watch_all().await.map_err(|e| e.to_string())?;
+        while let Some(entry) = watch.next().await {
+            let entry = entry.map_err(|e| e.to_string())?;
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let Ok(lease) = serde_json::from_slice::<Lease>(&entry.value) else {
+                continue;
+            };
+            if lease.replica == inner.name {
+                continue;
+            }
+            let ours = inner
+                .leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&entry.key)
+                .is_some();
+            if ours {
+                log::info!(
+                    "agent {} moved to replica {}: its session here ends",
+                    lease.agent,
+                    lease.replica
+                );
+                dispatcher.evict(&lease.agent, "it moved to another replica");
+            }
+        }
+        Err("the lease watch ended".into())
+    }
+
+    /// Broadcast: saves the progress of agents served here (those that
+    /// answered something since the last save).
+    async fn save_progress(&self, dispatcher: &Dispatcher) {
+        let moved: Vec<String> =
+            std::mem::take(&mut *self.inner.moved.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
+        for agent in moved {
+            if let Some(p) = dispatcher.progress(&agent) {
+                self.put_progress(&agent, &p).await;
+            }
+        }
+    }
+
+    async fn put_progress(&self, agent: &str, p: &AgentProgress) {
+        let value = serde_json::to_vec(p).expect("progress serialises");
+        if let Err(e) = self.inner.cursors.put(agent_key(agent), value.into()).await {
+            log::warn!("could not save the progress of {agent}: {e}");
+        }
+    }
+
+    /// Takes the lease of `agent` for this replica (see the module
+    /// documentation); in broadcast, an agent coming from elsewhere is
+    /// adopted with its saved progress. Runs on the NATS runtime; the
+    /// answer comes through the returned channel.
+    pub fn acquire(
+        &self,
+        lease: Lease,
+    ) -> futures::channel::oneshot::Receiver<Result<(), LeaseRefused>> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let this = self.clone();
+        self.inner.handle.spawn(async move {
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, this.take_lease(lease))
+                .await
+                .unwrap_or_else(|_| Err(LeaseRefused::Store("timed out".into())));
+            let _ = tx.send(r);
+        });
+        rx
+    }
+
+    async fn take_lease(&self, lease: Lease) -> Result<(), LeaseRefused> {
+        let inner = &self.inner;
+        let key = agent_key(&lease.agent);
+        let value = serde_json::to_vec(&lease).expect("a lease serialises");
+        let store = |e: &dyn std::fmt::Display| LeaseRefused::Store(e.to_string());
+        let (revision, from_elsewhere) = match inner.agents.create(&key, value.clone().into()).await
+        {
+            Ok(rev) => (rev, true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let entry = inner.agents.entry(&key).await.map_err(|e| store(&e))?;
+                let (current, revision) = match entry {
+                    Some(e) if e.operation == kv::Operation::Put => {
+                        (serde_json::from_slice::<Lease>(&e.value).ok(), e.revision)
+                    }
+                    Some(e) => (None, e.revision),
+                    None => (None, 0),
+                };
+                if let Some(c) = &current {
+                    let same_process = !c.instance.is_empty() && c.instance == lease.instance;
+                    if c.replica != inner.name && !same_process {
+                        return Err(LeaseRefused::InUse {
+                            replica: c.replica.clone(),
+                            peer: c.peer.clone(),
+                        });
+                    }
+                }
+                let mine = current.as_ref().is_some_and(|c| c.replica == inner.name);
+                let rev = inner
+                    .agents
+                    .update(&key, value.into(), revision)
+                    .await
+                    .map_err(|e| store(&e))?;
+                (rev, !mine)
+            }
+            Err(e) => return Err(store(&e)),
+        };
+        inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key.clone(),
+                Held {
+                    revision,
+                    lease: lease.clone(),
+                },
+            );
+        if inner.mode == Mode::Broadcast && from_elsewhere {
+            if let Ok(Some(saved)) = inner.cursors.get(&key).await {
+                if let Ok(p) = serde_json::from_slice::<AgentProgress>(&saved) {
+                    if let Some(d) = inner.dispatcher.get() {
+                        d.adopt(&lease.agent, &p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent's session here ended: its progress is saved and its lease
+    /// given up (unless another replica has it by now).
+    pub fn release(&self, agent: &str) {
+        let key = agent_key(agent);
+        let held = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let Some(held) = held else { return };
+        let this = self.clone();
+        let agent = agent.to_string();
+        self.inner.handle.spawn(async move {
+            let inner = &this.inner;
+            if inner.mode == Mode::Broadcast {
+                if let Some(p) = inner.dispatcher.get().and_then(|d| d.progress(&agent)) {
+                    this.put_progress(&agent, &p).await;
+                }
+            }
+            let _ = inner
+                .agents
+                .delete_expect_revision(&key, Some(held.revision))
+                .await;
+        });
+    }
+
+    /// Notes that a broadcast agent's progress changed (saved within a second).
+    pub fn progressed(&self, agent: &str) {
+        if self.inner.mode == Mode::Broadcast {
+            self.inner
+                .moved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(agent.to_string());
+        }
+    }
+
+    /// Every agent connected to any replica, from the leases.
+    pub fn fleet(&self) -> Result<Vec<Lease>, Error> {
+        let agents = self.inner.agents.clone();
+        self.inner.handle.block_on(async move {
+            let mut out = vec![];
+            let mut keys = agents
+                .keys()
+                .await
+                .map_err(|e| store_error("listing agents", e))?;
+            while let Some(k) = keys.next().await {
+                let k = k.map_err(|e| store_error("listing agents", e))?;
+                if let Ok(Some(v)) = agents.get(&k).await {
+                    if let Ok(l) = serde_json::from_slice::<Lease>(&v) {
+                        out.push(l);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Stores the accepted results and dead letters among the recorder's
+    /// entries as outcomes, in one round of publishes; a result or dead
+    /// letter another replica's outcome came before is marked stale
+    /// (dropped, for a dead letter). Then the claims of tasks finished are
+    /// acknowledged. Fails when NATS does not acknowledge.
+    pub fn store_outcomes(&self, entries: &mut [Entry]) -> Result<(), String> {
+        let inner = &self.inner;
+        let queue = inner.mode == Mode::Queue;
+        let subject = |task: TaskId, agent: &str| {
+            if queue {
+                format!("contact.outcome.{task}")
+            } else {
+                format!("contact.outcome.{task}.{}", agent_key(agent))
+            }
+        };
+        // (entry, index in it, subject, payload)
+        let mut out: Vec<(usize, usize, String, Vec<u8>)> = vec![];
+        for (e, entry) in entries.iter().enumerate() {
+            match entry {
+                Entry::Results(results) => {
+                    for (i, r) in results.iter().enumerate() {
+                        if let (true, Some(task)) = (r.accepted, r.task_id) {
+                            let o = Outcome::Result {
+                                replica: inner.name.clone(),
+                                result: r.clone(),
+                            };
+                            out.push((
+                                e,
+                                i,
+                                subject(task, &r.client),
+                                serde_json::to_vec(&o).expect("serialises"),
+                            ));
+                        }
+                    }
+                }
+                Entry::Dead(d) => {
+                    let o = Outcome::Dead {
+                        replica: inner.name.clone(),
+                        dead: d.clone(),
+                    };
+                    out.push((
+                        e,
+                        0,
+                        subject(d.task_id, &d.client),
+                        serde_json::to_vec(&o).expect("serialises"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let js = inner.js.clone();
+        let publishes: Vec<(String, Vec<u8>)> = out
+            .iter()
+            .map(|(_, _, s, p)| (s.clone(), p.clone()))
+            .collect();
+        let verdicts: Vec<Result<bool, String>> = inner.handle.block_on(async move {
+            let mut acks = Vec::with_capacity(publishes.len());
+            for (subject, payload) in publishes {
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .expected_last_subject_sequence(0);
+                acks.push(js.send_publish(subject, publish).await);
+            }
+            let mut verdicts = Vec::with_capacity(acks.len());
+            for ack in acks {
+                let v = match ack {
+                    Err(e) => Err(e.to_string()),
+                    Ok(fut) => match fut.await {
+                        Ok(_) => Ok(true),
+                        Err(e)
+                            if e.kind()
+                                == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                        {
+                            Ok(false)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
+                verdicts.push(v);
+            }
+            verdicts
+        });
+        let mut finished = vec![];
+        let mut lost_dead = vec![];
+        for ((e, i, _, _), verdict) in out.iter().zip(verdicts) {
+            let stored = verdict?;
+            match &mut entries[*e] {
+                Entry::Results(results) => {
+                    let r = &mut results[*i];
+                    if stored {
+                        finished.extend(r.task_id);
+                        self.progressed(&r.client);
+                    } else {
+                        log::info!(
+                            "result of {} for task {} came after another replica's: recorded as stale",
+                            r.client,
+                            r.task_id.unwrap_or_default()
+                        );
+                        r.accepted = false;
+                        r.stale = true;
+                    }
+                }
+                Entry::Dead(d) => {
+                    if stored {
+                        finished.push(d.task_id);
+                        self.progressed(&d.client);
+                    } else {
+                        lost_dead.push(*e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for e in lost_dead {
+            entries[e] = Entry::Journal(vec![]);
+        }
+        if queue {
+            for id in finished {
+                self.ack_claim(id);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SharedLog for Replica {
+    fn append(&self, tasks: &[NewTask]) -> Result<Vec<(TaskId, bool)>, NotJournaled> {
+        let js = self.inner.js.clone();
+        let messages: Vec<(String, Option<String>, Vec<u8>)> = tasks
+            .iter()
+            .map(|t| {
+                let subject = if t.target.is_none() && t.any_of.is_none() {
+                    "contact.tasks.any"
+                } else {
+                    "contact.tasks.to"
+                };
+                let m = TaskMessage {
+                    text: t.text.clone(),
+                    target: t.target.clone(),
+                    key: t.key.clone(),
+                    any_of: t.any_of.clone(),
+                };
+                (
+                    subject.to_string(),
+                    t.key.clone(),
+                    serde_json::to_vec(&m).expect("serialises"),
+                )
+            })
+            .collect();
+        let r: Result<Vec<(TaskId, bool)>, String> = self.inner.handle.block_on(async move {
+            let mut acks = Vec::with_capacity(messages.len());
+            for (subject, key, payload) in messages {
+                let mut publish =
+                    jetstream::message::PublishMessage::build().payload(payload.into());
+                if let Some(k) = key {
+                    publish = publish.message_id(k);
+                }
+                acks.push(
+                    js.send_publish(subject, publish)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let mut ids = Vec::with_capacity(acks.len());
+            for ack in acks {
+                let a = ack.await.map_err(|e| e.to_string())?;
+                ids.push((a.sequence, a.duplicate));
+            }
+            Ok(ids)
+        });
+        r.map_err(|e| {
+            log::error!("tasks could not be stored in {TASKS_STREAM}: {e}");
+            NotJournaled
+        })
+    }
+}
+
+async fn last_sequence(js: &jetstream::Context, name: &str) -> Result<u64, Error> {
+    let s = js
+        .get_stream(name)
+        .await
+        .map_err(|e| store_error(&format!("stream {name}"), e))?;
+    Ok(s.cached_info().state.last_sequence)
+}
+
+async fn setup(
+    config: StoreConfig,
+    mode: Mode,
+    name: String,
+    lost_at: Arc<AtomicU64>,
+    epoch: Instant,
+    stop: Shutdown,
+    handle: tokio::runtime::Handle,
+) -> Result<Inner, Error> {
+    let servers = config.servers.join(",");
+    let events_lost_at = lost_at.clone();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("contact-server {name}"))
+        .connection_timeout(REQUEST_TIMEOUT)
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let lost_at = events_lost_at.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        log::warn!("NATS connection lost; reconnecting");
+                        let now = (epoch.elapsed().as_millis() as u64).max(1);
+                        let _ =
+                            lost_at.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                    async_nats::Event::Connected => {
+                        log::info!("NATS connection up");
+                        lost_at.store(0, Ordering::SeqCst);
+                    }
+                    other => log::warn!("NATS: {other}"),
+                }
+            }
+        })
+        .connect(config.servers.clone())
+        .await
+        .map_err(|e| store_error(&format!("cannot connect to {servers}"), e))?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(REQUEST_TIMEOUT);
+    let copies = config.copies;
+    let stream_config =
+        |name: &str, subjects: Vec<String>, max_messages: i64, max_age: Duration| stream::Config {
+            name: name.to_string(),
+            subjects,
+            max_messages,
+            max_age,
+            num_replicas: copies,
+            storage: stream::StorageType::File,
+            duplicate_window: config.dedupe_window,
+            ..Default::default()
+        };
+    let tasks = stream_config(
+        TASKS_STREAM,
+        vec!["contact.tasks.any".into(), "contact.tasks.to".into()],
+        i64::try_from(config.retain).unwrap_or(i64::MAX),
+        Duration::ZERO,
+    );
+    let outcomes = stream_config(
+        OUTCOMES_STREAM,
+        vec!["contact.outcome.>".into()],
+        -1,
+        Duration::from_secs(7 * 24 * 3600),
+    );
+    for s in [tasks, outcomes] {
+        let name = s.name.clone();
+        js.get_or_create_stream(s)
+            .await
+            .map_err(|e| store_error(&format!("creating stream {name}"), e))?;
+    }
+    // A bucket is a stream `KV_<bucket>` (as `create_key_value` makes it:
+    // async-nats asks the account's limits first, in a form nats-server 2.9
+    // does not answer, so the stream is made here).
+    let bucket = |bucket: &str, max_age: Duration| stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: copies,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    let mut stores = vec![];
+    for (b, age) in [
+        (AGENTS_BUCKET, config.replica_timeout),
+        (CURSORS_BUCKET, Duration::from_secs(7 * 24 * 3600)),
+        (FLEET_BUCKET, Duration::ZERO),
+    ] {
+        js.get_or_create_stream(bucket(b, age))
+            .await
+            .map_err(|e| store_error(&format!("creating bucket {b}"), e))?;
+        let store = js
+            .get_key_value(b)
+            .await
+            .map_err(|e| store_error(&format!("opening bucket {b}"), e))?;
+        stores.push(store);
+    }
+    let fleet = stores.pop().expect("three buckets");
+    let cursors = stores.pop().expect("three buckets");
+    let agents = stores.pop().expect("three buckets");
+    if mode == Mode::Queue {
+        let stream = js
+            .get_stream(TASKS_STREAM)
+            .await
+            .map_err(|e| store_error("stream CONTACT_TASKS", e))?;
+        stream
+            .get_or_create_consumer(
+                QUEUE_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(QUEUE_CONSUMER.to_string()),
+                    filter_subject: "contact.tasks.any".into(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: config.replica_timeout,
+                    max_deliver: -1,
+                    max_ack_pending: 1_000_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| store_error("creating the consumer contact-queue", e))?;
+    }
+    let setting = |key: &'static str, value: String| {
+        let fleet = fleet.clone();
+        async move {
+            match fleet.create(key, value.clone().into()).await {
+                Ok(_) => Ok(value),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    let v = fleet
+                        .get(key)
+                        .await
+                        .map_err(|e| store_error(&format!("reading {FLEET_BUCKET}/{key}"), e))?
+                        .unwrap_or_default();
+                    Ok(String::from_utf8_lossy(&v).into_owned())
+                }
+                Err(e) => Err(store_error(&format!("writing {FLEET_BUCKET}/{key}"), e)),
+            }
+        }
+    };
+    let ours = match mode {
+        Mode::Queue => "queue",
+        Mode::Broadcast => "broadcast",
+    };
+    let fleet_mode = setting("mode", ours.to_string()).await?;
+    if fleet_mode != ours {
+        return Err(Error::Usage(format!(
+            "--dispatch {ours}: the fleet in {servers} dispatches in {fleet_mode} mode; every replica must use --dispatch {fleet_mode}"
+        )));
+    }
+    let incarnation = setting("incarnation", format!("{:016x}", fastrand::u64(..))).await?;
+    Ok(Inner {
+        name,
+        mode,
+        config,
+        handle,
+        js,
+        agents,
+        cursors,
+        claims: Mutex::new(HashMap::new()),
+        leases: Mutex::new(HashMap::new()),
+        moved: Mutex::new(HashSet::new()),
+        dispatcher: std::sync::OnceLock::new(),
+        observer: std::sync::OnceLock::new(),
+        lost_at,
+        epoch,
+        stop,
+        incarnation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_addresses_are_parsed_and_mistakes_named() {
+        assert_eq!(
+            parse_store("nats://127.0.0.1:4222,10.0.0.2:4223").unwrap(),
+            vec!["nats://127.0.0.1:4222", "nats://10.0.0.2:4223"]
+        );
+        assert_eq!(
+            parse_store("nats://a:1,nats://b:2").unwrap(),
+            vec!["nats://a:1", "nats://b:2"]
+        );
+        assert!(parse_store("127.0.0.1:4222")
+            .unwrap_err()
+            .contains("nats://"));
+        assert!(parse_store("nats://host")
+            .unwrap_err()
+            .contains("\"host\" is not HOST:PORT"));
+        assert!(parse_store("nats://a:1,")
+            .unwrap_err()
+            .contains("is not HOST:PORT"));
+    }
+
+    #[test]
+    fn agent_ids_become_safe_keys() {
+        assert_eq!(agent_key("a b/é"), "6120622fc3a9");
+    }
+}
