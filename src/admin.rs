@@ -433,6 +433,8 @@ impl Rollouts {
             // Cancelled or timed out while these were being published.
             self.dispatcher.cancel(&ids);
         }
+        // With replicas, an agent may have answered before its task was in the job.
+        self.release(self.jobs.observe_early());
         ids
     }
 
@@ -684,6 +686,8 @@ impl Admin for AdminService {
                         let deadline = Instant::now() + Duration::from_secs(timeout.into());
                         jobs.set_deadline(job, deadline);
                     }
+                    // With replicas, an agent may have answered before the job was known.
+                    jobs.observe_early();
                 })
                 .map_err(|e| {
                     RpcStatus::with_message(
@@ -1114,6 +1118,7 @@ fn row(c: &ClientInfo) -> ClientRow {
         tasks_sent: c.tasks_sent,
         labels: c.labels.clone().into_iter().collect(),
         drained: c.drained,
+        replica: c.replica.clone().unwrap_or_default(),
         ..Default::default()
     }
 }

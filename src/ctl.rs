@@ -538,6 +538,7 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
                     "address": c.address,
                     "labels": labels(c),
                     "drained": c.drained,
+                    "replica": c.replica,
                     "connected_since": c.connected_since,
                     "last_seen": c.last_seen,
                     "in_flight": c.in_flight,
@@ -576,6 +577,13 @@ pub fn show_clients(rows: &[ClientInfo], json: bool, now: SystemTime) -> String 
             c.done.to_string(),
             c.failed.to_string(),
         ]);
+    }
+    // With replicas, which one serves each agent.
+    if rows.iter().any(|c| !c.replica.is_empty()) {
+        table[0].insert(1, "REPLICA".into());
+        for (row, c) in table.iter_mut().skip(1).zip(rows) {
+            row.insert(1, c.replica.clone());
+        }
     }
     let mut out = render(&table);
     out.push_str(&format!(

@@ -513,6 +513,8 @@ pub struct Dispatcher {
     publishing: Mutex<()>,
     /// With `--store`: the task log all replicas share (see `shared`).
     shared: OnceLock<Arc<dyn SharedLog>>,
+    /// With `--store`: the agents other replicas serve.
+    fleet: OnceLock<Arc<dyn FleetView>>,
     /// The next task id to ingest from the shared log, for publishers
     /// waiting to see their tasks here.
     ingested: (Mutex<TaskId>, Condvar),
@@ -524,7 +526,7 @@ mod queue;
 mod restore;
 mod shared;
 
-pub use shared::{AgentProgress, Claimed, SharedLog};
+pub use shared::{AgentProgress, Claimed, FleetView, SharedLog};
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -574,6 +576,7 @@ impl Dispatcher {
             durable,
             publishing: Mutex::new(()),
             shared: OnceLock::new(),
+            fleet: OnceLock::new(),
             ingested: (Mutex::new(1), Condvar::new()),
         }
     }
@@ -1612,7 +1615,8 @@ impl Dispatcher {
         for c in &mut all {
             c.drained = st.clients.get(c.id.as_str()).is_some_and(|s| s.drained);
         }
-        all
+        drop(st);
+        self.with_fleet(all)
     }
 
     /// Drains `client` (it gets nothing new and finishes what it holds) or,
@@ -1737,6 +1741,12 @@ impl Dispatcher {
         let st = self.lock();
         let mut agents = st.registry.matching(selector);
         agents.retain(|a| !st.clients.get(a.as_str()).is_some_and(|c| c.drained));
+        drop(st);
+        for a in self.matching_elsewhere(selector) {
+            if !agents.contains(&a) {
+                agents.push(a);
+            }
+        }
         agents
     }
 

@@ -18,7 +18,12 @@
 //! published when the first agent matches.
 //!
 //! Held in memory, the newest [`MAX_JOBS`]: a restart forgets them (the
-//! results themselves are in the results file and the journal). Results are
+//! results themselves are in the results file and the journal). With
+//! replicas (`--store`), a job's id comes from the shared [`JobLog`], where
+//! its creation, the tasks its rollout adds and its cancellation are written
+//! for the other replicas, which hold a copy of it ([`JobTable::insert_copy`]):
+//! the replica it was pushed to drives its rollout, and every replica sees
+//! its answers (results are read back from the store by all). Results are
 //! observed as the server judges them; when no job is held that costs one
 //! atomic load per batch.
 
@@ -27,7 +32,7 @@ use crate::results::ResultRecord;
 use crate::task::TaskId;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 /// Jobs kept at most; the oldest is forgotten first.
@@ -183,19 +188,86 @@ impl Job {
     }
 }
 
+/// What other replicas learn of a job (see [`JobLog`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    Created {
+        text: String,
+        target: String,
+        /// Unix seconds.
+        created_at: f64,
+        tasks: Vec<(TaskId, Option<String>)>,
+        expected: Vec<String>,
+    },
+    TasksAdded {
+        job: JobId,
+        tasks: Vec<(TaskId, Option<String>)>,
+    },
+    Cancelled {
+        job: JobId,
+    },
+}
+
+/// The job log replicas share: it numbers jobs across the fleet.
+pub trait JobLog: Send + Sync {
+    /// Writes the event; for `Created`, returns the new job's id (`None`
+    /// when the log could not be written: the job then gets no id).
+    fn write(&self, event: &JobEvent) -> Option<JobId>;
+}
+
+fn pairs(tasks: &[JobTask]) -> Vec<(TaskId, Option<String>)> {
+    tasks.iter().map(|t| (t.id, t.agent.clone())).collect()
+}
+
+fn job_tasks(pairs: Vec<(TaskId, Option<String>)>) -> Vec<JobTask> {
+    pairs
+        .into_iter()
+        .map(|(id, agent)| JobTask { id, agent })
+        .collect()
+}
+
 #[derive(Default)]
 struct Jobs {
     next: JobId,
     held: VecDeque<Job>,
     by_task: HashMap<TaskId, JobId>,
+    /// With replicas: the latest results of tasks no job held when they
+    /// came (another replica may answer a job's task before the job is
+    /// known here), given to the job that turns out to hold them.
+    early: VecDeque<ResultRecord>,
 }
 
+/// Results kept for a job not known yet, at most.
+const EARLY_RESULTS: usize = 10_000;
+
 impl Jobs {
-    /// Job `id`, if still held (ids are consecutive, oldest first).
+    /// Job `id`, if still held (ids increase, oldest first; with replicas
+    /// not consecutive).
     fn get_mut(&mut self, id: JobId) -> Option<&mut Job> {
         let first = self.held.front()?.id;
         let i = usize::try_from(id.checked_sub(first)?).ok()?;
+        if self.held.get(i).is_some_and(|j| j.id == id) {
+            return self.held.get_mut(i);
+        }
+        let i = self.held.binary_search_by_key(&id, |j| j.id).ok()?;
         self.held.get_mut(i)
+    }
+
+    /// Holds `job` in id order, forgetting the oldest past [`MAX_JOBS`].
+    fn hold(&mut self, job: Job) {
+        for t in &job.tasks {
+            self.by_task.insert(t.id, job.id);
+        }
+        let at = self.held.partition_point(|j| j.id < job.id);
+        self.held.insert(at, job);
+        if self.held.len() > MAX_JOBS {
+            if let Some(old) = self.held.pop_front() {
+                for t in &old.tasks {
+                    self.by_task.remove(&t.id);
+                }
+            }
+        }
     }
 }
 
@@ -209,6 +281,8 @@ pub struct JobTable {
     jobs: Mutex<Jobs>,
     /// Whether any job is held (the result path skips the lock otherwise).
     any: AtomicBool,
+    /// With replicas: where jobs are numbered and told to the others.
+    shared: std::sync::OnceLock<Arc<dyn JobLog>>,
 }
 
 impl JobTable {
@@ -237,12 +311,27 @@ impl JobTable {
         expected: Vec<String>,
         rollout: Option<Rollout>,
     ) -> (JobId, Option<Release>) {
+        let id = match self.shared.get() {
+            Some(log) => {
+                let event = JobEvent::Created {
+                    text: text.clone(),
+                    target: target.clone(),
+                    created_at: unix_seconds(SystemTime::now()),
+                    tasks: pairs(&tasks),
+                    expected: expected.clone(),
+                };
+                log.write(&event).unwrap_or(0)
+            }
+            None => 0,
+        };
         let mut jobs = self.lock();
-        jobs.next += 1;
-        let id = jobs.next;
-        for t in &tasks {
-            jobs.by_task.insert(t.id, id);
-        }
+        let id = if id == 0 {
+            jobs.next += 1;
+            jobs.next
+        } else {
+            jobs.next = jobs.next.max(id);
+            id
+        };
         let mut job = Job {
             id,
             text,
@@ -259,16 +348,89 @@ impl JobTable {
             waiting: None,
         };
         let first = job.release();
-        jobs.held.push_back(job);
-        if jobs.held.len() > MAX_JOBS {
-            if let Some(old) = jobs.held.pop_front() {
-                for t in &old.tasks {
-                    jobs.by_task.remove(&t.id);
+        jobs.hold(job);
+        self.any.store(true, Ordering::Release);
+        (id, first)
+    }
+
+    /// With replicas: observes the results that came before the job
+    /// holding their task was known (call after creating a job or adding
+    /// tasks to it); returns whom rollouts give their task to next.
+    pub fn observe_early(&self) -> Vec<Release> {
+        let early: Vec<ResultRecord> = {
+            let mut jobs = self.lock();
+            if jobs.early.is_empty() {
+                return vec![];
+            }
+            let Jobs { early, by_task, .. } = &mut *jobs;
+            let (known, unknown): (Vec<_>, Vec<_>) = early
+                .drain(..)
+                .partition(|r| r.task_id.is_some_and(|t| by_task.contains_key(&t)));
+            early.extend(unknown);
+            known
+        };
+        self.observe(early.iter())
+    }
+
+    /// Numbers jobs through `log` and tells it what becomes of them (replicas).
+    pub fn share(&self, log: Arc<dyn JobLog>) {
+        let _ = self.shared.set(log);
+        // Results are kept for jobs not known yet from now on.
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Applies what another replica wrote about job `id`: a copy of the job
+    /// (its rollout is driven there), tasks added, a cancellation.
+    pub fn insert_copy(&self, id: JobId, event: JobEvent) {
+        let mut jobs = self.lock();
+        match event {
+            JobEvent::Created {
+                text,
+                target,
+                created_at,
+                tasks,
+                expected,
+            } => {
+                if jobs.get_mut(id).is_some() {
+                    return;
+                }
+                jobs.next = jobs.next.max(id);
+                jobs.hold(Job {
+                    id,
+                    text,
+                    target,
+                    created_at: SystemTime::UNIX_EPOCH
+                        + std::time::Duration::from_secs_f64(created_at.max(0.0)),
+                    tasks: job_tasks(tasks),
+                    expected,
+                    answers: BTreeMap::new(),
+                    stale: BTreeMap::new(),
+                    rollout: None,
+                    cancelled: false,
+                    deadline: None,
+                    timed_out: false,
+                    waiting: None,
+                });
+                self.any.store(true, Ordering::Release);
+            }
+            JobEvent::TasksAdded { job, tasks } => {
+                let tasks = job_tasks(tasks);
+                if let Some(j) = jobs.get_mut(job) {
+                    j.tasks.extend(tasks.iter().cloned());
+                    for t in tasks {
+                        jobs.by_task.insert(t.id, job);
+                    }
+                }
+            }
+            JobEvent::Cancelled { job } => {
+                if let Some(j) = jobs.get_mut(job) {
+                    j.cancelled = true;
                 }
             }
         }
-        self.any.store(true, Ordering::Release);
-        (id, first)
+        drop(jobs);
+        // A copy drives no rollout: nothing to release.
+        self.observe_early();
     }
 
     /// Makes job `id` (made with a rollout) take agents as they come to match.
@@ -370,6 +532,12 @@ impl JobTable {
     /// job was cancelled, timed out or forgotten meanwhile (then the tasks
     /// are the caller's to cancel).
     pub fn add_tasks(&self, id: JobId, tasks: Vec<JobTask>) -> bool {
+        if let Some(log) = self.shared.get() {
+            log.write(&JobEvent::TasksAdded {
+                job: id,
+                tasks: pairs(&tasks),
+            });
+        }
         let mut jobs = self.lock();
         let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
         let Some(j) = jobs.get_mut(id) else {
@@ -396,6 +564,12 @@ impl JobTable {
                 continue;
             };
             let Some(&job) = jobs.by_task.get(&task) else {
+                if self.shared.get().is_some() {
+                    if jobs.early.len() == EARLY_RESULTS {
+                        jobs.early.pop_front();
+                    }
+                    jobs.early.push_back(r.clone());
+                }
                 continue;
             };
             let Some(j) = jobs.get_mut(job) else {
@@ -436,6 +610,9 @@ impl JobTable {
     /// agents it held are cancelled). Returns its tasks and how many agents
     /// were held, or `None` for a job not held.
     pub fn cancel(&self, id: JobId) -> Option<(Vec<TaskId>, usize)> {
+        if let Some(log) = self.shared.get() {
+            log.write(&JobEvent::Cancelled { job: id });
+        }
         let mut jobs = self.lock();
         let j = jobs.get_mut(id)?;
         j.cancelled = true;
@@ -462,6 +639,11 @@ impl JobTable {
     pub fn newest(&self, n: usize) -> Vec<Job> {
         self.lock().held.iter().rev().take(n).cloned().collect()
     }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

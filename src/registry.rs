@@ -32,6 +32,8 @@ pub struct ClientInfo {
     pub drained: bool,
     /// Deliveries written to the client and not answered yet.
     pub in_flight: usize,
+    /// With replicas (`--store`): the replica serving it.
+    pub replica: Option<String>,
 }
 
 /// What a result said, for the counts.
@@ -69,6 +71,7 @@ impl ClientRegistry {
             failed: 0,
             drained: false,
             in_flight: 0,
+            replica: None,
         };
         self.clients.insert(
             id.to_string(),

@@ -45,9 +45,13 @@
 //! agents move to other replicas) rather than diverge: by then the others
 //! may own its agents and tasks.
 
-use crate::dispatch::{AgentProgress, Claimed, Dispatcher, Mode, NotJournaled, SharedLog};
+use crate::dispatch::{
+    AgentProgress, Claimed, Dispatcher, FleetView, Mode, NotJournaled, SharedLog,
+};
 use crate::error::Error;
+use crate::jobs::{JobEvent, JobId, JobLog, JobTable, MAX_JOBS};
 use crate::recorder::Entry;
+use crate::registry::ClientInfo;
 use crate::results::{DeadLetter, ResultRecord};
 use crate::shutdown::Shutdown;
 use crate::task::{NewTask, Settled, TaskId};
@@ -65,6 +69,8 @@ pub const TASKS_STREAM: &str = "CONTACT_TASKS";
 pub const OUTCOMES_STREAM: &str = "CONTACT_OUTCOMES";
 /// Durable consumer handing untargeted queue tasks to replicas.
 pub const QUEUE_CONSUMER: &str = "contact-queue";
+/// Stream of job events (the job id is its `Created` event's sequence).
+pub const JOBS_STREAM: &str = "CONTACT_JOBS";
 /// Bucket of agent leases.
 pub const AGENTS_BUCKET: &str = "contact_agents";
 /// Bucket of broadcast agents' places in the task log.
@@ -177,7 +183,15 @@ struct Held {
     lease: Lease,
 }
 
-/// Told of every outcome read back from the store (jobs, metrics).
+/// A job event as the jobs stream holds it.
+#[derive(Serialize, Deserialize)]
+struct JobMessage {
+    replica: String,
+    #[serde(flatten)]
+    event: JobEvent,
+}
+
+/// Told of every outcome another replica stored (jobs, rollouts).
 pub type OutcomeObserver = Box<dyn Fn(&ResultRecord) + Send + Sync>;
 
 struct Inner {
@@ -191,6 +205,8 @@ struct Inner {
     /// Untargeted queue tasks this replica claimed, by id.
     claims: Mutex<HashMap<TaskId, jetstream::Message>>,
     leases: Mutex<HashMap<String, Held>>,
+    /// Every lease in the bucket, as the watch last saw it (and when).
+    fleet: Mutex<HashMap<String, (Lease, Instant)>>,
     /// Broadcast agents whose progress changed since it was last saved.
     moved: Mutex<HashSet<String>>,
     dispatcher: std::sync::OnceLock<Arc<Dispatcher>>,
@@ -268,18 +284,28 @@ impl Replica {
         &self.inner.incarnation
     }
 
-    /// Starts reading the shared log into `dispatcher` and, in queue mode,
-    /// claiming tasks; returns once this replica has read every task and
-    /// outcome stored so far. `observer` is told of every outcome read.
+    /// Starts reading the shared log into `dispatcher` and the jobs into
+    /// `jobs` and, in queue mode, claiming tasks; returns once this replica
+    /// has read every task and outcome stored so far. `observer` is told of
+    /// every outcome another replica stored.
     pub fn serve(
         &self,
         dispatcher: Arc<Dispatcher>,
+        jobs: Arc<JobTable>,
         observer: OutcomeObserver,
     ) -> Result<(), Error> {
         let inner = &self.inner;
         let _ = inner.dispatcher.set(dispatcher.clone());
         let _ = inner.observer.set(observer);
         dispatcher.share_log(Arc::new(self.clone()));
+        dispatcher.see_fleet(Arc::new(self.clone()));
+        jobs.share(Arc::new(self.clone()));
+        let this = self.clone();
+        inner.handle.spawn(async move {
+            if let Err(e) = this.read_jobs(jobs).await {
+                this.lost(&format!("reading jobs: {e}"));
+            }
+        });
         let (tasks_upto, outcomes_upto) = inner.handle.block_on(async {
             let t = last_sequence(&inner.js, TASKS_STREAM).await?;
             let o = last_sequence(&inner.js, OUTCOMES_STREAM).await?;
@@ -452,7 +478,7 @@ impl Replica {
             let m = m.map_err(|e| e.to_string())?;
             let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
             match serde_json::from_slice::<Outcome>(&m.payload) {
-                Ok(Outcome::Result { result, .. }) => {
+                Ok(Outcome::Result { result, replica }) => {
                     if let (true, Some(id)) = (queue, result.task_id) {
                         let how = Settled::Answered {
                             client: Arc::from(result.client.as_str()),
@@ -463,7 +489,8 @@ impl Replica {
                             self.ack_claim(id);
                         }
                     }
-                    if let Some(o) = inner.observer.get() {
+                    // This replica's own were observed when judged.
+                    if let Some(o) = inner.observer.get().filter(|_| replica != inner.name) {
                         o(&result);
                     }
                 }
@@ -482,6 +509,35 @@ impl Replica {
             }
         }
         Err("the outcome stream ended".into())
+    }
+
+    /// Holds a copy of every job another replica created (the newest ones).
+    async fn read_jobs(&self, jobs: Arc<JobTable>) -> Result<(), String> {
+        let inner = &self.inner;
+        let stream = inner
+            .js
+            .get_stream(JOBS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = stream
+            .create_consumer(consumer::pull::OrderedConfig::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| e.to_string())?;
+            let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            match serde_json::from_slice::<JobMessage>(&m.payload) {
+                Ok(j) if j.replica == inner.name => {}
+                Ok(j) => jobs.insert_copy(seq, j.event),
+                Err(e) => {
+                    log::error!("job event {seq} in {JOBS_STREAM} is unreadable, skipped: {e}")
+                }
+            }
+        }
+        Err("the job stream ended".into())
     }
 
     /// Queue mode: claims as many untargeted tasks as this replica's agents
@@ -663,11 +719,21 @@ impl Replica {
         while let Some(entry) = watch.next().await {
             let entry = entry.map_err(|e| e.to_string())?;
             if entry.operation != kv::Operation::Put {
+                inner
+                    .fleet
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&entry.key);
                 continue;
             }
             let Ok(lease) = serde_json::from_slice::<Lease>(&entry.value) else {
                 continue;
             };
+            inner
+                .fleet
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(entry.key.clone(), (lease.clone(), Instant::now()));
             if lease.replica == inner.name {
                 continue;
             }
@@ -826,27 +892,6 @@ impl Replica {
         }
     }
 
-    /// Every agent connected to any replica, from the leases.
-    pub fn fleet(&self) -> Result<Vec<Lease>, Error> {
-        let agents = self.inner.agents.clone();
-        self.inner.handle.block_on(async move {
-            let mut out = vec![];
-            let mut keys = agents
-                .keys()
-                .await
-                .map_err(|e| store_error("listing agents", e))?;
-            while let Some(k) = keys.next().await {
-                let k = k.map_err(|e| store_error("listing agents", e))?;
-                if let Ok(Some(v)) = agents.get(&k).await {
-                    if let Ok(l) = serde_json::from_slice::<Lease>(&v) {
-                        out.push(l);
-                    }
-                }
-            }
-            Ok(out)
-        })
-    }
-
     /// Stores the accepted results and dead letters among the recorder's
     /// entries as outcomes, in one round of publishes; a result or dead
     /// letter another replica's outcome came before is marked stale
@@ -975,6 +1020,67 @@ impl Replica {
     }
 }
 
+impl FleetView for Replica {
+    fn name(&self) -> String {
+        self.inner.name.clone()
+    }
+
+    /// From the leases other replicas renew (one not renewed within the
+    /// replica timeout has expired).
+    fn elsewhere(&self) -> Vec<ClientInfo> {
+        let inner = &self.inner;
+        let fleet = inner.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        let since = |t: f64| std::time::UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0));
+        let mut out: Vec<ClientInfo> = fleet
+            .values()
+            .filter(|(l, seen)| {
+                l.replica != inner.name && seen.elapsed() < inner.config.replica_timeout
+            })
+            .map(|(l, seen)| ClientInfo {
+                id: l.agent.clone(),
+                peer: l.peer.clone(),
+                labels: l.labels.iter().cloned().collect(),
+                connected_since: since(l.since),
+                last_seen: std::time::SystemTime::now() - seen.elapsed(),
+                replica: Some(l.replica.clone()),
+                tasks_sent: 0,
+                results_received: 0,
+                done: 0,
+                failed: 0,
+                drained: false,
+                in_flight: 0,
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+}
+
+impl JobLog for Replica {
+    fn write(&self, event: &JobEvent) -> Option<JobId> {
+        let message = JobMessage {
+            replica: self.inner.name.clone(),
+            event: event.clone(),
+        };
+        let payload = serde_json::to_vec(&message).expect("a job event serialises");
+        let js = self.inner.js.clone();
+        let r = self.inner.handle.block_on(async move {
+            js.publish("contact.jobs", payload.into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(ack) => Some(ack.sequence),
+            Err(e) => {
+                log::error!("a job event could not be stored in {JOBS_STREAM}: {e}");
+                None
+            }
+        }
+    }
+}
+
 impl SharedLog for Replica {
     fn append(&self, tasks: &[NewTask]) -> Result<Vec<(TaskId, bool)>, NotJournaled> {
         let js = self.inner.js.clone();
@@ -1097,7 +1203,13 @@ async fn setup(
         -1,
         Duration::from_secs(7 * 24 * 3600),
     );
-    for s in [tasks, outcomes] {
+    let jobs = stream_config(
+        JOBS_STREAM,
+        vec!["contact.jobs".into()],
+        i64::try_from(MAX_JOBS * 4).unwrap_or(i64::MAX),
+        Duration::ZERO,
+    );
+    for s in [tasks, outcomes, jobs] {
         let name = s.name.clone();
         js.get_or_create_stream(s)
             .await
@@ -1196,6 +1308,7 @@ async fn setup(
         cursors,
         claims: Mutex::new(HashMap::new()),
         leases: Mutex::new(HashMap::new()),
+        fleet: Mutex::new(HashMap::new()),
         moved: Mutex::new(HashSet::new()),
         dispatcher: std::sync::OnceLock::new(),
         observer: std::sync::OnceLock::new(),

@@ -805,6 +805,7 @@ impl Server {
             let rollouts = admin.rollouts();
             r.serve(
                 dispatcher.clone(),
+                jobs.clone(),
                 Box::new(move |result| {
                     rollouts.release(jobs.observe(std::iter::once(result)));
                 }),

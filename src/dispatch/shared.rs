@@ -11,7 +11,8 @@
 
 use super::{ClientState, Dispatcher, Duplicates, Mode, NotJournaled, NAMED};
 use crate::feed::Delivery;
-use crate::registry::ClientId;
+use crate::labels::Selector;
+use crate::registry::{ClientId, ClientInfo};
 use crate::task::{NewTask, Settled, Task, TaskId, TaskLog};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,6 +25,14 @@ pub trait SharedLog: Send + Sync {
     /// before (the id is then that task's). Fails, appending nothing
     /// acknowledged, when the shared log cannot be written.
     fn append(&self, tasks: &[NewTask]) -> Result<Vec<(TaskId, bool)>, NotJournaled>;
+}
+
+/// The agents other replicas serve, as the shared store says.
+pub trait FleetView: Send + Sync {
+    /// This replica's name.
+    fn name(&self) -> String;
+    /// Agents connected to other replicas (with `replica` set).
+    fn elsewhere(&self) -> Vec<ClientInfo>;
 }
 
 /// What became of a claimed task (see [`Dispatcher::claim`]).
@@ -54,6 +63,44 @@ impl Dispatcher {
         if self.shared.set(log).is_err() {
             log::warn!("the shared task log was set twice; the first one stays");
         }
+    }
+
+    /// Makes this dispatcher see the agents other replicas serve, in
+    /// [`Dispatcher::clients`] and [`Dispatcher::matching`].
+    pub fn see_fleet(&self, fleet: Arc<dyn FleetView>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Adds the agents other replicas serve to `local` (this replica's).
+    pub(super) fn with_fleet(&self, mut local: Vec<ClientInfo>) -> Vec<ClientInfo> {
+        let Some(fleet) = self.fleet.get() else {
+            return local;
+        };
+        let name = fleet.name();
+        for c in &mut local {
+            c.replica = Some(name.clone());
+        }
+        let here: std::collections::HashSet<String> = local.iter().map(|c| c.id.clone()).collect();
+        local.extend(
+            fleet
+                .elsewhere()
+                .into_iter()
+                .filter(|c| !here.contains(&c.id)),
+        );
+        local
+    }
+
+    /// The agents other replicas serve that `selector` matches.
+    pub(super) fn matching_elsewhere(&self, selector: &Selector) -> Vec<String> {
+        let Some(fleet) = self.fleet.get() else {
+            return vec![];
+        };
+        fleet
+            .elsewhere()
+            .into_iter()
+            .filter(|c| selector.matches(&c.labels))
+            .map(|c| c.id)
+            .collect()
     }
 
     /// Whether tasks go to a shared log (`--store`).
