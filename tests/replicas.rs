@@ -223,8 +223,13 @@ fn a_nats_node_killed_mid_run_loses_nothing_with_three_copies() {
     let leader = fleet.nats.meta_leader_seen_by(0).expect("a meta leader");
     let node: usize = leader[1..].parse().unwrap();
     fleet.nats.kill9(node);
-    // Two nodes of three still store tasks pushed through either replica.
-    ids.extend(fleet.push_round_robin("after the kill", 10));
+    // Two nodes of three still store tasks pushed through either replica
+    // (refused at most while leaders are elected).
+    for n in 0..10 {
+        let text = format!("after the kill {n}");
+        let key = format!("after-kill-{n}");
+        ids.push(fleet.replicas[n % 2].push_until_taken(&text, &key));
+    }
     fleet.wait_settled(&ids);
     fleet.nats.restart(node);
 
@@ -484,10 +489,12 @@ impl Fleet {
 
     /// Pushes `n` tasks `<prefix> <i>`, through each running replica in
     /// turn; their ids.
-    fn push_round_robin(&self, prefix: &str, n: usize) -> Vec<u64> {
-        let running: Vec<&Replica> = self.replicas.iter().filter(|r| r.running).collect();
+    fn push_round_robin(&mut self, prefix: &str, n: usize) -> Vec<u64> {
+        let running: Vec<usize> = (0..self.replicas.len())
+            .filter(|&r| self.replicas[r].running)
+            .collect();
         (0..n)
-            .map(|i| running[i % running.len()].push(&format!("{prefix} {i}"), &[]))
+            .map(|i| self.replicas[running[i % running.len()]].push(&format!("{prefix} {i}"), &[]))
             .collect()
     }
 
@@ -522,9 +529,9 @@ impl Fleet {
 
     /// Waits (up to [`SETTLE`]) until every task of `ids` has an accepted
     /// result or a dead letter in some replica's files.
-    fn wait_settled(&self, ids: &[u64]) {
-        self.wait_outcomes(ids.len(), || {
-            let settled = self.outcomes().settled_per_task();
+    fn wait_settled(&mut self, ids: &[u64]) {
+        self.wait_outcomes(ids.len(), |outcomes| {
+            let settled = outcomes.settled_per_task();
             ids.iter()
                 .filter(|id| !settled.contains_key(id))
                 .copied()
@@ -534,9 +541,9 @@ impl Fleet {
 
     /// Waits (up to [`SETTLE`]) until each of `agents` has an accepted
     /// result for every task of `ids`.
-    fn wait_answered_by_all(&self, ids: &[u64], agents: &[&str]) {
-        self.wait_outcomes(ids.len() * agents.len(), || {
-            let got = self.outcomes().accepted_per_agent();
+    fn wait_answered_by_all(&mut self, ids: &[u64], agents: &[&str]) {
+        self.wait_outcomes(ids.len() * agents.len(), |outcomes| {
+            let got = outcomes.accepted_per_agent();
             ids.iter()
                 .flat_map(|&id| agents.iter().map(move |&a| (id, a.to_string())))
                 .filter(|k| !got.contains_key(k))
@@ -546,23 +553,35 @@ impl Fleet {
     }
 
     /// Polls `missing` (the task ids still waiting for an outcome) until it
-    /// is empty, failing with them and the files after [`SETTLE`].
-    fn wait_outcomes(&self, expected: usize, mut missing: impl FnMut() -> Vec<u64>) {
+    /// is empty, failing after [`SETTLE`] with them, the files, and what
+    /// the replicas logged as warnings and errors.
+    fn wait_outcomes(&mut self, expected: usize, missing: impl Fn(&Outcomes) -> Vec<u64>) {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let left = missing();
+            let left = missing(&self.outcomes());
             if left.is_empty() {
                 return;
             }
             if Instant::now() > deadline {
-                let files: Vec<String> = self
-                    .replicas
-                    .iter()
-                    .flat_map(|r| [&r.results, &r.dead])
-                    .map(|f| f.display().to_string())
-                    .collect();
+                let mut report = String::new();
+                for r in &mut self.replicas {
+                    report += &format!(
+                        "\n{} ({}, {}), its warnings and errors:",
+                        r.name,
+                        r.results.display(),
+                        r.dead.display()
+                    );
+                    for l in r
+                        .proc
+                        .lines_so_far()
+                        .iter()
+                        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                    {
+                        report += &format!("\n  {l}");
+                    }
+                }
                 panic!(
-                    "after {SETTLE:?}, {} of {expected} outcomes missing, of tasks {left:?}; files: {files:#?}",
+                    "after {SETTLE:?}, {} of {expected} outcomes missing, of tasks {left:?};{report}",
                     left.len()
                 );
             }
@@ -700,7 +719,7 @@ impl Replica {
     }
 
     /// Pushes `text` through this replica's admin socket; the task's id.
-    fn push(&self, text: &str, extra: &[&str]) -> u64 {
+    fn push(&mut self, text: &str, extra: &[&str]) -> u64 {
         let reply = self.push_reply(text, extra);
         reply["task_id"]
             .as_u64()
@@ -708,13 +727,55 @@ impl Replica {
     }
 
     /// `contact-ctl --json push` through this replica: its JSON answer.
-    fn push_reply(&self, text: &str, extra: &[&str]) -> Value {
+    fn push_reply(&mut self, text: &str, extra: &[&str]) -> Value {
+        self.try_push(text, extra)
+            .unwrap_or_else(|e| panic!("{e}; its log ends: {:#?}", self.log_tail()))
+    }
+
+    /// `contact-ctl --json push`: its JSON answer, or why it failed.
+    fn try_push(&mut self, text: &str, extra: &[&str]) -> Result<Value, String> {
         let mut args = vec!["--server", &self.admin, "--json", "push", text];
         args.extend_from_slice(extra);
         let (code, out, err) = ctl(&args, &[]);
-        assert_eq!(code, 0, "push {text:?} through {}: {out}{err}", self.name);
-        serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("push through {}: {e}: {out:?}", self.name))
+        match serde_json::from_str(out.trim()) {
+            Ok(v) if code == 0 => Ok(v),
+            _ => Err(format!(
+                "push {text:?} through {}: exit {code}: {out}{err}",
+                self.name
+            )),
+        }
+    }
+
+    /// Pushes `text` with idempotency key `key`, again while it is refused
+    /// (as a script would: the key keeps a retry from publishing twice), for
+    /// up to [`PATIENCE`] and while this replica runs; the task's id.
+    fn push_until_taken(&mut self, text: &str, key: &str) -> u64 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match self.try_push(text, &["--key", key]) {
+                Ok(reply) => return reply["task_id"].as_u64().expect("task_id"),
+                Err(e) if Instant::now() > deadline || self.exited() => {
+                    panic!("{e}; its log ends: {:#?}", self.log_tail())
+                }
+                Err(e) => eprintln!("refused, tried again: {}", e.trim()),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The last lines of its log (to its end if it has exited).
+    fn log_tail(&mut self) -> Vec<String> {
+        let log = if self.exited() {
+            self.proc.whole_log()
+        } else {
+            self.proc.lines_so_far()
+        };
+        log[log.len().saturating_sub(30)..].to_vec()
+    }
+
+    /// Whether its process has ended.
+    fn exited(&mut self) -> bool {
+        self.proc.child.try_wait().unwrap().is_some()
     }
 
     /// `kill -9` (if it is still running).

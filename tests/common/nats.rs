@@ -355,7 +355,7 @@ impl NatsCluster {
         for n in &self.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(15)..];
+            let tail = &lines[lines.len().saturating_sub(40)..];
             out += &format!(
                 "--- {} ({}):\n{}\n",
                 n.name,
