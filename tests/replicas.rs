@@ -198,12 +198,19 @@ fn a_replica_killed_mid_run_hands_its_agents_and_tasks_to_the_other() {
     let survivor = 1 - victim;
     let moving = fleet.agents_on(victim);
     fleet.replicas[victim].kill9();
+    let killed = Instant::now();
 
     fleet.wait_all_agents_on(survivor);
+    let moved = killed.elapsed();
     fleet.wait_settled(&ids);
+    eprintln!(
+        "replica r{victim} killed: its {moving} of 4 agents on r{survivor} in {:.1}s, all {} tasks answered {:.1}s after the kill",
+        moved.as_secs_f64(),
+        ids.len(),
+        killed.elapsed().as_secs_f64()
+    );
     let outcomes = fleet.stop();
     outcomes.assert_each_task_accepted_once(&ids);
-    eprintln!("{moving} of 4 agents moved from the killed replica r{victim}");
 }
 
 #[test]
@@ -213,8 +220,8 @@ fn a_nats_node_killed_mid_run_loses_nothing_with_three_copies() {
         return;
     };
     fleet.add_replicas(2);
-    for _ in 0..4 {
-        fleet.add_agent(Dial::Every, SLOW_ECHO, &[]);
+    for a in 0..4 {
+        fleet.add_agent(Dial::Home(a % 2), SLOW_ECHO, &[]);
     }
     let mut ids = fleet.push_round_robin("job", 40);
     fleet.wait_some_settled(10, "before the kill");
@@ -223,6 +230,7 @@ fn a_nats_node_killed_mid_run_loses_nothing_with_three_copies() {
     let leader = fleet.nats.meta_leader_seen_by(0).expect("a meta leader");
     let node: usize = leader[1..].parse().unwrap();
     fleet.nats.kill9(node);
+    let killed = Instant::now();
     // Two nodes of three still store tasks pushed through either replica
     // (refused at most while leaders are elected).
     for n in 0..10 {
@@ -230,7 +238,15 @@ fn a_nats_node_killed_mid_run_loses_nothing_with_three_copies() {
         let key = format!("after-kill-{n}");
         ids.push(fleet.replicas[n % 2].push_until_taken(&text, &key));
     }
+    let pushed = killed.elapsed();
     fleet.wait_settled(&ids);
+    eprintln!(
+        "NATS node {leader} killed: 10 more tasks pushed in {:.1}s, all {} answered {:.1}s after the kill",
+        pushed.as_secs_f64(),
+        ids.len(),
+        killed.elapsed().as_secs_f64()
+    );
+    fleet.report_troubles();
     fleet.nats.restart(node);
 
     let outcomes = fleet.stop();
@@ -563,30 +579,41 @@ impl Fleet {
                 return;
             }
             if Instant::now() > deadline {
-                let mut report = String::new();
-                for r in &mut self.replicas {
-                    report += &format!(
-                        "\n{} ({}, {}), its warnings and errors:",
-                        r.name,
-                        r.results.display(),
-                        r.dead.display()
-                    );
-                    for l in r
-                        .proc
-                        .lines_so_far()
-                        .iter()
-                        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-                    {
-                        report += &format!("\n  {l}");
-                    }
-                }
                 panic!(
-                    "after {SETTLE:?}, {} of {expected} outcomes missing, of tasks {left:?};{report}",
-                    left.len()
+                    "after {SETTLE:?}, {} of {expected} outcomes missing, of tasks {left:?};{}",
+                    left.len(),
+                    self.troubles()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Each replica's files, and the warnings and errors it logged so far.
+    fn troubles(&mut self) -> String {
+        let mut report = String::new();
+        for r in &mut self.replicas {
+            report += &format!(
+                "\n{} ({}, {}), its warnings and errors:",
+                r.name,
+                r.results.display(),
+                r.dead.display()
+            );
+            for l in r
+                .proc
+                .lines_so_far()
+                .iter()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            {
+                report += &format!("\n  {l}");
+            }
+        }
+        report
+    }
+
+    /// Prints [`Self::troubles`] (seen with `--nocapture`, or when the test fails).
+    fn report_troubles(&mut self) {
+        eprintln!("{}", self.troubles());
     }
 
     /// Stops the agents, then the replicas still running (each exits 0);
