@@ -13,8 +13,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The name the nodes of a test cluster share.
-const CLUSTER_NAME: &str = "contact-test";
+/// A name of its own for each test cluster, so that a node of another
+/// cluster on this machine (another test run, a benchmark) that still dials
+/// a route port now ours is refused instead of joining this one.
+fn unique_cluster_name() -> String {
+    static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("contact-test-{}-{n}", std::process::id())
+}
 
 /// Where Debian puts the binary (`/usr/sbin`, often missing from a user's PATH).
 const KNOWN_PLACES: [&str; 2] = ["/usr/sbin/nats-server", "/usr/local/sbin/nats-server"];
@@ -106,6 +112,7 @@ impl NatsCluster {
             .iter()
             .map(|l| l.local_addr().unwrap().port())
             .collect();
+        let cluster_name = unique_cluster_name();
         let routes: Vec<String> = (0..nodes)
             .map(|i| format!("\"nats-route://127.0.0.1:{}\"", ports[3 * i + 2]))
             .collect();
@@ -123,7 +130,7 @@ impl NatsCluster {
             );
             if nodes > 1 {
                 text += &format!(
-                    "cluster {{\n  name: {CLUSTER_NAME}\n  listen: \"127.0.0.1:{}\"\n  no_advertise: true\n  routes: [{}]\n}}\n",
+                    "cluster {{\n  name: {cluster_name}\n  listen: \"127.0.0.1:{}\"\n  no_advertise: true\n  routes: [{}]\n}}\n",
                     ports[3 * i + 2],
                     routes.join(", ")
                 );
