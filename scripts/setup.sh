@@ -39,6 +39,10 @@ fi
 optional=()
 # `contact-ctl top` is tested in a real terminal, a detached tmux session (tests/top.rs).
 command -v tmux >/dev/null 2>&1 || optional+=(tmux)
+# Replicas sharing a fleet are tested against real NATS JetStream servers
+# (tests/replicas.rs); Debian puts nats-server in /usr/sbin.
+have_nats_server() { command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; }
+have_nats_server || optional+=(nats-server)
 # The web view is tested in headless Chromium over WebDriver (tests/webview.rs).
 if [ "$want_python" = yes ]; then
     command -v chromium >/dev/null 2>&1 || optional+=(chromium)
@@ -63,6 +67,9 @@ if [ "${#missing[@]}" -gt 0 ] || { [ "${#optional[@]}" -gt 0 ] && [ "$can_instal
     fi
 elif [ "${#optional[@]}" -gt 0 ]; then
     echo "setup: ${optional[*]} not installed (sudo apt-get install ${optional[*]}); the tests needing them will be skipped" >&2
+fi
+if ! have_nats_server; then
+    echo "setup: nats-server is not installed: tests/replicas.rs is skipped, and fails with CI=true; install it as root: apt-get install nats-server" >&2
 fi
 
 # The gRPC C-core with our patches (rapid-reset defence), built in place of

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, integration tests against real servers on
-# ephemeral ports, and the interop tests with a Python grpcio peer; then the
+# ephemeral ports (replicas on NATS JetStream clusters among them, one test
+# at a time), and the interop tests with a Python grpcio peer; then the
 # linter, which must find nothing; then a fault soak of SOAK_SECONDS (default
 # 60; 0 skips it), which must lose and duplicate nothing. Extra arguments go
 # to `cargo test`.

@@ -2,6 +2,9 @@
 //! clients, condition waits (never bare sleeps) and results-file readers.
 #![allow(dead_code)]
 
+pub mod cutproxy;
+pub mod nats;
+
 use contact::client::{self, ClientConfig, ClientReport};
 use contact::server::{Server, ServerConfig};
 use contact::shutdown::Shutdown;
