@@ -50,7 +50,7 @@ struct Flags {
     /// same text) are not published again.
     #[arg(long, value_name = "FILE")]
     tasks_from: Option<PathBuf>,
-    /// Generate N tasks "task:<100..200>" per batch, as the seed does [default: 10 when no --tasks-from].
+    /// Generate N tasks "task:<100..200>" per batch, as the seed does [default: 10 when no --tasks-from, except with --store].
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     generate: Option<u64>,
     /// Seconds between generated batches.
@@ -273,7 +273,9 @@ fn main() {
     if let Some(path) = flags.tasks_from {
         sources.push(TaskSource::Lines(path));
     }
-    if flags.generate.is_some() || sources.is_empty() {
+    // The seed's generator is the default source of a lone server; a
+    // replica (--store) gets tasks through the admin API unless told.
+    if flags.generate.is_some() || (sources.is_empty() && flags.store.is_none()) {
         let count = flags.generate.unwrap_or(10) as usize;
         sources.push(TaskSource::Generate {
             count,

@@ -112,8 +112,10 @@ fn open_lines(
     }
     let f = File::open(&path).map_err(|e| Error::file(&path, "read tasks from", e))?;
     // Keys only for a file read again after a restart, and a state that
-    // remembers them: not a pipe, not --no-state.
-    let keyed = dispatcher.is_durable() && f.metadata().is_ok_and(|m| m.is_file());
+    // remembers them (the journal, or the shared store of replicas): not a
+    // pipe, not --no-state.
+    let durable = dispatcher.is_durable() || dispatcher.is_shared();
+    let keyed = durable && f.metadata().is_ok_and(|m| m.is_file());
     let lines = Lines {
         name: path.display().to_string(),
         keyed_as: keyed.then(|| fs::canonicalize(&path).unwrap_or_else(|_| path.clone())),
