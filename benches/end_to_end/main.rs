@@ -288,7 +288,15 @@ fn main_run(flags: &RunFlags) -> Outcome<()> {
     {
         println!("{}", s.text());
     }
-    write_report(flags, &sizes, &sections, &r, took)
+    write_report(flags, &sizes, &sections, &r, took)?;
+    let failed: Vec<&String> = r.store.iter().flat_map(|s| &s.failed).collect();
+    match failed.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "{} run(s) of part g lost or doubled tasks (the report marks them), the first: {first}",
+            failed.len()
+        )),
+    }
 }
 
 fn measure_all(
@@ -444,12 +452,28 @@ fn store_part(b: &Bench, s: &Sizes, r: &mut Results) -> Outcome<()> {
                 clients,
                 tasks: s.store_work,
                 runs: vec![],
+                failed: vec![],
             });
         }
     }
     for rep in 1..=s.reps {
         for series in &mut r.store {
-            let run = store::round_trip(b, series.setup, series.clients, series.tasks)?;
+            let run = match store::round_trip(b, series.setup, series.clients, series.tasks) {
+                Ok(run) => run,
+                Err(e) if e.starts_with("lost tasks") || e.starts_with("CONTACT_") => {
+                    // The others are still measured; the run fails at the end.
+                    eprintln!(
+                        "bench: [{rep}/{}] {}, {} contact-server(s), {} clients: FAILED: {e}",
+                        s.reps,
+                        series.setup.label(),
+                        series.setup.replicas,
+                        series.clients
+                    );
+                    series.failed.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let per_task = run
                 .nats
                 .map(|n| format!(", {:.1} NATS msgs/task", n.msgs / series.tasks as f64))

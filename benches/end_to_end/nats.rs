@@ -183,6 +183,39 @@ impl Nats {
     }
 }
 
+impl Nats {
+    /// The consumer's delivered and acknowledged stream sequences and
+    /// pending counts, as its leader reports them, for an error message.
+    pub fn consumer_state(&self, stream: &str, consumer: &str) -> Outcome<String> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            // The node's server_name in its config file.
+            let name = format!("n{}", i + 1);
+            let jsz = get_json(
+                n.monitor_port,
+                "/jsz?accounts=true&streams=true&consumers=true",
+            )?;
+            let streams = jsz["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+            for s in streams.filter(|s| s["name"] == stream) {
+                for c in s["consumer_detail"].as_array().into_iter().flatten() {
+                    let leader = c["cluster"]["leader"].as_str();
+                    let single = c["cluster"].is_null();
+                    if c["name"] == consumer && (single || leader == Some(name.as_str())) {
+                        return Ok(format!(
+                            "consumer {consumer}: delivered up to {}, acknowledged up to {}, {} pending, {} awaiting acknowledgement, {} redelivered",
+                            c["delivered"]["stream_seq"], c["ack_floor"]["stream_seq"], c["num_pending"], c["num_ack_pending"], c["num_redelivered"]
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(format!("consumer {consumer}: no leader found"))
+    }
+}
+
 /// What the NATS nodes counted so far (monotonic: a run takes differences).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counters {

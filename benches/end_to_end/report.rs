@@ -357,7 +357,8 @@ impl Results {
                     format!("{x:.decimals$}")
                 }
             };
-            let runs: Vec<String> = s.runs.iter().map(|r| group(r.timed.rate())).collect();
+            let mut runs: Vec<String> = s.runs.iter().map(|r| group(r.timed.rate())).collect();
+            runs.extend(s.failed.iter().map(|_| "❌ LOST TASKS".to_string()));
             t.row(vec![
                 s.setup.label(),
                 s.setup.replicas.to_string(),

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 /// The longest a single run may take before it is called stuck.
 const RUN_LIMIT: Duration = Duration::from_secs(600);
 
+/// How long the outcomes may stop growing before the run is called stuck.
+const STALLED: Duration = Duration::from_secs(20);
+
 /// Where the fleet's state is, and how many replicas serve it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Setup {
@@ -105,6 +108,8 @@ pub struct StoreSeries {
     pub clients: usize,
     pub tasks: u64,
     pub runs: Vec<StoreRun>,
+    /// Runs that lost or doubled a task, or did not finish: why.
+    pub failed: Vec<String>,
 }
 
 /// Runs `setup` once with `clients` clients sharing `tasks` queue tasks.
@@ -215,12 +220,22 @@ pub fn round_trip(b: &Bench, setup: Setup, clients: usize, tasks: u64) -> Outcom
 }
 
 /// Waits until `CONTACT_OUTCOMES` holds `tasks` outcomes; fails if a
-/// replica exits first.
+/// replica exits first, or no outcome is added for [`STALLED`].
 fn wait_for_outcomes(nats: &Nats, tasks: u64, servers: &mut [(Daemon, u16)]) -> Outcome<()> {
     let deadline = Instant::now() + RUN_LIMIT;
+    let mut last = (0, Instant::now());
     loop {
-        if nats.stream_messages("CONTACT_OUTCOMES")?.unwrap_or(0) >= tasks {
+        let stored = nats.stream_messages("CONTACT_OUTCOMES")?.unwrap_or(0);
+        if stored >= tasks {
             return Ok(());
+        }
+        if stored > last.0 {
+            last = (stored, Instant::now());
+        } else if last.1.elapsed() > STALLED {
+            return Err(format!(
+                "lost tasks: CONTACT_OUTCOMES has held {stored} outcomes for {tasks} tasks for {STALLED:?} ({})",
+                nats.consumer_state("CONTACT_TASKS", "contact-queue")?
+            ));
         }
         for (s, _) in servers.iter_mut() {
             if let Some(l) = s.exited() {
