@@ -2,16 +2,19 @@
 # The end-to-end benchmark (see BENCHMARKS.md, which it rewrites): round-trip
 # throughput with 1/8/64 clients beside the bare grpcio ceiling and the seed's
 # Python pair, open-loop latency, fan-out to 10,000 agents (when contact-load
-# is built), a client that stops reading, and growth with the work. Prints the
-# table (targets with pass/fail marks) and writes BENCHMARKS.md and its plots
-# (benchmarks/*.png). One command on a fresh machine: it installs what is
-# missing, builds the release binaries (the first build compiles the gRPC
-# C-core, ~15-20 minutes) and runs the bench target benches/end_to_end.
+# is built), a client that stops reading, growth with the work, and the NATS
+# JetStream store (--store, on nats-server nodes it starts) beside the
+# embedded journal. Prints the table (targets with pass/fail marks) and
+# writes BENCHMARKS.md and its plots (benchmarks/*.png). One command on a
+# fresh machine: it installs what is missing, builds the release binaries
+# (the first build compiles the gRPC C-core, ~15-20 minutes) and runs the
+# bench target benches/end_to_end.
 #
 # Usage: scripts/bench.sh [--quick] [--reps N] [--only PARTS] [--keep]
 #   --quick       a smoke run of a couple of minutes (small sizes, one run each)
 #   --reps N      runs of each round-trip configuration (median quoted; default 3)
-#   --only PARTS  comma-separated: roundtrip, latency, fanout, stall, growth
+#   --only PARTS  comma-separated: roundtrip, latency, fanout, stall, growth,
+#                 store (BENCHMARKS.md keeps the other parts' sections)
 #   --keep        keep every run's logs, state and results (the path is printed)
 # Exits 1 if a run loses a task or a result (the log to read is named).
 set -euo pipefail

@@ -147,8 +147,17 @@ impl Phase {
     }
 }
 
-/// Runs `contact-load` with `agents` agents against a fresh server, or says why not.
-pub fn measure(b: &Bench, agents: u64) -> Outcome<Fanout> {
+/// Part d: [`measure`] on the embedded journal (`--state-dir`).
+pub fn measure_journal(b: &Bench, agents: u64) -> Outcome<Fanout> {
+    let state_dir = b.fresh_dir("fanout-state")?;
+    measure(b, agents, |cmd| {
+        cmd.arg("--state-dir").arg(&state_dir);
+    })
+}
+
+/// Runs `contact-load` with `agents` agents against a fresh server that
+/// keeps its state where `state` says, or says why not.
+pub fn measure(b: &Bench, agents: u64, state: impl FnOnce(&mut Command)) -> Outcome<Fanout> {
     let load = b.bin("contact-load");
     if !load.exists() {
         return Ok(Fanout::Skipped("skipped: contact-load not built".into()));
@@ -162,12 +171,9 @@ pub fn measure(b: &Bench, agents: u64) -> Outcome<Fanout> {
         .write(true)
         .open(&fifo)
         .map_err(|e| format!("cannot open {}: {e}", fifo.display()))?;
-    let state_dir = b.fresh_dir(&format!("{tag}-state"))?;
     let (server, port) = b.contact_server(&tag, Stdio::null(), |cmd| {
-        cmd.arg("--tasks-from")
-            .arg(&fifo)
-            .arg("--state-dir")
-            .arg(&state_dir);
+        cmd.arg("--tasks-from").arg(&fifo);
+        state(cmd);
     })?;
     let out = b.log(&format!("{tag}-load"));
     let log = File::create(&out).map_err(|e| format!("{}: {e}", out.display()))?;

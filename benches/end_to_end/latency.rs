@@ -1,12 +1,14 @@
 //! Latency at a fixed offered rate, open loop: a real `contact-server`
-//! (default flags, `--state-dir`, `--results-to`) reads its tasks from
+//! (default flags and `--results-to`, with the state its caller gives:
+//! `--state-dir` for part c, a queue on `--store` for part g) reads its tasks from
 //! standard input, and the benchmark writes task `lat-<i>` there at its
 //! scheduled time t0 + i/rate, whatever happened to the tasks before it (so
 //! a stall shows up as the delay of every task scheduled during it: no
 //! coordinated omission). One real `contact-client` (echo) answers them.
 //!
 //! Each task's times come from the server's results file, one JSON line per
-//! result, written only after the result is in the fsync'd journal:
+//! result, written only after the result is in the fsync'd journal (or
+//! stored in JetStream):
 //! - producer → sent: `received_at - latency_ms` (the server wrote the task
 //!   to the client's stream) minus the scheduled time;
 //! - producer → result back: `received_at` (the server read the client's
@@ -47,16 +49,29 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Offers `rate` tasks/s for `secs` seconds; see the module documentation.
-pub fn measure(b: &Bench, rate: u64, secs: f64) -> Outcome<Latencies> {
+/// Part c: [`measure`] on the embedded journal (`--state-dir`), default flags.
+pub fn measure_journal(b: &Bench, rate: u64, secs: f64) -> Outcome<Latencies> {
+    let state_dir = b.fresh_dir(&format!("latency-{rate}-state"))?;
+    measure(b, rate, secs, |cmd| {
+        cmd.arg("--state-dir").arg(&state_dir);
+    })
+}
+
+/// Offers `rate` tasks/s for `secs` seconds to a server with the flags
+/// `state` adds (where it keeps its state, its dispatch mode); see the
+/// module documentation.
+pub fn measure(
+    b: &Bench,
+    rate: u64,
+    secs: f64,
+    state: impl FnOnce(&mut Command),
+) -> Outcome<Latencies> {
     let tag = b.next_tag(&format!("latency-{rate}"));
     let results = b.work.join(format!("{tag}-results.jsonl"));
-    let state_dir = b.fresh_dir(&format!("{tag}-state"))?;
     let (mut server, port) = b.contact_server(&tag, Stdio::piped(), |cmd| {
         cmd.args(["--tasks-from", "-", "--results-to"])
-            .arg(&results)
-            .arg("--state-dir")
-            .arg(&state_dir);
+            .arg(&results);
+        state(cmd);
     })?;
     let mut stdin = server.child.stdin.take().expect("piped");
     let mut clients = Group::new();

@@ -10,17 +10,20 @@
 //! sees it. Modules: [`roundtrip`] (a, b, e, f), [`ceiling`] (the bare
 //! grpcio program, also run as this program's `ceiling-server` and
 //! `ceiling-client`), [`latency`] (c), [`fanout`] (d, through
-//! `contact-load`), [`procs`] (processes and the server's log), [`report`]
-//! (tables and targets), [`plots`] and [`stats`].
+//! `contact-load`), [`store`] (g, the NATS JetStream store, on the
+//! `nats-server` nodes of [`nats`]), [`procs`] (processes and the server's
+//! log), [`report`] (tables and targets), [`plots`] and [`stats`].
 
 mod ceiling;
 mod fanout;
 mod latency;
+mod nats;
 mod plots;
 mod procs;
 mod report;
 mod roundtrip;
 mod stats;
+mod store;
 
 use clap::{Parser, Subcommand};
 use procs::{server_log, Daemon, Outcome, STARTUP};
@@ -80,7 +83,8 @@ struct RunFlags {
     /// Runs of each round-trip configuration; the median is reported [default: 3, 1 with --quick].
     #[arg(long, value_name = "N")]
     reps: Option<usize>,
-    /// Only these parts (comma-separated): roundtrip, latency, fanout, stall, growth.
+    /// Only these parts (comma-separated): roundtrip, latency, fanout, stall,
+    /// growth, store; the report keeps the other parts' sections as they were.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Vec<String>,
     /// A TrueType font for the plots' text [default: DejaVu Sans where installed].
@@ -193,6 +197,8 @@ struct Sizes {
     python_work: u64,
     latency_secs: f64,
     agents: u64,
+    /// Tasks per run of part g (the store), shared among its clients.
+    store_work: u64,
 }
 
 fn main() {
@@ -224,7 +230,7 @@ fn main_run(flags: &RunFlags) -> Outcome<()> {
         }
     }
     plots::load_font(flags.font.as_deref())?;
-    let parts = ["roundtrip", "latency", "fanout", "stall", "growth"];
+    let parts = ["roundtrip", "latency", "fanout", "stall", "growth", "store"];
     if let Some(bad) = flags.only.iter().find(|p| !parts.contains(&p.as_str())) {
         return Err(format!(
             "--only {bad}: not a part; the parts are {}",
@@ -249,6 +255,7 @@ fn main_run(flags: &RunFlags) -> Outcome<()> {
             python_work: 2_000,
             latency_secs: 1.0,
             agents: 1_000,
+            store_work: 8_000,
         }
     } else {
         Sizes {
@@ -258,6 +265,7 @@ fn main_run(flags: &RunFlags) -> Outcome<()> {
             python_work: 8_000,
             latency_secs: 5.0,
             agents: 10_000,
+            store_work: 48_000,
         }
     };
     let started = std::time::Instant::now();
@@ -273,9 +281,22 @@ fn main_run(flags: &RunFlags) -> Outcome<()> {
     }
     outcome?;
     let took = started.elapsed().as_secs_f64();
-    let tables = tables(&r);
-    println!("{tables}");
-    write_report(flags, &sizes, &r, &tables, took)
+    let sections = sections(&r, &wanted);
+    for s in sections
+        .iter()
+        .filter(|s| s.measured || flags.only.is_empty())
+    {
+        println!("{}", s.text());
+    }
+    write_report(flags, &sizes, &sections, &r, took)?;
+    let failed: Vec<&String> = r.store.iter().flat_map(|s| &s.failed).collect();
+    match failed.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "{} run(s) of part g lost or doubled tasks (the report marks them), the first: {first}",
+            failed.len()
+        )),
+    }
 }
 
 fn measure_all(
@@ -289,14 +310,14 @@ fn measure_all(
     }
     if wanted("latency") {
         for rate in [1_000, 10_000] {
-            let l = latency::measure(b, rate, s.latency_secs)?;
+            let l = latency::measure_journal(b, rate, s.latency_secs)?;
             let p99 = stats::percentile(&stats::sorted(&l.durable), 99.0);
             eprintln!("bench: latency at {rate}/s offered: p99 → durable {p99:.2} ms");
             r.latency.push(l);
         }
     }
     if wanted("fanout") {
-        let f = fanout::measure(b, s.agents)?;
+        let f = fanout::measure_journal(b, s.agents)?;
         if let fanout::Fanout::Skipped(why) = &f {
             eprintln!("bench: fan-out {why}");
         }
@@ -350,6 +371,9 @@ fn measure_all(
                 r.growth.push(series);
             }
         }
+    }
+    if wanted("store") {
+        store_part(b, s, r)?;
     }
     Ok(())
 }
@@ -416,17 +440,118 @@ fn round_trips(b: &Bench, s: &Sizes, r: &mut Results) -> Outcome<()> {
     Ok(())
 }
 
+/// g: every store setup once per repetition at 1 and 8 clients,
+/// interleaved; then latency at a modest rate on the journal and on one
+/// replica of each JetStream deployment, and part d's fleet on one replica
+/// with one NATS node.
+fn store_part(b: &Bench, s: &Sizes, r: &mut Results) -> Outcome<()> {
+    for clients in [1usize, 8] {
+        for setup in store::SETUPS {
+            r.store.push(store::StoreSeries {
+                setup,
+                clients,
+                tasks: s.store_work,
+                runs: vec![],
+                failed: vec![],
+            });
+        }
+    }
+    for rep in 1..=s.reps {
+        for series in &mut r.store {
+            let run = match store::round_trip(b, series.setup, series.clients, series.tasks) {
+                Ok(run) => run,
+                Err(e) if e.starts_with("lost tasks") || e.starts_with("CONTACT_") => {
+                    // The others are still measured; the run fails at the end.
+                    eprintln!(
+                        "bench: [{rep}/{}] {}, {} contact-server(s), {} clients: FAILED: {e}",
+                        s.reps,
+                        series.setup.label(),
+                        series.setup.replicas,
+                        series.clients
+                    );
+                    series.failed.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let per_task = run
+                .nats
+                .map(|n| format!(", {:.1} NATS msgs/task", n.msgs / series.tasks as f64))
+                .unwrap_or_default();
+            eprintln!(
+                "bench: [{rep}/{}] {}, {} contact-server(s), {} clients: {}/s{per_task}",
+                s.reps,
+                series.setup.label(),
+                series.setup.replicas,
+                series.clients,
+                report::group(run.timed.rate())
+            );
+            series.runs.push(run);
+        }
+    }
+    let rate = 1_000;
+    for setup in store::SETUPS.into_iter().filter(|s| s.replicas == 1) {
+        let l = store::latency(b, setup, rate, s.latency_secs)?;
+        let p99 = stats::percentile(&stats::sorted(&l.durable), 99.0);
+        eprintln!(
+            "bench: latency at {rate}/s offered, {}: p99 → durable {p99:.2} ms",
+            setup.label()
+        );
+        r.store_latency.push((setup, l));
+    }
+    let fleet = store::fleet(b, s.agents)?;
+    if let fanout::Fanout::Skipped(why) = &fleet {
+        eprintln!("bench: fan-out on the store {why}");
+    }
+    r.store_fleet = Some(fleet);
+    Ok(())
+}
+
+/// One section of the report: its heading, its text, and whether this run
+/// measured it (with `--only`, the report keeps the others as they were).
+struct Section {
+    heading: &'static str,
+    body: String,
+    measured: bool,
+}
+
+impl Section {
+    fn text(&self) -> String {
+        format!("## {}\n\n{}", self.heading, self.body)
+    }
+}
+
 /// Every table, with its heading, as printed and as written into the report.
-fn tables(r: &Results) -> String {
-    format!(
-        "## Targets\n\n{}\n## a, b. Round trip\n\n{}\n## c. Latency at a fixed offered rate\n\n{}\n## d. Fan-out to a fleet\n\n{}\n## e. A client that stops reading\n\n{}\n## f. Growth\n\n{}",
-        r.targets(),
-        r.round_trip(),
-        r.latency_table(),
-        r.fanout_table(),
-        r.stall_table(),
-        r.growth_table()
-    )
+fn sections(r: &Results, wanted: &dyn Fn(&str) -> bool) -> Vec<Section> {
+    let all = ["roundtrip", "latency", "fanout", "stall", "growth", "store"]
+        .iter()
+        .all(|p| wanted(p));
+    let s = |heading, body, measured| Section {
+        heading,
+        body,
+        measured,
+    };
+    vec![
+        s("Targets", r.targets(), all),
+        s("a, b. Round trip", r.round_trip(), wanted("roundtrip")),
+        s(
+            "c. Latency at a fixed offered rate",
+            r.latency_table(),
+            wanted("latency"),
+        ),
+        s("d. Fan-out to a fleet", r.fanout_table(), wanted("fanout")),
+        s(
+            "e. A client that stops reading",
+            r.stall_table(),
+            wanted("stall"),
+        ),
+        s("f. Growth", r.growth_table(), wanted("growth")),
+        s(
+            "g. The NATS JetStream store (--store) beside the journal",
+            r.store_table(),
+            wanted("store"),
+        ),
+    ]
 }
 
 /// Output of a command, trimmed, or "unknown".
@@ -466,46 +591,124 @@ fn machine() -> String {
     )
 }
 
-fn write_report(flags: &RunFlags, s: &Sizes, r: &Results, tables: &str, took: f64) -> Outcome<()> {
+/// Writes the report: the whole of it, or, when `--only` left parts out
+/// and the report exists, only the sections measured now (each saying when
+/// and how), the others kept as they were. A plot is redrawn with its part.
+fn write_report(
+    flags: &RunFlags,
+    s: &Sizes,
+    sections: &[Section],
+    r: &Results,
+    took: f64,
+) -> Outcome<()> {
     // Before the plots are written: they would make the checkout look modified.
     let machine = machine();
+    let commit = command_output("git", &["describe", "--always", "--dirty"]);
     std::fs::create_dir_all(&flags.plots).map_err(|e| format!("{}: {e}", flags.plots.display()))?;
-    let throughput = flags.plots.join("throughput.png");
-    let latency = flags.plots.join("latency.png");
-    plots::throughput(r, &throughput)?;
-    plots::latency(r, &latency)?;
     let rel = |p: &Path| {
         let base = flags.out.parent().unwrap_or(Path::new(""));
         p.strip_prefix(base).unwrap_or(p).display().to_string()
     };
+    type Plot = fn(&Results, &Path) -> Outcome<()>;
+    let plots: [(&str, &str, &str, Plot); 2] = [
+        (
+            "a, b. Round trip",
+            "throughput.png",
+            "throughput against clients",
+            plots::throughput,
+        ),
+        (
+            "c. Latency at a fixed offered rate",
+            "latency.png",
+            "latency distribution",
+            plots::latency,
+        ),
+    ];
+    let mut bodies: Vec<(&str, String)> = vec![];
+    let mut written = vec![flags.out.display().to_string()];
+    for section in sections {
+        let mut body = section.body.clone();
+        for (heading, file, alt, draw) in &plots {
+            if *heading == section.heading && section.measured {
+                let path = flags.plots.join(file);
+                draw(r, &path)?;
+                body.push_str(&format!("\n![{alt}]({})\n", rel(&path)));
+                written.push(path.display().to_string());
+            }
+        }
+        bodies.push((section.heading, body));
+    }
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let mode = if flags.quick {
         " (--quick: small sizes, a smoke run)"
     } else {
         ""
     };
-    let text = format!(
-        "# Benchmarks\n\n\
-         Measured {date} with `{command}`{mode} in {took:.0} s: every round-trip configuration \
-         {reps} time(s), interleaved, the median quoted. Server and clients on the same host \
-         (loopback), release build, default flags unless a row says otherwise.\n\n\
-         {machine}\n{tables}\n\
-         ![throughput against clients]({tp})\n\n![latency distribution]({lat})\n\n{how}",
-        command = flags.command,
-        reps = s.reps,
-        machine = machine,
-        tp = rel(&throughput),
-        lat = rel(&latency),
-        how = HOW,
-    );
+    let partial = sections.iter().any(|s| !s.measured);
+    let old = std::fs::read_to_string(&flags.out).unwrap_or_default();
+    let measured_now: Vec<(&str, String)> = sections
+        .iter()
+        .zip(&bodies)
+        .filter(|(s, _)| s.measured)
+        .map(|(_, (heading, body))| {
+            let stamp = format!(
+                "This section alone (`--only`): measured {date} at commit {commit} with `{command}`{mode} in {took:.0} s, \
+                 every configuration {reps} time(s), interleaved, the median quoted; the rest of this file is from the run named at the top.\n\n",
+                command = flags.command,
+                reps = s.reps,
+            );
+            (*heading, format!("{stamp}{body}"))
+        })
+        .collect();
+    let text = match partial.then(|| splice(&old, &measured_now)).flatten() {
+        Some(text) => text,
+        None => {
+            let tables: Vec<String> = bodies
+                .iter()
+                .map(|(heading, body)| format!("## {heading}\n\n{body}"))
+                .collect();
+            format!(
+                "# Benchmarks\n\n\
+                 Measured {date} with `{command}`{mode} in {took:.0} s: every round-trip configuration \
+                 {reps} time(s), interleaved, the median quoted. Server and clients on the same host \
+                 (loopback), release build, default flags unless a row says otherwise.\n\n\
+                 {machine}\n{tables}\n{how}",
+                command = flags.command,
+                reps = s.reps,
+                tables = tables.join("\n"),
+                how = HOW,
+            )
+        }
+    };
     std::fs::write(&flags.out, text).map_err(|e| format!("{}: {e}", flags.out.display()))?;
-    eprintln!(
-        "bench: wrote {}, {} and {}",
-        flags.out.display(),
-        throughput.display(),
-        latency.display()
-    );
+    eprintln!("bench: wrote {}", written.join(", "));
     Ok(())
+}
+
+/// The report `old` with each of `sections` (heading, body) in place of
+/// its section of that heading, or added after the last one, and the
+/// explanation at its end replaced by today's; `None` if `old` is not a
+/// report of ours (it has no "How it is measured").
+fn splice(old: &str, sections: &[(&str, String)]) -> Option<String> {
+    let how = HOW.lines().next()?;
+    let how_at = old.find(&format!("\n{how}\n"))?;
+    let mut head = old[..=how_at].to_string();
+    for (heading, body) in sections {
+        let marker = format!("\n## {heading}\n");
+        let text = format!("## {heading}\n\n{body}\n");
+        match head.find(&marker) {
+            Some(at) => {
+                let start = at + 1;
+                let after = start + marker.len() - 1;
+                let end = head[after..]
+                    .find("\n## ")
+                    .map_or(head.len(), |i| after + i + 1);
+                head.replace_range(start..end, &text);
+            }
+            None => head.push_str(&text),
+        }
+    }
+    Some(format!("{head}{HOW}"))
 }
 
 /// How each number is measured, and why that way.

@@ -142,6 +142,16 @@ impl Daemon {
         self.child.id()
     }
 
+    /// If the process has ended: a message saying so, naming its log.
+    pub fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        Some(format!(
+            "{} exited with {status} (log: {})",
+            self.name,
+            self.log.display()
+        ))
+    }
+
     /// SIGINT, then waits for the exit and its remaining log lines; the
     /// exit status must be 0. Returns those lines.
     pub fn stop(mut self) -> Outcome<Vec<String>> {
@@ -279,4 +289,17 @@ pub fn memory_bytes(pid: u32, field: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The CPU time (user + system) a process has used so far, in seconds, if
+/// /proc can tell.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_sec > 0).then(|| ticks / per_sec as f64)
 }

@@ -7,6 +7,7 @@ use crate::fanout::{self, Fanout};
 use crate::latency::Latencies;
 use crate::roundtrip::{Mode, Timed};
 use crate::stats::{median, percentile, sorted};
+use crate::store::{Setup, StoreRun, StoreSeries};
 use std::fmt::Write;
 
 /// Repeated runs of one configuration.
@@ -71,6 +72,12 @@ pub struct Results {
     /// The others' round trip without, then with, a client that stopped reading.
     pub stall: Option<(Series, Series)>,
     pub growth: Vec<Series>,
+    /// g: the round trip on each store.
+    pub store: Vec<StoreSeries>,
+    /// g: latency at a fixed rate on each store (queue mode).
+    pub store_latency: Vec<(Setup, Latencies)>,
+    /// g: part d's fan-out on one replica with `--store` (one NATS node).
+    pub store_fleet: Option<Fanout>,
 }
 
 impl Results {
@@ -251,68 +258,16 @@ impl Results {
 
     /// c: latency percentiles per offered rate.
     pub fn latency_table(&self) -> String {
-        let mut t = Table::new(&[
-            "offered",
-            "achieved",
-            "tasks",
-            "→ sent p50 / p99 / p99.9",
-            "→ result back p50 / p99 / p99.9",
-            "→ durable p50 / p99 / p99.9",
-        ]);
+        let mut t = Table::new(&LATENCY_COLUMNS);
         for l in &self.latency {
-            let pcts = |xs: &[f64]| {
-                let s = sorted(xs);
-                format!(
-                    "{:.2} / {:.2} / {:.2} ms",
-                    percentile(&s, 50.0),
-                    percentile(&s, 99.0),
-                    percentile(&s, 99.9)
-                )
-            };
-            t.row(vec![
-                format!("{}/s", group(l.rate as f64)),
-                format!("{}/s", group(l.achieved)),
-                group(l.tasks as f64),
-                pcts(&l.sent),
-                pcts(&l.back),
-                pcts(&l.durable),
-            ]);
+            t.row(latency_cells(l));
         }
         t.render()
     }
 
     /// d: what contact-load reported, phase by phase.
     pub fn fanout_table(&self) -> String {
-        match &self.fanout {
-            None => "not run\n".into(),
-            Some(Fanout::Skipped(why)) => format!("{why}\n"),
-            Some(Fanout::Measured { agents, phases }) => {
-                let mut header = vec!["phase", "complete"];
-                header.extend(fanout::COLUMNS.iter().map(|(h, _)| *h));
-                let mut t = Table::new(&header);
-                for p in phases.iter().filter(|p| p.is_load_phase()) {
-                    let mut row =
-                        vec![p.name.clone(), if p.complete { "yes" } else { "NO" }.into()];
-                    for (_, key) in fanout::COLUMNS {
-                        row.push(p.get(key).map_or(String::new(), short));
-                    }
-                    t.row(row);
-                }
-                let notes: Vec<String> = fanout::NOTES
-                    .iter()
-                    .filter_map(|(what, phase, key)| {
-                        let v = phases.iter().find(|p| p.name == *phase)?.get(key)?;
-                        Some(format!("{what}: {}", short(v)))
-                    })
-                    .collect();
-                format!(
-                    "{} agents\n\n{}\n{}\n",
-                    group(*agents as f64),
-                    t.render(),
-                    notes.join("; ")
-                )
-            }
-        }
+        fanout_text(self.fanout.as_ref())
     }
 
     /// e: the others' throughput without and with a stalled client.
@@ -356,6 +311,161 @@ impl Results {
             ]);
         }
         t.render()
+    }
+}
+
+impl Results {
+    /// g: the round trip on the journal and on JetStream, with what each
+    /// task cost the NATS nodes and the replicas; then latency.
+    pub fn store_table(&self) -> String {
+        if self.store.is_empty() {
+            return "not run\n".into();
+        }
+        let mut t = Table::new(&[
+            "store",
+            "contact-servers",
+            "clients",
+            "results/s (median)",
+            "÷ journal",
+            "NATS msgs/task",
+            "NATS bytes/task",
+            "replica↔NATS msgs/task",
+            "replica↔NATS bytes/task",
+            "contact-server CPU µs/task",
+            "nats-server CPU µs/task",
+            "runs (results/s)",
+        ]);
+        for s in &self.store {
+            let journal = self
+                .store
+                .iter()
+                .find(|j| j.setup.is_journal() && j.clients == s.clients);
+            let per_task = |f: &dyn Fn(&StoreRun) -> Option<f64>| {
+                let xs: Vec<f64> = s
+                    .runs
+                    .iter()
+                    .filter_map(|r| f(r).map(|x| x / r.timed.results as f64))
+                    .collect();
+                median(&xs)
+            };
+            let number = |x: f64, decimals: usize| {
+                if !x.is_finite() {
+                    "–".into()
+                } else if decimals == 0 {
+                    group(x)
+                } else {
+                    format!("{x:.decimals$}")
+                }
+            };
+            let mut runs: Vec<String> = s.runs.iter().map(|r| group(r.timed.rate())).collect();
+            runs.extend(s.failed.iter().map(|_| "❌ LOST TASKS".to_string()));
+            t.row(vec![
+                s.setup.label(),
+                s.setup.replicas.to_string(),
+                s.clients.to_string(),
+                group(s.rate()),
+                journal.map_or("–".into(), |j| format!("{:.2}", s.rate() / j.rate())),
+                number(per_task(&|r| r.nats.map(|n| n.msgs)), 1),
+                number(per_task(&|r| r.nats.map(|n| n.bytes)), 0),
+                number(per_task(&|r| r.nats.map(|n| n.contact_msgs)), 1),
+                number(per_task(&|r| r.nats.map(|n| n.contact_bytes)), 0),
+                number(per_task(&|r| Some(r.server_cpu_secs * 1e6)), 0),
+                number(per_task(&|r| r.nats.map(|n| n.cpu_secs * 1e6)), 0),
+                runs.join(" "),
+            ]);
+        }
+        let mut out = t.render();
+        if !self.store_latency.is_empty() {
+            let mut header = vec!["store (queue mode, 1 client)"];
+            header.extend(LATENCY_COLUMNS);
+            let mut l = Table::new(&header);
+            for (setup, lat) in &self.store_latency {
+                let mut row = vec![setup.label()];
+                row.extend(latency_cells(lat));
+                l.row(row);
+            }
+            out.push('\n');
+            out.push_str(&l.render());
+        }
+        if let Some(fleet) = &self.store_fleet {
+            out.push_str(&format!(
+                "\nA fleet (part d's phases, broadcast) on one replica with `{}`: ",
+                crate::store::FLEET_SETUP.label()
+            ));
+            out.push_str(&fanout_text(Some(fleet)));
+        }
+        out
+    }
+}
+
+impl StoreSeries {
+    /// Median results per second over the runs.
+    pub fn rate(&self) -> f64 {
+        median(&self.runs.iter().map(|r| r.timed.rate()).collect::<Vec<_>>())
+    }
+}
+
+/// The columns of [`latency_cells`].
+const LATENCY_COLUMNS: [&str; 6] = [
+    "offered",
+    "achieved",
+    "tasks",
+    "→ sent p50 / p99 / p99.9",
+    "→ result back p50 / p99 / p99.9",
+    "→ durable p50 / p99 / p99.9",
+];
+
+/// One latency run as table cells: rates, tasks and percentiles.
+fn latency_cells(l: &Latencies) -> Vec<String> {
+    let pcts = |xs: &[f64]| {
+        let s = sorted(xs);
+        format!(
+            "{:.2} / {:.2} / {:.2} ms",
+            percentile(&s, 50.0),
+            percentile(&s, 99.0),
+            percentile(&s, 99.9)
+        )
+    };
+    vec![
+        format!("{}/s", group(l.rate as f64)),
+        format!("{}/s", group(l.achieved)),
+        group(l.tasks as f64),
+        pcts(&l.sent),
+        pcts(&l.back),
+        pcts(&l.durable),
+    ]
+}
+
+/// What contact-load reported, phase by phase (or why it did not run).
+fn fanout_text(fanout: Option<&Fanout>) -> String {
+    match fanout {
+        None => "not run\n".into(),
+        Some(Fanout::Skipped(why)) => format!("{why}\n"),
+        Some(Fanout::Measured { agents, phases }) => {
+            let mut header = vec!["phase", "complete"];
+            header.extend(fanout::COLUMNS.iter().map(|(h, _)| *h));
+            let mut t = Table::new(&header);
+            for p in phases.iter().filter(|p| p.is_load_phase()) {
+                let mut row = vec![p.name.clone(), if p.complete { "yes" } else { "NO" }.into()];
+                for (_, key) in fanout::COLUMNS {
+                    row.push(p.get(key).map_or(String::new(), short));
+                }
+                t.row(row);
+            }
+            let notes: Vec<String> = fanout::NOTES
+                .iter()
+                .filter_map(|(what, phase, key)| {
+                    let v = phases.iter().find(|p| p.name == *phase)?.get(key)?;
+                    Some(format!("{what}: {}", short(v)))
+                })
+                .collect();
+            format!(
+                "{} agents\n\n{}\n{}\n",
+                group(*agents as f64),
+                t.render(),
+                notes.join("; ")
+            )
+        }
     }
 }
 

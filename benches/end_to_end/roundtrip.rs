@@ -13,7 +13,7 @@
 
 use crate::procs::{server_log, signal, Daemon, Group, Outcome, STARTUP};
 use crate::Bench;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -101,17 +101,7 @@ pub fn contact(b: &Bench, run: ContactRun) -> Outcome<Timed> {
             cmd.args(["--stats-every", "0.1", "--grace", "0.5"]);
         }
     })?;
-    let published = server.wait_for(
-        "that all tasks are published",
-        STARTUP,
-        server_log::all_published,
-    )?;
-    if published != tasks {
-        return Err(format!(
-            "contact-server published {published} tasks from {}, expected {tasks}",
-            tasks_file.display()
-        ));
-    }
+    wait_published(&mut server, tasks, &tasks_file)?;
     let addr = format!("127.0.0.1:{port}");
     let client = |id: &str, max: Option<u64>| {
         let mut c = Command::new(b.bin("contact-client"));
@@ -182,6 +172,23 @@ pub fn contact(b: &Bench, run: ContactRun) -> Outcome<Timed> {
         secs,
         results: expected,
     })
+}
+
+/// Waits until `server` says it published all the tasks of `file`, which must be `tasks`.
+pub fn wait_published(server: &mut Daemon, tasks: u64, file: &Path) -> Outcome<()> {
+    let published = server.wait_for(
+        "that all tasks are published",
+        STARTUP,
+        server_log::all_published,
+    )?;
+    if published != tasks {
+        return Err(format!(
+            "contact-server published {published} tasks from {}, expected {tasks} (log: {})",
+            file.display(),
+            server.log.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The bare grpcio round trip with `clients` client processes of `per_client` tasks each.
