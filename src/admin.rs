@@ -864,14 +864,9 @@ impl Admin for AdminService {
             Ok(w) => w,
             Err(status) => return refuse(&ctx, sink, status),
         };
-        let mut tasks = req.task_ids.to_vec();
-        let mut held = 0;
-        if req.job_id != 0 {
-            let Some((job_tasks, job_held)) = self.jobs.cancel(req.job_id) else {
-                return refuse(&ctx, sink, no_job(req.job_id));
-            };
-            tasks.extend(job_tasks);
-            held = job_held;
+        let tasks = req.task_ids.to_vec();
+        if req.job_id != 0 && self.jobs.get(req.job_id).is_none() {
+            return refuse(&ctx, sink, no_job(req.job_id));
         }
         if tasks.is_empty() && req.job_id == 0 {
             let status = RpcStatus::with_message(
@@ -881,7 +876,17 @@ impl Admin for AdminService {
             return refuse(&ctx, sink, status);
         }
         let dispatcher = self.dispatcher.clone();
+        let jobs = self.jobs.clone();
+        let job = req.job_id;
+        // On the worker: with replicas, cancelling writes to the store.
         self.answer_from_worker(&ctx, sink, move || {
+            let mut tasks = tasks;
+            let mut held = 0;
+            if job != 0 {
+                let (job_tasks, job_held) = jobs.cancel(job).ok_or_else(|| no_job(job))?;
+                tasks.extend(job_tasks);
+                held = job_held;
+            }
             let n = dispatcher.cancel(&tasks);
             log::info!(
                 "cancel by {who}: {n} of {} tasks cancelled, {held} held agents",

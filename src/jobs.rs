@@ -357,15 +357,22 @@ impl JobTable {
     /// holding their task was known (call after creating a job or adding
     /// tasks to it); returns whom rollouts give their task to next.
     pub fn observe_early(&self) -> Vec<Release> {
+        self.observe_early_of(None)
+    }
+
+    /// [`JobTable::observe_early`] for the results of job `only`, if given.
+    fn observe_early_of(&self, only: Option<JobId>) -> Vec<Release> {
         let early: Vec<ResultRecord> = {
             let mut jobs = self.lock();
             if jobs.early.is_empty() {
                 return vec![];
             }
             let Jobs { early, by_task, .. } = &mut *jobs;
-            let (known, unknown): (Vec<_>, Vec<_>) = early
-                .drain(..)
-                .partition(|r| r.task_id.is_some_and(|t| by_task.contains_key(&t)));
+            let (known, unknown): (Vec<_>, Vec<_>) = early.drain(..).partition(|r| {
+                r.task_id
+                    .and_then(|t| by_task.get(&t))
+                    .is_some_and(|j| only.is_none_or(|o| o == *j))
+            });
             early.extend(unknown);
             known
         };
@@ -382,6 +389,10 @@ impl JobTable {
     /// Applies what another replica wrote about job `id`: a copy of the job
     /// (its rollout is driven there), tasks added, a cancellation.
     pub fn insert_copy(&self, id: JobId, event: JobEvent) {
+        let copied = match &event {
+            JobEvent::Created { .. } => id,
+            JobEvent::TasksAdded { job, .. } | JobEvent::Cancelled { job } => *job,
+        };
         let mut jobs = self.lock();
         match event {
             JobEvent::Created {
@@ -429,8 +440,9 @@ impl JobTable {
             }
         }
         drop(jobs);
-        // A copy drives no rollout: nothing to release.
-        self.observe_early();
+        // Only the copy's own: a copy drives no rollout (nothing to release),
+        // and another job's early results are its rollout's to release.
+        self.observe_early_of(Some(copied));
     }
 
     /// Makes job `id` (made with a rollout) take agents as they come to match.
@@ -610,19 +622,22 @@ impl JobTable {
     /// agents it held are cancelled). Returns its tasks and how many agents
     /// were held, or `None` for a job not held.
     pub fn cancel(&self, id: JobId) -> Option<(Vec<TaskId>, usize)> {
+        let cancelled = {
+            let mut jobs = self.lock();
+            let j = jobs.get_mut(id)?;
+            j.cancelled = true;
+            j.waiting = None;
+            let mut held = 0;
+            if let Some(r) = j.rollout.as_mut() {
+                held = r.held.len();
+                r.cancelled.extend(r.held.drain(..));
+            }
+            (j.tasks.iter().map(|t| t.id).collect(), held)
+        };
         if let Some(log) = self.shared.get() {
             log.write(&JobEvent::Cancelled { job: id });
         }
-        let mut jobs = self.lock();
-        let j = jobs.get_mut(id)?;
-        j.cancelled = true;
-        j.waiting = None;
-        let mut held = 0;
-        if let Some(r) = j.rollout.as_mut() {
-            held = r.held.len();
-            r.cancelled.extend(r.held.drain(..));
-        }
-        Some((j.tasks.iter().map(|t| t.id).collect(), held))
+        Some(cancelled)
     }
 
     /// The job holding task `task`, if any.

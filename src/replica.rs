@@ -32,9 +32,9 @@
 //!   another replica takes its lease over, and the replica it left ends its
 //!   old session.
 //! - key-value bucket `contact_cursors` (broadcast): each agent's place in
-//!   the task log, saved by the replica serving it (every second and when it
-//!   leaves), so that an agent that moves continues after its last
-//!   acknowledged task.
+//!   the task log, saved by the replica serving it before its results are
+//!   acknowledged (and when it leaves), so that an agent that moves
+//!   continues after its last acknowledged task.
 //! - key-value bucket `contact_fleet`: the fleet's dispatch mode and its
 //!   incarnation (the identity agents echo with results).
 //!
@@ -179,10 +179,12 @@ fn agent_key(agent: &str) -> String {
     agent.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A lease this replica holds: the bucket revision it last wrote.
+/// A lease this replica holds: the bucket revision it last wrote, and the
+/// session it was taken for (see [`Replica::release`]).
 struct Held {
     revision: u64,
     lease: Lease,
+    token: u64,
 }
 
 /// A job event as the jobs stream holds it.
@@ -209,8 +211,6 @@ struct Inner {
     leases: Mutex<HashMap<String, Held>>,
     /// Every lease in the bucket, as the watch last saw it (and when).
     fleet: Mutex<HashMap<String, (Lease, Instant)>>,
-    /// Broadcast agents whose progress changed since it was last saved.
-    moved: Mutex<HashSet<String>>,
     dispatcher: std::sync::OnceLock<Arc<Dispatcher>>,
     observer: std::sync::OnceLock<OutcomeObserver>,
     /// When the NATS connection was lost (ms since `epoch`), 0 while connected.
@@ -233,11 +233,17 @@ pub struct Replica {
 /// Owns the NATS runtime; dropping it ends every loop of the replica.
 pub struct ReplicaRuntime {
     runtime: Option<tokio::runtime::Runtime>,
+    /// Flushed before the runtime stops: the last acknowledgements go out.
+    client: async_nats::Client,
 }
 
 impl Drop for ReplicaRuntime {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
+            let client = self.client.clone();
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+            });
             rt.shutdown_timeout(Duration::from_secs(1));
         }
     }
@@ -270,11 +276,13 @@ impl Replica {
         let lost_at = Arc::new(AtomicU64::new(0));
         let epoch = Instant::now();
         let inner = runtime.block_on(setup(config, mode, name, lost_at, epoch, stop, handle))?;
+        let client = inner.js.client();
         Ok((
             Replica {
                 inner: Arc::new(inner),
             },
             ReplicaRuntime {
+                client,
                 runtime: Some(runtime),
             },
         ))
@@ -496,7 +504,12 @@ impl Replica {
                         any_of: t.any_of,
                     },
                 )),
-                Err(e) => log::error!("task {seq} in {TASKS_STREAM} is unreadable, skipped: {e}"),
+                Err(e) => {
+                    // Kept in its place (the log has no gaps), finished.
+                    log::error!("task {seq} in {TASKS_STREAM} is unreadable, skipped: {e}");
+                    dispatcher.settle_shared(seq, Settled::Cancelled);
+                    batch.push((seq, NewTask::new(None, String::new())));
+                }
             }
             if batch.len() >= 1024 {
                 dispatcher.ingest(std::mem::take(&mut batch));
@@ -712,10 +725,9 @@ impl Replica {
         let mut last_renewal = Instant::now();
         let mut ticks = tokio::time::interval(Duration::from_millis(100));
         loop {
+            // Through a shutdown too: agents still answer during its grace,
+            // and their claims and leases must hold until the runtime stops.
             ticks.tick().await;
-            if inner.stop.is_triggered() {
-                return;
-            }
             let lost = inner.lost_at.load(Ordering::SeqCst);
             if lost > 0 {
                 let gone = Duration::from_millis(inner.epoch.elapsed().as_millis() as u64 - lost);
@@ -737,13 +749,21 @@ impl Replica {
                     }
                 }
             }
-            if inner.mode == Mode::Broadcast {
-                self.save_progress(&dispatcher).await;
-            }
             if last_renewal.elapsed() < every {
                 continue;
             }
             last_renewal = Instant::now();
+            let ids: Vec<TaskId> = inner
+                .claims
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .copied()
+                .collect();
+            // A cancelled task that was waiting here is done with.
+            for id in dispatcher.cancelled_claims(&ids) {
+                self.ack_claim(id);
+            }
             let held: Vec<jetstream::Message> = inner
                 .claims
                 .lock()
@@ -795,11 +815,53 @@ impl Replica {
                     }
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    // Taken over (the agent moved): the watch ends its session here.
-                    log::debug!("lease of {} was taken over", lease.agent);
+                    self.lease_changed(&key, lease).await?;
                 }
                 Err(e) => return Err(e.to_string()),
             }
+        }
+        Ok(())
+    }
+
+    /// A renewal found the lease of `key` changed: taken over by another
+    /// replica (the agent moved: its session here ends), or expired (this
+    /// replica was paused past the replica timeout): then it is taken again.
+    async fn lease_changed(&self, key: &str, lease: Lease) -> Result<(), String> {
+        let inner = &self.inner;
+        let entry = inner.agents.entry(key).await.map_err(|e| e.to_string())?;
+        let elsewhere = entry
+            .as_ref()
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<Lease>(&e.value).ok())
+            .filter(|l| l.replica != inner.name);
+        if let Some(other) = elsewhere {
+            inner
+                .leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
+            if let Some(d) = inner.dispatcher.get() {
+                d.evict(
+                    &lease.agent,
+                    &format!("it moved to replica {}", other.replica),
+                );
+            }
+            return Ok(());
+        }
+        log::warn!("the lease of {} had expired: taken again", lease.agent);
+        let value = serde_json::to_vec(&lease).expect("a lease serialises");
+        let rev = inner
+            .agents
+            .put(key, value.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(h) = inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(key)
+        {
+            h.revision = rev;
         }
         Ok(())
     }
@@ -848,20 +910,6 @@ impl Replica {
         Err("the lease watch ended".into())
     }
 
-    /// Broadcast: saves the progress of agents served here (those that
-    /// answered something since the last save).
-    async fn save_progress(&self, dispatcher: &Dispatcher) {
-        let moved: Vec<String> =
-            std::mem::take(&mut *self.inner.moved.lock().unwrap_or_else(|e| e.into_inner()))
-                .into_iter()
-                .collect();
-        for agent in moved {
-            if let Some(p) = dispatcher.progress(&agent) {
-                self.put_progress(&agent, &p).await;
-            }
-        }
-    }
-
     async fn put_progress(&self, agent: &str, p: &AgentProgress) {
         let value = serde_json::to_vec(p).expect("progress serialises");
         if let Err(e) = self.inner.cursors.put(agent_key(agent), value.into()).await {
@@ -876,7 +924,7 @@ impl Replica {
     pub fn acquire(
         &self,
         lease: Lease,
-    ) -> futures::channel::oneshot::Receiver<Result<(), LeaseRefused>> {
+    ) -> futures::channel::oneshot::Receiver<Result<u64, LeaseRefused>> {
         let (tx, rx) = futures::channel::oneshot::channel();
         let this = self.clone();
         self.inner.handle.spawn(async move {
@@ -888,7 +936,7 @@ impl Replica {
         rx
     }
 
-    async fn take_lease(&self, lease: Lease) -> Result<(), LeaseRefused> {
+    async fn take_lease(&self, lease: Lease) -> Result<u64, LeaseRefused> {
         let inner = &self.inner;
         let key = agent_key(&lease.agent);
         let value = serde_json::to_vec(&lease).expect("a lease serialises");
@@ -907,7 +955,14 @@ impl Replica {
                 };
                 if let Some(c) = &current {
                     let same_process = !c.instance.is_empty() && c.instance == lease.instance;
-                    if c.replica != inner.name && !same_process {
+                    // Served here by another process: this replica's own
+                    // rule (attach) refuses it; the lease must not change.
+                    let live_here = c.replica == inner.name
+                        && inner
+                            .dispatcher
+                            .get()
+                            .is_some_and(|d| d.has_session(&lease.agent));
+                    if (c.replica != inner.name || live_here) && !same_process {
                         return Err(LeaseRefused::InUse {
                             replica: c.replica.clone(),
                             peer: c.peer.clone(),
@@ -924,6 +979,7 @@ impl Replica {
             }
             Err(e) => return Err(store(&e)),
         };
+        let token = inner.published.fetch_add(1, Ordering::Relaxed);
         inner
             .leases
             .lock()
@@ -933,6 +989,7 @@ impl Replica {
                 Held {
                     revision,
                     lease: lease.clone(),
+                    token,
                 },
             );
         if inner.mode == Mode::Broadcast && from_elsewhere {
@@ -944,19 +1001,21 @@ impl Replica {
                 }
             }
         }
-        Ok(())
+        Ok(token)
     }
 
-    /// The agent's session here ended: its progress is saved and its lease
-    /// given up (unless another replica has it by now).
-    pub fn release(&self, agent: &str) {
+    /// The session that took the lease `token` (from [`Replica::acquire`])
+    /// ended: the agent's progress is saved and its lease given up, unless
+    /// a newer session (here, or at another replica) holds it by now.
+    pub fn release(&self, agent: &str, token: u64) {
         let key = agent_key(agent);
-        let held = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+        let held = {
+            let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+            if leases.get(&key).is_none_or(|h| h.token != token) {
+                return;
+            }
+            leases.remove(&key)
+        };
         let Some(held) = held else { return };
         let this = self.clone();
         let agent = agent.to_string();
@@ -972,17 +1031,6 @@ impl Replica {
                 .delete_expect_revision(&key, Some(held.revision))
                 .await;
         });
-    }
-
-    /// Notes that a broadcast agent's progress changed (saved within a second).
-    pub fn progressed(&self, agent: &str) {
-        if self.inner.mode == Mode::Broadcast {
-            self.inner
-                .moved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(agent.to_string());
-        }
     }
 
     /// Stores the accepted results and dead letters among the recorder's
@@ -1042,7 +1090,8 @@ impl Replica {
         let outgoing: Vec<Outgoing> = out
             .iter()
             .map(|(_, _, subject, payload)| Outgoing {
-                id: format!("{subject}/{}", inner.name),
+                // Its own id: a retry is a duplicate, another outcome is not.
+                id: self.unique_id(),
                 subject: subject.clone(),
                 payload: payload.clone(),
                 first_of_subject: true,
@@ -1055,16 +1104,18 @@ impl Replica {
         let verdicts = stored
             .into_iter()
             .map(|s| Ok::<bool, String>(matches!(s, Stored::Ack(_))));
+        // Tasks with an outcome now (ours, or another replica's first).
         let mut finished = vec![];
         let mut lost_dead = vec![];
+        let mut answered: HashSet<String> = HashSet::new();
         for ((e, i, _, _), verdict) in out.iter().zip(verdicts) {
             let stored = verdict?;
             match &mut entries[*e] {
                 Entry::Results(results) => {
                     let r = &mut results[*i];
+                    finished.extend(r.task_id);
                     if stored {
-                        finished.extend(r.task_id);
-                        self.progressed(&r.client);
+                        answered.insert(r.client.clone());
                     } else {
                         log::info!(
                             "result of {} for task {} came after another replica's: recorded as stale",
@@ -1076,9 +1127,9 @@ impl Replica {
                     }
                 }
                 Entry::Dead(d) => {
+                    finished.push(d.task_id);
                     if stored {
-                        finished.push(d.task_id);
-                        self.progressed(&d.client);
+                        answered.insert(d.client.clone());
                     } else {
                         lost_dead.push(*e);
                     }
@@ -1093,6 +1144,21 @@ impl Replica {
             for id in finished {
                 self.ack_claim(id);
             }
+        } else if let Some(d) = inner.dispatcher.get() {
+            // Broadcast: the agents' places are saved before their results
+            // are acknowledged, so that one that moves now continues after them.
+            let saves: Vec<(String, AgentProgress)> = answered
+                .into_iter()
+                .filter_map(|a| d.progress(&a).map(|p| (a, p)))
+                .collect();
+            let this = self.clone();
+            inner.handle.block_on(async move {
+                let mut puts = futures::stream::iter(
+                    saves.iter().map(|(agent, p)| this.put_progress(agent, p)),
+                )
+                .buffer_unordered(64);
+                while puts.next().await.is_some() {}
+            });
         }
         Ok(())
     }
@@ -1364,7 +1430,13 @@ async fn last_sequence(js: &jetstream::Context, name: &str) -> Result<u64, Error
         .get_stream(name)
         .await
         .map_err(|e| store_error(&format!("stream {name}"), e))?;
-    Ok(s.cached_info().state.last_sequence)
+    // An empty stream (aged out, purged) has nothing to wait for.
+    let state = &s.cached_info().state;
+    Ok(if state.messages == 0 {
+        0
+    } else {
+        state.last_sequence
+    })
 }
 
 async fn setup(
@@ -1525,6 +1597,33 @@ async fn setup(
             "--dispatch {ours}: the fleet in {servers} dispatches in {fleet_mode} mode; every replica must use --dispatch {fleet_mode}"
         )));
     }
+    // The streams made by the first replica decide: another setting here
+    // would be ignored by JetStream, or renew leases and claims too late.
+    let made = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_stream(name)
+                .await
+                .map(|s| s.cached_info().config.clone())
+                .map_err(|e| store_error(&format!("stream {name}"), e))
+        }
+    };
+    let tasks = made(TASKS_STREAM).await?;
+    if tasks.num_replicas != copies {
+        return Err(Error::Usage(format!(
+            "--store-replicas {copies}: the fleet in {servers} keeps {} copies of its streams; every replica must use --store-replicas {}",
+            tasks.num_replicas, tasks.num_replicas
+        )));
+    }
+    let leases = made("KV_contact_agents").await?;
+    if leases.max_age != config.replica_timeout {
+        return Err(Error::Usage(format!(
+            "--replica-timeout {}: the fleet in {servers} uses {} (its agents' leases live that long); every replica must use --replica-timeout {}",
+            config.replica_timeout.as_secs_f64(),
+            leases.max_age.as_secs_f64(),
+            leases.max_age.as_secs_f64()
+        )));
+    }
     let incarnation = setting("incarnation", format!("{:016x}", fastrand::u64(..))).await?;
     Ok(Inner {
         name,
@@ -1537,7 +1636,6 @@ async fn setup(
         claims: Mutex::new(HashMap::new()),
         leases: Mutex::new(HashMap::new()),
         fleet: Mutex::new(HashMap::new()),
-        moved: Mutex::new(HashSet::new()),
         dispatcher: std::sync::OnceLock::new(),
         observer: std::sync::OnceLock::new(),
         lost_at,

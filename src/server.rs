@@ -382,32 +382,32 @@ impl Contact for ContactService {
             let replica = match lease {
                 None => None,
                 Some((replica, answer)) => {
-                    let refused = match answer.await {
-                        Ok(Ok(())) => None,
+                    let (refused, token) = match answer.await {
+                        Ok(Ok(token)) => (None, token),
                         Ok(Err(LeaseRefused::InUse { replica: other, peer: holder })) => {
                             warn_refused(
                                 &peer,
                                 &format!("client {client} is already connected to replica {other} from {holder} (two agents must not share an id)"),
                             );
-                            Some(RpcStatus::with_message(
+                            (Some(RpcStatus::with_message(
                                 RpcStatusCode::ALREADY_EXISTS,
                                 format!("client id {client:?} is already connected from another process; give each agent its own --id"),
-                            ))
+                            )), 0)
                         }
-                        Ok(Err(LeaseRefused::Store(why))) => Some(RpcStatus::with_message(
+                        Ok(Err(LeaseRefused::Store(why))) => (Some(RpcStatus::with_message(
                             RpcStatusCode::UNAVAILABLE,
                             format!("this replica cannot reach its store ({why}); try another"),
-                        )),
-                        Err(_) => Some(RpcStatus::with_message(
+                        )), 0),
+                        Err(_) => (Some(RpcStatus::with_message(
                             RpcStatusCode::UNAVAILABLE,
                             "the server is shutting down".into(),
-                        )),
+                        )), 0),
                     };
                     if let Some(status) = refused {
                         let _ = sink.fail(status).await;
                         return;
                     }
-                    Some(replica)
+                    Some((replica, token))
                 }
             };
             let holder = Holder {
@@ -437,6 +437,9 @@ impl Contact for ContactService {
                             )
                         }
                     };
+                    if let Some((r, token)) = &replica {
+                        r.release(&client, *token);
+                    }
                     let _ = sink.fail(status).await;
                     return;
                 }
@@ -457,9 +460,9 @@ impl Contact for ContactService {
                 };
             }
             dispatcher.detach(&client, session);
-            // Its lease goes with its last session here.
-            if let Some(r) = replica.filter(|_| !dispatcher.has_session(&client)) {
-                r.release(&client);
+            // Its lease goes with the session that took it.
+            if let Some((r, token)) = replica {
+                r.release(&client, token);
             }
             if let Err(e) = res {
                 log::debug!("task stream of {client} ended: {e}");

@@ -309,6 +309,16 @@ impl Dispatcher {
         st.queue.take_waiting_untargeted()
     }
 
+    /// Of the claimed tasks `ids`, those cancelled and no longer waiting or
+    /// held here: their claims are done.
+    pub fn cancelled_claims(&self, ids: &[TaskId]) -> Vec<TaskId> {
+        let st = self.lock();
+        ids.iter()
+            .copied()
+            .filter(|id| st.cancelled.contains(id) && st.queue.get(*id).is_none())
+            .collect()
+    }
+
     /// `cancel` with a shared log: written there, then applied here as
     /// every replica applies it (see [`Dispatcher::settle_shared`]).
     pub(super) fn cancel_shared(&self, shared: &dyn SharedLog, tasks: &[TaskId]) -> usize {
