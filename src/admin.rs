@@ -59,6 +59,8 @@ pub struct AdminService {
     /// Listening beyond loopback (`--insecure` without credentials: then the
     /// admin API is refused over the network).
     exposed: bool,
+    /// With `--store`: results are read from the store (any replica's).
+    replica: Option<crate::replica::Replica>,
     /// Results are numbered (`--state-dir`), so WatchResults can resume.
     numbered: bool,
     shutdown: Shutdown,
@@ -86,6 +88,12 @@ impl AdminWorker {
 }
 
 impl AdminService {
+    /// With replicas: `WatchResults` reads every replica's results from the store.
+    pub fn reading_results_from(mut self, replica: crate::replica::Replica) -> AdminService {
+        self.replica = Some(replica);
+        self
+    }
+
     /// The service and its thread, which ends when `shutdown` fires (calls
     /// still waiting for it are answered UNAVAILABLE).
     pub fn start(
@@ -134,6 +142,7 @@ impl AdminService {
             socket: reach.socket,
             exposed: reach.exposed,
             numbered: reach.numbered,
+            replica: None,
             shutdown,
         };
         Ok((service, AdminWorker(thread)))
@@ -802,6 +811,29 @@ impl Admin for AdminService {
         mut sink: ServerStreamingSink<ResultEvent>,
     ) {
         let unable = |m: String| RpcStatus::with_message(RpcStatusCode::FAILED_PRECONDITION, m);
+        if let Some(replica) = &self.replica {
+            // With replicas: every replica's results, from the store.
+            if let Err(status) = self.operator(&ctx) {
+                warn_refused(&ctx, &status);
+                ctx.spawn(async move {
+                    let _ = sink.fail(status).await;
+                });
+                return;
+            }
+            let (tx, rx) = futures::channel::mpsc::channel::<ResultEvent>(256);
+            let from = WatchFrom {
+                seq: req.from_seq,
+                follow: req.follow,
+            };
+            replica.watch_results(from, tx);
+            ctx.spawn(async move {
+                let mut events = rx.map(|e| Ok((e, WriteFlags::default())));
+                if sink.send_all(&mut events).await.is_ok() {
+                    let _ = sink.close().await;
+                }
+            });
+            return;
+        }
         let checked = self.operator(&ctx).and_then(|_| {
             let path = self.results_file.clone().ok_or_else(|| {
                 unable("results are read from the results file: start the server with --results-to FILE (and --state-dir, which numbers them)".into())

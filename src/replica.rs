@@ -81,6 +81,15 @@ pub const FLEET_BUCKET: &str = "contact_fleet";
 /// How long a JetStream request may take before the replica gives up on it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a reader of the task log or the outcomes waits for a message
+/// before it checks whether it fell behind the stream.
+const STALL_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a write to JetStream is tried again (a stream of an R3 cluster
+/// that lost its leader elects another within seconds) before the replica
+/// gives up on it: a result then is not acknowledged, and the replica stops.
+const STORE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Most tasks claimed in one fetch.
 const CLAIM_BATCH: usize = 256;
 
@@ -388,9 +397,10 @@ impl Replica {
     }
 
     /// Runs one of the replica's loops on the NATS runtime, starting it
-    /// again after an error (a NATS node restarting, a consumer lost): the
-    /// loop resumes where it was. Errors for half the replica timeout in a
-    /// row mean the store is lost: the replica stops.
+    /// again after an error (a NATS node gone, a stream electing a new
+    /// leader, a consumer lost), with a growing pause: the loop resumes
+    /// where it was. Whether the store is lost is the connection's to say
+    /// (see `keep_alive`) and the recorder's (an outcome not stored).
     fn spawn_loop<F, Fut>(&self, what: &'static str, run: F)
     where
         F: Fn(Replica) -> Fut + Send + 'static,
@@ -398,7 +408,7 @@ impl Replica {
     {
         let this = self.clone();
         self.inner.handle.spawn(async move {
-            let mut failing_since: Option<Instant> = None;
+            let mut pause = Duration::from_millis(100);
             loop {
                 let started = Instant::now();
                 let Err(e) = run(this.clone()).await else {
@@ -407,16 +417,12 @@ impl Replica {
                 if this.inner.stop.is_triggered() {
                     return;
                 }
-                if started.elapsed() > this.inner.config.replica_timeout {
-                    failing_since = None;
+                if started.elapsed() > Duration::from_secs(10) {
+                    pause = Duration::from_millis(100);
                 }
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= this.inner.config.replica_timeout / 2 {
-                    this.lost(&format!("{what}: {e}"));
-                    return;
-                }
-                log::warn!("{what}: {e}; trying again");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                log::warn!("{what}: {e}; trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         });
     }
@@ -479,7 +485,22 @@ impl Replica {
         let mut batch: Vec<(TaskId, NewTask)> = vec![];
         loop {
             let next = if batch.is_empty() {
-                messages.next().await
+                match tokio::time::timeout(STALL_CHECK, messages.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // Quiet, or stalled (a NATS node gone, which the
+                        // consumer notices only after missed heartbeats).
+                        let last = last_sequence(&inner.js, TASKS_STREAM)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if last >= dispatcher.next_task_id() {
+                            return Err(format!(
+                                "behind the stream (task {last} unread): reading again"
+                            ));
+                        }
+                        continue;
+                    }
+                }
             } else {
                 match futures::FutureExt::now_or_never(messages.next()) {
                     Some(n) => n,
@@ -530,6 +551,7 @@ impl Replica {
         let inner = &self.inner;
         let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
         let queue = inner.mode == Mode::Queue;
+        let everything = filter_subject == "contact.outcome.>";
         // Started again after an error: on after the last one read.
         let after = done.load(Ordering::SeqCst);
         let mut consumer = self
@@ -548,7 +570,24 @@ impl Replica {
             told = true;
         }
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(m) = messages.next().await {
+        loop {
+            let m = match tokio::time::timeout(STALL_CHECK, messages.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) if everything => {
+                    // As for tasks: quiet, or stalled.
+                    let last = last_sequence(&inner.js, OUTCOMES_STREAM)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if last > done.load(Ordering::SeqCst) {
+                        return Err(format!(
+                            "behind the stream (outcome {last} unread): reading again"
+                        ));
+                    }
+                    continue;
+                }
+                Err(_) => continue,
+            };
             let m = m.map_err(|e| e.to_string())?;
             let info = m.info().map_err(|e| e.to_string())?;
             let (seq, pending) = (info.stream_sequence, info.pending);
@@ -1033,6 +1072,59 @@ impl Replica {
         });
     }
 
+    /// `WatchResults` with replicas: the results every replica stored
+    /// (`CONTACT_OUTCOMES`), numbered by their sequence there, from `from`
+    /// (0: from now on), until the stream's end (unless `follow`) or until
+    /// `events` is closed. The same from any replica.
+    pub fn watch_results(
+        &self,
+        from: crate::watch::WatchFrom,
+        mut events: futures::channel::mpsc::Sender<crate::proto::admin::ResultEvent>,
+    ) {
+        use futures::SinkExt;
+        let this = self.clone();
+        self.inner.handle.spawn(async move {
+            let policy = match from.seq {
+                0 => consumer::DeliverPolicy::New,
+                seq => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: seq,
+                },
+            };
+            let filter = "contact.outcome.>".to_string();
+            let read = async {
+                let mut consumer = this.ordered(OUTCOMES_STREAM, 0, policy, filter).await?;
+                let pending = consumer
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .num_pending;
+                if pending == 0 && !from.follow {
+                    return Ok(());
+                }
+                let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+                while let Some(m) = messages.next().await {
+                    let m = m.map_err(|e| e.to_string())?;
+                    let info = m.info().map_err(|e| e.to_string())?;
+                    let (seq, pending) = (info.stream_sequence, info.pending);
+                    if let Ok(Outcome::Result { result, .. }) = serde_json::from_slice(&m.payload) {
+                        let mut e = crate::watch::event(result);
+                        e.seq = seq;
+                        if events.send(e).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if pending == 0 && !from.follow {
+                        return Ok(());
+                    }
+                }
+                Ok::<(), String>(())
+            };
+            if let Err(e) = read.await {
+                log::warn!("WatchResults from {OUTCOMES_STREAM}: {e}");
+            }
+        });
+    }
+
     /// Stores the accepted results and dead letters among the recorder's
     /// entries as outcomes, in one round of publishes; a result or dead
     /// letter another replica's outcome came before is marked stale
@@ -1097,10 +1189,10 @@ impl Replica {
                 first_of_subject: true,
             })
             .collect();
-        let patience = inner.config.replica_timeout / 2;
+        let stop = inner.stop.clone();
         let stored = inner
             .handle
-            .block_on(async move { publish_all(&js, outgoing, patience).await })?;
+            .block_on(async move { publish_all(&js, outgoing, &stop).await })?;
         let verdicts = stored
             .into_iter()
             .map(|s| Ok::<bool, String>(matches!(s, Stored::Ack(_))));
@@ -1213,11 +1305,11 @@ impl JobLog for Replica {
             first_of_subject: false,
         }];
         let js = self.inner.js.clone();
-        let patience = self.inner.config.replica_timeout / 2;
+        let stop = self.inner.stop.clone();
         let r = self
             .inner
             .handle
-            .block_on(async move { publish_all(&js, out, patience).await });
+            .block_on(async move { publish_all(&js, out, &stop).await });
         match r.map(|mut s| s.pop()) {
             Ok(Some(Stored::Ack(ack))) => Some(ack.sequence),
             Ok(_) => None,
@@ -1250,11 +1342,11 @@ impl SharedLog for Replica {
                 }
             })
             .collect();
-        let patience = self.inner.config.replica_timeout / 2;
+        let stop = self.inner.stop.clone();
         let r = self
             .inner
             .handle
-            .block_on(async move { publish_all(&js, out, patience).await })
+            .block_on(async move { publish_all(&js, out, &stop).await })
             .map(|_| tasks);
         r.unwrap_or_else(|e| {
             log::error!("a cancellation could not be stored in {OUTCOMES_STREAM}: {e}");
@@ -1295,11 +1387,11 @@ impl SharedLog for Replica {
                 first_of_subject: false,
             })
             .collect();
-        let patience = self.inner.config.replica_timeout / 2;
+        let stop = self.inner.stop.clone();
         let r: Result<Vec<(TaskId, bool)>, String> = self
             .inner
             .handle
-            .block_on(async move { publish_all(&js, out, patience).await })
+            .block_on(async move { publish_all(&js, out, &stop).await })
             .map(|stored| {
                 stored
                     .into_iter()
@@ -1336,14 +1428,14 @@ enum Stored {
 }
 
 /// Publishes every message, all at once, and publishes again those that
-/// fail (no responders while a stream elects a new leader, a timeout) until
-/// `patience` runs out; then the last error.
+/// fail (no responders while a stream elects a new leader, a timeout) for
+/// up to [`STORE_PATIENCE`], or until the replica stops; then the last error.
 async fn publish_all(
     js: &jetstream::Context,
     out: Vec<Outgoing>,
-    patience: Duration,
+    stop: &Shutdown,
 ) -> Result<Vec<Stored>, String> {
-    let deadline = Instant::now() + patience;
+    let deadline = Instant::now() + STORE_PATIENCE;
     let mut stored: Vec<Option<Stored>> = out.iter().map(|_| None).collect();
     loop {
         let mut acks = vec![];
@@ -1416,7 +1508,7 @@ async fn publish_all(
         let Some(e) = failed else {
             return Ok(stored.into_iter().flatten().collect());
         };
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || stop.is_triggered() {
             return Err(e);
         }
         let left = stored.iter().filter(|s| s.is_none()).count();

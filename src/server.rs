@@ -803,6 +803,10 @@ impl Server {
             },
             shutdown.clone(),
         )?;
+        let admin = match &replica {
+            Some((r, _)) => admin.reading_results_from(r.clone()),
+            None => admin,
+        };
         if let Some((r, _)) = &replica {
             let jobs = jobs.clone();
             let rollouts = admin.rollouts();

@@ -59,7 +59,8 @@ pub fn read_results(
     }
 }
 
-fn event(r: ResultRecord) -> ResultEvent {
+/// A recorded result as `WatchResults` sends it.
+pub fn event(r: ResultRecord) -> ResultEvent {
     ResultEvent {
         seq: r.seq.unwrap_or(0),
         task_id: r.task_id.unwrap_or(0),

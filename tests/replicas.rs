@@ -113,6 +113,53 @@ fn a_work_queue_shared(nodes: usize, replicas: usize, test: &str) {
     let distinct: BTreeSet<&u64> = ids.iter().collect();
     assert_eq!(distinct.len(), ids.len(), "task ids are global: {ids:?}");
     fleet.wait_settled(&ids);
+    // The admin API answers the same from every replica: the results every
+    // replica stored, and every agent with the replica serving it.
+    let mut seen = vec![];
+    for r in &fleet.replicas {
+        let (code, out, err) = ctl(
+            &["--server", &r.admin, "results", "--from", "1", "--json"],
+            &[],
+        );
+        assert_eq!(code, 0, "contact-ctl results from {}: {err}", r.name);
+        let mut answered: Vec<(u64, String)> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .filter(|v| v["accepted"] == true)
+            .map(|v| {
+                (
+                    v["task_id"].as_u64().unwrap(),
+                    v["client"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        answered.sort();
+        let tasks: BTreeSet<u64> = answered.iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            tasks.len(),
+            answered.len(),
+            "one accepted result per task from {}: {out}",
+            r.name
+        );
+        assert_eq!(
+            tasks,
+            ids.iter().copied().collect(),
+            "{} lists every task's result",
+            r.name
+        );
+        let (code, out, err) = ctl(&["--server", &r.admin, "clients"], &[]);
+        assert_eq!(code, 0, "contact-ctl clients from {}: {err}", r.name);
+        assert!(
+            out.contains(&format!("{} agents connected", 2 * replicas)),
+            "{} lists the whole fleet: {out}",
+            r.name
+        );
+        seen.push(answered);
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "every replica answers the same: {seen:?}"
+    );
 
     let outcomes = fleet.stop();
     outcomes.assert_each_task_accepted_once(&ids);
