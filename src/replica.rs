@@ -1441,13 +1441,11 @@ struct Outgoing {
     /// is recognised as a duplicate (and answered with the first's sequence).
     id: String,
     /// An outcome: its id is its subject, so that within the duplicate
-    /// window only the first outcome of a task is stored; a duplicate is
-    /// ours only if the stored message is this one.
-    ///
-    /// (Not `Nats-Expected-Last-Subject-Sequence: 0`, the natural fence:
-    /// nats-server 2.9.10 acknowledged such publishes on an R3 stream under
-    /// load and then did not keep them — up to 80% of the outcomes of a
-    /// 48,000-task benchmark run.)
+    /// window (one hour) only the first outcome of a task is stored; a
+    /// duplicate is ours (a retry after a lost acknowledgement) only if the
+    /// stored message is this one. One header both fences replicas and
+    /// makes retries safe; after the window, a task's outcome exists and
+    /// every replica has settled the task, so none delivers it again.
     fenced: bool,
 }
 
