@@ -50,6 +50,27 @@ struct Entry {
     last_seen: Instant,
 }
 
+impl ClientInfo {
+    /// A client connected since `since`, with nothing counted yet (a new
+    /// connection here, or one another replica serves, seen from its lease).
+    pub fn connected(id: &str, peer: &str, labels: Labels, since: SystemTime) -> ClientInfo {
+        ClientInfo {
+            id: id.to_string(),
+            peer: peer.to_string(),
+            labels,
+            connected_since: since,
+            last_seen: since,
+            tasks_sent: 0,
+            results_received: 0,
+            done: 0,
+            failed: 0,
+            drained: false,
+            in_flight: 0,
+            replica: None,
+        }
+    }
+}
+
 /// The connected clients, by id.
 #[derive(Default)]
 pub struct ClientRegistry {
@@ -59,20 +80,7 @@ pub struct ClientRegistry {
 impl ClientRegistry {
     /// Records a (re)connection; counters start again from zero.
     pub fn connect(&mut self, id: &str, peer: &str, labels: Labels) {
-        let info = ClientInfo {
-            id: id.to_string(),
-            peer: peer.to_string(),
-            labels,
-            connected_since: SystemTime::now(),
-            last_seen: SystemTime::now(),
-            tasks_sent: 0,
-            results_received: 0,
-            done: 0,
-            failed: 0,
-            drained: false,
-            in_flight: 0,
-            replica: None,
-        };
+        let info = ClientInfo::connected(id, peer, labels, SystemTime::now());
         self.clients.insert(
             id.to_string(),
             Entry {

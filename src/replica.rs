@@ -1297,19 +1297,13 @@ impl FleetView for Replica {
             .filter(|(l, seen)| {
                 l.replica != inner.name && seen.elapsed() < inner.config.replica_timeout
             })
-            .map(|(l, seen)| ClientInfo {
-                id: l.agent.clone(),
-                peer: l.peer.clone(),
-                labels: l.labels.iter().cloned().collect(),
-                connected_since: since(l.since),
-                last_seen: std::time::SystemTime::now() - seen.elapsed(),
-                replica: Some(l.replica.clone()),
-                tasks_sent: 0,
-                results_received: 0,
-                done: 0,
-                failed: 0,
-                drained: false,
-                in_flight: 0,
+            .map(|(l, seen)| {
+                let labels = l.labels.iter().cloned().collect();
+                ClientInfo {
+                    last_seen: std::time::SystemTime::now() - seen.elapsed(),
+                    replica: Some(l.replica.clone()),
+                    ..ClientInfo::connected(&l.agent, &l.peer, labels, since(l.since))
+                }
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
