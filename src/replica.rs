@@ -787,6 +787,7 @@ impl Replica {
         let every = (inner.config.replica_timeout / 4).max(Duration::from_millis(100));
         let dispatcher = inner.dispatcher.get().expect("set by serve").clone();
         let mut last_renewal = Instant::now();
+        let mut renewals_failing: Option<Instant> = None;
         let mut ticks = tokio::time::interval(Duration::from_millis(100));
         loop {
             // Through a shutdown too: agents still answer during its grace,
@@ -838,9 +839,19 @@ impl Replica {
             for m in held {
                 let _ = m.ack_with(AckKind::Progress).await;
             }
-            if let Err(e) = self.renew_leases().await {
-                self.lost(&format!("renewing agent leases: {e}"));
-                return;
+            // A renewal that fails (a leader election) is tried again next
+            // period; failing for half the replica timeout, the leases may
+            // expire and other replicas take the agents: this one stops.
+            match self.renew_leases().await {
+                Ok(()) => renewals_failing = None,
+                Err(e) => {
+                    let since = *renewals_failing.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= inner.config.replica_timeout / 2 {
+                        self.lost(&format!("renewing agent leases: {e}"));
+                        return;
+                    }
+                    log::warn!("renewing agent leases: {e}; trying again");
+                }
             }
         }
     }
