@@ -839,14 +839,15 @@ impl Replica {
             for m in held {
                 let _ = m.ack_with(AckKind::Progress).await;
             }
-            // A renewal that fails (a leader election) is tried again next
-            // period; failing for half the replica timeout, the leases may
-            // expire and other replicas take the agents: this one stops.
+            // A renewal that fails while connected (the bucket's stream
+            // electing a leader: nobody can take a lease then) is tried
+            // again next period, for as long as writes are; a lease that
+            // expired meanwhile is taken again (`lease_changed`).
             match self.renew_leases().await {
                 Ok(()) => renewals_failing = None,
                 Err(e) => {
                     let since = *renewals_failing.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= inner.config.replica_timeout / 2 {
+                    if since.elapsed() >= STORE_PATIENCE {
                         self.lost(&format!("renewing agent leases: {e}"));
                         return;
                     }
