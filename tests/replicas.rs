@@ -822,9 +822,11 @@ impl Replica {
 
     /// Pushes `text` with idempotency key `key`, again while it is refused
     /// (as a script would: the key keeps a retry from publishing twice), for
-    /// up to [`PATIENCE`] and while this replica runs; the task's id.
+    /// up to [`SETTLE`] (JetStream elects new stream leaders after a node
+    /// is lost: seconds, more on a loaded machine) and while this replica
+    /// runs; the task's id.
     fn push_until_taken(&mut self, text: &str, key: &str) -> u64 {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + SETTLE;
         loop {
             match self.try_push(text, &["--key", key]) {
                 Ok(reply) => return reply["task_id"].as_u64().expect("task_id"),
