@@ -27,7 +27,7 @@ use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySin
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Bytes a task's envelope (ids, attempt, incarnation) may add to its text
 /// in the message an agent receives.
@@ -1011,7 +1011,7 @@ impl AdminService {
             job_id: j.id,
             text: j.text.clone(),
             target: j.target.clone(),
-            created_at: unix_secs(j.created_at),
+            created_at: crate::unixtime::seconds(j.created_at),
             agents: if agents { rows.into() } else { vec![].into() },
             totals: Some(totals).into(),
             stopped: j.rollout.as_ref().is_some_and(|r| r.stopped),
@@ -1147,8 +1147,8 @@ fn row(c: &ClientInfo) -> ClientRow {
     ClientRow {
         id: c.id.clone(),
         address: c.peer.clone(),
-        connected_since: unix_secs(c.connected_since),
-        last_seen: unix_secs(c.last_seen),
+        connected_since: crate::unixtime::seconds(c.connected_since),
+        last_seen: crate::unixtime::seconds(c.last_seen),
         in_flight: c.in_flight as u64,
         done: c.done,
         failed: c.failed,
@@ -1158,9 +1158,4 @@ fn row(c: &ClientInfo) -> ClientRow {
         replica: c.replica.clone().unwrap_or_default(),
         ..Default::default()
     }
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -30,7 +30,7 @@ use crate::workqueue::WorkQueue;
 use deadlines::{Deadlines, Due};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How tasks are spread over clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,12 +530,6 @@ mod restore;
 mod shared;
 
 pub use shared::{AgentProgress, Claimed, FleetView, SharedLog};
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 impl Dispatcher {
     /// A dispatcher with an empty task log that keeps dead letters for
@@ -1827,7 +1821,7 @@ fn record(
         stale: false,
         retry,
         accepted: !retry,
-        received_at: unix_now(),
+        received_at: crate::unixtime::now(),
         seq: None,
     }
 }
@@ -1846,7 +1840,7 @@ fn stale(log: &TaskLog, client: &str, answer: Answer) -> Option<ResultRecord> {
         stale: true,
         retry: answer.retry,
         accepted: false,
-        received_at: unix_now(),
+        received_at: crate::unixtime::now(),
         seq: None,
     };
     Some(record)
@@ -1871,7 +1865,7 @@ fn bury(st: &mut State, sink: Option<&ResultSink>, d: &Delivery, client: &str, r
         client: client.to_string(),
         attempts: d.attempt,
         reason,
-        at: unix_now(),
+        at: crate::unixtime::now(),
         seq: None,
     };
     match sink {

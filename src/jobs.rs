@@ -316,7 +316,7 @@ impl JobTable {
                 let event = JobEvent::Created {
                     text: text.clone(),
                     target: target.clone(),
-                    created_at: unix_seconds(SystemTime::now()),
+                    created_at: crate::unixtime::seconds(SystemTime::now()),
                     tasks: pairs(&tasks),
                     expected: expected.clone(),
                 };
@@ -654,11 +654,6 @@ impl JobTable {
     pub fn newest(&self, n: usize) -> Vec<Job> {
         self.lock().held.iter().rev().take(n).cloned().collect()
     }
-}
-
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub mod token;
 pub mod top;
 pub mod transport;
 pub mod trust;
+pub mod unixtime;
 pub mod watch;
 pub mod workqueue;
 

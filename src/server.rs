@@ -181,12 +181,6 @@ struct ContactService {
     replica: Option<Replica>,
 }
 
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 impl ContactService {
     /// Who is calling (see `trust`): an agent proven (or, without credentials
     /// configured, believed) by its id, or a seed peer known by its address.
@@ -368,7 +362,7 @@ impl Contact for ContactService {
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
-                    since: unix_now(),
+                    since: crate::unixtime::now(),
                 }),
             )),
             _ => None,

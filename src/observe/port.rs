@@ -27,7 +27,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 use tiny_http::{Header, Method, Request, Response};
 
 /// How often the result rate is sampled for the chart.
@@ -215,7 +215,7 @@ impl Port {
         if let Some((t, last)) = self.last_sample {
             let secs = now.duration_since(t).as_secs_f64().max(1e-3);
             self.samples.push_back((
-                unix_secs(s.at),
+                crate::unixtime::seconds(s.at),
                 (s.results - last.results) as f64 / secs,
                 (s.failed - last.failed) as f64 / secs,
             ));
@@ -505,12 +505,6 @@ fn session_id() -> Option<String> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .ok()?;
     Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 #[cfg(test)]
