@@ -329,7 +329,6 @@ fn main() {
                     servers,
                     copies: flags.store_replicas,
                     replica_timeout: flags.replica_timeout,
-                    retain: flags.retain as usize,
                     dedupe_window: Duration::from_secs(3600),
                 }),
                 Err(why) => {

@@ -74,6 +74,8 @@ pub const QUEUE_CONSUMER: &str = "contact-queue";
 pub const JOBS_STREAM: &str = "CONTACT_JOBS";
 /// Bucket of agent leases.
 pub const AGENTS_BUCKET: &str = "contact_agents";
+/// The stream behind it (a bucket `B` is the stream `KV_B`).
+const AGENTS_STREAM: &str = "KV_contact_agents";
 /// Bucket of broadcast agents' places in the task log.
 pub const CURSORS_BUCKET: &str = "contact_cursors";
 /// Bucket of fleet-wide settings.
@@ -107,8 +109,7 @@ pub struct StoreConfig {
     /// `--replica-timeout`: how long a silent replica keeps its agents'
     /// leases and its claimed tasks.
     pub replica_timeout: Duration,
-    /// How the tasks stream is bounded and keys remembered.
-    pub retain: usize,
+    /// How long the streams remember a `Nats-Msg-Id` (keys, outcome fences).
     pub dedupe_window: Duration,
 }
 
@@ -1719,7 +1720,7 @@ async fn setup(
             tasks.num_replicas, tasks.num_replicas
         )));
     }
-    let leases = made("KV_contact_agents").await?;
+    let leases = made(AGENTS_STREAM).await?;
     if leases.max_age != config.replica_timeout {
         return Err(Error::Usage(format!(
             "--replica-timeout {}: the fleet in {servers} uses {} (its agents' leases live that long); every replica must use --replica-timeout {}",
