@@ -135,18 +135,6 @@ pub fn parse_store(url: &str) -> Result<Vec<String>, String> {
     Ok(servers)
 }
 
-/// A task as the tasks stream holds it.
-#[derive(Serialize, Deserialize)]
-struct TaskMessage {
-    text: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    target: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    any_of: Option<Vec<String>>,
-}
-
 /// An outcome as the outcomes stream holds it.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -541,16 +529,8 @@ impl Replica {
             };
             let m = m.map_err(|e| e.to_string())?;
             let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
-            match serde_json::from_slice::<TaskMessage>(&m.payload) {
-                Ok(t) => batch.push((
-                    seq,
-                    NewTask {
-                        target: t.target,
-                        text: t.text,
-                        key: t.key,
-                        any_of: t.any_of,
-                    },
-                )),
+            match serde_json::from_slice::<NewTask>(&m.payload) {
+                Ok(t) => batch.push((seq, t)),
                 Err(e) => {
                     // Kept in its place (the log has no gaps), finished.
                     log::error!("task {seq} in {TASKS_STREAM} is unreadable, skipped: {e}");
@@ -734,18 +714,12 @@ impl Replica {
         let Ok(info) = m.info() else { return };
         let (id, delivered) = (info.stream_sequence, info.delivered);
         let before = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
-        let Ok(t) = serde_json::from_slice::<TaskMessage>(&m.payload) else {
+        let Ok(task) = serde_json::from_slice::<NewTask>(&m.payload) else {
             log::error!("task {id} in {TASKS_STREAM} is unreadable: dropped from the queue");
             tokio::spawn(async move {
                 let _ = m.ack_with(AckKind::Term).await;
             });
             return;
-        };
-        let task = NewTask {
-            target: None,
-            text: t.text,
-            key: t.key,
-            any_of: None,
         };
         // Held before the dispatcher sees it: its outcome may come at once.
         let mut claims = self.inner.claims.lock().unwrap_or_else(|e| e.into_inner());
@@ -1396,16 +1370,10 @@ impl SharedLog for Replica {
                 } else {
                     "contact.tasks.to"
                 };
-                let m = TaskMessage {
-                    text: t.text.clone(),
-                    target: t.target.clone(),
-                    key: t.key.clone(),
-                    any_of: t.any_of.clone(),
-                };
                 (
                     subject.to_string(),
                     t.key.clone(),
-                    serde_json::to_vec(&m).expect("serialises"),
+                    serde_json::to_vec(t).expect("serialises"),
                 )
             })
             .collect();

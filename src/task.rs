@@ -32,17 +32,21 @@ pub struct Task {
     pub produced_at: SystemTime,
 }
 
-/// A task to publish (see [`crate::dispatch::Dispatcher::publish_new`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A task to publish (see [`crate::dispatch::Dispatcher::publish_new`]);
+/// also what the shared store's task stream holds, as JSON (`--store`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NewTask {
     /// Only this client gets it; `None`: every client (broadcast) or any one (queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     pub text: String,
     /// Its idempotency key: while a task published with the same key is
     /// retained (the last `--retain` tasks), this one is not published. An
     /// empty key is a key like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// Queue mode: any one of these clients takes it (see [`Task::any_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub any_of: Option<Vec<String>>,
 }
 
