@@ -1152,8 +1152,19 @@ impl Replica {
                 format!("contact.outcome.{task}.{}", agent_key(agent))
             }
         };
-        // (entry, index in it, subject, payload)
-        let mut out: Vec<(usize, usize, String, Vec<u8>)> = vec![];
+        // Each outcome, and where its entry is: (entry, index in it).
+        let mut places: Vec<(usize, usize)> = vec![];
+        let mut outgoing: Vec<Outgoing> = vec![];
+        let mut add = |place, subject: String, o: &Outcome| {
+            places.push(place);
+            outgoing.push(Outgoing {
+                // The subject: the first outcome of a task is the one kept.
+                id: subject.clone(),
+                subject,
+                payload: serde_json::to_vec(o).expect("serialises"),
+                fenced: true,
+            });
+        };
         for (e, entry) in entries.iter().enumerate() {
             match entry {
                 Entry::Results(results) => {
@@ -1163,12 +1174,7 @@ impl Replica {
                                 replica: inner.name.clone(),
                                 result: r.clone(),
                             };
-                            out.push((
-                                e,
-                                i,
-                                subject(task, &r.client),
-                                serde_json::to_vec(&o).expect("serialises"),
-                            ));
+                            add((e, i), subject(task, &r.client), &o);
                         }
                     }
                 }
@@ -1177,46 +1183,28 @@ impl Replica {
                         replica: inner.name.clone(),
                         dead: d.clone(),
                     };
-                    out.push((
-                        e,
-                        0,
-                        subject(d.task_id, &d.client),
-                        serde_json::to_vec(&o).expect("serialises"),
-                    ));
+                    add((e, 0), subject(d.task_id, &d.client), &o);
                 }
                 _ => {}
             }
         }
-        if out.is_empty() {
+        if outgoing.is_empty() {
             return Ok(());
         }
         let js = inner.js.clone();
-        let outgoing: Vec<Outgoing> = out
-            .iter()
-            .map(|(_, _, subject, payload)| Outgoing {
-                // The subject: the first outcome of a task is the one kept.
-                id: subject.clone(),
-                subject: subject.clone(),
-                payload: payload.clone(),
-                fenced: true,
-            })
-            .collect();
         let stop = inner.stop.clone();
         let stored = inner
             .handle
             .block_on(async move { publish_all(&js, outgoing, &stop).await })?;
-        let verdicts = stored
-            .into_iter()
-            .map(|s| Ok::<bool, String>(matches!(s, Stored::Ack(_))));
         // Tasks with an outcome now (ours, or another replica's first).
         let mut finished = vec![];
         let mut lost_dead = vec![];
         let mut answered: HashSet<String> = HashSet::new();
-        for ((e, i, _, _), verdict) in out.iter().zip(verdicts) {
-            let stored = verdict?;
-            match &mut entries[*e] {
+        for ((e, i), stored) in places.into_iter().zip(stored) {
+            let stored = matches!(stored, Stored::Ack(_));
+            match &mut entries[e] {
                 Entry::Results(results) => {
-                    let r = &mut results[*i];
+                    let r = &mut results[i];
                     finished.extend(r.task_id);
                     if stored {
                         answered.insert(r.client.clone());
@@ -1235,7 +1223,7 @@ impl Replica {
                     if stored {
                         answered.insert(d.client.clone());
                     } else {
-                        lost_dead.push(*e);
+                        lost_dead.push(e);
                     }
                 }
                 _ => {}
